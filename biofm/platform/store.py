@@ -1,0 +1,543 @@
+"""The sample store: one Zarr v3 group per source, the contract between `prepare` and the stream.
+
+Layout (DESIGN.md):
+
+    attrs: biofm_store, source, created, n_samples, rows_per_chunk, modalities, tasks, arrays, complete
+    index/sample_id [N] str   index/subject_id [N] str   index/split [N] str (train / val / test)
+    labels/<task>   [N] or [N, C] float32, NaN = missing
+    <modality>/<array>            fixed per sample: [N, ...]
+    <modality>/<array> + .offsets ragged per sample: rows [M, ...] and int64 offsets [N + 1]
+    <modality>/present [N] bool   whether a sample has the modality at all
+
+Writes go to committed parts first (`_parts/<batch>`, committed by an attribute written last), so an
+interrupted `prepare` resumes and never exposes half a sample; `finalize` then writes every array once,
+rows in one seeded random permutation, and marks the store complete.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+TASK_KINDS = ("binary", "multiclass", "multilabel", "regression", "ordinal")
+INDEX_ARRAYS = ("index/sample_id", "index/subject_id", "index/split")
+MIB = 1 << 20
+
+# Variable-length strings are not yet in the Zarr v3 core spec; zarr warns on every string array.
+warnings.filterwarnings("ignore", message=".*(vlen-utf8|variable-length|VariableLengthUTF8|string).*",
+                        module="zarr.*")
+
+
+class StoreError(ValueError):
+    """A store (or what is about to be written to one) does not follow the contract."""
+
+
+# --------------------------------------------------------------------------------------------- paths
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def _local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def open_root(url: str, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
+    """Open the store's root group; any fsspec URL works as a path (`memory://`, `s3://`, `file://`)."""
+    url = str(url)
+    if is_local(url):
+        store = zarr.storage.LocalStore(_local_path(url), read_only=(mode == "r"))
+    else:
+        store = zarr.storage.FsspecStore.from_url(url, storage_options=storage_options,
+                                                  read_only=(mode == "r"))
+    try:
+        return zarr.open_group(store, mode=mode, zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
+        raise StoreError(f"{url}: no store at this path (it does not exist). Check the path, or run "
+                         f"`biofm prepare …` to write it.") from err
+
+
+def _exists(url: str, storage_options: dict | None) -> bool:
+    try:
+        open_root(url, "r", storage_options)
+        return True
+    except StoreError:
+        return False
+
+
+# -------------------------------------------------------------------------------------------- ragged
+
+@dataclass
+class Ragged:
+    """Rows of variable count per sample: `values[offsets[i]:offsets[i + 1]]` belong to sample i."""
+
+    values: np.ndarray  # [M, ...]
+    offsets: np.ndarray  # [n + 1] int64, offsets[0] == 0
+
+    @classmethod
+    def from_list(cls, rows: list[np.ndarray], dtype: Any = None, trailing: tuple = ()) -> Ragged:
+        rows = [np.asarray(r, dtype=dtype) for r in rows]
+        lengths = np.array([len(r) for r in rows], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        if rows:
+            values = np.concatenate(rows)
+        else:
+            values = np.zeros((0, *trailing), dtype=dtype)
+        return cls(values, offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def row(self, i: int) -> np.ndarray:
+        return self.values[self.offsets[i]:self.offsets[i + 1]]
+
+    def slice(self, start: int, stop: int) -> Ragged:
+        lo, hi = self.offsets[start], self.offsets[stop]
+        return Ragged(self.values[lo:hi], self.offsets[start:stop + 1] - lo)
+
+    def take(self, idx: np.ndarray) -> Ragged:
+        idx = np.asarray(idx, dtype=np.int64)
+        starts, lengths = self.offsets[idx], self.lengths()[idx]
+        new_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        # one gather for all rows: position k of the output reads starts[sample] + (k - new_offsets[sample])
+        gather = np.repeat(starts - new_offsets[:-1], lengths) + np.arange(new_offsets[-1])
+        return Ragged(self.values[gather], new_offsets)
+
+    @staticmethod
+    def concat(parts: list[Ragged]) -> Ragged:
+        values = np.concatenate([p.values for p in parts])
+        shifts = np.cumsum([0] + [len(p.values) for p in parts[:-1]])
+        offsets = np.concatenate([[0]] + [p.offsets[1:] + s for p, s in zip(parts, shifts)])
+        return Ragged(values, offsets.astype(np.int64))
+
+
+Column = np.ndarray | Ragged
+
+
+def take_rows(col: Column, idx: np.ndarray) -> Column:
+    return col.take(idx) if isinstance(col, Ragged) else col[idx]
+
+
+def slice_rows(col: Column, start: int, stop: int) -> Column:
+    return col.slice(start, stop) if isinstance(col, Ragged) else col[start:stop]
+
+
+def concat_rows(cols: list[Column]) -> Column:
+    if isinstance(cols[0], Ragged):
+        return Ragged.concat(cols)
+    return np.concatenate(cols)
+
+
+# ------------------------------------------------------------------------------------------- splits
+
+def subject_splits(subject_ids: np.ndarray, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+                   seed: int = 0) -> np.ndarray:
+    """Assign every sample the split of its subject; subjects are shuffled with `seed`."""
+    if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+        raise StoreError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
+    subjects, inverse = np.unique(np.asarray(subject_ids, dtype=str), return_inverse=True)
+    order = np.random.default_rng(seed).permutation(len(subjects))
+    bounds = np.round(np.cumsum(fractions) * len(subjects)).astype(int)
+    subject_split = np.empty(len(subjects), dtype=object)
+    for name, lo, hi in zip(SPLITS, [0, bounds[0], bounds[1]], bounds):
+        subject_split[order[lo:hi]] = name
+    return subject_split[inverse].astype(str)
+
+
+def check_subject_splits(subject_ids: np.ndarray, splits: np.ndarray, where: str) -> None:
+    bad = sorted(set(np.unique(splits)) - set(SPLITS))
+    if bad:
+        raise StoreError(f"{where}: split values must be one of {SPLITS}, found {bad[:3]}")
+    seen: dict[str, str] = {}
+    for subject, split in zip(np.asarray(subject_ids, dtype=str), splits):
+        if seen.setdefault(subject, split) != split:
+            # the message names no subject: ids never reach a log
+            raise StoreError(f"{where}: one subject has samples in both '{seen[subject]}' and '{split}'; "
+                             "splits must be by subject so no patient is on two sides")
+
+
+# ------------------------------------------------------------------------------------------- writer
+
+def _chunk_rows(bytes_per_row: float, n: int, chunk_bytes: int, min_chunks: int) -> int:
+    """Rows per chunk: about `chunk_bytes`, smaller (down to 1 MiB) to give at least `min_chunks`."""
+    bytes_per_row = max(bytes_per_row, 1.0)
+    rows = int(chunk_bytes // bytes_per_row)
+    floor_rows = int(math.ceil(MIB / bytes_per_row))
+    rows = min(rows, max(int(math.ceil(n / min_chunks)), floor_rows))
+    return int(max(1, min(rows, max(n, 1))))
+
+
+def _plain(values: np.ndarray) -> np.ndarray:
+    """zarr returns strings as numpy's StringDType; give plain fixed-width str arrays back."""
+    values = np.asarray(values)
+    if values.dtype.kind in "TO" or isinstance(values.dtype, np.dtypes.StringDType):
+        return values.astype(object).astype(str)
+    return values
+
+
+def _as_strings(values: Iterable, name: str, where: str) -> np.ndarray:
+    arr = np.asarray(list(values), dtype=object)
+    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in arr):
+        raise StoreError(f"{where}: {name} has an empty value; every sample needs one")
+    return np.array([str(v) for v in arr], dtype=str)
+
+
+class StoreWriter:
+    """Writes one store in batches; resumable, and invisible to readers until `finalize`.
+
+    >>> w = StoreWriter(url, source="tox21", modalities={"molecule": {...}}, tasks={"NR-AR": {"kind": "binary"}})
+    >>> for key, batch in enumerate(batches):
+    ...     if key not in w.committed():
+    ...         w.write_batch(key, sample_id=..., subject_id=..., labels={...}, arrays={"molecule/x": ...})
+    >>> w.finalize()
+    """
+
+    def __init__(self, url: str, *, source: str, modalities: Mapping[str, dict], tasks: Mapping[str, dict],
+                 seed: int = 0, overwrite: bool = False, chunk_bytes: int = 4 * MIB, min_chunks: int = 16,
+                 storage_options: dict | None = None):
+        self.url, self.storage_options = str(url), storage_options
+        self.seed, self.chunk_bytes, self.min_chunks = seed, chunk_bytes, min_chunks
+        tasks = {name: _check_task(name, dict(spec), self.url) for name, spec in tasks.items()}
+        self.pending = {"source": source, "modalities": dict(modalities), "tasks": tasks, "seed": seed}
+        _check_json(self.pending, self.url)
+        if _exists(self.url, storage_options):
+            root = open_root(self.url, "r+", storage_options)
+            attrs = dict(root.attrs)
+            if overwrite:
+                root = open_root(self.url, "w", storage_options)
+            elif attrs.get("complete"):
+                raise StoreError(f"{self.url} is already a complete store; pass overwrite=True "
+                                 "(--overwrite) to write it again")
+            elif _normalise(attrs.get("pending")) != _normalise(self.pending):
+                raise StoreError(f"{self.url} holds an unfinished prepare with other settings (source, "
+                                 "modalities, tasks or seed); pass overwrite=True (--overwrite) to start over")
+        else:
+            root = open_root(self.url, "w", storage_options)
+        self.root = root
+        if "pending" not in root.attrs:
+            root.attrs.update({"biofm_store": FORMAT_VERSION, "complete": False, "pending": self.pending})
+
+    # -- parts
+    def _parts(self) -> zarr.Group:
+        return self.root.require_group("_parts")
+
+    def committed(self) -> set[int]:
+        """Keys of the batches already committed (a rerun skips them)."""
+        if "_parts" not in self.root:
+            return set()
+        return {int(k) for k, g in self._parts().groups() if g.attrs.get("committed")}
+
+    def write_batch(self, key: int, *, sample_id: Iterable, subject_id: Iterable,
+                    labels: Mapping[str, Any] | None = None, arrays: Mapping[str, Column] | None = None,
+                    split: Iterable | None = None) -> None:
+        """Validate one batch fully, then write it as a part committed by its last write."""
+        where = f"{self.url} (batch {key})"
+        columns = self._validate_batch(where, sample_id, subject_id, labels or {}, arrays or {}, split)
+        parts = self._parts()
+        name = f"{int(key):08d}"
+        if name in parts:
+            del parts[name]  # an uncommitted leftover of an interrupted run, or a rewrite
+        part = parts.create_group(name)
+        layout = {}
+        for array_name, col in columns.items():
+            if isinstance(col, Ragged):
+                _write_whole(part, array_name, col.values)
+                _write_whole(part, array_name + ".offsets", col.offsets)
+            else:
+                _write_whole(part, array_name, col)
+            layout[array_name] = _describe(col)
+        part.attrs.update({"n": len(columns["index/sample_id"]), "layout": layout, "committed": True})
+
+    def _validate_batch(self, where, sample_id, subject_id, labels, arrays, split) -> dict[str, Column]:
+        sample_id = _as_strings(sample_id, "sample_id", where)
+        n = len(sample_id)
+        columns: dict[str, Column] = {"index/sample_id": sample_id,
+                                      "index/subject_id": _as_strings(subject_id, "subject_id", where)}
+        if split is not None:
+            columns["index/split"] = _as_strings(split, "split", where)
+        for name, col in list(columns.items()):
+            if len(col) != n:
+                raise StoreError(f"{where}: {name} has {len(col)} values but sample_id has {n}")
+        tasks = self.pending["tasks"]
+        unknown = sorted(set(labels) - set(tasks))
+        if unknown:
+            raise StoreError(f"{where}: labels for undeclared tasks {unknown}; declare them in tasks=")
+        for task, spec in tasks.items():
+            width = _label_width(spec)
+            if task not in labels:
+                values = np.full((n, width) if width else (n,), np.nan, dtype=np.float32)
+            else:
+                values = np.asarray(labels[task], dtype=np.float32)
+            want = (n, width) if width else (n,)
+            if values.shape != want:
+                raise StoreError(f"{where}: labels/{task} has shape {values.shape}, expected {want} "
+                                 f"for a {spec['kind']} task")
+            columns[f"labels/{task}"] = values
+        modalities = self.pending["modalities"]
+        for array_name, col in arrays.items():
+            modality = array_name.split("/")[0]
+            if "/" not in array_name or modality not in modalities:
+                raise StoreError(f"{where}: array '{array_name}' must be named '<modality>/<array>' with a "
+                                 f"declared modality ({sorted(modalities)})")
+            if not isinstance(col, Ragged):
+                col = np.asarray(col)
+                if col.dtype == object:
+                    raise StoreError(f"{where}: array '{array_name}' has no numeric or string dtype")
+            if len(col) != n:
+                raise StoreError(f"{where}: array '{array_name}' has {len(col)} rows but the batch has "
+                                 f"{n} samples")
+            columns[array_name] = col
+        for modality in modalities:
+            present = f"{modality}/present"
+            if present not in columns:
+                columns[present] = np.ones(n, dtype=bool)
+            columns[present] = np.asarray(columns[present], dtype=bool)
+        return columns
+
+    # -- finalize
+    def finalize(self, *, split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> Store:
+        """Write every array once in a seeded random row order, then mark the store complete.
+
+        Holds one array of the whole store in memory at a time. Rerunning after an interruption
+        (here or earlier) gives the same store."""
+        parts = sorted((int(k), g) for k, g in self._parts().groups() if g.attrs.get("committed")) \
+            if "_parts" in self.root else []
+        if not parts:
+            raise StoreError(f"{self.url}: nothing was written; no sample to finalize")
+        layouts = [dict(g.attrs["layout"]) for _, g in parts]
+        layout = layouts[0]
+
+        def shape_of(lay: dict) -> dict:
+            return {k: (v["ragged"], v["dtype"], tuple(v["shape"])) for k, v in lay.items()}
+        for (key, _), other in zip(parts, layouts):
+            if shape_of(other) != shape_of(layout):
+                mine, first = shape_of(other), shape_of(layout)
+                diff = sorted(k for k in set(mine) | set(first) if mine.get(k) != first.get(k))
+                raise StoreError(f"{self.url}: batch {key} has arrays that differ from batch {parts[0][0]} "
+                                 f"in name, dtype or shape: {diff}")
+
+        def gather(name: str) -> Column:
+            cols = []
+            for _, g in parts:
+                if layout[name]["ragged"]:
+                    cols.append(Ragged(g[name][...], g[name + ".offsets"][...]))
+                else:
+                    cols.append(_plain(g[name][...]))
+            return concat_rows(cols)
+
+        subject_ids = gather("index/subject_id")
+        n = len(subject_ids)
+        sample_ids = gather("index/sample_id")
+        if len(np.unique(sample_ids)) != n:
+            raise StoreError(f"{self.url}: sample_id values repeat; every sample needs its own id")
+        if "index/split" in layout:
+            splits = gather("index/split")
+            check_subject_splits(subject_ids, splits, self.url)
+        else:
+            splits = subject_splits(subject_ids, split_fractions, self.seed)
+        perm = np.random.default_rng(self.seed).permutation(n)
+
+        # size chunks by the mean bytes per sample over all parts
+        bytes_per_row = sum(np.mean([lay[name]["bytes_per_sample"] for lay in layouts])
+                            for name in layout if not name.startswith("index/"))
+        rows = _chunk_rows(bytes_per_row, n, self.chunk_bytes, self.min_chunks)
+
+        root = self.root
+        for name in [k for k in root.keys() if k != "_parts"]:
+            del root[name]  # a finalize interrupted earlier
+        _write_chunked(root, "index/sample_id", sample_ids[perm], rows)
+        _write_chunked(root, "index/subject_id", subject_ids[perm], rows)
+        _write_chunked(root, "index/split", splits[perm], rows)
+        arrays = {}
+        for name, info in layout.items():
+            if name.startswith("index/"):
+                continue
+            col = take_rows(gather(name), perm)
+            if isinstance(col, Ragged):
+                row_bytes = col.values[0:1].nbytes or 1
+                value_rows = _chunk_rows(row_bytes, len(col.values), self.chunk_bytes, 1)
+                _write_chunked(root, name, col.values, value_rows)
+                _write_chunked(root, name + ".offsets", col.offsets, max(rows + 1, 1 << 16))
+            else:
+                _write_chunked(root, name, col, rows)
+            if not name.startswith("labels/"):
+                arrays[name] = {"ragged": info["ragged"], "dtype": info["dtype"], "shape": info["shape"]}
+        pending = self.pending
+        root.attrs.update({
+            "biofm_store": FORMAT_VERSION, "source": pending["source"],
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "n_samples": int(n), "rows_per_chunk": int(rows), "seed": pending["seed"],
+            "modalities": pending["modalities"], "tasks": pending["tasks"], "arrays": arrays,
+            "complete": True,
+        })
+        del root["_parts"]
+        attrs = dict(root.attrs)
+        attrs.pop("pending", None)
+        root.attrs.put(attrs)
+        return Store(self.url, storage_options=self.storage_options)
+
+
+def _describe(col: Column) -> dict:
+    values = col.values if isinstance(col, Ragged) else col
+    n = max(len(col), 1)
+    return {"ragged": isinstance(col, Ragged), "dtype": _dtype_name(values.dtype),
+            "shape": list(values.shape[1:]), "bytes_per_sample": _nbytes(values) / n}
+
+
+def _nbytes(values: np.ndarray) -> int:
+    if values.dtype.kind in "UTO":
+        return int(sum(len(str(v)) for v in values.reshape(-1)))
+    return int(values.nbytes)
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    return "str" if dtype.kind in "UTO" else np.dtype(dtype).str.lstrip("<>|=")
+
+
+def _write_whole(group: zarr.Group, name: str, values: np.ndarray) -> None:
+    _write_chunked(group, name, values, max(len(values), 1))
+
+
+def _write_chunked(group: zarr.Group, name: str, values: np.ndarray, rows: int) -> None:
+    dtype = str if values.dtype.kind in "UTO" else values.dtype
+    arr = group.create_array(name, shape=values.shape, dtype=dtype,
+                             chunks=(max(1, rows), *values.shape[1:]), overwrite=True)
+    if values.size:
+        arr[...] = values
+
+
+def _check_task(name: str, spec: dict, where: str) -> dict:
+    kind = spec.get("kind")
+    if kind not in TASK_KINDS:
+        raise StoreError(f"{where}: task '{name}' has kind {kind!r}; expected one of {TASK_KINDS}")
+    if kind in ("multiclass", "multilabel", "ordinal"):
+        classes = spec.get("classes")
+        if not classes or len(classes) < 2:
+            raise StoreError(f"{where}: {kind} task '{name}' needs 'classes' (at least two names)")
+        spec["classes"] = [str(c) for c in classes]
+        spec["n_classes"] = len(classes)
+    return spec
+
+
+def _label_width(spec: dict) -> int:
+    return int(spec["n_classes"]) if spec["kind"] == "multilabel" else 0
+
+
+def _check_json(value: Any, where: str) -> None:
+    import json
+    try:
+        json.dumps(value)
+    except TypeError as err:
+        raise StoreError(f"{where}: modality settings and task specs must be plain JSON values ({err})") from err
+
+
+def _normalise(value: Any) -> Any:
+    import json
+    return json.loads(json.dumps(value, sort_keys=True)) if value is not None else None
+
+
+# ------------------------------------------------------------------------------------------- reader
+
+class Store:
+    """A complete store, validated on open: every declared array exists and has the right length."""
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        self.url, self.storage_options = str(url), storage_options
+        self.root = open_root(self.url, "r", storage_options)
+        self.attrs = attrs = dict(self.root.attrs)
+        where = self.url
+        if "biofm_store" not in attrs:
+            raise StoreError(f"{where}: not a biofm store (no 'biofm_store' attribute)")
+        if attrs["biofm_store"] != FORMAT_VERSION:
+            raise StoreError(f"{where}: written in store format version {attrs['biofm_store']}, but this "
+                             f"biofm reads version {FORMAT_VERSION}; run `biofm prepare` again with this "
+                             "version")
+        if not attrs.get("complete"):
+            raise StoreError(f"{where}: the store is unfinished (an interrupted prepare); rerun the same "
+                             "`biofm prepare` command to resume it")
+        for key in ("source", "n_samples", "rows_per_chunk", "modalities", "tasks", "arrays"):
+            if key not in attrs:
+                raise StoreError(f"{where}: attribute '{key}' is missing; the store is damaged, prepare it again")
+        self.n = n = int(attrs["n_samples"])
+        self.source: str = attrs["source"]
+        self.modalities: dict[str, dict] = attrs["modalities"]
+        self.tasks: dict[str, dict] = attrs["tasks"]
+        self.array_info: dict[str, dict] = attrs["arrays"]
+        self.rows_per_chunk = int(attrs["rows_per_chunk"])
+        self.offsets: dict[str, np.ndarray] = {}
+        for name in INDEX_ARRAYS:
+            self._check_fixed(name, (n,))
+        for task, spec in self.tasks.items():
+            width = _label_width(spec)
+            self._check_fixed(f"labels/{task}", (n, width) if width else (n,))
+        for name, info in self.array_info.items():
+            if info["ragged"]:
+                values = self._array(name)
+                offsets = self._check_fixed(name + ".offsets", (n + 1,))[...]
+                if (offsets[0] != 0 or np.any(np.diff(offsets) < 0)
+                        or offsets[-1] != values.shape[0]):
+                    raise StoreError(f"{where}: {name}.offsets do not match the rows of {name} (they must "
+                                     f"start at 0, never decrease and end at its {values.shape[0]} rows); "
+                                     "prepare the store again")
+                self.offsets[name] = offsets.astype(np.int64)
+            else:
+                self._check_fixed(name, (n, *info["shape"]))
+
+    def _array(self, name: str) -> zarr.Array:
+        try:
+            arr = self.root[name]
+        except KeyError:
+            arr = None
+        if not isinstance(arr, zarr.Array):
+            raise StoreError(f"{self.url}: array '{name}' is missing; the store is damaged or was written by "
+                             "an older prepare, prepare it again")
+        return arr
+
+    def _check_fixed(self, name: str, shape: tuple) -> zarr.Array:
+        arr = self._array(name)
+        if tuple(arr.shape) != tuple(shape):
+            raise StoreError(f"{self.url}: array '{name}' has shape {tuple(arr.shape)} but the store has "
+                             f"{self.n} samples (expected {tuple(shape)}); prepare the store again")
+        return arr
+
+    # -- reading
+    @property
+    def n_chunks(self) -> int:
+        return max(1, math.ceil(self.n / self.rows_per_chunk))
+
+    def index(self, name: str) -> np.ndarray:
+        """`sample_id`, `subject_id` or `split` for every sample, as a numpy str array."""
+        return _plain(self._array(f"index/{name}")[...])
+
+    def arrays_of(self, modality: str) -> list[str]:
+        return [name for name in self.array_info if name.split("/")[0] == modality]
+
+    def read_rows(self, start: int, stop: int, names: Iterable[str]) -> dict[str, Column]:
+        """Rows [start, stop) of each named array, one zarr call per array (whole chunks)."""
+        out: dict[str, Column] = {}
+        for name in names:
+            arr = self._array(name)
+            if name in self.offsets:
+                offsets = self.offsets[name]
+                lo, hi = int(offsets[start]), int(offsets[stop])
+                out[name] = Ragged(arr[lo:hi], offsets[start:stop + 1] - lo)
+            else:
+                out[name] = _plain(arr[start:stop])
+        return out
+
+    def describe(self) -> str:
+        tasks = ", ".join(f"{t} ({s['kind']})" for t, s in self.tasks.items())
+        return (f"store {self.url}: source {self.source}, {self.n} samples, modalities "
+                f"{sorted(self.modalities)}, tasks {tasks or 'none'}")

@@ -1,0 +1,236 @@
+"""Streaming a store: whole chunks, shuffled per epoch, mixed in a buffer, split over (rank, worker).
+
+The plan of an epoch is a pure function of `(seed, epoch)`: the chunk order is a seeded permutation, the
+samples of the wanted split are laid out in that order, and the sequence is cut into one contiguous span
+per rank and per worker. Every rank gets the same number of batches (batch sizes may differ by one), every
+sample is seen exactly once per epoch, and a loader resumed from `state_dict()` yields exactly the
+batches it had not yet yielded.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from biofm.platform.store import Column, Ragged, Store, StoreError, concat_rows, slice_rows, take_rows
+
+Batch = dict[str, Column]
+
+
+def dist_rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows of one chunk that a worker uses: chunk rows [start, stop), and positions within them."""
+
+    start: int
+    stop: int
+    rows: np.ndarray  # indices into [0, stop - start)
+
+
+def split_evenly(total: int, parts: int) -> np.ndarray:
+    """Boundaries [parts + 1] that cut `total` items into `parts` runs differing by at most one."""
+    return (total * np.arange(parts + 1)) // max(parts, 1)
+
+
+class StoreStream(IterableDataset):
+    """An iterable over one split of one store that yields whole batches (use `StreamLoader`).
+
+    Args:
+        store: a `Store` or its URL.
+        split: "train", "val", "test" or None for every sample.
+        batch_size: samples per batch; batches may hold one more or fewer so that every rank takes the
+            same number of steps and every sample is seen once.
+        shuffle: shuffle chunk order per epoch and samples within a buffer of `buffer_size`.
+        arrays: array names to read (default: every array of the store); labels are always read.
+        transform: applied to each batch in the worker (e.g. a modality's collate).
+    """
+
+    def __init__(self, store: Store | str, split: str | None = "train", batch_size: int = 32,
+                 shuffle: bool = True, seed: int = 0, buffer_size: int = 1024,
+                 arrays: list[str] | None = None, tasks: list[str] | None = None,
+                 transform: Callable[[Batch], object] | None = None, storage_options: dict | None = None):
+        store = store if isinstance(store, Store) else Store(store, storage_options=storage_options)
+        self.url, self.storage_options = store.url, store.storage_options
+        self._store: Store | None = store
+        self.source = store.source
+        self.split, self.batch_size, self.shuffle, self.seed = split, int(batch_size), shuffle, seed
+        self.buffer_size = int(buffer_size) if shuffle else 0
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.tasks = list(store.tasks) if tasks is None else list(tasks)
+        missing = sorted(set(self.tasks) - set(store.tasks))
+        if missing:
+            raise StoreError(f"{store.url}: no labels for tasks {missing}; it has {sorted(store.tasks)}")
+        names = list(store.array_info) if arrays is None else list(arrays)
+        unknown = sorted(set(names) - set(store.array_info))
+        if unknown:
+            raise StoreError(f"{store.url}: no arrays {unknown}; it has {sorted(store.array_info)}")
+        self.names = names + [f"labels/{t}" for t in self.tasks]
+        self.transform = transform
+        self.rows_per_chunk, self.n = store.rows_per_chunk, store.n
+        wanted = np.ones(store.n, dtype=bool) if split is None else store.index("split") == split
+        # selected rows of each chunk, computed once: [n_chunks] arrays of in-chunk positions
+        self.chunk_rows = [np.flatnonzero(wanted[c:c + self.rows_per_chunk])
+                           for c in range(0, store.n, self.rows_per_chunk)]
+        self.n_selected = int(wanted.sum())
+        # set by the loader before each iteration (in the main process, before workers start)
+        self.epoch, self.rank, self.world, self.skip = 0, 0, 1, 0
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_store"] = None  # workers reopen the store
+        return state
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.url, storage_options=self.storage_options)
+        return self._store
+
+    # -- the plan
+    def batches_per_rank(self, world: int | None = None) -> int:
+        world = self.world if world is None else world
+        if self.n_selected < world:
+            raise StoreError(f"{self.url}: split '{self.split}' has {self.n_selected} samples, fewer than "
+                             f"the {world} ranks; every rank needs at least one")
+        return max(1, math.ceil((self.n_selected // world) / self.batch_size))
+
+    def __len__(self) -> int:
+        return self.batches_per_rank()
+
+    def plan(self, epoch: int, rank: int, world: int, worker: int, n_workers: int
+             ) -> tuple[list[Piece], np.ndarray]:
+        """The chunk pieces and batch sizes of one (rank, worker) stream in one epoch."""
+        n_chunks = len(self.chunk_rows)
+        order = (np.random.default_rng([self.seed, epoch]).permutation(n_chunks) if self.shuffle
+                 else np.arange(n_chunks))
+        counts = np.array([len(self.chunk_rows[c]) for c in order], dtype=np.int64)
+        cum = np.concatenate([[0], np.cumsum(counts)])
+        total, n_batches = int(cum[-1]), self.batches_per_rank(world)
+        rank_lo, rank_hi = split_evenly(total, world)[rank:rank + 2]
+        # workers share the rank's batches round-robin; worker w takes batches j with j % n_workers == w
+        per_worker = np.array([len(range(w, n_batches, n_workers)) for w in range(n_workers)])
+        bounds = rank_lo + ((rank_hi - rank_lo) * np.concatenate([[0], np.cumsum(per_worker)])) // n_batches
+        lo, hi = int(bounds[worker]), int(bounds[worker + 1])
+        k = int(per_worker[worker])
+        sizes = np.diff(split_evenly(hi - lo, k)) if k else np.zeros(0, dtype=np.int64)
+        pieces = []
+        first = int(np.searchsorted(cum, lo, side="right")) - 1
+        for i in range(max(first, 0), n_chunks):
+            if cum[i] >= hi:
+                break
+            c = int(order[i])
+            use = self.chunk_rows[c][max(lo, cum[i]) - cum[i]:min(hi, cum[i + 1]) - cum[i]]
+            if len(use):
+                start = c * self.rows_per_chunk
+                pieces.append(Piece(start, min(start + self.rows_per_chunk, self.n), use))
+        return pieces, sizes
+
+    # -- iteration
+    def __iter__(self) -> Iterator[object]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # after a resume that skipped `skip` batches, the loader's worker 0 plays the part of the worker
+        # that owns batch `skip`, so the batch order is the same as in an uninterrupted epoch
+        logical = (worker + self.skip) % n_workers
+        skip_here = len(range(logical, self.skip, n_workers))
+        pieces, sizes = self.plan(self.epoch, self.rank, self.world, logical, n_workers)
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, logical, 0xB10F])
+        for i, batch in enumerate(self._batches(pieces, sizes, rng)):
+            if i >= skip_here:
+                yield self.transform(batch) if self.transform is not None else batch
+
+    def _batches(self, pieces: list[Piece], sizes: np.ndarray, rng: np.random.Generator) -> Iterator[Batch]:
+        if not len(sizes):
+            return
+        pool: Batch | None = None
+        pool_len, b = 0, 0
+        for p, piece in enumerate(pieces):
+            cols = self.store.read_rows(piece.start, piece.stop, self.names)
+            cols = {name: take_rows(col, piece.rows) for name, col in cols.items()}
+            cols["row"] = piece.start + piece.rows
+            pool = cols if pool is None else {k: concat_rows([pool[k], cols[k]]) for k in cols}
+            pool_len += len(piece.rows)
+            last = p == len(pieces) - 1
+            if not last and pool_len < self.buffer_size + sizes[min(b, len(sizes) - 1)]:
+                continue
+            if self.shuffle:
+                perm = rng.permutation(pool_len)
+                pool = {k: take_rows(v, perm) for k, v in pool.items()}
+            keep = 0 if last else self.buffer_size // 2
+            start = 0
+            while b < len(sizes) and pool_len - start - sizes[b] >= keep:
+                stop = start + int(sizes[b])
+                batch = {k: slice_rows(v, start, stop) for k, v in pool.items()}
+                batch["source"] = self.source
+                yield batch
+                start, b = stop, b + 1
+            pool = {k: slice_rows(v, start, pool_len) for k, v in pool.items()}
+            pool_len -= start
+        if b != len(sizes):  # the plan and the data disagree: never silently short
+            raise RuntimeError(f"{self.url}: stream produced {b} of {len(sizes)} planned batches")
+
+
+class StreamLoader(DataLoader):
+    """A DataLoader over a `StoreStream` that tracks its epoch and position (Lightning saves and restores
+    it through `state_dict` / `load_state_dict`). Workers are forked where the platform allows it."""
+
+    def __init__(self, stream: StoreStream, num_workers: int = 0, rank: int | None = None,
+                 world: int | None = None, **kwargs):
+        if num_workers > 0 and "multiprocessing_context" not in kwargs:
+            kwargs["multiprocessing_context"] = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None
+        kwargs.setdefault("pin_memory", False)
+        super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False, **kwargs)
+        self.stream = stream
+        self._rank, self._world = rank, world
+        self.epoch, self.yielded = 0, 0
+        self._started, self._resume = False, False
+
+    def _rank_world(self) -> tuple[int, int]:
+        rank, world = dist_rank_world()
+        return (rank if self._rank is None else self._rank), (world if self._world is None else self._world)
+
+    def __len__(self) -> int:
+        return self.stream.batches_per_rank(self._rank_world()[1])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.yielded, self._resume = int(epoch), 0, True
+
+    def __iter__(self):
+        if self._resume:
+            self._resume = False
+        elif self._started:
+            self.epoch, self.yielded = self.epoch + 1, 0
+        self._started = True
+        self.stream.rank, self.stream.world = self._rank_world()
+        self.stream.epoch, self.stream.skip = self.epoch, self.yielded
+        return self._counted(super().__iter__())
+
+    def _counted(self, it):
+        for batch in it:
+            self.yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "yielded": self.yielded, "world": self._rank_world()[1],
+                "seed": self.stream.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        epoch, yielded = int(state["epoch"]), int(state["yielded"])
+        if state.get("world") != self._rank_world()[1] or state.get("seed") != self.stream.seed:
+            warnings.warn("the loader state was saved with another number of ranks or seed; the epoch "
+                          "restarts from its beginning", stacklevel=2)
+            yielded = 0
+        self.epoch, self.yielded, self._resume, self._started = epoch, yielded, True, True

@@ -1,0 +1,84 @@
+"""Fake data and helpers shared by the tests (and usable by anyone testing a new modality)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from biofm.platform.store import Ragged, Store, StoreWriter
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+TOY_TASKS = {
+    "flag": {"kind": "binary"},
+    "grade": {"kind": "multiclass", "classes": ["low", "mid", "high"]},
+    "score": {"kind": "regression", "unit": "a.u."},
+}
+
+
+def toy_batch(start: int, n: int, seed: int = 0, subjects_per_sample: float = 0.5) -> dict:
+    """Samples `start..start+n` of a toy source: a fixed and a ragged array, three tasks with gaps."""
+    rng = np.random.default_rng([seed, start])
+    idx = np.arange(start, start + n)
+    x = np.stack([idx, idx * 2, idx % 7, rng.random(n)], axis=1).astype(np.float32)
+    tokens = Ragged.from_list([np.arange(i % 5, dtype=np.int32) + i for i in idx], dtype=np.int32)
+    flag = (idx % 2).astype(np.float32)
+    flag[idx % 5 == 0] = np.nan
+    grade = (idx % 3).astype(np.float32)
+    score = (idx / 10.0).astype(np.float32)
+    score[idx % 4 == 1] = np.nan
+    return {
+        "sample_id": [f"S{i:06d}" for i in idx],
+        "subject_id": [f"P{int(i * subjects_per_sample):06d}" for i in idx],
+        "labels": {"flag": flag, "grade": grade, "score": score},
+        "arrays": {"toy/x": x, "toy/tokens": tokens},
+    }
+
+
+def write_toy_store(url: str | os.PathLike, n: int = 240, batch: int = 60, seed: int = 0,
+                    chunk_bytes: int = 4 << 20, min_chunks: int = 16, **writer_kwargs) -> Store:
+    """A small complete store; row `i` of the input has x[:, 0] == i, so tests can track samples."""
+    writer = StoreWriter(str(url), source="toy", modalities={"toy": {"version": 1}}, tasks=TOY_TASKS,
+                         seed=seed, chunk_bytes=chunk_bytes, min_chunks=min_chunks, **writer_kwargs)
+    for key, start in enumerate(range(0, n, batch)):
+        if key not in writer.committed():
+            writer.write_batch(key, **toy_batch(start, min(batch, n - start), seed))
+    return writer.finalize()
+
+
+def store_arrays(store: Store) -> dict[str, np.ndarray]:
+    """Every array of a store as numpy, for comparing two stores."""
+    out = {}
+    for name in list(store.root.array_keys()):
+        out[name] = np.asarray(store.root[name][...])
+    for group_name, group in store.root.groups():
+        for name, arr in group.arrays():
+            out[f"{group_name}/{name}"] = np.asarray(arr[...])
+    return out
+
+
+def ddp_stream_worker(rank: int, world: int, url: str, port: int, num_workers: int, out_dir: str) -> None:
+    """One rank of a real gloo process group that streams a store's train split and saves its rows."""
+    import torch.distributed as dist
+
+    from biofm.platform.stream import StoreStream, StreamLoader
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        loader = StreamLoader(StoreStream(url, batch_size=16, seed=3), num_workers=num_workers)
+        rows = [b["row"] for b in loader]
+        np.save(Path(out_dir) / f"rank{rank}.npy", np.concatenate(rows))
+        np.save(Path(out_dir) / f"rank{rank}_batches.npy", np.array([len(rows), len(loader)]))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
