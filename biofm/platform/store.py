@@ -206,8 +206,10 @@ class StoreWriter:
 
     def __init__(self, url: str, *, source: str, modalities: Mapping[str, dict], tasks: Mapping[str, dict],
                  seed: int = 0, overwrite: bool = False, chunk_bytes: int = 4 * MIB, min_chunks: int = 16,
-                 storage_options: dict | None = None):
+                 codec: str = "auto", storage_options: dict | None = None):
         self.url, self.storage_options = str(url), storage_options
+        compressors_for(np.float32, codec)  # validate early
+        self.codec = codec
         self.seed, self.chunk_bytes, self.min_chunks = seed, chunk_bytes, min_chunks
         tasks = {name: _check_task(name, dict(spec), self.url) for name, spec in tasks.items()}
         self.pending = {"source": source, "modalities": dict(modalities), "tasks": tasks, "seed": seed}
@@ -357,9 +359,9 @@ class StoreWriter:
         root = self.root
         for name in [k for k in root.keys() if k != "_parts"]:
             del root[name]  # a finalize interrupted earlier
-        _write_chunked(root, "index/sample_id", sample_ids[perm], rows)
-        _write_chunked(root, "index/subject_id", subject_ids[perm], rows)
-        _write_chunked(root, "index/split", splits[perm], rows)
+        _write_chunked(root, "index/sample_id", sample_ids[perm], rows, self.codec)
+        _write_chunked(root, "index/subject_id", subject_ids[perm], rows, self.codec)
+        _write_chunked(root, "index/split", splits[perm], rows, self.codec)
         arrays = {}
         for name, info in layout.items():
             if name.startswith("index/"):
@@ -368,10 +370,10 @@ class StoreWriter:
             if isinstance(col, Ragged):
                 row_bytes = col.values[0:1].nbytes or 1
                 value_rows = _chunk_rows(row_bytes, len(col.values), self.chunk_bytes, 1)
-                _write_chunked(root, name, col.values, value_rows)
-                _write_chunked(root, name + ".offsets", col.offsets, max(rows + 1, 1 << 16))
+                _write_chunked(root, name, col.values, value_rows, self.codec)
+                _write_chunked(root, name + ".offsets", col.offsets, max(rows + 1, 1 << 16), self.codec)
             else:
-                _write_chunked(root, name, col, rows)
+                _write_chunked(root, name, col, rows, self.codec)
             if not name.startswith("labels/"):
                 arrays[name] = {"ragged": info["ragged"], "dtype": info["dtype"], "shape": info["shape"]}
         pending = self.pending
@@ -410,9 +412,25 @@ def _write_whole(group: zarr.Group, name: str, values: np.ndarray) -> None:
     _write_chunked(group, name, values, max(len(values), 1))
 
 
-def _write_chunked(group: zarr.Group, name: str, values: np.ndarray, rows: int) -> None:
+CODECS = ("auto", "zstd", "none")
+
+
+def compressors_for(dtype: np.dtype, codec: str = "auto"):
+    """`auto`: floats (features, volumes) barely compress and zstd decodes them at a third of memcpy
+    speed, so they are stored raw; integers, booleans and strings (tokens, codes, ids) get zstd.
+    `zstd` compresses everything (smaller stores, slower streams); `none` nothing."""
+    if codec not in CODECS:
+        raise StoreError(f"codec must be one of {CODECS}, got {codec!r}")
+    kind = np.dtype(dtype).kind if not isinstance(dtype, type) else "U"
+    if kind in "UTO" or codec == "zstd" or (codec == "auto" and kind != "f"):
+        return "auto"  # zarr's default: zstd
+    return None
+
+
+def _write_chunked(group: zarr.Group, name: str, values: np.ndarray, rows: int, codec: str = "auto") -> None:
     dtype = str if values.dtype.kind in "UTO" else values.dtype
-    arr = group.create_array(name, shape=values.shape, dtype=dtype,
+    compressors = compressors_for(values.dtype, codec)
+    arr = group.create_array(name, shape=values.shape, dtype=dtype, compressors=compressors,
                              chunks=(max(1, rows), *values.shape[1:]), overwrite=True)
     if values.size:
         arr[...] = values

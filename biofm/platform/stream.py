@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +24,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from biofm.platform.store import Column, Ragged, Store, StoreError, concat_rows, slice_rows, take_rows
 
 Batch = dict[str, Column]
+READ_AHEAD = 2  # chunk reads in flight per stream
+SMALL_SAMPLE_BYTES = 16 << 10  # below this, batches of a round are gathered together
 
 
 def dist_rank_world() -> tuple[int, int]:
@@ -153,34 +157,123 @@ class StoreStream(IterableDataset):
                 yield self.transform(batch) if self.transform is not None else batch
 
     def _batches(self, pieces: list[Piece], sizes: np.ndarray, rng: np.random.Generator) -> Iterator[Batch]:
+        """Read pieces, hold them as blocks, and emit batches gathered from a shuffled index of held rows.
+
+        Only the index (block, row) is shuffled; each sample's bytes are copied once, into its batch."""
         if not len(sizes):
             return
-        pool: Batch | None = None
-        pool_len, b = 0, 0
-        for p, piece in enumerate(pieces):
-            cols = self.store.read_rows(piece.start, piece.stop, self.names)
-            cols = {name: take_rows(col, piece.rows) for name, col in cols.items()}
-            cols["row"] = piece.start + piece.rows
-            pool = cols if pool is None else {k: concat_rows([pool[k], cols[k]]) for k in cols}
-            pool_len += len(piece.rows)
+        pool = _Pool()
+        b = 0
+        for p, cols in enumerate(self._read_ahead(pieces)):
+            piece = pieces[p]
+            pool.add(cols, piece.rows, rng if self.shuffle else None)
             last = p == len(pieces) - 1
-            if not last and pool_len < self.buffer_size + sizes[min(b, len(sizes) - 1)]:
+            if not last and len(pool) < self.buffer_size + sizes[min(b, len(sizes) - 1)]:
                 continue
-            if self.shuffle:
-                perm = rng.permutation(pool_len)
-                pool = {k: take_rows(v, perm) for k, v in pool.items()}
             keep = 0 if last else self.buffer_size // 2
-            start = 0
-            while b < len(sizes) and pool_len - start - sizes[b] >= keep:
-                stop = start + int(sizes[b])
-                batch = {k: slice_rows(v, start, stop) for k, v in pool.items()}
+            n_out = int(np.searchsorted(np.cumsum(sizes[b:]), len(pool) - keep, side="right"))
+            if n_out == 0:
+                continue
+            round_sizes = [int(x) for x in sizes[b:b + n_out]]
+            # small samples: one gather for the whole round, then views (Python cost per batch matters);
+            # large samples: one gather per batch (bytes copied once matter)
+            batches = pool.take_round(round_sizes) if pool.small else (pool.take(x) for x in round_sizes)
+            for batch in batches:
                 batch["source"] = self.source
                 yield batch
-                start, b = stop, b + 1
-            pool = {k: slice_rows(v, start, pool_len) for k, v in pool.items()}
-            pool_len -= start
+            b += n_out
         if b != len(sizes):  # the plan and the data disagree: never silently short
             raise RuntimeError(f"{self.url}: stream produced {b} of {len(sizes)} planned batches")
+
+
+    def _read_ahead(self, pieces: list[Piece]) -> Iterator[Batch]:
+        """Chunks in plan order, with up to `READ_AHEAD` reads in flight: zarr decodes in threads that
+        release the GIL, so reading overlaps with batching (and with the next chunk's read)."""
+        def read(piece: Piece) -> Batch:
+            cols = self.store.read_rows(piece.start, piece.stop, self.names)
+            cols["row"] = np.arange(piece.start, piece.stop)
+            return cols
+
+        if get_worker_info() is not None:  # loader workers already read in parallel; threads only contend
+            yield from (read(piece) for piece in pieces)
+            return
+        with ThreadPoolExecutor(max_workers=READ_AHEAD) as pool:
+            pending = deque(pool.submit(read, piece) for piece in pieces[:READ_AHEAD])
+            for i in range(len(pieces)):
+                cols = pending.popleft().result()
+                if i + READ_AHEAD < len(pieces):
+                    pending.append(pool.submit(read, pieces[i + READ_AHEAD]))
+                yield cols
+
+
+class _Pool:
+    """Blocks of rows read from chunks, and a (shuffled) queue of the rows not yet emitted."""
+
+    def __init__(self):
+        self.blocks: dict[int, Batch] = {}
+        self.left: dict[int, int] = {}
+        self.queue_block = np.zeros(0, dtype=np.int64)
+        self.queue_row = np.zeros(0, dtype=np.int64)
+        self._next_id = 0
+        self.bytes_per_row: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.queue_block)
+
+    def add(self, cols: Batch, rows: np.ndarray, rng: np.random.Generator | None) -> None:
+        block = self._next_id
+        self._next_id += 1
+        self.blocks[block], self.left[block] = cols, len(rows)
+        if self.bytes_per_row is None:
+            n = max(len(cols["row"]), 1)
+            self.bytes_per_row = sum((c.values.nbytes if isinstance(c, Ragged) else c.nbytes)
+                                     for c in cols.values() if hasattr(c, "nbytes") or isinstance(c, Ragged)) / n
+        self.queue_block = np.concatenate([self.queue_block, np.full(len(rows), block)])
+        self.queue_row = np.concatenate([self.queue_row, rows])
+        if rng is not None:
+            perm = rng.permutation(len(self.queue_block))
+            self.queue_block, self.queue_row = self.queue_block[perm], self.queue_row[perm]
+
+    @property
+    def small(self) -> bool:
+        return self.bytes_per_row <= SMALL_SAMPLE_BYTES
+
+    def take_round(self, sizes: list[int]) -> list[Batch]:
+        """Several batches at once, in queue order: one grouped gather, one reorder, then views."""
+        total = sum(sizes)
+        order = np.argsort(self.queue_block[:total], kind="stable")
+        gathered = self.take(total, order)
+        restore = np.empty_like(order)
+        restore[order] = np.arange(total)
+        gathered = {k: take_rows(v, restore) for k, v in gathered.items()}
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        return [{k: slice_rows(v, int(lo), int(hi)) for k, v in gathered.items()}
+                for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+    def take(self, size: int, order: np.ndarray | None = None) -> Batch:
+        """`size` rows from the front of the queue, gathered block by block (grouped by block)."""
+        blocks, rows = self.queue_block[:size], self.queue_row[:size]
+        self.queue_block, self.queue_row = self.queue_block[size:], self.queue_row[size:]
+        if order is None:
+            order = np.argsort(blocks, kind="stable")
+        blocks, rows = blocks[order], rows[order]
+        ids, starts = np.unique(blocks, return_index=True)
+        bounds = list(starts) + [len(blocks)]
+        parts = []
+        for i, block in enumerate(ids):
+            picked = rows[bounds[i]:bounds[i + 1]]
+            cols = self.blocks[int(block)]
+            parts.append({k: take_rows(v, picked) for k, v in cols.items()})
+            self.left[int(block)] -= len(picked)
+            if self.left[int(block)] == 0:
+                del self.blocks[int(block)], self.left[int(block)]
+        if len(parts) == 1:
+            return parts[0]
+        return {k: concat_rows([part[k] for part in parts]) for k in parts[0]}
+
+
+def _as_is(batch):
+    return batch
 
 
 class StreamLoader(DataLoader):
@@ -192,6 +285,7 @@ class StreamLoader(DataLoader):
         if num_workers > 0 and "multiprocessing_context" not in kwargs:
             kwargs["multiprocessing_context"] = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None
         kwargs.setdefault("pin_memory", False)
+        kwargs.setdefault("collate_fn", _as_is)  # the stream's transform already made the batch
         super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False, **kwargs)
         self.stream = stream
         self._rank, self._world = rank, world
@@ -234,3 +328,16 @@ class StreamLoader(DataLoader):
                           "restarts from its beginning", stacklevel=2)
             yielded = 0
         self.epoch, self.yielded, self._resume, self._started = epoch, yielded, True, True
+
+
+def to_tensors(batch: Batch) -> dict:
+    """numpy → torch without copies: fixed arrays as tensors, ragged ones as (values, offsets)."""
+    out: dict = {}
+    for name, col in batch.items():
+        if isinstance(col, Ragged):
+            out[name] = (torch.from_numpy(np.ascontiguousarray(col.values)), torch.from_numpy(col.offsets))
+        elif isinstance(col, np.ndarray) and col.dtype.kind not in "UTO":
+            out[name] = torch.from_numpy(np.ascontiguousarray(col))
+        else:
+            out[name] = col
+    return out

@@ -1,0 +1,3 @@
+from biofm.platform.cli import main
+
+main()

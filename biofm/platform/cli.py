@@ -1,0 +1,84 @@
+"""The `biofm` command: `prepare <source>`, `info`, `demo`, and the Lightning subcommands
+(`fit | validate | test | predict`), which go to LightningCLI."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+# `biofm prepare <name>`: each source adds a parser builder and a runner here
+PREPARERS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {}
+
+
+def preparer(name: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+    def register(run: Callable[[argparse.Namespace], None]):
+        PREPARERS[name] = (add_arguments, run)
+        return run
+    return register
+
+
+def _synthetic_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="store to write (path or fsspec URL)")
+    p.add_argument("--n", type=int, default=2000, help="number of samples (default 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a complete store at --out")
+
+
+@preparer("synthetic", _synthetic_arguments)
+def _prepare_synthetic(args: argparse.Namespace) -> None:
+    from biofm.datasets.synthetic import prepare_synthetic
+    store = prepare_synthetic(args.out, n=args.n, seed=args.seed, overwrite=args.overwrite, progress=True)
+    print(store.describe())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="biofm", description=__doc__,
+                                     epilog="Lightning subcommands: biofm {fit,validate,test,predict} --help")
+    commands = parser.add_subparsers(dest="command", required=True)
+    prepare = commands.add_parser("prepare", help="turn a raw source into a sample store")
+    sources = prepare.add_subparsers(dest="source", required=True)
+    for name, (add_arguments, run) in PREPARERS.items():
+        sub = sources.add_parser(name, help=(run.__doc__ or "").strip().splitlines()[0] if run.__doc__ else None)
+        add_arguments(sub)
+        sub.set_defaults(run=run)
+    info = commands.add_parser("info", help="describe a store")
+    info.add_argument("store")
+    info.set_defaults(run=_info)
+    demo = commands.add_parser("demo", help="prepare, train, evaluate and predict end to end")
+    demo.add_argument("--out", default="biofm-demo", help="folder for the demo's stores and run")
+    demo.add_argument("--n", type=int, default=2000, help="samples in the synthetic cohort")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _info(args: argparse.Namespace) -> None:
+    from biofm.platform.store import Store
+    print(Store(args.store).describe())
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from biofm.platform.demo import run_demo
+    run_demo(args.out, n=args.n, seed=args.seed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        from biofm.platform.lightning_cli import run_lightning_cli
+        run_lightning_cli(argv)
+        return
+    from biofm.platform.store import StoreError
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except StoreError as err:
+        print(f"biofm: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""A modality is a small plug-in: raw → store arrays, store arrays → batch, batch → tokens.
+
+Subclasses live in `biofm/modalities/<name>/` and register with `@MODALITIES.register("<name>")`;
+nothing in `platform/` names one. Settings learned at prepare time (vocabularies, scalers) are plain
+JSON in `config()`: they go into the store's attributes and the checkpoint, so inference prepares raw
+input exactly as training did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from biofm.platform.registry import Registry
+from biofm.platform.store import Column
+
+MODALITIES: Registry[Modality] = Registry("modality", plugins="biofm.modalities")
+
+
+class Modality:
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+
+    def __init__(self, **settings: Any):
+        self.settings = dict(settings)
+
+    @classmethod
+    def from_config(cls, config: dict) -> Modality:
+        config = {k: v for k, v in config.items() if k != "version"}
+        return cls(**config)
+
+    def config(self) -> dict:
+        """JSON-serialisable settings, enough to featurise new raw input the same way."""
+        return {"version": self.version, **self.settings}
+
+    # ---- prepare side
+    def fit(self, raw: Sequence[Any]) -> None:
+        """Learn settings from raw training input (vocabulary, scalers). Default: nothing to learn."""
+
+    def featurise(self, raw: Sequence[Any]) -> dict[str, Column]:
+        """Store arrays (`"<modality>/<array>"`) for a batch of raw inputs; None marks a missing input."""
+        raise NotImplementedError
+
+    @staticmethod
+    def present_mask(raw: Sequence[Any]) -> np.ndarray:
+        return np.array([r is not None for r in raw], dtype=bool)
+
+    # ---- train side
+    def collate(self, arrays: dict[str, Column]) -> dict[str, torch.Tensor]:
+        """Tensors for one batch from this modality's store arrays (names without the prefix)."""
+        raise NotImplementedError
+
+    def encoder(self, d_model: int) -> nn.Module:
+        """A module whose forward(batch) returns tokens [B, L, d] and a validity mask [B, L]."""
+        raise NotImplementedError
