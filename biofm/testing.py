@@ -82,3 +82,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def fake_raw(modality: str, n: int, seed: int = 0) -> list:
+    """Raw inputs for a registered modality (None marks a sample without it). A new modality adds its
+    builder here, and the registry-wide tests cover it."""
+    import pandas as pd
+    rng = np.random.default_rng(seed)
+    if modality == "tabular":
+        frame = pd.DataFrame({"age": rng.normal(60, 10, n).round(1), "dose": rng.random(n),
+                              "stage": rng.choice(["I", "II", "III"], n), "smoker": rng.choice([True, False], n)})
+        frame.loc[frame.index % 4 == 1, "age"] = np.nan
+        rows = frame.to_dict("records")
+        return [r if i % 5 != 2 else None for i, r in enumerate(rows)]
+    if modality == "text":
+        words = ["mild", "severe", "atypia", "margins", "clear", "involved", "biopsy", "tissue", "nodes"]
+        return [" ".join(rng.choice(words, size=rng.integers(3, 12))) if i % 5 != 3 else None for i in range(n)]
+    raise KeyError(f"biofm.testing.fake_raw has no builder for modality '{modality}'; add one")
+
+
+def write_fake_modality_store(url: str, modality: str, n: int = 120, seed: int = 0) -> Store:
+    """A store with one modality built from `fake_raw`, and one binary task."""
+    from biofm.platform.modality import MODALITIES
+    raw = fake_raw(modality, n, seed)
+    mod = MODALITIES.resolve(modality)()
+    mod.fit(raw)
+    writer = StoreWriter(url, source=f"fake-{modality}", modalities={modality: mod.config()},
+                         tasks={"flag": {"kind": "binary"}}, seed=seed)
+    writer.write_batch(0, sample_id=[f"F{i}" for i in range(n)], subject_id=[f"FP{i}" for i in range(n)],
+                       labels={"flag": (np.arange(n) % 2).astype(np.float32)}, arrays=mod.featurise(raw))
+    return writer.finalize()

@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="biofm-demo", help="folder for the demo's stores and run")
     demo.add_argument("--n", type=int, default=2000, help="samples in the synthetic cohort")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--epochs", type=int, default=15)
     demo.set_defaults(run=_demo)
     return parser
 
@@ -62,7 +63,7 @@ def _info(args: argparse.Namespace) -> None:
 
 def _demo(args: argparse.Namespace) -> None:
     from biofm.platform.demo import run_demo
-    run_demo(args.out, n=args.n, seed=args.seed)
+    run_demo(args.out, n=args.n, seed=args.seed, epochs=args.epochs)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -59,12 +59,14 @@ class StoreStream(IterableDataset):
         shuffle: shuffle chunk order per epoch and samples within a buffer of `buffer_size`.
         arrays: array names to read (default: every array of the store); labels are always read.
         transform: applied to each batch in the worker (e.g. a modality's collate).
+        with_ids: add `index/sample_id` to each batch (for predictions; never needed to train).
     """
 
     def __init__(self, store: Store | str, split: str | None = "train", batch_size: int = 32,
                  shuffle: bool = True, seed: int = 0, buffer_size: int = 1024,
                  arrays: list[str] | None = None, tasks: list[str] | None = None,
-                 transform: Callable[[Batch], object] | None = None, storage_options: dict | None = None):
+                 transform: Callable[[Batch], object] | None = None, storage_options: dict | None = None,
+                 with_ids: bool = False):
         store = store if isinstance(store, Store) else Store(store, storage_options=storage_options)
         self.url, self.storage_options = store.url, store.storage_options
         self._store: Store | None = store
@@ -81,7 +83,8 @@ class StoreStream(IterableDataset):
         unknown = sorted(set(names) - set(store.array_info))
         if unknown:
             raise StoreError(f"{store.url}: no arrays {unknown}; it has {sorted(store.array_info)}")
-        self.names = names + [f"labels/{t}" for t in self.tasks]
+        # sample ids only where asked (prediction): never in a training batch
+        self.names = names + [f"labels/{t}" for t in self.tasks] + (["index/sample_id"] if with_ids else [])
         self.transform = transform
         self.rows_per_chunk, self.n = store.rows_per_chunk, store.n
         wanted = np.ones(store.n, dtype=bool) if split is None else store.index("split") == split

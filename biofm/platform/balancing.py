@@ -1,0 +1,153 @@
+"""Balancing between task losses, chosen by name in config: equal, uncertainty, dwa, famo.
+
+Each strategy gets the per-task mean losses of one step (only the tasks that had labels in the batch:
+a batch comes from one source, and sources carry different tasks) and returns the total loss and the
+weight it gave each task.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from biofm.platform.registry import Registry
+
+BALANCERS: Registry[Balancer] = Registry("balancing strategy", plugins="biofm.platform.balancing")
+
+
+class Balancer(nn.Module):
+    """Equal weights; the base of the others."""
+
+    def __init__(self, tasks: list[str], **options):
+        super().__init__()
+        if options:
+            raise TypeError(f"balancing '{self.name}' takes no options {sorted(options)}")
+        self.tasks = list(tasks)
+
+    def combine(self, losses: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        total = sum(losses.values())
+        return total, {t: 1.0 for t in losses}
+
+    def after_step(self, losses: dict[str, torch.Tensor]) -> None:
+        """Called with the step's losses after the optimiser step."""
+
+    def epoch_end(self, mean_losses: dict[str, float]) -> None:
+        """Called with each task's mean training loss over the epoch."""
+
+    def optimised_parameters(self) -> list[nn.Parameter]:
+        """Parameters that the main optimiser should train (uncertainty weighting's log-variances)."""
+        return []
+
+
+BALANCERS.register("equal")(Balancer)
+
+
+@BALANCERS.register("uncertainty")
+class Uncertainty(Balancer):
+    """Kendall, Gal & Cipolla (2018): L = Σ exp(-s_t) L_t + s_t, with s_t = log σ_t² learned."""
+
+    def __init__(self, tasks: list[str]):
+        super().__init__(tasks)
+        self.log_vars = nn.ParameterDict({t: nn.Parameter(torch.zeros(())) for t in self.tasks})
+
+    def combine(self, losses):
+        total = sum(torch.exp(-self.log_vars[t]) * loss + self.log_vars[t] for t, loss in losses.items())
+        return total, {t: float(torch.exp(-self.log_vars[t].detach())) for t in losses}
+
+    def optimised_parameters(self):
+        return list(self.log_vars.values())
+
+
+@BALANCERS.register("dwa")
+class DynamicWeightAverage(Balancer):
+    """Liu, Johns & Davison (2019): w_t = T · softmax(r_t / temperature), r_t = L_t(e-1) / L_t(e-2)."""
+
+    def __init__(self, tasks: list[str], temperature: float = 2.0):
+        super().__init__(tasks)
+        self.temperature = temperature
+        self.history: list[dict[str, float]] = []
+        self.weights = {t: 1.0 for t in self.tasks}
+
+    def combine(self, losses):
+        return sum(self.weights[t] * loss for t, loss in losses.items()), {t: self.weights[t] for t in losses}
+
+    def epoch_end(self, mean_losses):
+        self.history = (self.history + [dict(mean_losses)])[-2:]
+        if len(self.history) < 2:
+            return
+        prev, last = self.history
+        tasks = [t for t in self.tasks if t in prev and t in last and prev[t] > 0]
+        if not tasks:
+            return
+        ratios = torch.tensor([last[t] / prev[t] for t in tasks]) / self.temperature
+        weights = len(tasks) * torch.softmax(ratios, dim=0)
+        self.weights.update(dict(zip(tasks, weights.tolist())))
+
+
+@BALANCERS.register("famo")
+class FAMO(Balancer):
+    """Liu et al. (2023), Fast Adaptive Multitask Optimisation: minimise Σ z_t log L_t with z = softmax(ξ),
+    and move ξ so that every task's log-loss decreases at a similar rate. ξ has its own optimiser; only
+    tasks present at two consecutive steps update it. Under DDP the losses are averaged over ranks first,
+    so ξ stays the same on every rank."""
+
+    def __init__(self, tasks: list[str], lr: float = 0.025, weight_decay: float = 0.001):
+        super().__init__(tasks)
+        # a buffer, not a parameter: the main optimiser and DDP's gradient sync must not touch it
+        self.register_buffer("logits", torch.zeros(len(self.tasks)).requires_grad_(True))
+        self._optimiser = torch.optim.Adam([self.logits], lr=lr, weight_decay=weight_decay)
+        self._previous: dict[str, float] = {}
+
+    def combine(self, losses):
+        index = [self.tasks.index(t) for t in losses]
+        z = torch.softmax(self.logits.detach()[index], dim=0)
+        values = torch.stack(list(losses.values()))
+        clipped = values.clamp_min(1e-8)
+        c = (z / clipped).sum().detach()
+        total = (z / c * clipped.log()).sum()
+        return total, {t: float(w) for t, w in zip(losses, z / c)}
+
+    def after_step(self, losses):
+        current = {t: float(v.detach()) for t, v in losses.items()}
+        if dist.is_available() and dist.is_initialized():
+            current = _mean_over_ranks(current, self.tasks)
+        shared = [t for t in current if t in self._previous]
+        if shared:
+            index = [self.tasks.index(t) for t in shared]
+            delta = torch.tensor([math.log(max(self._previous[t], 1e-8)) - math.log(max(current[t], 1e-8))
+                                  for t in shared])
+            with torch.enable_grad():
+                logits = self.logits.detach().requires_grad_(True)
+                z = torch.softmax(logits[index], dim=0)
+                grad = torch.autograd.grad(z, logits, grad_outputs=delta)[0]
+            self._optimiser.zero_grad()
+            self.logits.grad = grad
+            self._optimiser.step()
+            self.logits.grad = None
+        self._previous.update(current)
+
+    def optimised_parameters(self):
+        return []
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        result = super().load_state_dict(state_dict, strict, assign)
+        self.logits.requires_grad_(True)
+        return result
+
+
+def _mean_over_ranks(values: dict[str, float], tasks: list[str]) -> dict[str, float]:
+    sums = torch.zeros(2, len(tasks))
+    for t, v in values.items():
+        sums[0, tasks.index(t)], sums[1, tasks.index(t)] = v, 1.0
+    if dist.get_backend() == "nccl":
+        sums = sums.cuda()
+    dist.all_reduce(sums)
+    sums = sums.cpu()
+    return {t: float(sums[0, i] / sums[1, i]) for i, t in enumerate(tasks) if sums[1, i] > 0}
+
+
+def make_balancer(name: str, tasks: list[str], options: dict | None = None) -> Balancer:
+    return BALANCERS.resolve(name)(tasks, **(options or {}))

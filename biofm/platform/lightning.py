@@ -1,0 +1,365 @@
+"""The Lightning layer: one DataModule (stores → streams → mixed batches) and one LightningModule
+(the model, masked per-task losses, balancing, metrics). The schema — modalities with their settings and
+tasks with their specs and scalers — is read from the stores by the DataModule and handed to the model
+(`biofm fit` links `data.schema` → `model.schema`), so it travels in every checkpoint."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+
+from biofm.platform.balancing import make_balancer
+from biofm.platform.checkpoint import load_pretrained
+from biofm.platform.mixing import ChainLoader, MixedLoader
+from biofm.platform.modality import MODALITIES, Modality
+from biofm.platform.model import BiofmModel
+from biofm.platform.store import Store, StoreError
+from biofm.platform.stream import StoreStream, StreamLoader
+from biofm.tasks.kinds import LabelError, task_kind
+from biofm.tasks.metrics import TaskMetrics
+
+
+class ConfigError(ValueError):
+    """A training config that cannot work with its stores; raised before any training starts."""
+
+
+# ------------------------------------------------------------------------------------------- schema
+
+def build_schema(stores: list[Store], tasks: list[str] | dict[str, str] | None = None,
+                 modalities: list[str] | None = None) -> dict:
+    """Modalities and tasks of the run, checked against the stores: every requested task and modality
+    exists, settings agree across stores, and labels fit the kind of their task's head."""
+    all_modalities: dict[str, dict] = {}
+    all_tasks: dict[str, dict] = {}
+    where: dict[str, str] = {}
+    for store in stores:
+        for name, config in store.modalities.items():
+            if name in all_modalities and all_modalities[name] != config:
+                raise ConfigError(f"stores {where[name]} and {store.url} both have modality '{name}' with "
+                                  "different settings (e.g. another tokenizer); prepare them with the same "
+                                  "settings")
+            all_modalities[name], where[name] = config, store.url
+        for name, spec in store.tasks.items():
+            known = all_tasks.get(name)
+            if known is not None and {k: v for k, v in known.items() if k != "unit"} != \
+                    {k: v for k, v in spec.items() if k != "unit"}:
+                raise ConfigError(f"task '{name}' is {known['kind']} in {where['task:' + name]} but "
+                                  f"{spec['kind']} (or has other classes) in {store.url}")
+            all_tasks[name], where["task:" + name] = dict(spec), store.url
+    wanted_modalities = list(all_modalities) if modalities is None else list(modalities)
+    for name in wanted_modalities:
+        MODALITIES.resolve(name)  # unregistered → "could not resolve modality 'x' among choices [...]"
+        if name not in all_modalities:
+            raise ConfigError(f"modality '{name}' is in no store; the stores have {sorted(all_modalities)}")
+    wanted_tasks = list(all_tasks) if tasks is None else list(tasks)
+    for name in wanted_tasks:
+        if name not in all_tasks:
+            raise ConfigError(f"task '{name}' is in no store; the stores have {sorted(all_tasks)}")
+    if isinstance(tasks, dict):
+        for name, kind in tasks.items():
+            if kind and kind != all_tasks[name]["kind"]:
+                raise ConfigError(f"the config asks for a {kind} head for task '{name}', but its labels in "
+                                  f"{where['task:' + name]} are {all_tasks[name]['kind']}")
+    schema_tasks = {}
+    for name in wanted_tasks:
+        spec = dict(all_tasks[name])
+        kind = task_kind(name, spec)
+        train_labels = []
+        for store in stores:
+            if name in store.tasks:
+                labels = np.asarray(store.root[f"labels/{name}"][...])
+                try:
+                    kind.check_labels(labels, f"{store.url} labels/{name}")
+                except LabelError as err:
+                    raise ConfigError(str(err)) from None
+                train_labels.append(labels[store.index("split") == "train"])
+        if spec["kind"] == "regression":
+            values = np.concatenate(train_labels)
+            values = values[~np.isnan(values)]
+            std = float(values.std()) if len(values) > 1 else 1.0
+            spec["scaler"] = [float(values.mean()) if len(values) else 0.0, std if std > 0 else 1.0]
+        schema_tasks[name] = spec
+    return {"modalities": {n: all_modalities[n] for n in wanted_modalities}, "tasks": schema_tasks}
+
+
+class Collator:
+    """Store arrays of one batch → tensors: labels per task, inputs per modality (in the loader worker)."""
+
+    def __init__(self, schema: dict, with_ids: bool = False):
+        self.schema, self.with_ids = schema, with_ids
+        self.modalities: dict[str, Modality] = {
+            name: MODALITIES.resolve(name).from_config(config) for name, config in schema["modalities"].items()}
+
+    def __call__(self, batch: dict) -> dict:
+        out = {"source": batch["source"], "row": torch.from_numpy(np.asarray(batch["row"])),
+               "labels": {}, "inputs": {}}
+        for task in self.schema["tasks"]:
+            if f"labels/{task}" in batch:
+                out["labels"][task] = torch.from_numpy(np.ascontiguousarray(batch[f"labels/{task}"]))
+        for name, modality in self.modalities.items():
+            prefix = name + "/"
+            arrays = {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
+            if arrays:
+                present = torch.from_numpy(np.asarray(arrays.pop("present"), dtype=bool))
+                out["inputs"][name] = {"present": present, **modality.collate(arrays)}
+        if self.with_ids:
+            out["sample_id"] = [str(s) for s in batch["index/sample_id"]]
+        return out
+
+
+# --------------------------------------------------------------------------------------- datamodule
+
+class BiofmDataModule(LightningDataModule):
+    """Streams one or more stores; training mixes them (a batch comes from one source).
+
+    Args:
+        stores: store paths or fsspec URLs.
+        tasks: task names to train (default: every task of the stores), or {task: kind} to also assert
+            the kind of each head.
+        modalities: modalities to read (default: all); leave one out to train or test without it.
+        weights: mixing weight per source name; otherwise sizes ** (1 / temperature).
+        steps_per_epoch: steps of one training epoch (default: the sum of the sources' batches).
+        predict_split: split that `biofm predict` runs on ("train", "val", "test" or "all").
+    """
+
+    def __init__(self, stores: list[str], tasks: list[str] | dict[str, str] | None = None,
+                 modalities: list[str] | None = None, batch_size: int = 64, eval_batch_size: int | None = None,
+                 num_workers: int = 0, buffer_size: int = 1024, seed: int = 0,
+                 weights: dict[str, float] | None = None, temperature: float = 1.0,
+                 steps_per_epoch: int | None = None, predict_split: str = "test",
+                 storage_options: dict | None = None):
+        super().__init__()
+        if not stores:
+            raise ConfigError("data.stores is empty: name at least one store (biofm prepare … writes one)")
+        self.stores: dict[str, Store] = {}
+        for url in stores:
+            store = Store(url, storage_options=storage_options)
+            name = store.source if store.source not in self.stores else f"{store.source}:{len(self.stores)}"
+            self.stores[name] = store
+        self.schema = build_schema(list(self.stores.values()), tasks, modalities)
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.buffer_size, self.seed = num_workers, buffer_size, seed
+        self.weights, self.temperature, self.steps_per_epoch = weights, temperature, steps_per_epoch
+        if predict_split not in ("train", "val", "test", "all"):
+            raise ConfigError(f"predict_split must be train, val, test or all, got {predict_split!r}")
+        self.predict_split = predict_split
+
+    def _stream(self, store: Store, split: str | None, shuffle: bool, with_ids: bool = False) -> StoreStream:
+        arrays = [a for m in self.schema["modalities"] if m in store.modalities for a in store.arrays_of(m)]
+        tasks = [t for t in self.schema["tasks"] if t in store.tasks]
+        return StoreStream(store, split=split, batch_size=self.batch_size if shuffle else self.eval_batch_size,
+                           shuffle=shuffle, seed=self.seed, buffer_size=self.buffer_size, arrays=arrays,
+                           tasks=tasks, with_ids=with_ids, transform=Collator(self.schema, with_ids))
+
+    def _loaders(self, split: str | None, shuffle: bool, with_ids: bool = False) -> dict[str, StreamLoader]:
+        loaders = {}
+        for name, store in self.stores.items():
+            if not any(m in store.modalities for m in self.schema["modalities"]):
+                continue
+            stream = self._stream(store, split, shuffle, with_ids)
+            if stream.n_selected:
+                loaders[name] = StreamLoader(stream, num_workers=self.num_workers)
+        return loaders
+
+    def train_dataloader(self) -> MixedLoader:
+        loaders = self._loaders("train", shuffle=True)
+        if not loaders:
+            raise ConfigError("no store has training samples with the configured modalities")
+        return MixedLoader(loaders, self.weights, self.temperature, self.seed, self.steps_per_epoch)
+
+    def val_dataloader(self) -> ChainLoader:
+        return ChainLoader(self._loaders("val", shuffle=False))
+
+    def test_dataloader(self) -> ChainLoader:
+        return ChainLoader(self._loaders("test", shuffle=False))
+
+    def predict_dataloader(self) -> ChainLoader:
+        split = None if self.predict_split == "all" else self.predict_split
+        return ChainLoader(self._loaders(split, shuffle=False, with_ids=True))
+
+
+# ------------------------------------------------------------------------------------------- module
+
+class BiofmModule(LightningModule):
+    """The multimodal multi-task model in training.
+
+    Args:
+        schema: modalities and tasks; linked from the data module by `biofm fit`.
+        balancing: "equal", "uncertainty", "dwa" or "famo"; `balancing_options` are its keyword options.
+        init_from: a checkpoint to start from (fine-tuning): encoders, resamplers, trunk and the heads of
+            tasks it shares with this run are loaded; new tasks get fresh heads.
+        fresh_heads: start every head fresh, even for shared tasks.
+        freeze_encoders: train only the trunk and heads.
+    """
+
+    def __init__(self, schema: dict | None = None, d_model: int = 64, depth: int = 2, heads: int = 4,
+                 latents: int = 8, dropout: float = 0.1, lr: float = 1e-3, weight_decay: float = 0.01,
+                 balancing: str = "equal", balancing_options: dict | None = None, init_from: str | None = None,
+                 fresh_heads: bool = False, freeze_encoders: bool = False):
+        super().__init__()
+        if schema is None:
+            raise ConfigError("model.schema is missing: it comes from the data module (biofm fit links it); "
+                              "in Python pass BiofmDataModule(...).schema")
+        # the schema (with tokenizer vocabularies) goes into checkpoints, never to a logger
+        self.save_hyperparameters(logger=False)
+        self.model = BiofmModel(schema, d_model, depth, heads, latents, dropout)
+        self.balancer = make_balancer(balancing, list(schema["tasks"]), balancing_options)
+        self.metrics = torch.nn.ModuleDict({stage: TaskMetrics(self.model.kinds) for stage in ("val", "test")})
+        if init_from:
+            load_pretrained(self.model, init_from, fresh_heads=fresh_heads)
+        if freeze_encoders:
+            for module in (self.model.encoders, self.model.resamplers):
+                module.requires_grad_(False)
+        self._epoch_losses: dict[str, list[float]] = defaultdict(list)
+        self._step_losses: dict[str, torch.Tensor] = {}
+
+    def forward(self, inputs: dict) -> dict:
+        return self.model(inputs)
+
+    def _task_losses(self, batch: dict, out: dict) -> dict[str, torch.Tensor]:
+        losses = {}
+        for task, target in batch["labels"].items():
+            loss, n = self.model.kinds[task].loss(out["logits"][task], target)
+            if n:
+                losses[task] = loss
+        return losses
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self.model(batch["inputs"])
+        losses = self._task_losses(batch, out)
+        total, weights = self.balancer.combine(losses) if losses else (torch.zeros((), device=self.device), {})
+        # every head and balancing parameter in the graph, so DDP finds a gradient for each
+        total = total + 0.0 * sum(v.sum() for v in out["logits"].values())
+        extra = self.balancer.optimised_parameters()
+        if extra:
+            total = total + 0.0 * sum(p.sum() for p in extra)
+        size = len(batch["row"])
+        self.log("train/loss", total, batch_size=size, prog_bar=True)
+        for task, loss in losses.items():
+            self.log(f"train/{task}/loss", loss, batch_size=size)
+            self.log(f"train/{task}/weight", float(weights[task]), batch_size=size)
+            self._epoch_losses[task].append(float(loss.detach()))
+        self._step_losses = {t: l.detach() for t, l in losses.items()}
+        return total
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.balancer.after_step(self._step_losses)
+
+    def on_train_epoch_end(self) -> None:
+        means = {t: float(np.mean(v)) for t, v in self._epoch_losses.items() if v}
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            from biofm.platform.balancing import _mean_over_ranks
+            means = _mean_over_ranks(means, list(self.model.kinds))
+        self.balancer.epoch_end(means)
+        self._epoch_losses.clear()
+
+    def _evaluate(self, batch: dict, stage: str) -> None:
+        out = self.model(batch["inputs"])
+        losses = self._task_losses(batch, out)
+        if losses:
+            self.log(f"{stage}/loss", sum(losses.values()), batch_size=len(batch["row"]), sync_dist=True)
+        for task, target in batch["labels"].items():
+            self.metrics[stage].update(task, out["logits"][task], target)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _log_metrics(self, stage: str) -> None:
+        results = self.metrics[stage].compute()
+        self.log_dict({f"{stage}/{k}": v for k, v in results.items()})
+        self.metrics[stage].reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        out = self.model(batch["inputs"])
+        result = {"source": [batch["source"]] * len(batch["row"]), "sample_id": batch.get("sample_id")}
+        for task, kind in self.model.kinds.items():
+            result[task] = {k: v.cpu() for k, v in kind.predict(out["logits"][task]).items()}
+        return result
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad] + self.balancer.optimised_parameters()
+        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+# ------------------------------------------------------------------------------------- predictions
+
+def predictions_frame(kinds: dict, outputs: list[dict]) -> pd.DataFrame:
+    """One row per sample: per task the prediction (class name or value in original units) and, for
+    classification, one probability column per class name."""
+    frames = []
+    for out in outputs:
+        columns: dict[str, object] = {"source": out["source"]}
+        if out.get("sample_id") is not None:
+            columns["sample_id"] = out["sample_id"]
+        for task, kind in kinds.items():
+            pred = out[task]["prediction"].numpy()
+            classes = kind.classes or ["0", "1"]
+            if kind.name == "regression":
+                columns[task] = pred.astype(np.float64)
+            elif kind.name == "multilabel":
+                for j, c in enumerate(classes):
+                    columns[f"{task}/{c}"] = pred[:, j].astype(bool)
+            else:
+                columns[task] = np.asarray(classes, dtype=object)[pred]
+            if "probs" in out[task]:
+                probs = out[task]["probs"].numpy()
+                for j, c in enumerate(classes):
+                    columns[f"{task}/prob/{c}"] = probs[:, j].astype(np.float64)
+        frames.append(pd.DataFrame(columns))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+class PredictionWriter(Callback):
+    """Writes `predictions.parquet` in the run directory (one shard per rank, merged by rank 0)."""
+
+    def __init__(self, out_dir: str | None = None):
+        self.out_dir = out_dir
+        self.outputs: list[dict] = []
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.outputs.append(outputs)
+
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: BiofmModule) -> None:
+        out_dir = Path(self.out_dir or trainer.default_root_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        frame = predictions_frame(pl_module.model.kinds, self.outputs)
+        shard = out_dir / f"predictions-rank{trainer.global_rank}.parquet"
+        frame.to_parquet(shard, index=False)
+        self.outputs = []
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            shards = sorted(out_dir.glob("predictions-rank*.parquet"))
+            merged = pd.concat([pd.read_parquet(s) for s in shards], ignore_index=True)
+            merged.to_parquet(out_dir / "predictions.parquet", index=False)
+            for s in shards:
+                s.unlink()
+
+
+def write_test_metrics(trainer: Trainer, path: str | Path | None = None) -> Path | None:
+    """Test metrics as JSON (`<run dir>/test_metrics.json`), from rank 0."""
+    if not trainer.is_global_zero:
+        return None
+    path = Path(path or Path(trainer.default_root_dir) / "test_metrics.json")
+    metrics = {k[len("test/"):]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return path
+
+
+__all__ = ["BiofmDataModule", "BiofmModule", "Collator", "ConfigError", "PredictionWriter", "StoreError",
+           "build_schema", "predictions_frame", "write_test_metrics"]

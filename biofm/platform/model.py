@@ -1,0 +1,121 @@
+"""The model in pure torch: encoders → resamplers → shared trunk → one head per task.
+
+    tokens of each modality a sample has ─ resampler (K latents) ─┐
+    [CLS] [query task 1] … [query task T] ────────────────────────┴─ trunk (pre-norm, SDPA) ─ heads
+
+A modality a sample lacks contributes no tokens: its latents are masked out of every attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from biofm.platform.modality import MODALITIES, Modality
+from biofm.tasks.kinds import TaskKind, task_kind
+
+
+class Attention(nn.Module):
+    """Multi-head attention on `scaled_dot_product_attention`; `key_mask` [B, S] is True where valid."""
+
+    def __init__(self, d_model: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q = nn.Linear(d_model, d_model)
+        self.kv = nn.Linear(d_model, 2 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        h = self.heads
+        q = self.q(x).view(b, n, h, d // h).transpose(1, 2)  # [B, h, N, d/h]
+        k, v = self.kv(context).view(b, -1, 2, h, d // h).permute(2, 0, 3, 1, 4)  # [B, h, S, d/h] each
+        mask = key_mask[:, None, None, :]  # [B, 1, 1, S]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; with `context` it cross-attends (the resampler), else self-attends."""
+
+    def __init__(self, d_model: int, heads: int, dropout: float = 0.0, mlp_ratio: int = 4):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.attn = Attention(d_model, heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(mlp_ratio * d_model, d_model))
+
+    def forward(self, x, key_mask, context=None, context_norm=None):
+        h = self.norm1(x)
+        ctx = h if context is None else context_norm(context)
+        x = x + self.attn(h, ctx, key_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class Resampler(nn.Module):
+    """K learned latents cross-attend to a modality's tokens: the trunk's cost no longer grows with a
+    slide's tiles or a patient's events."""
+
+    def __init__(self, d_model: int, latents: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(latents, d_model) * 0.02)
+        self.context_norm = nn.LayerNorm(d_model)
+        self.block = Block(d_model, heads, dropout)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        mask = mask.clone()
+        mask[~mask.any(dim=1), 0] = True  # a sample with no token: attend to padding, masked in the trunk
+        x = self.latents.expand(tokens.shape[0], -1, -1)
+        return self.block(x, mask, context=tokens, context_norm=self.context_norm)  # [B, K, d]
+
+
+class BiofmModel(nn.Module):
+    """Encoders, resamplers, trunk and heads for a schema `{"modalities": {...}, "tasks": {...}}`."""
+
+    def __init__(self, schema: dict, d_model: int = 64, depth: int = 2, heads: int = 4, latents: int = 8,
+                 dropout: float = 0.1):
+        super().__init__()
+        self.schema = schema
+        self.modalities: dict[str, Modality] = {
+            name: MODALITIES.resolve(name).from_config(config) for name, config in schema["modalities"].items()}
+        self.kinds: dict[str, TaskKind] = {t: task_kind(t, spec) for t, spec in schema["tasks"].items()}
+        self.encoders = nn.ModuleDict({n: m.encoder(d_model) for n, m in self.modalities.items()})
+        self.resamplers = nn.ModuleDict({n: Resampler(d_model, latents, heads, dropout) for n in self.modalities})
+        self.modality_embedding = nn.ParameterDict(
+            {n: nn.Parameter(torch.randn(d_model) * 0.02) for n in self.modalities})
+        self.cls = nn.Parameter(torch.randn(d_model) * 0.02)
+        self.queries = nn.ParameterDict({t: nn.Parameter(torch.randn(d_model) * 0.02) for t in self.kinds})
+        self.trunk = nn.ModuleList([Block(d_model, heads, dropout) for _ in range(depth)])
+        self.norm = nn.LayerNorm(d_model)
+        self.heads = nn.ModuleDict({t: nn.Linear(d_model, k.out_dim) for t, k in self.kinds.items()})
+
+    def encode(self, inputs: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Trunk output [B, 1 + T + K·M, d] and its validity mask, for the modalities in `inputs`."""
+        tokens, masks = [], []
+        batch_size = None
+        for name, batch in inputs.items():
+            if name not in self.encoders:
+                continue  # a modality the model was not trained on
+            x, mask = self.encoders[name](batch)
+            latent = self.resamplers[name](x, mask) + self.modality_embedding[name]
+            present = batch["present"].to(torch.bool)
+            tokens.append(latent)
+            masks.append(present[:, None].expand(-1, latent.shape[1]))
+            batch_size = latent.shape[0]
+        if batch_size is None:
+            raise ValueError(f"the batch has none of the model's modalities {sorted(self.encoders)}")
+        device = tokens[0].device
+        special = torch.stack([self.cls, *self.queries.values()])  # [1 + T, d]
+        x = torch.cat([special.expand(batch_size, -1, -1), *tokens], dim=1)
+        mask = torch.cat([torch.ones(batch_size, len(special), dtype=torch.bool, device=device), *masks], dim=1)
+        for block in self.trunk:
+            x = block(x, mask)
+        return self.norm(x), mask
+
+    def forward(self, inputs: dict[str, dict[str, torch.Tensor]]) -> dict:
+        x, _ = self.encode(inputs)
+        task_tokens = x[:, 1:1 + len(self.queries)]
+        logits = {t: self.heads[t](task_tokens[:, i]) for i, t in enumerate(self.queries)}
+        return {"cls": x[:, 0], "tasks": task_tokens, "logits": logits}

@@ -1,0 +1,61 @@
+"""Experiment tracking: W&B through Lightning's WandbLogger, offline by default, plus a CSV log.
+
+`WANDB_MODE` decides: unset → `offline` (files under the run directory, sync later with `wandb sync`),
+`disabled` → no W&B at all (what the tests use), `online` → a W&B server. Without the `wandb` package the
+CSV log alone is kept. Only metrics and the model's size settings are logged: no sample or subject id,
+no free text, no tokenizer vocabulary (the schema stays in checkpoints).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from lightning.pytorch import Callback
+from lightning.pytorch.loggers import CSVLogger, Logger
+
+
+def default_loggers(run_dir: str | os.PathLike, stage: str = "fit", project: str = "biofm") -> list[Logger]:
+    """`<run_dir>/logs/<stage>/metrics.csv` (each subcommand its own, so `test` never clears `fit`'s log),
+    and W&B under `<run_dir>/wandb` unless disabled or not installed."""
+    run_dir = str(run_dir)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    loggers: list[Logger] = [CSVLogger(run_dir, name="logs", version=stage)]
+    mode = os.environ.setdefault("WANDB_MODE", "offline")
+    if mode != "disabled" and importlib.util.find_spec("wandb") is not None:
+        from lightning.pytorch.loggers import WandbLogger
+        # online, Lightning uploads checkpoints itself; offline, CheckpointArtifact records them
+        loggers.append(WandbLogger(save_dir=run_dir, project=project, offline=(mode == "offline"),
+                                   log_model=(mode == "online")))
+    return loggers
+
+
+class CheckpointArtifact(Callback):
+    """At the end of `fit`, records the best (or last) checkpoint as a W&B model artifact, offline too."""
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or trainer.checkpoint_callback is None:
+            return
+        path = trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger" and path and Path(path).exists() \
+                    and os.environ.get("WANDB_MODE") == "offline":
+                import wandb
+                artifact = wandb.Artifact(f"model-{logger.experiment.id}", type="model")
+                artifact.add_file(path, name="model.ckpt")
+                logger.experiment.log_artifact(artifact, aliases=["best"])
+
+
+SAFE_HPARAMS = ("d_model", "depth", "heads", "latents", "dropout", "lr", "weight_decay", "balancing",
+                "freeze_encoders", "fresh_heads")
+
+
+def log_run_settings(module, loggers: list[Logger]) -> None:
+    """Model size, optimiser and task list (names and kinds only) to every logger."""
+    hp = module.hparams
+    settings = {k: hp[k] for k in SAFE_HPARAMS if k in hp}
+    settings["tasks"] = {t: s["kind"] for t, s in hp["schema"]["tasks"].items()}
+    settings["modalities"] = sorted(hp["schema"]["modalities"])
+    for logger in loggers:
+        logger.log_hyperparams(settings)

@@ -1,0 +1,215 @@
+"""Training end to end: the CLI round trip, fusion, fine-tuning, DDP, safe checkpoints, clean run dirs,
+and config errors caught before any training starts."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from biofm.datasets.synthetic import cohort, prepare_synthetic
+from biofm.platform.checkpoint import UnsafeCheckpointError, load_pretrained, safe_load
+from biofm.platform.cli import main
+from biofm.platform.demo import fit_and_test
+from biofm.platform.lightning import BiofmDataModule, BiofmModule, ConfigError
+from biofm.platform.store import StoreWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+BIOFM = str(Path(sys.executable).with_name("biofm"))
+
+
+def _cli(*args: str) -> None:
+    main(list(args))
+
+
+def _base(store_url: str, run_dir: Path) -> list[str]:
+    return ["--trainer", str(CONFIGS / "trainer" / "cpu.yaml"), "--model", str(CONFIGS / "model" / "tiny.yaml"),
+            "--data", str(CONFIGS / "data" / "synthetic.yaml"), "--data.stores", f"[{store_url}]",
+            "--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false"]
+
+
+def test_fit_test_predict_round_trip_through_the_cli(cohort_store, tmp_path):
+    run = tmp_path / "run"
+    _cli("fit", *_base(cohort_store.url, run), "--trainer.max_epochs", "2")
+    last = run / "checkpoints" / "last.ckpt"
+    assert last.exists() and (run / "logs" / "fit" / "metrics.csv").exists()
+
+    _cli("test", *_base(cohort_store.url, run), "--ckpt_path", str(last))
+    metrics = json.loads((run / "test_metrics.json").read_text())
+    for key in ("event/auroc", "event/auprc", "subtype/accuracy", "risk_score/rmse", "risk_score/mae",
+                "risk_score/r2", "grade/accuracy", "findings/auroc", "macro/score"):
+        assert np.isfinite(metrics[key]), key
+    assert (run / "logs" / "fit" / "metrics.csv").exists()  # testing keeps the training log
+
+    _cli("predict", *_base(cohort_store.url, run), "--ckpt_path", str(last))
+    predictions = pd.read_parquet(run / "predictions.parquet")
+    test_ids = set(cohort_store.index("sample_id")[cohort_store.index("split") == "test"])
+    assert set(predictions["sample_id"]) == test_ids and len(predictions) == len(test_ids)
+    assert set(predictions["subtype"]) <= {"luminal", "basal", "mixed"}
+    probs = predictions[[f"subtype/prob/{c}" for c in ("luminal", "basal", "mixed")]].sum(axis=1)
+    np.testing.assert_allclose(probs, 1.0, rtol=1e-5)
+    # regression comes back in original units (the synthetic risk score is centred near 10)
+    assert 5 < predictions["risk_score"].mean() < 15
+
+
+def test_print_config_composes_the_pieces(cohort_store, tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        _cli("fit", *_base(cohort_store.url, tmp_path), "--print_config")
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    assert "d_model: 32" in printed and "accelerator: cpu" in printed and cohort_store.url in printed
+
+
+@pytest.fixture(scope="module")
+def fusion_store(tmp_path_factory):
+    return prepare_synthetic(str(tmp_path_factory.mktemp("fusion") / "cohort.zarr"), n=1500, seed=11)
+
+
+def test_the_fused_model_beats_every_single_modality_model_and_degrades_gracefully(fusion_store, tmp_path):
+    kwargs = {"epochs": 10, "loggers": False, "model": {"d_model": 48, "depth": 2, "latents": 6}}
+    fused = fit_and_test([fusion_store.url], tmp_path / "fused", test_without=["text", "tabular"], **kwargs)
+    singles = {m: fit_and_test([fusion_store.url], tmp_path / m, modalities=[m], **kwargs)
+               for m in ("tabular", "text")}
+    print({"fused": fused["macro/score"], **{m: s["macro/score"] for m, s in singles.items()},
+           "fused without text": fused["without:text"]["macro/score"],
+           "fused without tabular": fused["without:tabular"]["macro/score"]})
+    for modality, single in singles.items():
+        assert fused["macro/score"] > single["macro/score"] + 0.08, modality
+        assert fused["event/auroc"] > single["event/auroc"] + 0.04, modality
+        assert fused["risk_score/r2"] > single["risk_score/r2"] + 0.1, modality
+    # leaving a modality out at test time still gives finite, better-than-chance predictions
+    for dropped in ("text", "tabular"):
+        reduced = fused[f"without:{dropped}"]
+        assert all(np.isfinite(v) for v in reduced.values())
+        assert 0.55 < reduced["event/auroc"] and reduced["macro/score"] < fused["macro/score"]
+
+
+def test_fine_tuning_loads_encoders_and_trunk_and_adds_a_fresh_head(cohort_store, tmp_path):
+    from lightning.pytorch import Trainer
+    data = BiofmDataModule([cohort_store.url], tasks=["event", "subtype"], batch_size=32)
+    pretrained = BiofmModule(data.schema, d_model=16, depth=1, heads=2, latents=2)
+    trainer = Trainer(max_steps=4, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                      enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(pretrained, datamodule=data)
+    ckpt = tmp_path / "pretrained.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    new_data = BiofmDataModule([cohort_store.url], tasks=["event", "risk_score"], batch_size=32)
+    tuned = BiofmModule(new_data.schema, d_model=16, depth=1, heads=2, latents=2, init_from=str(ckpt),
+                        freeze_encoders=True)
+    old, new = pretrained.model.state_dict(), tuned.model.state_dict()
+    for key in ("trunk.0.attn.q.weight", "encoders.text.tokens.weight", "resamplers.tabular.latents",
+                "heads.event.weight", "queries.event"):
+        torch.testing.assert_close(new[key], old[key])
+    assert "heads.risk_score.weight" in new and "heads.subtype.weight" not in new
+    assert not any(p.requires_grad for p in tuned.model.encoders.parameters())
+    fresh = BiofmModule(new_data.schema, d_model=16, depth=1, heads=2, latents=2, init_from=str(ckpt),
+                        fresh_heads=True)
+    assert not torch.equal(fresh.model.state_dict()["heads.event.weight"], old["heads.event.weight"])
+    Trainer(max_steps=3, limit_val_batches=0, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+            enable_model_summary=False, default_root_dir=tmp_path).fit(tuned, datamodule=new_data)
+    assert torch.isfinite(tuned.model.heads["risk_score"].weight).all()
+    # the encoders did not move while frozen
+    torch.testing.assert_close(tuned.model.state_dict()["encoders.text.tokens.weight"],
+                               old["encoders.text.tokens.weight"])
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_with_a_planted_pickle_payload_is_refused(cohort_store, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"schema": {}}, "payload": _Payload(marker)}, evil)
+    with pytest.raises(UnsafeCheckpointError, match="refusing to load checkpoint .*evil.ckpt"):
+        safe_load(evil)
+    with pytest.raises(UnsafeCheckpointError):
+        load_pretrained(BiofmModule(BiofmDataModule([cohort_store.url]).schema).model, evil)
+    with pytest.raises(SystemExit) as done:
+        _cli("test", *_base(cohort_store.url, tmp_path / "run"), "--ckpt_path", str(evil))
+    assert done.value.code == 2 and "refusing to load checkpoint" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def _identifiers(store) -> list[bytes]:
+    raw = cohort(store.n, seed=3)
+    values = list(store.index("sample_id")) + list(store.index("subject_id"))
+    values += [r for r in raw["report"] if r]
+    return [v.encode() for v in values]
+
+
+def test_a_run_directory_holds_no_sample_or_subject_id_or_report_text(cohort_store, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the real tracker, writing its files in the run dir
+    run = tmp_path / "run"
+    fit_and_test([cohort_store.url], run, epochs=1, model={"d_model": 16, "depth": 1, "heads": 2, "latents": 2})
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert any("wandb" in str(p) for p in files) and any(p.name == "metrics.csv" for p in files)
+    needles = _identifiers(cohort_store)
+    assert len(needles) > 1000
+    for path in files:
+        content = path.read_bytes()
+        leaked = [n for n in needles if n in content]
+        assert not leaked, f"{path} holds {len(leaked)} identifiers or report texts"
+    # the scan finds ids where they are meant to be (predictions), so it can fail
+    fit_and_test([cohort_store.url], tmp_path / "with-predictions", epochs=1, loggers=False, predict=True,
+                 model={"d_model": 16, "depth": 1, "heads": 2, "latents": 2})
+    content = (tmp_path / "with-predictions" / "predictions.parquet").read_bytes()
+    assert any(n in content for n in needles)
+
+
+def _bad_label_store(path: str) -> str:
+    writer = StoreWriter(path, source="bad", modalities={"tabular": {"numeric": {"x": [0.0, 1.0]}, "categorical": {}}},
+                         tasks={"grade": {"kind": "multiclass", "classes": ["a", "b", "c"]}})
+    writer.write_batch(0, sample_id=[f"s{i}" for i in range(20)], subject_id=[f"p{i}" for i in range(20)],
+                       labels={"grade": np.arange(20) % 5}, arrays={"tabular/numeric": np.zeros((20, 1), np.float32)})
+    return writer.finalize().url
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data.tasks", "[mortality]"], r"task 'mortality' is in no store; the stores have \['event'"),
+    (["--data.modalities", "[retina]"], r"could not resolve modality 'retina' among choices"),
+    (["--data.tasks", "{event: regression}"], r"asks for a regression head for task 'event', but its labels .* binary"),
+    (["--model.balancing", "gradnorm"], r"could not resolve balancing strategy 'gradnorm'"),
+])
+def test_bad_configs_give_one_clear_error_before_training(cohort_store, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as done:
+        _cli("fit", *_base(cohort_store.url, tmp_path / "run"), *extra)
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert pytest.importorskip("re").search(message, err), err
+    assert "Traceback" not in err and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_labels_that_do_not_fit_their_head_stop_the_run_before_training(tmp_path):
+    url = _bad_label_store(str(tmp_path / "bad.zarr"))
+    with pytest.raises(ConfigError, match=r"bad.zarr labels/grade: labels of task 'grade' do not fit a multiclass "
+                                          r"head: expected class indices 0..2"):
+        BiofmDataModule([url])
+
+
+@pytest.mark.slow
+def test_a_two_process_ddp_fit_on_cpu(cohort_store, tmp_path):
+    run = tmp_path / "ddp"
+    args = [BIOFM, "fit", *_base(cohort_store.url, run), "--trainer", str(CONFIGS / "trainer" / "ddp-cpu.yaml"),
+            "--trainer.default_root_dir", str(run), "--trainer.max_epochs", "2",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    done = subprocess.run(args, capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "world_size: 2" in done.stderr + done.stdout or "Initializing distributed: GLOBAL_RANK: 1" in \
+        done.stderr + done.stdout
+    log = pd.read_csv(run / "logs" / "fit" / "metrics.csv")
+    assert log["val/macro/score"].dropna().size == 2 and np.isfinite(log["train/loss"].dropna()).all()
+    assert (run / "checkpoints" / "last.ckpt").exists()
