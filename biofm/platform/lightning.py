@@ -171,7 +171,8 @@ class BiofmDataModule(LightningDataModule):
         loaders = self._loaders("train", shuffle=True)
         if not loaders:
             raise ConfigError("no store has training samples with the configured modalities")
-        return MixedLoader(loaders, self.weights, self.temperature, self.seed, self.steps_per_epoch)
+        return MixedLoader(loaders, self.weights, self.temperature, self.seed, self.steps_per_epoch,
+                           confirm_trained=True)
 
     def val_dataloader(self) -> ChainLoader:
         return ChainLoader(self._loaders("val", shuffle=False))
@@ -231,6 +232,9 @@ class BiofmModule(LightningModule):
         return losses
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loader = self.trainer.train_dataloader if self._trainer is not None else None
+        if hasattr(loader, "mark_trained"):
+            loader.mark_trained()  # the loader's saved position now includes this batch
         out = self.model(batch["inputs"])
         losses = self._task_losses(batch, out)
         total, weights = self.balancer.combine(losses) if losses else (torch.zeros((), device=self.device), {})

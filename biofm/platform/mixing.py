@@ -7,6 +7,7 @@ starts its own next epoch; the mixed epoch has a fixed number of steps.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -42,7 +43,8 @@ class MixedLoader:
     """Mixes several `StreamLoader`s (one per source) into one stream of batches."""
 
     def __init__(self, loaders: Mapping[str, StreamLoader], weights: Mapping[str, float] | None = None,
-                 temperature: float = 1.0, seed: int = 0, steps_per_epoch: int | None = None):
+                 temperature: float = 1.0, seed: int = 0, steps_per_epoch: int | None = None,
+                 confirm_trained: bool = False):
         if not loaders:
             raise ValueError("MixedLoader needs at least one source")
         self.loaders = dict(loaders)
@@ -52,8 +54,12 @@ class MixedLoader:
         self.cumulative = np.cumsum([self.probabilities[n] for n in self.names])
         self.seed = seed
         self._steps = steps_per_epoch
-        self.step = 0  # global steps consumed
+        self.step = 0  # global steps yielded
         self._iters: dict[str, Iterator] = {}
+        # Lightning fetches a batch or two ahead of training; with `confirm_trained` the state counts only
+        # batches confirmed by `mark_trained()` (called by the module as it trains each batch)
+        self.confirm_trained = confirm_trained
+        self._untrained: deque[str] = deque()
 
     def __len__(self) -> int:
         return self._steps if self._steps is not None else sum(len(l) for l in self.loaders.values())
@@ -65,7 +71,14 @@ class MixedLoader:
             name = self.names[source_at(self.step, self.seed, self.cumulative)]
             batch = self._next(name)
             self.step += 1
+            if self.confirm_trained:
+                self._untrained.append(name)
             yield batch
+
+    def mark_trained(self) -> None:
+        """The oldest yielded batch has been trained on."""
+        if self._untrained:
+            self._untrained.popleft()
 
     def _next(self, name: str):
         if name not in self._iters:
@@ -77,7 +90,13 @@ class MixedLoader:
             return next(self._iters[name])
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "sources": {n: l.state_dict() for n, l in self.loaders.items()}}
+        """Position after the last trained batch: a resumed run trains exactly the batches not yet trained."""
+        sources = {}
+        for name, loader in self.loaders.items():
+            state = loader.state_dict()
+            state["yielded"] = max(0, state["yielded"] - self._untrained.count(name))
+            sources[name] = state
+        return {"step": self.step - len(self._untrained), "sources": sources}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
@@ -85,6 +104,7 @@ class MixedLoader:
             if name in self.loaders:
                 self.loaders[name].load_state_dict(loader_state)
         self._iters = {}
+        self._untrained.clear()
 
 
 class ChainLoader:
