@@ -116,12 +116,12 @@ def run_demo(out: str = "biofm-demo", n: int = 2000, seed: int = 0, epochs: int 
     plot_curves(fused_dir / "logs" / "fit" / "metrics.csv", fused_dir / "training_curves.png")
 
     columns = {"fused": results["fused"],
-               "fused, text left out": results["fused"]["without:text"],
-               "fused, tabular left out": results["fused"]["without:tabular"],
+               "fused, no text": results["fused"]["without:text"],
+               "fused, no tabular": results["fused"]["without:tabular"],
                "tabular only": results["tabular only"], "text only": results["text only"]}
     table = Table(title="Test split: the fused model (also with a modality left out at test time) against "
                         "single-modality models")
-    table.add_column("metric")
+    table.add_column("metric", no_wrap=True)
     for label in columns:
         table.add_column(label, justify="right")
     for name in sorted(k for k in results["fused"] if "/" in k and not k.startswith("without:")):

@@ -474,6 +474,7 @@ class Store:
     def __init__(self, url: str, storage_options: dict | None = None):
         self.url, self.storage_options = str(url), storage_options
         self.root = open_root(self.url, "r", storage_options)
+        self._arrays: dict[str, zarr.Array] = {}
         self.attrs = attrs = dict(self.root.attrs)
         where = self.url
         if "biofm_store" not in attrs:
@@ -514,10 +515,16 @@ class Store:
                 self._check_fixed(name, (n, *info["shape"]))
 
     def _array(self, name: str) -> zarr.Array:
+        # opening an array reads and parses its metadata: once per store object, not once per read
+        cached = self._arrays.get(name)
+        if cached is not None:
+            return cached
         try:
             arr = self.root[name]
         except KeyError:
             arr = None
+        if isinstance(arr, zarr.Array):
+            self._arrays[name] = arr
         if not isinstance(arr, zarr.Array):
             raise StoreError(f"{self.url}: array '{name}' is missing; the store is damaged or was written by "
                              "an older prepare, prepare it again")

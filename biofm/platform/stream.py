@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from biofm.platform.store import Column, Ragged, Store, StoreError, concat_rows, slice_rows, take_rows
+from biofm.platform.store import Column, Ragged, Store, StoreError, slice_rows, take_rows
 
 Batch = dict[str, Column]
 READ_AHEAD = 2  # chunk reads in flight per stream
@@ -262,17 +262,26 @@ class _Pool:
         blocks, rows = blocks[order], rows[order]
         ids, starts = np.unique(blocks, return_index=True)
         bounds = list(starts) + [len(blocks)]
-        parts = []
-        for i, block in enumerate(ids):
-            picked = rows[bounds[i]:bounds[i + 1]]
-            cols = self.blocks[int(block)]
-            parts.append({k: take_rows(v, picked) for k, v in cols.items()})
-            self.left[int(block)] -= len(picked)
-            if self.left[int(block)] == 0:
-                del self.blocks[int(block)], self.left[int(block)]
-        if len(parts) == 1:
-            return parts[0]
-        return {k: concat_rows([part[k] for part in parts]) for k in parts[0]}
+        segments = [(int(block), rows[bounds[i]:bounds[i + 1]], bounds[i], bounds[i + 1])
+                    for i, block in enumerate(ids)]
+        first = self.blocks[segments[0][0]]
+        out: Batch = {}
+        for name, col in first.items():
+            if len(segments) == 1:
+                out[name] = take_rows(col, segments[0][1])
+            elif isinstance(col, Ragged):
+                out[name] = Ragged.concat([self.blocks[b][name].take(picked) for b, picked, _, _ in segments])
+            else:
+                # fixed arrays: gather every block's rows straight into one batch array (one copy)
+                values = np.empty((size, *col.shape[1:]), dtype=col.dtype)
+                for b, picked, lo, hi in segments:
+                    np.take(self.blocks[b][name], picked, axis=0, out=values[lo:hi])
+                out[name] = values
+        for b, picked, _, _ in segments:
+            self.left[b] -= len(picked)
+            if self.left[b] == 0:
+                del self.blocks[b], self.left[b]
+        return out
 
 
 def _as_is(batch):

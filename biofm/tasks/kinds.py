@@ -47,7 +47,9 @@ class TaskKind:
         return LabelError(f"{where}: labels of task '{self.task}' do not fit a {self.name} head: {what}")
 
 
-def _masked(loss_fn, logits, target, present):
+def _masked(loss_fn, logits, target):
+    """loss_fn over the present labels only (NaN = missing; per cell for multilabel)."""
+    present = ~torch.isnan(target)
     n = int(present.sum())
     if n == 0:
         return logits.sum() * 0.0, 0
@@ -75,8 +77,7 @@ class Binary(TaskKind):
         _check_values(self, labels, {0.0, 1.0}, where)
 
     def loss(self, logits, target):
-        present = ~torch.isnan(target)
-        return _masked(F.binary_cross_entropy_with_logits, logits[:, 0], target, present)
+        return _masked(F.binary_cross_entropy_with_logits, logits[:, 0], target)
 
     def predict(self, logits):
         p = torch.sigmoid(logits[:, 0])
@@ -95,8 +96,7 @@ class Multiclass(TaskKind):
         _check_values(self, labels, None, where, upper=len(self.classes))
 
     def loss(self, logits, target):
-        present = ~torch.isnan(target)
-        return _masked(lambda x, y: F.cross_entropy(x, y.long()), logits, target, present)
+        return _masked(lambda x, y: F.cross_entropy(x, y.long()), logits, target)
 
     def predict(self, logits):
         probs = torch.softmax(logits, dim=1)
@@ -115,8 +115,7 @@ class Multilabel(TaskKind):
         _check_values(self, labels, {0.0, 1.0}, where)
 
     def loss(self, logits, target):
-        present = ~torch.isnan(target)  # per cell
-        return _masked(F.binary_cross_entropy_with_logits, logits, target, present)
+        return _masked(F.binary_cross_entropy_with_logits, logits, target)
 
     def predict(self, logits):
         probs = torch.sigmoid(logits)
@@ -141,8 +140,7 @@ class Regression(TaskKind):
 
     def loss(self, logits, target):
         mean, std = self.scaler
-        present = ~torch.isnan(target)
-        return _masked(F.mse_loss, logits[:, 0], (target - mean) / std, present)
+        return _masked(F.mse_loss, logits[:, 0], (target - mean) / std)
 
     def predict(self, logits):
         mean, std = self.scaler
@@ -163,12 +161,11 @@ class Ordinal(TaskKind):
         _check_values(self, labels, None, where, upper=len(self.classes))
 
     def loss(self, logits, target):
-        present = ~torch.isnan(target)
         levels = torch.arange(self.out_dim, device=logits.device)
 
         def cumulative(x, y):
             return F.binary_cross_entropy_with_logits(x, (y.unsqueeze(1) > levels).float())
-        return _masked(cumulative, logits, target, present)
+        return _masked(cumulative, logits, target)
 
     def predict(self, logits):
         above = torch.sigmoid(logits)  # [B, C-1]
