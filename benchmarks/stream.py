@@ -82,7 +82,9 @@ class PerSample(Dataset):
         return {"row": i, ARRAY: torch.from_numpy(np.asarray(self.array[i]))}
 
 
-def rate(loader, limit_samples: int | None = None, warmup_batches: int = 0) -> float:
+def rate(loader, limit_samples: int | None = None, warmup_batches: int = 2) -> float:
+    """Samples per second over one epoch (or `limit_samples`), timed after `warmup_batches` so that
+    starting worker processes is not counted."""
     it = iter(loader)
     for _ in range(warmup_batches):
         next(it)
@@ -113,7 +115,7 @@ def measure(store: Store, workdir: Path, workers: int, batch_size: int, per_samp
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mib", type=int, default=96, help="store size per sample size (MiB)")
+    parser.add_argument("--mib", type=int, default=192, help="store size per sample size (MiB)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--codec", default="auto", choices=["auto", "zstd", "none"],
