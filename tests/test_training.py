@@ -155,7 +155,11 @@ def test_a_run_directory_holds_no_sample_or_subject_id_or_report_text(cohort_sto
     run = tmp_path / "run"
     fit_and_test([cohort_store.url], run, epochs=1, model={"d_model": 16, "depth": 1, "heads": 2, "latents": 2})
     files = [p for p in run.rglob("*") if p.is_file()]
-    assert any("wandb" in str(p) for p in files) and any(p.name == "metrics.csv" for p in files)
+    assert any(p.name == "metrics.csv" for p in files)
+    # W&B (offline) recorded the per-task metrics and the checkpoint
+    wandb_runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 1 and list((wandb_runs[0] / "files").glob("*.ckpt"))
+    assert b"val/event/auroc" in next(wandb_runs[0].glob("*.wandb")).read_bytes()
     needles = _identifiers(cohort_store)
     assert len(needles) > 1000
     for path in files:

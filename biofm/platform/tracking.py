@@ -32,19 +32,19 @@ def default_loggers(run_dir: str | os.PathLike, stage: str = "fit", project: str
 
 
 class CheckpointArtifact(Callback):
-    """At the end of `fit`, records the best (or last) checkpoint as a W&B model artifact, offline too."""
+    """At the end of `fit`, records the best (or last) checkpoint in the W&B run (its `files/`, uploaded
+    by `wandb sync`): offline, Lightning's `log_model` cannot."""
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero or trainer.checkpoint_callback is None:
             return
         path = trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path
+        # wandb itself rewrites WANDB_MODE=offline to "dryrun" once a run starts
+        if not path or not Path(path).exists() or os.environ.get("WANDB_MODE") not in ("offline", "dryrun"):
+            return
         for logger in trainer.loggers:
-            if type(logger).__name__ == "WandbLogger" and path and Path(path).exists() \
-                    and os.environ.get("WANDB_MODE") == "offline":
-                import wandb
-                artifact = wandb.Artifact(f"model-{logger.experiment.id}", type="model")
-                artifact.add_file(path, name="model.ckpt")
-                logger.experiment.log_artifact(artifact, aliases=["best"])
+            if type(logger).__name__ == "WandbLogger":
+                logger.experiment.save(str(path), base_path=str(Path(path).parent), policy="now")
 
 
 SAFE_HPARAMS = ("d_model", "depth", "heads", "latents", "dropout", "lr", "weight_decay", "balancing",
