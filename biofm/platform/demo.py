@@ -57,6 +57,9 @@ def fit_and_test(stores: list[str], run_dir: str | Path, *, modalities: list[str
         metrics[f"without:{dropped}"] = _test_metrics(trainer)
     if predict:
         trainer.predict(module, datamodule=data, ckpt_path=best, return_predictions=False)
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger":
+            logger.experiment.finish()  # flush it; the next run gets its own W&B run
     return metrics
 
 
