@@ -98,6 +98,10 @@ def fake_raw(modality: str, n: int, seed: int = 0) -> list:
     if modality == "text":
         words = ["mild", "severe", "atypia", "margins", "clear", "involved", "biopsy", "tissue", "nodes"]
         return [" ".join(rng.choice(words, size=rng.integers(3, 12))) if i % 5 != 3 else None for i in range(n)]
+    if modality == "molecule":
+        pool = ["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "C[C@H](N)C(=O)O", "c1ccncc1", "C/C=C/C", "O=C(O)CCl",
+                "CN1CCC[C@H]1c1cccnc1", "C", "[NH4+]", "c1ccc2[nH]ccc2c1", "FC(F)(F)c1ccccc1"]
+        return [pool[int(rng.integers(len(pool)))] if i % 5 != 4 else None for i in range(n)]
     raise KeyError(f"biofm.testing.fake_raw has no builder for modality '{modality}'; add one")
 
 

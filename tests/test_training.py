@@ -158,8 +158,10 @@ def test_a_run_directory_holds_no_sample_or_subject_id_or_report_text(cohort_sto
     assert any(p.name == "metrics.csv" for p in files)
     # W&B (offline) recorded the per-task metrics and the checkpoint
     wandb_runs = list((run / "wandb").glob("offline-run-*"))
-    assert len(wandb_runs) == 1 and list((wandb_runs[0] / "files").glob("*.ckpt"))
-    assert b"val/event/auroc" in next(wandb_runs[0].glob("*.wandb")).read_bytes()
+    assert len(wandb_runs) == 1, f"expected one offline W&B run, found {wandb_runs}"
+    recorded = sorted(p.name for p in (wandb_runs[0] / "files").iterdir())
+    assert any(name.endswith(".ckpt") for name in recorded), f"no checkpoint in the W&B run files: {recorded}"
+    assert b"val/event/auroc" in next(wandb_runs[0].glob("*.wandb")).read_bytes(), "metrics not in the W&B run"
     needles = _identifiers(cohort_store)
     assert len(needles) > 1000
     for path in files:

@@ -12,6 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+import argparse
+
+from biofm.platform.cli import preparer
 from biofm.platform.modality import MODALITIES
 from biofm.platform.store import Store, StoreWriter
 
@@ -113,3 +116,17 @@ def _progress(items, enabled: bool, description: str):
         return items
     from rich.progress import track
     return track(list(items), description=description)
+
+
+def _synthetic_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="store to write (path or fsspec URL)")
+    p.add_argument("--n", type=int, default=2000, help="number of samples (default 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a complete store at --out")
+
+
+@preparer("synthetic", _synthetic_arguments)
+def _prepare_synthetic(args: argparse.Namespace) -> None:
+    """The synthetic multimodal cohort (tabular + text, five task kinds)."""
+    store = prepare_synthetic(args.out, n=args.n, seed=args.seed, overwrite=args.overwrite, progress=True)
+    print(store.describe())

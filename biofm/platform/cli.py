@@ -20,21 +20,8 @@ def preparer(name: str, add_arguments: Callable[[argparse.ArgumentParser], None]
     return register
 
 
-def _synthetic_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="store to write (path or fsspec URL)")
-    p.add_argument("--n", type=int, default=2000, help="number of samples (default 2000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace a complete store at --out")
-
-
-@preparer("synthetic", _synthetic_arguments)
-def _prepare_synthetic(args: argparse.Namespace) -> None:
-    from biofm.datasets.synthetic import prepare_synthetic
-    store = prepare_synthetic(args.out, n=args.n, seed=args.seed, overwrite=args.overwrite, progress=True)
-    print(store.describe())
-
-
 def build_parser() -> argparse.ArgumentParser:
+    import biofm.datasets  # noqa: F401 — sources register their `prepare` subcommands
     parser = argparse.ArgumentParser(prog="biofm", description=__doc__,
                                      epilog="Lightning subcommands: biofm {fit,validate,test,predict} --help")
     commands = parser.add_subparsers(dest="command", required=True)

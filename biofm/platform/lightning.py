@@ -6,6 +6,7 @@ tasks with their specs and scalers — is read from the stores by the DataModule
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -197,19 +198,23 @@ class BiofmModule(LightningModule):
             tasks it shares with this run are loaded; new tasks get fresh heads.
         fresh_heads: start every head fresh, even for shared tasks.
         freeze_encoders: train only the trunk and heads.
+        encoders: architecture options per modality, e.g. {"molecule": {"layers": 5, "global_attention": true}}.
+        schedule: "constant" or "cosine" (linear warm-up over `warmup_steps`, then cosine decay to zero over
+            the run's total steps).
     """
 
     def __init__(self, schema: dict | None = None, d_model: int = 64, depth: int = 2, heads: int = 4,
                  latents: int = 8, dropout: float = 0.1, lr: float = 1e-3, weight_decay: float = 0.01,
                  balancing: str = "equal", balancing_options: dict | None = None, init_from: str | None = None,
-                 fresh_heads: bool = False, freeze_encoders: bool = False):
+                 fresh_heads: bool = False, freeze_encoders: bool = False, encoders: dict | None = None,
+                 schedule: str = "constant", warmup_steps: int = 100):
         super().__init__()
         if schema is None:
             raise ConfigError("model.schema is missing: it comes from the data module (biofm fit links it); "
                               "in Python pass BiofmDataModule(...).schema")
         # the schema (with tokenizer vocabularies) goes into checkpoints, never to a logger
         self.save_hyperparameters(logger=False)
-        self.model = BiofmModel(schema, d_model, depth, heads, latents, dropout)
+        self.model = BiofmModel(schema, d_model, depth, heads, latents, dropout, encoders)
         self.balancer = make_balancer(balancing, list(schema["tasks"]), balancing_options)
         self.metrics = torch.nn.ModuleDict({stage: TaskMetrics(self.model.kinds) for stage in ("val", "test")})
         if init_from:
@@ -297,7 +302,21 @@ class BiofmModule(LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad] + self.balancer.optimised_parameters()
-        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        optimiser = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.schedule == "constant":
+            return optimiser
+        if self.hparams.schedule != "cosine":
+            raise ConfigError(f"model.schedule must be constant or cosine, got {self.hparams.schedule!r}")
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(self.hparams.warmup_steps, total // 10 + 1)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
+        return {"optimizer": optimiser, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 # ------------------------------------------------------------------------------------- predictions

@@ -54,6 +54,7 @@ class Modality:
         """Tensors for one batch from this modality's store arrays (names without the prefix)."""
         raise NotImplementedError
 
-    def encoder(self, d_model: int) -> nn.Module:
-        """A module whose forward(batch) returns tokens [B, L, d] and a validity mask [B, L]."""
+    def encoder(self, d_model: int, **options) -> nn.Module:
+        """A module whose forward(batch) returns tokens [B, L, d] and a validity mask [B, L]; `options` are
+        the encoder's architecture settings from the model config (`--model.encoders`)."""
         raise NotImplementedError

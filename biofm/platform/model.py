@@ -75,13 +75,19 @@ class BiofmModel(nn.Module):
     """Encoders, resamplers, trunk and heads for a schema `{"modalities": {...}, "tasks": {...}}`."""
 
     def __init__(self, schema: dict, d_model: int = 64, depth: int = 2, heads: int = 4, latents: int = 8,
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, encoders: dict[str, dict] | None = None):
         super().__init__()
         self.schema = schema
         self.modalities: dict[str, Modality] = {
             name: MODALITIES.resolve(name).from_config(config) for name, config in schema["modalities"].items()}
         self.kinds: dict[str, TaskKind] = {t: task_kind(t, spec) for t, spec in schema["tasks"].items()}
-        self.encoders = nn.ModuleDict({n: m.encoder(d_model) for n, m in self.modalities.items()})
+        options = encoders or {}
+        unknown = sorted(set(options) - set(self.modalities))
+        if unknown:
+            raise ValueError(f"encoder options for modalities {unknown} that the data does not have "
+                             f"({sorted(self.modalities)})")
+        self.encoders = nn.ModuleDict({n: m.encoder(d_model, **options.get(n, {}))
+                                       for n, m in self.modalities.items()})
         self.resamplers = nn.ModuleDict({n: Resampler(d_model, latents, heads, dropout) for n in self.modalities})
         self.modality_embedding = nn.ParameterDict(
             {n: nn.Parameter(torch.randn(d_model) * 0.02) for n in self.modalities})

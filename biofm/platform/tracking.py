@@ -48,7 +48,7 @@ class CheckpointArtifact(Callback):
 
 
 SAFE_HPARAMS = ("d_model", "depth", "heads", "latents", "dropout", "lr", "weight_decay", "balancing",
-                "freeze_encoders", "fresh_heads")
+                "freeze_encoders", "fresh_heads", "encoders")
 
 
 def log_run_settings(module, loggers: list[Logger]) -> None:

@@ -64,8 +64,8 @@ class Text(Modality):
         ids[mask] = tokens.values
         return {"token_ids": torch.from_numpy(ids), "mask": torch.from_numpy(mask)}
 
-    def encoder(self, d_model: int) -> nn.Module:
-        return TextEncoder(self.settings["vocab_size"], self.settings["max_length"], d_model)
+    def encoder(self, d_model: int, layers: int = 2, heads: int = 4) -> nn.Module:
+        return TextEncoder(self.settings["vocab_size"], self.settings["max_length"], d_model, layers, heads)
 
 
 class TextEncoder(nn.Module):

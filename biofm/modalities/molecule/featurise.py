@@ -1,0 +1,175 @@
+"""SMILES → canonical molecular graphs as compact integer arrays (RDKit).
+
+Atoms are put in RDKit's canonical order, so one molecule gives the same graph whatever SMILES wrote it.
+Features are small integer codes (embedded by the encoder) plus the atomic mass:
+
+    atom columns: element, degree, formal charge, chirality, hybridisation, aromatic, hydrogens, in ring
+    bond columns: type, conjugated, in ring, stereo
+
+Optional positional encodings per atom: random-walk return probabilities (`rw_steps`) and Laplacian
+eigenvectors (`lap_dim`), both as in GraphGPS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import numpy as np
+
+# element code: the common elements of drug-like and QM sets get their own code, the rest share one
+ELEMENTS = [1, 5, 6, 7, 8, 9, 11, 12, 14, 15, 16, 17, 19, 20, 26, 29, 30, 33, 34, 35, 50, 53]
+ELEMENT_CODE = np.full(128, len(ELEMENTS) + 1, dtype=np.int8)
+ELEMENT_CODE[ELEMENTS] = np.arange(1, len(ELEMENTS) + 1)
+ATOM_CARDINALITIES = [len(ELEMENTS) + 2, 7, 7, 4, 8, 2, 5, 2]  # embedding sizes per atom column
+BOND_CARDINALITIES = [5, 2, 2, 6]
+BOND_TYPE_CODE = {1: 0, 2: 1, 3: 2, 12: 3}  # single, double, triple, aromatic; anything else → 4
+
+
+class MoleculeError(ValueError):
+    """A SMILES that cannot become a graph; the message is the reason written to the rejects file."""
+
+
+def parse(smiles: str, max_atoms: int = 150, fragments: str = "reject"):
+    """A sanitised RDKit molecule, or MoleculeError with the reason."""
+    from rdkit import Chem, RDLogger
+    RDLogger.DisableLog("rdApp.*")
+    if smiles is None or (isinstance(smiles, float) and np.isnan(smiles)) or not str(smiles).strip():
+        raise MoleculeError("empty SMILES")
+    mol = Chem.MolFromSmiles(str(smiles).strip())
+    if mol is None:
+        raise MoleculeError("invalid SMILES (RDKit cannot parse or sanitise it)")
+    if mol.GetNumAtoms() == 0:
+        raise MoleculeError("empty molecule")
+    n_fragments = len(Chem.GetMolFrags(mol))
+    if n_fragments > 1:
+        if fragments == "reject":
+            raise MoleculeError(f"{n_fragments} fragments (a salt or mixture); prepare with --fragments "
+                                "largest to keep the largest one, or keep to keep all")
+        if fragments == "largest":
+            from rdkit.Chem.MolStandardize import rdMolStandardize
+            mol = rdMolStandardize.LargestFragmentChooser().choose(mol)
+    if mol.GetNumAtoms() > max_atoms:
+        raise MoleculeError(f"{mol.GetNumAtoms()} heavy atoms, over the limit of {max_atoms} (--max-atoms)")
+    return mol
+
+
+def _chirality(atom) -> int:
+    """0 none, 1 R, 2 S, 3 chiral but unassigned: CIP labels do not depend on atom order (CW/CCW tags do)."""
+    if not int(atom.GetChiralTag()):
+        return 0
+    code = atom.GetProp("_CIPCode") if atom.HasProp("_CIPCode") else ""
+    return {"R": 1, "S": 2}.get(code, 3)
+
+
+def graph_rows(mol) -> tuple[list[tuple], list[tuple], list[int]]:
+    """Raw per-atom and per-bond values and the canonical rank of each atom (one molecule)."""
+    from rdkit import Chem
+    atoms = [(a.GetAtomicNum(), a.GetTotalDegree(), a.GetFormalCharge(), _chirality(a), int(a.GetHybridization()),
+              a.GetIsAromatic(), a.GetTotalNumHs(), a.IsInRing(), a.GetMass()) for a in mol.GetAtoms()]
+    bonds = [(b.GetBeginAtomIdx(), b.GetEndAtomIdx(), int(b.GetBondType()), b.GetIsConjugated(), b.IsInRing(),
+              int(b.GetStereo())) for b in mol.GetBonds()]
+    return atoms, bonds, list(Chem.CanonicalRankAtoms(mol, breakTies=True))
+
+
+BOND_TYPE_TABLE = np.full(32, 4, dtype=np.int8)
+for _raw, _code in BOND_TYPE_CODE.items():
+    BOND_TYPE_TABLE[_raw] = _code
+
+
+def encode_rows(atom_rows: list[tuple], bond_rows: list[tuple], ranks: list[int], atom_counts: np.ndarray,
+                bond_counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Vectorised over a whole batch: feature codes, canonical atom order, both edge directions sorted.
+    Returns flat arrays; `atom_counts` and `edge_counts` give the rows of each molecule."""
+    n_mol = len(atom_counts)
+    raw = np.array(atom_rows, dtype=np.float64).reshape(-1, 9)
+    codes = np.empty((len(raw), 8), dtype=np.int8)
+    ints = raw[:, :8].astype(np.int64)
+    codes[:, 0] = ELEMENT_CODE[np.clip(ints[:, 0], 0, 127)]
+    lo = np.array([0, -3, 0, 0, 0, 0, 0]); hi = np.array([6, 3, 3, 7, 1, 4, 1])
+    codes[:, 1:] = np.clip(ints[:, 1:], lo, hi) - np.array([0, -3, 0, 0, 0, 0, 0])
+    mass = (raw[:, 8] / 100.0).astype(np.float32)
+    atom_offset = np.concatenate([[0], np.cumsum(atom_counts)[:-1]])
+    rank = np.asarray(ranks, dtype=np.int64)
+    position = rank + np.repeat(atom_offset, atom_counts)  # where each atom goes
+    atoms = np.empty_like(codes)
+    atoms[position] = codes
+    masses = np.empty_like(mass)
+    masses[position] = mass
+    b = np.array(bond_rows, dtype=np.int64).reshape(-1, 6)
+    bond_codes = np.stack([BOND_TYPE_TABLE[np.clip(b[:, 2], 0, 31)], b[:, 3], b[:, 4], np.clip(b[:, 5], 0, 5)],
+                          axis=1).astype(np.int8)
+    bond_offset = np.repeat(atom_offset, bond_counts)
+    begin = rank[b[:, 0] + bond_offset]  # canonical local indices
+    end = rank[b[:, 1] + bond_offset]
+    molecule = np.repeat(np.arange(n_mol), bond_counts)
+    src, dst = np.concatenate([begin, end]), np.concatenate([end, begin])
+    mol2 = np.concatenate([molecule, molecule])
+    order = np.lexsort((dst, src, mol2))
+    edges = np.stack([src[order], dst[order]], axis=1).astype(np.int32)
+    return {"atoms": atoms, "mass": masses, "edges": edges,
+            "bonds": np.concatenate([bond_codes, bond_codes])[order], "edge_counts": 2 * bond_counts}
+
+
+def random_walk_encoding(n: int, edges: np.ndarray, steps: int) -> np.ndarray:
+    """[n, steps]: probability that a random walk from each atom is back after 1..steps steps."""
+    adjacency = np.zeros((n, n), dtype=np.float64)
+    adjacency[edges[:, 0], edges[:, 1]] = 1.0
+    degree = adjacency.sum(axis=1, keepdims=True)
+    walk = np.divide(adjacency, degree, out=np.zeros_like(adjacency), where=degree > 0)
+    out, power = np.empty((n, steps), dtype=np.float32), np.eye(n)
+    for k in range(steps):
+        power = power @ walk
+        out[:, k] = np.diag(power)
+    return out
+
+
+def laplacian_encoding(n: int, edges: np.ndarray, dim: int) -> np.ndarray:
+    """[n, dim]: eigenvectors of the normalised Laplacian with the smallest non-zero eigenvalues, each
+    with its sign fixed (largest-magnitude entry positive) so the encoding is deterministic."""
+    out = np.zeros((n, dim), dtype=np.float32)
+    if n < 2:
+        return out
+    adjacency = np.zeros((n, n), dtype=np.float64)
+    adjacency[edges[:, 0], edges[:, 1]] = 1.0
+    degree = adjacency.sum(axis=1)
+    inv_sqrt = np.where(degree > 0, 1.0 / np.sqrt(np.maximum(degree, 1e-12)), 0.0)
+    laplacian = np.eye(n) - inv_sqrt[:, None] * adjacency * inv_sqrt[None, :]
+    values, vectors = np.linalg.eigh(laplacian)
+    vectors = vectors[:, 1:dim + 1]
+    signs = np.sign(vectors[np.abs(vectors).argmax(axis=0), np.arange(vectors.shape[1])])
+    vectors = vectors * np.where(signs == 0, 1.0, signs)
+    out[:, :vectors.shape[1]] = vectors
+    return out
+
+
+def featurise_smiles(smiles: Sequence[str | None], max_atoms: int = 150, fragments: str = "reject",
+                     rw_steps: int = 0, lap_dim: int = 0) -> tuple[dict, list[str | None]]:
+    """Graphs of a batch as ragged store arrays (a rejected or missing SMILES gives zero rows), and the
+    rejection reason of each input (None where it was accepted or missing)."""
+    from biofm.platform.store import Ragged
+    atom_rows, bond_rows, ranks, atom_counts, bond_counts, reasons = [], [], [], [], [], []
+    for s in smiles:
+        reason, n_atoms, n_bonds = None, 0, 0
+        if s is not None:
+            try:
+                atoms, bonds, rank = graph_rows(parse(s, max_atoms, fragments))
+                atom_rows += atoms
+                bond_rows += bonds
+                ranks += rank
+                n_atoms, n_bonds = len(atoms), len(bonds)
+            except MoleculeError as err:
+                reason = str(err)
+        reasons.append(reason)
+        atom_counts.append(n_atoms)
+        bond_counts.append(n_bonds)
+    atom_counts, bond_counts = np.array(atom_counts, np.int64), np.array(bond_counts, np.int64)
+    flat = encode_rows(atom_rows, bond_rows, ranks, atom_counts, bond_counts)
+    atom_offsets = np.concatenate([[0], np.cumsum(atom_counts)]).astype(np.int64)
+    edge_offsets = np.concatenate([[0], np.cumsum(flat["edge_counts"])]).astype(np.int64)
+    arrays = {"atoms": Ragged(flat["atoms"], atom_offsets), "mass": Ragged(flat["mass"], atom_offsets),
+              "edges": Ragged(flat["edges"], edge_offsets), "bonds": Ragged(flat["bonds"], edge_offsets)}
+    for name, dim, fn in (("rwse", rw_steps, random_walk_encoding), ("lap", lap_dim, laplacian_encoding)):
+        if dim:
+            rows = [fn(int(atom_counts[i]), flat["edges"][edge_offsets[i]:edge_offsets[i + 1]], dim)
+                    for i in range(len(atom_counts))]
+            arrays[name] = Ragged(np.concatenate(rows) if rows else np.zeros((0, dim), np.float32), atom_offsets)
+    return arrays, reasons
