@@ -178,3 +178,35 @@ def test_a_short_fit_on_tox21_subset_and_the_same_molecule_gets_the_same_predict
     with torch.no_grad():
         logits = module(batch["inputs"])["logits"]["NR-AR"]
     torch.testing.assert_close(logits[0], logits[1])
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["default", "esol", "freesolv", "tox21", "multitask"])
+def test_each_molecule_config_composes(name, capsys):
+    from biofm.platform.cli import main
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "-c", str(CONFIGS / "molecules" / f"{name}.yaml"), "--print_config"])
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    assert "molecule:" in printed and "schedule: cosine" in printed and "stores:" in printed
+
+
+def test_the_default_molecule_config_trains_on_any_molecule_store(tmp_path):
+    from biofm.platform.cli import main
+    from biofm.testing import write_fake_modality_store
+    store = write_fake_modality_store(str(tmp_path / "m.zarr"), "molecule", n=120)
+    run = tmp_path / "run"
+    main(["fit", "-c", str(CONFIGS / "molecules" / "default.yaml"), "--data.stores", f"[{store.url}]",
+          "--trainer.default_root_dir", str(run), "--trainer.max_epochs", "1", "--trainer.enable_progress_bar",
+          "false", "--model.d_model", "32", "--trainer.logger", "false"])
+    assert (run / "checkpoints" / "last.ckpt").exists()
+
+
+def test_label_columns_can_be_renamed_so_sources_do_not_share_a_head(tmp_path):
+    csv = tmp_path / "z.csv"
+    csv.write_text("SMILES,logp\nCCO,0.1\nCCN,0.2\nCCC,0.3\n")
+    store, _ = prepare_molecules(str(csv), str(tmp_path / "z.zarr"), smiles_column="SMILES",
+                                 label_columns=["logp=zinc_logp"], workers=1)
+    assert list(store.tasks) == ["zinc_logp"]

@@ -219,3 +219,17 @@ def test_a_two_process_ddp_fit_on_cpu(cohort_store, tmp_path):
     log = pd.read_csv(run / "logs" / "fit" / "metrics.csv")
     assert log["val/macro/score"].dropna().size == 2 and np.isfinite(log["train/loss"].dropna()).all()
     assert (run / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_the_demo_runs_end_to_end(tmp_path, monkeypatch):
+    from biofm.platform.demo import run_demo
+    summary = run_demo(str(tmp_path / "demo"), n=300, epochs=1)
+    fused = summary["test"]["fused"]
+    assert "event/auroc" in fused and "without:text" in fused
+    assert any(k.startswith("freesolv_hydration_free_energy/") for k in fused)  # the molecule sources joined
+    run = tmp_path / "demo" / "runs" / "fused"
+    for produced in ("training_curves.png", "predictions.parquet", "test_metrics.json"):
+        assert (run / produced).exists(), produced
+    predictions = pd.read_parquet(run / "predictions.parquet")
+    assert {"synthetic", "freesolv", "solubility"} <= set(predictions["source"])

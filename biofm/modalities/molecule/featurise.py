@@ -21,17 +21,28 @@ ELEMENT_CODE = np.full(128, len(ELEMENTS) + 1, dtype=np.int8)
 ELEMENT_CODE[ELEMENTS] = np.arange(1, len(ELEMENTS) + 1)
 ATOM_CARDINALITIES = [len(ELEMENTS) + 2, 7, 7, 4, 8, 2, 5, 2]  # embedding sizes per atom column
 BOND_CARDINALITIES = [5, 2, 2, 6]
-BOND_TYPE_CODE = {1: 0, 2: 1, 3: 2, 12: 3}  # single, double, triple, aromatic; anything else → 4
 
 
 class MoleculeError(ValueError):
     """A SMILES that cannot become a graph; the message is the reason written to the rejects file."""
 
 
+_QUIET = False
+
+
+def _quiet_rdkit() -> None:
+    """RDKit's own messages for bad SMILES off, once: the reason goes to the rejects file instead."""
+    global _QUIET
+    if not _QUIET:
+        from rdkit import RDLogger
+        RDLogger.DisableLog("rdApp.*")
+        _QUIET = True
+
+
 def parse(smiles: str, max_atoms: int = 150, fragments: str = "reject"):
     """A sanitised RDKit molecule, or MoleculeError with the reason."""
-    from rdkit import Chem, RDLogger
-    RDLogger.DisableLog("rdApp.*")
+    from rdkit import Chem
+    _quiet_rdkit()
     if smiles is None or (isinstance(smiles, float) and np.isnan(smiles)) or not str(smiles).strip():
         raise MoleculeError("empty SMILES")
     mol = Chem.MolFromSmiles(str(smiles).strip())
@@ -39,7 +50,7 @@ def parse(smiles: str, max_atoms: int = 150, fragments: str = "reject"):
         raise MoleculeError("invalid SMILES (RDKit cannot parse or sanitise it)")
     if mol.GetNumAtoms() == 0:
         raise MoleculeError("empty molecule")
-    n_fragments = len(Chem.GetMolFrags(mol))
+    n_fragments = len(Chem.GetMolFrags(mol)) if "." in str(smiles) else 1
     if n_fragments > 1:
         if fragments == "reject":
             raise MoleculeError(f"{n_fragments} fragments (a salt or mixture); prepare with --fragments "
@@ -52,27 +63,34 @@ def parse(smiles: str, max_atoms: int = 150, fragments: str = "reject"):
     return mol
 
 
-def _chirality(atom) -> int:
-    """0 none, 1 R, 2 S, 3 chiral but unassigned: CIP labels do not depend on atom order (CW/CCW tags do)."""
-    if not int(atom.GetChiralTag()):
-        return 0
-    code = atom.GetProp("_CIPCode") if atom.HasProp("_CIPCode") else ""
-    return {"R": 1, "S": 2}.get(code, 3)
+_CIP = {"R": 1, "S": 2}
+_MASS: np.ndarray | None = None
+
+
+def atomic_masses() -> np.ndarray:
+    """Standard atomic weight by atomic number (isotopes are rare in these sets and ignored)."""
+    global _MASS
+    if _MASS is None:
+        from rdkit import Chem
+        table = Chem.GetPeriodicTable()
+        _MASS = np.array([table.GetAtomicWeight(z) for z in range(119)], dtype=np.float64)
+    return _MASS
 
 
 def graph_rows(mol) -> tuple[list[tuple], list[tuple], list[int]]:
-    """Raw per-atom and per-bond values and the canonical rank of each atom (one molecule)."""
+    """Raw per-atom and per-bond values and the canonical rank of each atom (one molecule). Chirality is
+    0 none, 1 R, 2 S, 3 chiral but unassigned: CIP labels do not depend on atom order (CW/CCW tags do)."""
     from rdkit import Chem
-    atoms = [(a.GetAtomicNum(), a.GetTotalDegree(), a.GetFormalCharge(), _chirality(a), int(a.GetHybridization()),
-              a.GetIsAromatic(), a.GetTotalNumHs(), a.IsInRing(), a.GetMass()) for a in mol.GetAtoms()]
-    bonds = [(b.GetBeginAtomIdx(), b.GetEndAtomIdx(), int(b.GetBondType()), b.GetIsConjugated(), b.IsInRing(),
+    atoms = [(a.GetAtomicNum(), a.GetTotalDegree(), a.GetFormalCharge(), int(a.GetChiralTag()),
+              int(a.GetHybridization()), a.GetIsAromatic(), a.GetTotalNumHs(), a.IsInRing()) for a in mol.GetAtoms()]
+    for i, row in enumerate(atoms):
+        if row[3]:  # rare: only chiral centres look up their CIP label
+            atom = mol.GetAtomWithIdx(i)
+            code = _CIP.get(atom.GetProp("_CIPCode"), 3) if atom.HasProp("_CIPCode") else 3
+            atoms[i] = row[:3] + (code,) + row[4:]
+    bonds = [(b.GetBeginAtomIdx(), b.GetEndAtomIdx(), b.GetBondTypeAsDouble(), b.GetIsConjugated(), b.IsInRing(),
               int(b.GetStereo())) for b in mol.GetBonds()]
     return atoms, bonds, list(Chem.CanonicalRankAtoms(mol, breakTies=True))
-
-
-BOND_TYPE_TABLE = np.full(32, 4, dtype=np.int8)
-for _raw, _code in BOND_TYPE_CODE.items():
-    BOND_TYPE_TABLE[_raw] = _code
 
 
 def encode_rows(atom_rows: list[tuple], bond_rows: list[tuple], ranks: list[int], atom_counts: np.ndarray,
@@ -80,13 +98,12 @@ def encode_rows(atom_rows: list[tuple], bond_rows: list[tuple], ranks: list[int]
     """Vectorised over a whole batch: feature codes, canonical atom order, both edge directions sorted.
     Returns flat arrays; `atom_counts` and `edge_counts` give the rows of each molecule."""
     n_mol = len(atom_counts)
-    raw = np.array(atom_rows, dtype=np.float64).reshape(-1, 9)
-    codes = np.empty((len(raw), 8), dtype=np.int8)
-    ints = raw[:, :8].astype(np.int64)
+    ints = np.array(atom_rows, dtype=np.int64).reshape(-1, 8)
+    codes = np.empty((len(ints), 8), dtype=np.int8)
     codes[:, 0] = ELEMENT_CODE[np.clip(ints[:, 0], 0, 127)]
     lo = np.array([0, -3, 0, 0, 0, 0, 0]); hi = np.array([6, 3, 3, 7, 1, 4, 1])
     codes[:, 1:] = np.clip(ints[:, 1:], lo, hi) - np.array([0, -3, 0, 0, 0, 0, 0])
-    mass = (raw[:, 8] / 100.0).astype(np.float32)
+    mass = (atomic_masses()[np.clip(ints[:, 0], 0, 118)] / 100.0).astype(np.float32)
     atom_offset = np.concatenate([[0], np.cumsum(atom_counts)[:-1]])
     rank = np.asarray(ranks, dtype=np.int64)
     position = rank + np.repeat(atom_offset, atom_counts)  # where each atom goes
@@ -94,9 +111,11 @@ def encode_rows(atom_rows: list[tuple], bond_rows: list[tuple], ranks: list[int]
     atoms[position] = codes
     masses = np.empty_like(mass)
     masses[position] = mass
-    b = np.array(bond_rows, dtype=np.int64).reshape(-1, 6)
-    bond_codes = np.stack([BOND_TYPE_TABLE[np.clip(b[:, 2], 0, 31)], b[:, 3], b[:, 4], np.clip(b[:, 5], 0, 5)],
-                          axis=1).astype(np.int8)
+    raw_bonds = np.array(bond_rows, dtype=np.float64).reshape(-1, 6)
+    b = raw_bonds.astype(np.int64)
+    order_code = np.select([raw_bonds[:, 2] == 1.0, raw_bonds[:, 2] == 2.0, raw_bonds[:, 2] == 3.0,
+                            raw_bonds[:, 2] == 1.5], [0, 1, 2, 3], default=4)
+    bond_codes = np.stack([order_code, b[:, 3], b[:, 4], np.clip(b[:, 5], 0, 5)], axis=1).astype(np.int8)
     bond_offset = np.repeat(atom_offset, bond_counts)
     begin = rank[b[:, 0] + bond_offset]  # canonical local indices
     end = rank[b[:, 1] + bond_offset]
