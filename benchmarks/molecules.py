@@ -41,11 +41,16 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--fragments", default="keep", help="salts: keep (as chemprop), largest or reject")
+    parser.add_argument("--dropout", type=float, default=0.0, help="in the trunk and the GNN")
+    parser.add_argument("--rw-steps", type=int, default=0, help="random-walk positional encoding (0 = off)")
+    parser.add_argument("--global-attention", action="store_true", help="GPS-style attention between atoms")
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
     split = lambda v: v.split(",") if v else None  # noqa: E731
-    model = {"d_model": args.d_model, "depth": 2, "latents": 8, "dropout": 0.0, "lr": args.lr,
-             "weight_decay": 0.0, "schedule": "cosine", "encoders": {"molecule": {"layers": args.layers}}}
+    model = {"d_model": args.d_model, "depth": 2, "latents": 8, "dropout": args.dropout, "lr": args.lr,
+             "weight_decay": 0.0, "schedule": "cosine",
+             "encoders": {"molecule": {"layers": args.layers, "dropout": args.dropout,
+                                       "global_attention": args.global_attention}}}
     runs, seconds = [], []
     with tempfile.TemporaryDirectory(prefix="biofm-mol-bench-") as tmp:
         for seed in range(args.seeds):
@@ -53,7 +58,7 @@ def main() -> None:
             store, rejected = prepare_molecules(args.input, f"{tmp}/s{seed}.zarr", smiles_column=args.smiles_column,
                                                 label_columns=split(args.label_columns),
                                                 task_types=split(args.task_types), split="random", seed=seed,
-                                                fragments=args.fragments)
+                                                fragments=args.fragments, rw_steps=args.rw_steps)
             metrics = fit_and_test([store.url], f"{tmp}/run{seed}", epochs=args.epochs, batch_size=args.batch_size,
                                    model=model, seed=seed, loggers=False)
             seconds.append(time.perf_counter() - start)
