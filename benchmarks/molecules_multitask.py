@@ -4,7 +4,8 @@
 
 Prepares ESOL, FreeSolv, Tox21, micro QM9 and micro ZINC (as configs/data/molecules-multitask.yaml) with a
 random split per seed, trains one model on all five sources jointly (a batch comes from one source,
-sources drawn ∝ size^(1/2)), and, as the baseline, one model per ESOL, FreeSolv and Tox21 alone. Prints
+sources drawn in proportion to their size), and, as the baseline, one model per ESOL, FreeSolv and Tox21
+alone, with the same epochs and settings. Prints
 each benchmark task's test metric for both and the ratio; the last line is JSON.
 """
 
