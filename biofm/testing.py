@@ -38,9 +38,10 @@ def toy_batch(start: int, n: int, seed: int = 0, subjects_per_sample: float = 0.
 
 
 def write_toy_store(url: str | os.PathLike, n: int = 240, batch: int = 60, seed: int = 0,
-                    chunk_bytes: int = 4 << 20, min_chunks: int = 16, **writer_kwargs) -> Store:
+                    chunk_bytes: int = 4 << 20, min_chunks: int = 16, source: str = "toy",
+                    **writer_kwargs) -> Store:
     """A small complete store; row `i` of the input has x[:, 0] == i, so tests can track samples."""
-    writer = StoreWriter(str(url), source="toy", modalities={"toy": {"version": 1}}, tasks=TOY_TASKS,
+    writer = StoreWriter(str(url), source=source, modalities={"toy": {"version": 1}}, tasks=TOY_TASKS,
                          seed=seed, chunk_bytes=chunk_bytes, min_chunks=min_chunks, **writer_kwargs)
     for key, start in enumerate(range(0, n, batch)):
         if key not in writer.committed():

@@ -12,7 +12,7 @@ import zarr
 
 from biofm.platform.store import (FORMAT_VERSION, Ragged, Store, StoreError, StoreWriter, check_subject_splits,
                                   open_root, subject_splits)
-from biofm.testing import store_arrays, toy_batch, write_toy_store
+from biofm.testing import TOY_TASKS, store_arrays, toy_batch, write_toy_store
 
 DTYPES = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
           "float16", "float32", "float64"]
@@ -148,8 +148,7 @@ def test_interrupted_write_resumes_to_the_same_store(tmp_path):
     # a half-written batch (no commit mark) is ignored and rewritten
     part = open_root(url, "r+").require_group("_parts").create_group("00000002")
     part.create_array("index/sample_id", shape=(3,), dtype=str)
-    writer = StoreWriter(url, source="toy", modalities={"toy": {"version": 1}},
-                         tasks=__import__("biofm.testing").testing.TOY_TASKS, seed=0)
+    writer = StoreWriter(url, source="toy", modalities={"toy": {"version": 1}}, tasks=TOY_TASKS, seed=0)
     assert writer.committed() == {0, 1}
     resumed = write_toy_store(url, n=240, batch=60)
     fresh = write_toy_store(tmp_path / "fresh.zarr", n=240, batch=60)
@@ -228,8 +227,8 @@ def test_a_bad_batch_is_refused_whole_before_anything_is_written(tmp_path):
         writer.write_batch(0, sample_id=batch["sample_id"], subject_id=batch["subject_id"],
                            arrays={"toy/x": np.zeros((3, 2))})
     assert writer.committed() == set()
-    assert "_parts" not in zarr.open_group(str(tmp_path / "s.zarr"), mode="r") or \
-        not list(zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["_parts"].groups())
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    assert "_parts" not in root or not list(root["_parts"].groups())  # no part, not even a partial one
 
 
 def test_resuming_with_other_settings_is_refused(tmp_path):

@@ -137,8 +137,8 @@ def test_asking_for_a_task_or_array_the_store_lacks_names_it(store):
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("mix")
-    return {"big": write_toy_store(root / "big.zarr", n=900, seed=1),
-            "small": write_toy_store(root / "small.zarr", n=300, seed=2)}
+    return {"big": write_toy_store(root / "big.zarr", n=900, seed=1, source="big"),
+            "small": write_toy_store(root / "small.zarr", n=300, seed=2, source="small")}
 
 
 def _mixed(sources, rank=0, world=1, **kwargs):
@@ -152,10 +152,12 @@ def test_the_source_of_each_step_is_the_same_on_every_rank_and_each_batch_has_on
     for rank in range(2):
         per_rank.append([(b["source"], np.asarray(b["row"])) for b in _mixed(sources, rank=rank, world=2)])
     assert [s for s, _ in per_rank[0]] == [s for s, _ in per_rank[1]]
-    assert {s for s, _ in per_rank[0]} == {"toy"}  # both toy stores: the source name travels with the batch
-    cumulative = np.cumsum([0.75, 0.25])
-    assert [source_at(step, 7, cumulative) for step in range(50)] == \
-        [source_at(step, 7, cumulative) for step in range(50)]
+    assert {s for s, _ in per_rank[0]} == {"big", "small"}
+    # each batch's rows come from its own source (the small store has rows 0..299 only)
+    assert all(rows.max() < 300 for source, rows in per_rank[0] if source == "small")
+    # the pick is a pure function of (seed, step): a fresh loader draws the same sequence
+    again = [b["source"] for b in _mixed(sources, rank=1, world=2)]
+    assert again == [s for s, _ in per_rank[1]]
 
 
 def test_mixing_follows_weights_and_temperature(sources):
@@ -164,9 +166,9 @@ def test_mixing_follows_weights_and_temperature(sources):
     assert source_probabilities(sizes, temperature=1e9) == pytest.approx({"big": 0.5, "small": 0.5})
     assert source_probabilities(sizes, weights={"small": 1.0}) == {"big": 0.0, "small": 1.0}
     mixed = _mixed(sources, weights={"big": 0.2, "small": 0.8}, steps_per_epoch=400)
-    picks = [b["row"].max() < 300 and b["labels/score"] is not None for b in mixed]
-    names = [mixed.names[source_at(step, 7, mixed.cumulative)] for step in range(400)]
-    assert len(picks) == 400 and 0.72 < names.count("small") / 400 < 0.88
+    drawn = [b["source"] for b in mixed]
+    assert len(drawn) == 400 and 0.72 < drawn.count("small") / 400 < 0.88
+    assert drawn == [mixed.names[source_at(step, 7, mixed.cumulative)] for step in range(400)]
     with pytest.raises(ValueError, match="not loaded"):
         source_probabilities(sizes, weights={"tox21": 1.0})
 

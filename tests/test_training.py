@@ -3,6 +3,7 @@ and config errors caught before any training starts."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -194,7 +195,7 @@ def test_bad_configs_give_one_clear_error_before_training(cohort_store, tmp_path
         _cli("fit", *_base(cohort_store.url, tmp_path / "run"), *extra)
     assert done.value.code == 2
     err = capsys.readouterr().err
-    assert pytest.importorskip("re").search(message, err), err
+    assert re.search(message, err), err
     assert "Traceback" not in err and not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -113,7 +113,7 @@ class FAMO(Balancer):
     def after_step(self, losses):
         current = {t: float(v.detach()) for t, v in losses.items()}
         if dist.is_available() and dist.is_initialized():
-            current = _mean_over_ranks(current, self.tasks)
+            current = mean_over_ranks(current, self.tasks)
         shared = [t for t in current if t in self._previous]
         if shared:
             index = [self.tasks.index(t) for t in shared]
@@ -138,7 +138,8 @@ class FAMO(Balancer):
         return result
 
 
-def _mean_over_ranks(values: dict[str, float], tasks: list[str]) -> dict[str, float]:
+def mean_over_ranks(values: dict[str, float], tasks: list[str]) -> dict[str, float]:
+    """Each task's value averaged over the ranks that had it (every rank must call this together)."""
     sums = torch.zeros(2, len(tasks))
     for t, v in values.items():
         sums[0, tasks.index(t)], sums[1, tasks.index(t)] = v, 1.0

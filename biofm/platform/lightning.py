@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 
-from biofm.platform.balancing import make_balancer
+from biofm.platform.balancing import make_balancer, mean_over_ranks
 from biofm.platform.checkpoint import load_pretrained
 from biofm.platform.mixing import ChainLoader, MixedLoader
 from biofm.platform.modality import MODALITIES, Modality
@@ -263,8 +263,7 @@ class BiofmModule(LightningModule):
     def on_train_epoch_end(self) -> None:
         means = {t: float(np.mean(v)) for t, v in self._epoch_losses.items() if v}
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            from biofm.platform.balancing import _mean_over_ranks
-            means = _mean_over_ranks(means, list(self.model.kinds))
+            means = mean_over_ranks(means, list(self.model.kinds))
         self.balancer.epoch_end(means)
         self._epoch_losses.clear()
 

@@ -17,6 +17,7 @@ rows in one seeded random permutation, and marks the store complete.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
 import warnings
 from collections.abc import Iterable, Mapping
@@ -454,7 +455,6 @@ def _label_width(spec: dict) -> int:
 
 
 def _check_json(value: Any, where: str) -> None:
-    import json
     try:
         json.dumps(value)
     except TypeError as err:
@@ -462,7 +462,6 @@ def _check_json(value: Any, where: str) -> None:
 
 
 def _normalise(value: Any) -> Any:
-    import json
     return json.loads(json.dumps(value, sort_keys=True)) if value is not None else None
 
 
