@@ -62,7 +62,11 @@ def fit_and_test(stores: list[str], run_dir: str | Path, *, modalities: list[str
         trainer.predict(module, datamodule=data, ckpt_path=best, return_predictions=False)
     for logger in trainer.loggers:
         if type(logger).__name__ == "WandbLogger":
-            logger.experiment.finish()  # flush it; the next run gets its own W&B run
+            logger.experiment.finish()  # the next run gets its own W&B run
+            import wandb
+
+            # finish() returns before W&B's service has written the run's records to disk; teardown waits
+            wandb.teardown()
     return metrics
 
 
