@@ -103,6 +103,23 @@ def fake_raw(modality: str, n: int, seed: int = 0) -> list:
         pool = ["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "C[C@H](N)C(=O)O", "c1ccncc1", "C/C=C/C", "O=C(O)CCl",
                 "CN1CCC[C@H]1c1cccnc1", "C", "[NH4+]", "c1ccc2[nH]ccc2c1", "FC(F)(F)c1ccccc1"]
         return [pool[int(rng.integers(len(pool)))] if i % 5 != 4 else None for i in range(n)]
+    if modality == "ehr":
+        from biofm.modalities.ehr import EventSequence
+        items = [("labevents", "glucose", "mg/dL"), ("labevents", "creatinine", "mg/dL"),
+                 ("prescriptions", "heparin", "unit"), ("inputevents", "norepinephrine", "mcg/kg/min")]
+        out = []
+        for i in range(n):
+            if i % 5 == 1:
+                out.append(None)
+                continue
+            k = int(rng.integers(1, 9))
+            picks = [items[j] for j in rng.integers(0, len(items), k)]
+            times = np.sort(-rng.random(k) * 12).astype(np.float32)
+            times[0] = np.nan if i % 3 == 0 else times[0]  # a static fact now and then
+            fields = [[("item", name), ("value", f"{rng.random() * 200:.2f}"), ("unit", unit)]
+                      for _, name, unit in picks]
+            out.append(EventSequence(times, [t for t, _, _ in picks], fields))
+        return out
     raise KeyError(f"biofm.testing.fake_raw has no builder for modality '{modality}'; add one")
 
 

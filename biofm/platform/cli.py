@@ -1,4 +1,4 @@
-"""The `biofm` command: `prepare <source>`, `info`, `demo`, and the Lightning subcommands
+"""The `biofm` command: `prepare <source>`, `export <format>`, `info`, `demo`, and the Lightning subcommands
 (`fit | validate | test | predict`), which go to LightningCLI."""
 
 from __future__ import annotations
@@ -20,17 +20,32 @@ def preparer(name: str, add_arguments: Callable[[argparse.ArgumentParser], None]
     return register
 
 
+# `biofm export <format>`: predictions → another format (e.g. MEDS evaluation files)
+EXPORTERS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {}
+
+
+def exporter(name: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+    def register(run: Callable[[argparse.Namespace], None]):
+        EXPORTERS[name] = (add_arguments, run)
+        return run
+    return register
+
+
+def _subcommands(parent, registry: dict, dest: str) -> None:
+    subs = parent.add_subparsers(dest=dest, required=True)
+    for name, (add_arguments, run) in registry.items():
+        sub = subs.add_parser(name, help=(run.__doc__ or "").strip().splitlines()[0] if run.__doc__ else None)
+        add_arguments(sub)
+        sub.set_defaults(run=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import biofm.datasets  # noqa: F401 — sources register their `prepare` subcommands
     parser = argparse.ArgumentParser(prog="biofm", description=__doc__,
                                      epilog="Lightning subcommands: biofm {fit,validate,test,predict} --help")
     commands = parser.add_subparsers(dest="command", required=True)
-    prepare = commands.add_parser("prepare", help="turn a raw source into a sample store")
-    sources = prepare.add_subparsers(dest="source", required=True)
-    for name, (add_arguments, run) in PREPARERS.items():
-        sub = sources.add_parser(name, help=(run.__doc__ or "").strip().splitlines()[0] if run.__doc__ else None)
-        add_arguments(sub)
-        sub.set_defaults(run=run)
+    _subcommands(commands.add_parser("prepare", help="turn a raw source into a sample store"), PREPARERS, "source")
+    _subcommands(commands.add_parser("export", help="write predictions in another format"), EXPORTERS, "format")
     info = commands.add_parser("info", help="describe a store")
     info.add_argument("store")
     info.set_defaults(run=_info)

@@ -1,0 +1,262 @@
+"""EHR as hierarchical text: DPE, MEDS and raw tables → stores, MIMIC-IV ICU tasks, fits, MEDS predictions,
+pooled multi-source training, and bad input counted with its reason."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from biofm.datasets.ehr import meds_predictions, prepare_ehr_tables, prepare_meds
+from biofm.modalities.ehr import EHR, EventSequence, digit_places
+from biofm.platform.cli import main
+from biofm.platform.demo import fit_and_test
+from biofm.platform.lightning import BiofmDataModule, ConfigError
+from biofm.platform.store import Store, StoreError
+from biofm.testing import SHARED_DATA
+
+EHR_DATA = SHARED_DATA / "ehr"
+MIMIC = EHR_DATA / "mimic-iv-demo-2.2"
+MEDS_DIR = EHR_DATA / "mimic-iv-demo-meds-0.0.1"
+MEDS_ALL = EHR_DATA / "mimic-iv-demo-meds-all-subjects.parquet"
+ACES = EHR_DATA / "aces_icu_mortality_first_24h_labels.parquet"
+SCHEMA = Path(__file__).resolve().parents[1] / "configs" / "ehr" / "mimic-iv.yaml"
+needs_ehr_data = pytest.mark.skipif(not EHR_DATA.exists(), reason=f"shared EHR data not found at {EHR_DATA}")
+TINY = {"d_model": 32, "depth": 1, "heads": 2, "latents": 4, "encoders": {"ehr": {"layers": 1, "heads": 2}}}
+MIMIC_TASKS = ["mortality", "long_term_mortality", "los_3day", "los_7day", "readmission", "final_acuity",
+               "imminent_discharge", "creatinine", "bilirubin", "platelets", "wbc"]
+
+
+# ------------------------------------------------------------------------------------------- tokens
+def test_numbers_become_digits_with_their_place():
+    assert digit_places("305") == [8, 7, 6]  # hundreds, tens, ones
+    assert digit_places("12.05") == [7, 6, 5, 4, 3]  # tens, ones, point, tenths, hundredths
+    modality = EHR(vocab_size=200, max_event_tokens=32)
+    modality.fit(["labevents", "glucose", "mg/dL", "value"])
+    ids, types, places = modality.encode_event("labevents", [("glucose", "mg/dL"), ("value", "140.25")])
+    digits = [p for p in places if p]
+    assert digits == [8, 7, 6, 5, 4, 3]
+    assert types[0] == 4 and set(types[1:]) <= {1, 2, 3} and types[-1] == 3
+    # two values that differ only in one digit differ only in that token
+    other, _, _ = modality.encode_event("labevents", [("glucose", "mg/dL"), ("value", "150.25")])
+    assert sum(a != b for a, b in zip(ids, other)) == 1
+
+
+def test_an_event_over_the_token_cap_drops_whole_fields_and_samples_keep_their_latest_events():
+    modality = EHR(vocab_size=200, max_event_tokens=12, max_events=3)
+    modality.fit(["t", "a", "b", "c", "value"])
+    ids, types, _ = modality.encode_event("t", [("a", "1"), ("b", "22"), ("c", "333333")])
+    assert len(ids) <= 12 and types.count(2) == 2  # c and its value did not fit: left out whole
+    seq = EventSequence(np.array([-5, -4, -3, -2, -1], np.float32), ["t"] * 5, [[("a", str(i))] for i in range(5)])
+    arrays = modality.featurise([seq, None])
+    np.testing.assert_array_equal(arrays["ehr/time"].row(0), [-3, -2, -1])
+    assert arrays["ehr/present"].tolist() == [True, False]
+
+
+# ------------------------------------------------------------------------------------- raw MIMIC-IV
+@pytest.fixture(scope="module")
+def mimic_store(tmp_path_factory):
+    if not EHR_DATA.exists():
+        pytest.skip(f"shared EHR data not found at {EHR_DATA}")
+    out = str(tmp_path_factory.mktemp("ehr") / "mimic.zarr")
+    store, report = prepare_ehr_tables(str(MIMIC), str(SCHEMA), out)
+    return store, report
+
+
+@needs_ehr_data
+def test_the_raw_mimic_demo_prepares_with_genhpf_cohort_and_tasks(mimic_store):
+    store, report = mimic_store
+    assert store.n == 100 and list(store.tasks) == MIMIC_TASKS
+    assert store.tasks["final_acuity"]["classes"][:2] == ["Home", "IN_HOSPITAL_MORTALITY"]
+    los3 = np.asarray(store.root["labels/los_3day"][...])
+    los7 = np.asarray(store.root["labels/los_7day"][...])
+    assert np.all(los3 >= los7) and 0 < los7.sum() < los3.sum() < 100  # LOS > 7 d implies LOS > 3 d
+    assert np.isnan(np.asarray(store.root["labels/bilirubin"][...])).sum() > 50  # only stays with a lab value
+    # events come from the observation window only: 12 h before the prediction time at most
+    rows = store.read_rows(0, store.n, ["ehr/time", "ehr/tokens"])
+    assert rows["ehr/time"].values.min() >= -12.0 and rows["ehr/time"].values.max() <= 0.0
+    assert report.counts["stays that change care unit (GenHPF leaves them out)"] == 11
+    assert report.counts["labevents: events in an observation window"] > 1000
+
+
+@needs_ehr_data
+def test_raw_mimic_demo_to_a_short_fit_with_test_metrics_for_every_task(mimic_store, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    store, _ = mimic_store
+    metrics = fit_and_test([store.url], tmp_path / "run", epochs=3, batch_size=16, model=TINY)
+    test_labels = store.index("split") == "test"
+    for task in MIMIC_TASKS:
+        if np.isfinite(np.asarray(store.root[f"labels/{task}"][...])[test_labels]).any():
+            reported = [k for k in metrics if k.startswith(task + "/")]
+            assert reported, f"no test metric for {task}"
+    assert np.isfinite(metrics["loss"])
+
+
+# ----------------------------------------------------------------------------------------------- MEDS
+@needs_ehr_data
+def test_meds_demo_and_aces_labels_to_meds_predictions_one_row_per_label(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    out = str(tmp_path / "meds.zarr")
+    store, report = prepare_meds(str(MEDS_ALL), str(ACES), out, task="icu_mortality",
+                                 codes=str(MEDS_DIR / "metadata" / "codes.parquet"),
+                                 splits=str(MEDS_DIR / "metadata" / "subject_splits.parquet"), max_events=64)
+    labels = pl.read_parquet(ACES)
+    assert store.n == len(labels) == 74
+    assert report.counts["events whose code is not in codes.parquet (raw code used)"] > 0
+    split_file = pl.read_parquet(MEDS_DIR / "metadata" / "subject_splits.parquet")
+    held_out = set(split_file.filter(pl.col("split") == "held_out")["subject_id"].cast(pl.String).to_list())
+    test_subjects = set(store.index("subject_id")[store.index("split") == "test"])
+    assert test_subjects and test_subjects <= held_out
+    # as-of join: no event after its prediction time
+    assert store.read_rows(0, store.n, ["ehr/time"])["ehr/time"].values.max() <= 0.0
+
+    run = tmp_path / "run"
+    from biofm.platform.lightning import BiofmDataModule as DM
+    original = DM.__init__
+
+    def predict_everything(self, *args, **kwargs):
+        original(self, *args, **{**kwargs, "predict_split": "all"})
+    monkeypatch.setattr(DM, "__init__", predict_everything)
+    fit_and_test([store.url], run, epochs=1, batch_size=16, model=TINY, predict=True)
+    exported = tmp_path / "meds_predictions.parquet"
+    main(["export", "meds", "--predictions", str(run / "predictions.parquet"), "--store", out,
+          "--out", str(exported)])
+    frame = pl.read_parquet(exported)
+    assert frame.columns == ["subject_id", "prediction_time", "boolean_value", "predicted_boolean_value",
+                             "predicted_boolean_probability"]
+    assert len(frame) == len(labels)
+    expected = labels.select("subject_id", "prediction_time", "boolean_value").sort(["subject_id", "prediction_time"])
+    assert frame.select("subject_id", "prediction_time", "boolean_value").equals(expected)
+    assert frame["predicted_boolean_probability"].is_between(0, 1).all()
+
+
+@needs_ehr_data
+def test_the_meds_folder_reports_label_rows_whose_subject_has_no_data(tmp_path):
+    store, report = prepare_meds(str(MEDS_DIR), str(ACES), str(tmp_path / "m.zarr"))
+    assert store.n == 14  # the folder holds the held_out and tuning shards only (20 subjects)
+    assert report.counts["samples whose subject has no events in the data (dropped)"] == 60
+    rejects = pl.read_csv(str(tmp_path / "m.zarr") + ".rejects.csv")
+    assert len(rejects) == 60 and set(rejects["reason"]) == {"subject has no events in the data"}
+
+
+# ------------------------------------------------------------------------------------ multi-source
+@needs_ehr_data
+def test_raw_tables_and_meds_train_together_as_two_sources(mimic_store, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    mimic, _ = mimic_store
+    meds_kwargs = dict(task="icu_mortality", codes=str(MEDS_DIR / "metadata" / "codes.parquet"),
+                       splits=str(MEDS_DIR / "metadata" / "subject_splits.parquet"))
+    alone = prepare_meds(str(MEDS_ALL), str(ACES), str(tmp_path / "alone.zarr"), **meds_kwargs)[0]
+    with pytest.raises(ConfigError, match="different settings"):
+        BiofmDataModule([mimic.url, alone.url])
+    meds = prepare_meds(str(MEDS_ALL), str(ACES), str(tmp_path / "meds.zarr"), tokenizer_from=mimic.url,
+                        **meds_kwargs)[0]
+    data = BiofmDataModule([mimic.url, meds.url])
+    assert set(data.schema["tasks"]) == set(MIMIC_TASKS) | {"icu_mortality"}
+    metrics = fit_and_test([mimic.url, meds.url], tmp_path / "run", epochs=2, batch_size=16, model=TINY)
+    assert any(k.startswith("icu_mortality/") for k in metrics)
+    assert any(k.startswith("los_3day/") for k in metrics)
+
+
+# -------------------------------------------------------------------------------------- bad input
+def _tiny_database(root: Path) -> None:
+    (root / "db").mkdir(parents=True)
+    (root / "db" / "stays.csv").write_text(
+        "stay,patient,start\n"
+        "s1,p1,2100-01-01 00:00:00\n"
+        "s2,p2,2100-01-01 00:00:00\n"
+        "s3,p3,2100-01-01 00:00:00\n")  # s3 has no event in its window
+    (root / "db" / "events.csv").write_text(
+        "stay,time,item,amount,note\n"
+        "s1,2100-01-01 01:00:00,1,5.5,ok\n"
+        "s1,2100-01-01 01:00:00,1,5.5,ok\n"        # duplicate row
+        "s1,,1,2.0,ok\n"                           # no time
+        "s1,yesterday,1,2.0,ok\n"                  # unparseable time
+        "s1,2100-01-01 02:00:00,99,7.0,ok\n"       # unknown code
+        "s2,2100-01-01 03:00:00,2,abc,ok\n"        # unparseable number
+        "s2,2100-01-02 03:00:00,2,1.0,late\n"      # after the window
+        "s3,2099-12-31 03:00:00,2,1.0,early\n")    # before the window
+    (root / "db" / "items.csv").write_text("item,name\n1,glucose\n2,heparin\n")
+    (root / "labels.csv").write_text("stay,outcome,grade\ns1,1,low\ns2,0,high\ns3,1,low\n")
+    (root / "schema.yaml").write_text(
+        "name: tiny\nfiles: '{name}.csv'\n"
+        "stays: {table: stays, id: stay, subject: patient, start: start}\n"
+        "observation_hours: 12\n"
+        "tables:\n"
+        "  - {table: events, time: time, link: stay, numeric: [amount],\n"
+        "     dictionaries: [{table: items, key: item, name: name}]}\n")
+
+
+def test_bad_rows_of_raw_tables_are_counted_with_their_reason_and_the_rest_is_prepared(tmp_path):
+    _tiny_database(tmp_path)
+    out = str(tmp_path / "tiny.zarr")
+    store, report = prepare_ehr_tables(str(tmp_path / "db"), str(tmp_path / "schema.yaml"), out,
+                                       labels=str(tmp_path / "labels.csv"), shard_subjects=1)
+    counts = report.counts
+    assert counts["events: rows with a missing or unparseable time (dropped)"] == 2
+    assert counts["events: duplicate rows (dropped)"] == 1
+    assert counts["events: item codes not in items (raw code used)"] == 1
+    assert counts["events: unparseable numbers in amount (left out)"] == 1
+    assert counts["stays with no event in the observation window (dropped)"] == 1
+    assert store.n == 2 and sorted(store.index("sample_id")) == ["s1", "s2"]
+    assert store.tasks["outcome"]["kind"] == "binary" and store.tasks["grade"]["classes"] == ["high", "low"]
+    saved = json.loads(Path(out + ".report.json").read_text())
+    assert saved["events: duplicate rows (dropped)"] == 1
+    assert pl.read_csv(out + ".rejects.csv")["sample_id"].to_list() == ["s3"]
+    # s1 keeps 2 events (glucose, and the raw code 99); s2 keeps 1, without its unparseable amount
+    assert store.read_rows(0, store.n, ["ehr/time"])["ehr/time"].lengths().tolist() in ([2, 1], [1, 2])
+
+
+@pytest.mark.parametrize("change, message", [
+    (("table: events", "table: visits"), r"table 'visits' is not in"),
+    (("time: time", "time: charted"), r"table 'events' .* has no column \['charted'\]"),
+    (("numeric: [amount]", "numeric: [dose]"), r"has no column \['dose'\]"),
+])
+def test_a_schema_naming_a_missing_table_or_column_stops_with_one_clear_error(tmp_path, change, message):
+    _tiny_database(tmp_path)
+    schema = tmp_path / "schema.yaml"
+    schema.write_text(schema.read_text().replace(*change))
+    with pytest.raises(StoreError, match=message):
+        prepare_ehr_tables(str(tmp_path / "db"), str(schema), str(tmp_path / "x.zarr"),
+                           labels=str(tmp_path / "labels.csv"))
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_bad_meds_rows_are_counted_and_events_after_the_prediction_time_are_never_used(tmp_path):
+    data = tmp_path / "meds" / "data" / "train"
+    data.mkdir(parents=True)
+    pl.DataFrame({
+        "subject_id": [1, 1, 1, 1, 1, 1, 2, 3],
+        "time": [None, "2100-01-01 00:00:00", "2100-01-01 00:00:00", "not a time", "2100-01-01 05:00:00",
+                 "2100-01-03 00:00:00", "2100-01-01 00:00:00", "2100-02-01 00:00:00"],
+        "code": ["GENDER//F", "LAB//1", "LAB//1", "LAB//1", "NEW//CODE", "LAB//FUTURE", "LAB//1", "LAB//1"],
+        "numeric_value": [None, "1.5", "1.5", "2", "oops", "3", "4", "5"],
+        "hadm_id": [None, 7, 7, 7, 7, 7, 8, 9],
+    }).write_parquet(data / "0.parquet")
+    (tmp_path / "meds" / "metadata").mkdir()
+    pl.DataFrame({"code": ["LAB//1", "LAB//FUTURE", "GENDER//F"], "description": ["glucose", None, None]}).write_parquet(
+        tmp_path / "meds" / "metadata" / "codes.parquet")
+    import datetime as dt
+    pl.DataFrame({"subject_id": [1, 2, 3], "prediction_time": [dt.datetime(2100, 1, 2)] * 3,
+                  "boolean_value": [True, False, True]}).write_parquet(tmp_path / "labels.parquet")
+    out = str(tmp_path / "m.zarr")
+    store, report = prepare_meds(str(tmp_path / "meds"), str(tmp_path / "labels.parquet"), out)
+    counts = report.counts
+    assert counts["events with an unparseable time (dropped)"] == 1
+    assert counts["duplicate event rows (dropped)"] == 1
+    assert counts["unparseable numeric_value (left out)"] == 1
+    assert counts["events whose code is not in codes.parquet (raw code used)"] == 1
+    assert counts["samples with no event at or before their prediction_time (dropped)"] == 1  # subject 3
+    assert store.n == 2
+    rows = store.read_rows(0, store.n, ["ehr/time"])["ehr/time"]
+    lengths = dict(zip(store.index("subject_id"), rows.lengths().tolist()))
+    # subject 1: the static fact, LAB//1 at 00:00 (once) and NEW//CODE at 05:00; never LAB//FUTURE
+    assert lengths == {"1": 3, "2": 1}
+    assert np.nanmax(rows.values) <= 0.0
+    assert pl.read_csv(out + ".rejects.csv")["reason"].to_list() == ["no event at or before its prediction_time"]
+
+
+def test_meds_predictions_need_a_binary_task(tmp_path):
+    with pytest.raises(StoreError, match="does not exist|no such"):
+        meds_predictions(str(tmp_path / "p.parquet"), str(tmp_path / "nothing.zarr"))
