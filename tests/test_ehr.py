@@ -22,6 +22,7 @@ MEDS_DIR = EHR_DATA / "mimic-iv-demo-meds-0.0.1"
 MEDS_ALL = EHR_DATA / "mimic-iv-demo-meds-all-subjects.parquet"
 ACES = EHR_DATA / "aces_icu_mortality_first_24h_labels.parquet"
 SCHEMA = Path(__file__).resolve().parents[1] / "configs" / "ehr" / "mimic-iv.yaml"
+CONFIG = SCHEMA.parent / "train.yaml"
 needs_ehr_data = pytest.mark.skipif(not EHR_DATA.exists(), reason=f"shared EHR data not found at {EHR_DATA}")
 TINY = {"d_model": 32, "depth": 1, "heads": 2, "latents": 4, "encoders": {"ehr": {"layers": 1, "heads": 2}}}
 MIMIC_TASKS = ["mortality", "long_term_mortality", "los_3day", "los_7day", "readmission", "final_acuity",
@@ -154,9 +155,21 @@ def test_raw_tables_and_meds_train_together_as_two_sources(mimic_store, tmp_path
                         **meds_kwargs)[0]
     data = BiofmDataModule([mimic.url, meds.url])
     assert set(data.schema["tasks"]) == set(MIMIC_TASKS) | {"icu_mortality"}
-    metrics = fit_and_test([mimic.url, meds.url], tmp_path / "run", epochs=2, batch_size=16, model=TINY)
-    assert any(k.startswith("icu_mortality/") for k in metrics)
-    assert any(k.startswith("los_3day/") for k in metrics)
+    # through the CLI: fit on both sources, then predict on the MEDS store alone with that checkpoint
+    run = tmp_path / "run"
+    tiny = ["--model.d_model", "32", "--model.depth", "1", "--model.heads", "2", "--model.latents", "4",
+            "--model.encoders", '{"ehr": {"layers": 1, "heads": 2}}', "--trainer.default_root_dir", str(run),
+            "--trainer.logger", "false"]
+    main(["fit", "-c", str(CONFIG), "--data.stores", f"[{mimic.url}, {meds.url}]", "--trainer.max_epochs", "2",
+          *tiny])
+    last = run / "checkpoints" / "last.ckpt"
+    main(["test", "-c", str(CONFIG), "--data.stores", f"[{mimic.url}, {meds.url}]", "--ckpt_path", str(last), *tiny])
+    metrics = json.loads((run / "test_metrics.json").read_text())
+    assert any(k.startswith("icu_mortality/") for k in metrics) and any(k.startswith("los_3day/") for k in metrics)
+    main(["predict", "-c", str(CONFIG), "--data.stores", f"[{meds.url}]", "--data.predict_split", "all",
+          "--ckpt_path", str(last), *tiny])
+    predictions = pl.read_parquet(run / "predictions.parquet")
+    assert len(predictions) == meds.n and {"icu_mortality/prob/1", "los_3day/prob/1"} <= set(predictions.columns)
 
 
 # -------------------------------------------------------------------------------------- bad input

@@ -228,6 +228,28 @@ class BiofmModule(LightningModule):
     def forward(self, inputs: dict) -> dict:
         return self.model(inputs)
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Testing or predicting on stores with fewer (or other) tasks than the checkpoint was trained on:
+        the model takes the checkpoint's schema, so its weights load whole and it predicts every task it
+        knows. Modalities shared with the stores must have the same settings (the same tokenizer)."""
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        saved = (checkpoint.get("hyper_parameters") or {}).get("schema")
+        current = self.hparams["schema"]
+        if saved is None or saved == current or self._trainer is None or self.trainer.state.fn == TrainerFn.FITTING:
+            return
+        for name, config in current["modalities"].items():
+            if name in saved["modalities"] and saved["modalities"][name] != config:
+                raise ConfigError(f"the checkpoint's modality '{name}' has other settings (e.g. another tokenizer) "
+                                  "than the stores given; prepare them with the checkpoint's settings")
+        hp = self.hparams
+        device = next(self.parameters()).device
+        self.model = BiofmModel(saved, hp["d_model"], hp["depth"], hp["heads"], hp["latents"], hp["dropout"],
+                                hp["encoders"]).to(device)
+        self.balancer = make_balancer(hp["balancing"], list(saved["tasks"]), hp["balancing_options"])
+        self.metrics = torch.nn.ModuleDict({stage: TaskMetrics(self.model.kinds) for stage in ("val", "test")}).to(device)
+        self.hparams["schema"] = saved
+
     def _task_losses(self, batch: dict, out: dict) -> dict[str, torch.Tensor]:
         losses = {}
         for task, target in batch["labels"].items():
