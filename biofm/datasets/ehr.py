@@ -111,13 +111,12 @@ class ShardedWriter:
         return modality
 
     def write(self, modality: EHR, *, source: str, tasks: dict, labels: pl.DataFrame, splits: dict | None,
-              seed: int, overwrite: bool, progress: bool) -> tuple[Store, list[tuple[str, str]]]:
+              seed: int, overwrite: bool, progress: bool) -> Store:
         """`labels`: sample_id plus one column per task (already coded: floats, class indices)."""
         writer = StoreWriter(self.out, source=source, modalities={"ehr": modality.config()}, tasks=tasks,
                              seed=seed, overwrite=overwrite)
         done = writer.committed()
         label_of = {row[0]: row[1:] for row in labels.select(["sample_id", *tasks]).iter_rows()}
-        rejected: list[tuple[str, str]] = []
         cap = modality.settings["max_events"]
         for shard in _track(range(self.n_shards), progress, self.n_shards, "featurising"):
             path = self.work / f"events-{shard:05d}.parquet"
@@ -135,7 +134,7 @@ class ShardedWriter:
             writer.write_batch(shard, sample_id=samples, subject_id=subjects,
                                labels={t: values[:, j] for j, t in enumerate(tasks)},
                                arrays=modality.featurise([sequences[i] for i in keep]), split=split)
-        return writer.finalize(), rejected
+        return writer.finalize()
 
 
 def _write_outputs(out: str, report: Report, rejects: list[tuple[str, str]]) -> None:
@@ -325,7 +324,7 @@ def prepare_meds(input: str, labels: str, out: str, *, task: str | None = None, 
     modality = writer.modality(settings, tokenizer_from)
     if not len(label_frame) or len(rejects) == len(label_frame):
         raise StoreError(f"{labels}: no label row has events at or before its prediction_time")
-    store, _ = writer.write(modality, source=source or f"meds-{task}", tasks={task: spec}, labels=label_frame,
+    store = writer.write(modality, source=source or f"meds-{task}", tasks={task: spec}, labels=label_frame,
                             splits=split_of, seed=seed, overwrite=overwrite, progress=progress)
     _write_outputs(out, report, rejects)
     shutil.rmtree(work, ignore_errors=True)
@@ -591,7 +590,7 @@ def prepare_ehr_tables(input: str, schema: str, out: str, *, labels: str | None 
         raise StoreError(f"{input}: no stay has events in its observation window")
     settings = {"vocab_size": vocab_size, "max_events": spec.max_events, "max_event_tokens": spec.max_event_tokens}
     modality = writer.modality(settings, tokenizer_from)
-    store, _ = writer.write(modality, source=source or spec.name, tasks=tasks, labels=label_frame, splits=None,
+    store = writer.write(modality, source=source or spec.name, tasks=tasks, labels=label_frame, splits=None,
                             seed=seed, overwrite=overwrite, progress=progress)
     _write_outputs(out, report, rejects)
     shutil.rmtree(work, ignore_errors=True)

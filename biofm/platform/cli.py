@@ -9,26 +9,24 @@ from collections.abc import Callable
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
+Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]
 # `biofm prepare <name>`: each source adds a parser builder and a runner here
-PREPARERS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {}
-
-
-def preparer(name: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
-    def register(run: Callable[[argparse.Namespace], None]):
-        PREPARERS[name] = (add_arguments, run)
-        return run
-    return register
-
-
+PREPARERS: dict[str, Command] = {}
 # `biofm export <format>`: predictions → another format (e.g. MEDS evaluation files)
-EXPORTERS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {}
+EXPORTERS: dict[str, Command] = {}
 
 
-def exporter(name: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
-    def register(run: Callable[[argparse.Namespace], None]):
-        EXPORTERS[name] = (add_arguments, run)
-        return run
-    return register
+def _registrar(registry: dict[str, Command]):
+    def decorate(name: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+        def register(run: Callable[[argparse.Namespace], None]):
+            registry[name] = (add_arguments, run)
+            return run
+        return register
+    return decorate
+
+
+preparer = _registrar(PREPARERS)
+exporter = _registrar(EXPORTERS)
 
 
 def _subcommands(parent, registry: dict, dest: str) -> None:
