@@ -179,7 +179,9 @@ def _tiny_database(root: Path) -> None:
         "stay,patient,start\n"
         "s1,p1,2100-01-01 00:00:00\n"
         "s2,p2,2100-01-01 00:00:00\n"
-        "s3,p3,2100-01-01 00:00:00\n")  # s3 has no event in its window
+        "s3,p3,2100-01-01 00:00:00\n"  # s3 has no event in its window
+        "s4,,2100-01-01 00:00:00\n"     # no subject
+        "s5,p5,soon\n")                  # unparseable start
     (root / "db" / "events.csv").write_text(
         "stay,time,item,amount,note\n"
         "s1,2100-01-01 01:00:00,1,5.5,ok\n"
@@ -212,6 +214,8 @@ def test_bad_rows_of_raw_tables_are_counted_with_their_reason_and_the_rest_is_pr
     assert counts["events: item codes not in items (raw code used)"] == 1
     assert counts["events: unparseable numbers in amount (left out)"] == 1
     assert counts["stays with no event in the observation window (dropped)"] == 1
+    assert counts["stays without a stay or subject id (dropped)"] == 1
+    assert counts["stays with a missing or unparseable start time (dropped)"] == 1
     assert store.n == 2 and sorted(store.index("sample_id")) == ["s1", "s2"]
     assert store.tasks["outcome"]["kind"] == "binary" and store.tasks["grade"]["classes"] == ["high", "low"]
     saved = json.loads(Path(out + ".report.json").read_text())

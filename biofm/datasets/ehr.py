@@ -179,7 +179,9 @@ def read_meds_labels(path: str, task: str, report: Report) -> tuple[pl.DataFrame
                                _as_datetime(frame, "prediction_time").alias("prediction_time"))
     bad_time = frame["prediction_time"].is_null()
     report.add("label rows with a missing or unparseable prediction_time (dropped)", bad_time.sum())
-    frame = frame.filter(~bad_time)
+    no_subject = frame["subject_id"].is_null()
+    report.add("label rows without a subject_id (dropped)", no_subject.sum())
+    frame = frame.filter(~bad_time & ~no_subject)
     before = len(frame)
     frame = frame.unique(["subject_id", "prediction_time"], keep="first", maintain_order=True)
     report.add("duplicate label rows (same subject and prediction_time; first kept)", before - len(frame))
@@ -540,7 +542,11 @@ def prepare_ehr_tables(input: str, schema: str, out: str, *, labels: str | None 
     stays = read_stays(spec, input)
     bad_start = stays["_start"].is_null()
     report.add("stays with a missing or unparseable start time (dropped)", bad_start.sum())
-    stays = stays.filter(~bad_start)
+    no_id = stays["_sample"].is_null() | stays["_subject"].is_null()
+    report.add("stays without a stay or subject id (dropped)", no_id.sum())
+    duplicate = stays["_sample"].is_duplicated() & ~no_id
+    report.add("stays whose id appears twice (all its rows dropped)", duplicate.sum())
+    stays = stays.filter(~bad_start & ~no_id & ~duplicate)
     tasks: dict[str, dict] = {}
     label_frame = stays.select(pl.col("_sample").alias("sample_id"))
     if spec.tasks:
