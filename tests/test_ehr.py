@@ -55,6 +55,25 @@ def test_an_event_over_the_token_cap_drops_whole_fields_and_samples_keep_their_l
     assert arrays["ehr/present"].tolist() == [True, False]
 
 
+def test_the_encoder_reads_event_times_and_ignores_padding_events():
+    import torch
+    modality = EHR(vocab_size=200, max_event_tokens=16)
+    modality.fit(["labevents", "glucose", "value"])
+    fields = [[("glucose", "5.5")], [("glucose", "7.0")]]
+    recent = EventSequence(np.array([-2.0, -1.0], np.float32), ["labevents"] * 2, fields)
+    old = EventSequence(np.array([-200.0, -100.0], np.float32), ["labevents"] * 2, fields)
+    short = EventSequence(np.array([-1.0], np.float32), ["labevents"], fields[1:])
+    batch = modality.collate({k.split("/", 1)[1]: v for k, v in modality.featurise([recent, old, short]).items()})
+    torch.manual_seed(0)
+    encoder = modality.encoder(16, layers=1, heads=2).eval()
+    with torch.no_grad():
+        x, mask = encoder(batch)
+        alone, _ = encoder(modality.collate({k.split("/", 1)[1]: v for k, v in modality.featurise([short]).items()}))
+    assert mask.tolist() == [[True, True], [True, True], [True, False]]
+    assert not torch.allclose(x[0], x[1], atol=1e-4)  # same events, other times → other tokens
+    torch.testing.assert_close(x[2, :1], alone[0, :1])  # a padding event changes nothing
+
+
 # ------------------------------------------------------------------------------------- raw MIMIC-IV
 @pytest.fixture(scope="module")
 def mimic_store(tmp_path_factory):
@@ -274,6 +293,10 @@ def test_bad_meds_rows_are_counted_and_events_after_the_prediction_time_are_neve
     assert pl.read_csv(out + ".rejects.csv")["reason"].to_list() == ["no event at or before its prediction_time"]
 
 
-def test_meds_predictions_need_a_binary_task(tmp_path):
-    with pytest.raises(StoreError, match="does not exist|no such"):
-        meds_predictions(str(tmp_path / "p.parquet"), str(tmp_path / "nothing.zarr"))
+def test_meds_predictions_need_the_task_named_when_the_store_has_no_single_binary_one(tmp_path):
+    _tiny_database(tmp_path)
+    (tmp_path / "scores.csv").write_text("stay,score\ns1,1.5\ns2,2.5\ns3,0.5\n")
+    store, _ = prepare_ehr_tables(str(tmp_path / "db"), str(tmp_path / "schema.yaml"), str(tmp_path / "r.zarr"),
+                                  labels=str(tmp_path / "scores.csv"))
+    with pytest.raises(StoreError, match=r"name the task with --task; binary tasks are \[\]"):
+        meds_predictions(str(tmp_path / "p.parquet"), store.url)

@@ -16,9 +16,9 @@ reason (printed, and written to `<out>.report.json`; dropped samples to `<out>.r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -29,7 +29,8 @@ import yaml
 
 from biofm.modalities.ehr import EHR, EventSequence
 from biofm.platform.cli import exporter, preparer
-from biofm.platform.store import Store, StoreError, StoreWriter, subject_splits
+from biofm.datasets.outputs import report_path, track, write_rejects, write_report
+from biofm.platform.store import Store, StoreError, StoreWriter, is_local, subject_splits
 
 SPLITS = {"train": "train", "tuning": "val", "val": "val", "held_out": "test", "test": "test"}
 EVENT_COLUMNS = ["sample_id", "subject_id", "hours", "table", "fields"]
@@ -118,12 +119,12 @@ class ShardedWriter:
         done = writer.committed()
         label_of = {row[0]: row[1:] for row in labels.select(["sample_id", *tasks]).iter_rows()}
         cap = modality.settings["max_events"]
-        for shard in _track(range(self.n_shards), progress, self.n_shards, "featurising"):
-            path = self.work / f"events-{shard:05d}.parquet"
-            events = pl.read_parquet(path)
-            samples, subjects, sequences = to_sequences(events, cap)
+        for shard in track(range(self.n_shards), progress, self.n_shards, "featurising"):
+            if shard in done:  # committed by an earlier, interrupted run
+                continue
+            samples, subjects, sequences = to_sequences(pl.read_parquet(self.work / f"events-{shard:05d}.parquet"), cap)
             keep = [i for i, s in enumerate(samples) if s in label_of]
-            if shard in done or not keep:
+            if not keep:
                 continue
             samples = [samples[i] for i in keep]
             subjects = [subjects[i] for i in keep]
@@ -139,16 +140,8 @@ class ShardedWriter:
 
 def _write_outputs(out: str, report: Report, rejects: list[tuple[str, str]]) -> None:
     import pandas as pd
-    base = str(out).rstrip("/")
-    Path(base + ".report.json").write_text(json.dumps(dict(sorted(report.counts.items())), indent=2))
-    pd.DataFrame(rejects, columns=["sample_id", "reason"]).to_csv(base + ".rejects.csv", index=False)
-
-
-def _track(items, enabled: bool, total: int, description: str):
-    if not enabled:
-        return items
-    from rich.progress import track
-    return track(items, total=total, description=description)
+    write_report(out, report.counts)
+    write_rejects(out, pd.DataFrame(rejects, columns=["sample_id", "reason"]))
 
 
 def _shards(subjects: list, shard_subjects: int) -> list[list]:
@@ -156,7 +149,10 @@ def _shards(subjects: list, shard_subjects: int) -> list[list]:
 
 
 def _work_dir(out: str) -> Path:
-    work = Path(str(out).rstrip("/") + ".work")
+    """`<out>.work` beside a local store; a temporary folder for a remote one."""
+    if not is_local(out):
+        return Path(tempfile.mkdtemp(prefix="biofm-ehr-"))
+    work = Path(str(out).removeprefix("file://").rstrip("/") + ".work")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     return work
@@ -310,7 +306,7 @@ def prepare_meds(input: str, labels: str, out: str, *, task: str | None = None, 
     work = _work_dir(out)
     writer = ShardedWriter(out, work, report)
     rejects: list[tuple[str, str]] = []
-    for shard, group in enumerate(_track(_shards(subjects, shard_subjects), progress,
+    for shard, group in enumerate(track(_shards(subjects, shard_subjects), progress,
                                          -(-len(subjects) // shard_subjects), "reading events")):
         shard_labels = label_frame.filter(pl.col("subject_id").is_in(group))
         events, with_data = meds_events(scan, group, shard_labels, code_frame, set(drop_columns), report)
@@ -465,7 +461,7 @@ def partition_tables(schema: Schema, root: str, stays: pl.DataFrame, shard_of: d
         out_dir = work / table.replace("/", "__")
         out_dir.mkdir(parents=True, exist_ok=True)
         seen = 0
-        for block in _track(stream_table(path, columns), progress, None, f"reading {table}"):
+        for block in track(stream_table(path, columns), progress, None, f"reading {table}"):
             seen += len(block)
             block = block.join(link_to_shard, on=link, how="inner")
             for (shard,), part in block.partition_by("_shard", as_dict=True).items():
@@ -652,7 +648,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _print(store: Store, report: Report, out: str) -> None:
     print(store.describe())
-    print(f"prepared {store.n} samples; what was dropped or changed (also in {out.rstrip('/')}.report.json):")
+    print(f"prepared {store.n} samples; what was dropped or changed (also in {report_path(out)}):")
     print("\n".join(report.lines()) or "  nothing")
 
 

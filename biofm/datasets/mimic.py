@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import polars as pl
 
+from biofm.datasets.ehr import read_small, stream_table
 from biofm.platform.store import StoreError
 
 DISCHARGE = {"ACUTE HOSPITAL": "Other", "AGAINST ADVICE": "Other", "ASSISTED LIVING": "Other",
@@ -53,8 +54,6 @@ def _datetime(column: str) -> pl.Expr:
 
 def icu_tasks(schema, root: str, stays: pl.DataFrame, report) -> tuple[pl.DataFrame, dict]:
     """(cohort: sample_id + one coded column per task, task specs)."""
-    from biofm.datasets.ehr import read_small, stream_table
-
     options = schema.tasks
     obs = schema.observation_hours
     gap = float(options.get("gap_hours", 12))
@@ -111,7 +110,7 @@ def icu_tasks(schema, root: str, stays: pl.DataFrame, report) -> tuple[pl.DataFr
     specs["final_acuity"] = {"kind": "multiclass", "classes": FINAL_ACUITY}
     specs["imminent_discharge"] = {"kind": "multiclass", "classes": IMMINENT}
 
-    labs = _lab_labels(schema, root, frame, obs + gap, obs + pred, report, read_small, stream_table)
+    labs = _lab_labels(schema, root, frame, obs + gap, obs + pred, report)
     frame = frame.join(labs, on="_sample", how="left")
     for task, (_, _, classes) in LABS.items():
         specs[task] = {"kind": "multiclass", "classes": classes}
@@ -123,7 +122,7 @@ def _coded(values: pl.Expr, classes: list[str]) -> pl.Expr:
     return values.replace_strict({c: float(i) for i, c in enumerate(classes)}, default=None, return_dtype=pl.Float32)
 
 
-def _lab_labels(schema, root, cohort, lo: float, hi: float, report, read_small, stream_table) -> pl.DataFrame:
+def _lab_labels(schema, root, cohort, lo: float, hi: float, report) -> pl.DataFrame:
     """Mean lab value per stay in [lo, hi] hours after ICU admission, binned per task."""
     itemids = {str(i): task for task, (ids, _, _) in LABS.items() for i in ids}
     path = schema.file(root, "hosp/labevents")
@@ -138,7 +137,7 @@ def _lab_labels(schema, root, cohort, lo: float, hi: float, report, read_small, 
         return cohort.select("_sample").with_columns([pl.lit(None, pl.Float32).alias(t) for t in LABS])
     labs = labs.with_columns(pl.col("itemid").replace_strict(itemids).alias("_task"), _datetime("charttime").alias("_t"),
                              pl.col("valuenum").cast(pl.Float64, strict=False))
-    first_dialysis = _first_dialysis(schema, root, read_small)
+    first_dialysis = _first_dialysis(schema, root)
     if first_dialysis is not None:
         labs = labs.join(first_dialysis, left_on="_subject", right_on="subject_id", how="left")
         after = (pl.col("_task") == "creatinine") & pl.col("_dialysis").is_not_null() & (pl.col("_t") >= pl.col("_dialysis"))
@@ -163,7 +162,7 @@ def _bin(value: pl.Expr, edges: list[float], descending: bool) -> pl.Expr:
     return index.cast(pl.Float32)
 
 
-def _first_dialysis(schema, root, read_small) -> pl.DataFrame | None:
+def _first_dialysis(schema, root) -> pl.DataFrame | None:
     """The first dialysis time per subject from inputevents and procedureevents (chartevents, when present)."""
     times = []
     for table, ids, value in (("icu/inputevents", DIALYSIS_INPUT, "amount"),

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from biofm.datasets.outputs import rejects_path, track, write_rejects
 from biofm.platform.cli import preparer
 from biofm.platform.modality import MODALITIES
 from biofm.platform.store import Ragged, Store, StoreError, StoreWriter, subject_splits
@@ -168,9 +169,9 @@ def prepare_molecules(input: str, out: str, smiles_column: str = "smiles", label
     workers = workers if workers is not None else min(os.cpu_count() or 1, 4)
     if workers > 1 and len(batches) > 1:
         with ProcessPoolExecutor(workers) as pool:
-            featurised = list(_track(pool.map(_featurise, batches), progress, len(batches), "featurising"))
+            featurised = list(track(pool.map(_featurise, batches), progress, len(batches), "featurising"))
     else:
-        featurised = [_featurise(b) for b in _track(batches, progress, len(batches), "featurising")]
+        featurised = [_featurise(b) for b in track(batches, progress, len(batches), "featurising")]
     for b, (_, why) in enumerate(featurised):
         for j, reason in enumerate(why):
             i = b * batch_size + j
@@ -220,21 +221,10 @@ def prepare_molecules(input: str, out: str, smiles_column: str = "smiles", label
     return store, int((~accepted).sum())
 
 
-def rejects_path(out: str) -> str:
-    return str(out).rstrip("/") + ".rejects.csv"
-
-
 def _write_rejects(out: str, frame: pd.DataFrame, smiles_column: str, reasons: list[str | None]) -> None:
-    """`<out>.rejects.csv`: row (1-based data row of the input), smiles, reason. Written whole, then moved."""
-    import fsspec
+    """`<out>.rejects.csv`: row (1-based data row of the input), smiles, reason."""
     rows = [(i + 1, frame[smiles_column].iloc[i], r) for i, r in enumerate(reasons) if r is not None]
-    table = pd.DataFrame(rows, columns=["row", "smiles", "reason"])
-    path = rejects_path(out)
-    fs, local = fsspec.core.url_to_fs(path)
-    fs.makedirs(os.path.dirname(local) or ".", exist_ok=True)
-    with fs.open(local + ".tmp", "w") as handle:
-        table.to_csv(handle, index=False)
-    fs.mv(local + ".tmp", local)
+    write_rejects(out, pd.DataFrame(rows, columns=["row", "smiles", "reason"]))
 
 
 def _source_name(path: str) -> str:
@@ -242,13 +232,6 @@ def _source_name(path: str) -> str:
     for suffix in (".gz", ".csv", ".tsv", ".parquet", ".sdf", ".txt"):
         name = name.removesuffix(suffix)
     return name
-
-
-def _track(items, enabled: bool, total: int, description: str):
-    if not enabled:
-        return items
-    from rich.progress import track
-    return track(items, total=total, description=description)
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
