@@ -120,7 +120,38 @@ def fake_raw(modality: str, n: int, seed: int = 0) -> list:
                       for _, name, unit in picks]
             out.append(EventSequence(times, [t for t, _, _ in picks], fields))
         return out
+    if modality == "wsi":
+        paths = fake_slides(seed)
+        return [paths[i % len(paths)] if i % 5 != 0 else None for i in range(n)]
     raise KeyError(f"biofm.testing.fake_raw has no builder for modality '{modality}'; add one")
+
+
+def fake_slides(seed: int = 0, count: int = 6, size: int = 672) -> list[str]:
+    """`count` small pyramidal TIFF slides (synthetic tissue re-stained from scikit-image's IHC image, no
+    shared data needed), written once per machine into the temporary folder."""
+    import tempfile
+
+    from biofm.datasets.synthetic_slides import TissueSource, synthetic_slide, write_pyramid_tiff
+    folder = Path(tempfile.gettempdir()) / f"biofm-fake-slides-{seed}-{count}-{size}"
+    paths = [folder / f"slide-{i}.tiff" for i in range(count)]
+    if all(p.exists() for p in paths):
+        return [str(p) for p in paths]
+    folder.mkdir(parents=True, exist_ok=True)
+    source = TissueSource(cmu_path=False)
+    for i, path in enumerate(paths):
+        rng = np.random.default_rng([seed, i])
+        rgb, _ = synthetic_slide(rng, source, ["H&E", "IHC"][i % 2], "resection",
+                                 i % 4 == 3, size)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        write_pyramid_tiff(partial, rgb, mpp=0.5, levels=2)
+        os.replace(partial, path)  # parallel test workers may write the same file: each replace is whole
+    return [str(p) for p in paths]
+
+
+def tiny_patch_network():
+    """A patch encoder factory for tests (`--patch-encoder biofm.testing:tiny_patch_network`)."""
+    from torch import nn
+    return nn.Sequential(nn.Conv2d(3, 8, 8, stride=8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
 def write_fake_modality_store(url: str, modality: str, n: int = 120, seed: int = 0) -> Store:

@@ -14,6 +14,8 @@ Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Na
 PREPARERS: dict[str, Command] = {}
 # `biofm export <format>`: predictions → another format (e.g. MEDS evaluation files)
 EXPORTERS: dict[str, Command] = {}
+# `biofm <command>`: top-level commands a modality or source adds (e.g. `heatmap`)
+COMMANDS: dict[str, Command] = {}
 
 
 def _registrar(registry: dict[str, Command]):
@@ -27,10 +29,14 @@ def _registrar(registry: dict[str, Command]):
 
 preparer = _registrar(PREPARERS)
 exporter = _registrar(EXPORTERS)
+command = _registrar(COMMANDS)
 
 
 def _subcommands(parent, registry: dict, dest: str) -> None:
-    subs = parent.add_subparsers(dest=dest, required=True)
+    _add_commands(parent.add_subparsers(dest=dest, required=True), registry)
+
+
+def _add_commands(subs, registry: dict) -> None:
     for name, (add_arguments, run) in registry.items():
         sub = subs.add_parser(name, help=(run.__doc__ or "").strip().splitlines()[0] if run.__doc__ else None)
         add_arguments(sub)
@@ -44,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _subcommands(commands.add_parser("prepare", help="turn a raw source into a sample store"), PREPARERS, "source")
     _subcommands(commands.add_parser("export", help="write predictions in another format"), EXPORTERS, "format")
+    _add_commands(commands, COMMANDS)
     info = commands.add_parser("info", help="describe a store")
     info.add_argument("store")
     info.set_defaults(run=_info)

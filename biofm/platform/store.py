@@ -207,8 +207,9 @@ class StoreWriter:
 
     def __init__(self, url: str, *, source: str, modalities: Mapping[str, dict], tasks: Mapping[str, dict],
                  seed: int = 0, overwrite: bool = False, chunk_bytes: int = 4 * MIB, min_chunks: int = 16,
-                 codec: str = "auto", storage_options: dict | None = None):
+                 codec: str = "auto", storage_options: dict | None = None, memory_bytes: int = 1 << 30):
         self.url, self.storage_options = str(url), storage_options
+        self.memory_bytes = memory_bytes  # a ragged array larger than this is finalised in a stream
         compressors_for(np.float32, codec)  # validate early
         self.codec = codec
         self.seed, self.chunk_bytes, self.min_chunks = seed, chunk_bytes, min_chunks
@@ -241,6 +242,14 @@ class StoreWriter:
         if "_parts" not in self.root:
             return set()
         return {int(k) for k, g in self._parts().groups() if g.attrs.get("committed")}
+
+    def committed_sample_ids(self) -> set[str]:
+        """Sample ids in the committed batches: a rerun that groups its samples into batches differently
+        (e.g. by work done, as slides are) skips the samples already written."""
+        if "_parts" not in self.root:
+            return set()
+        return {str(v) for _, g in self._parts().groups() if g.attrs.get("committed")
+                for v in _plain(g["index/sample_id"][...])}
 
     def write_batch(self, key: int, *, sample_id: Iterable, subject_id: Iterable,
                     labels: Mapping[str, Any] | None = None, arrays: Mapping[str, Column] | None = None,
@@ -313,8 +322,9 @@ class StoreWriter:
     def finalize(self, *, split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> Store:
         """Write every array once in a seeded random row order, then mark the store complete.
 
-        Holds one array of the whole store in memory at a time. Rerunning after an interruption
-        (here or earlier) gives the same store."""
+        Holds one array of the whole store in memory at a time, except ragged arrays larger than
+        `memory_bytes` (tile features, raw tiles), which stream sample by sample in permuted order.
+        Rerunning after an interruption (here or earlier) gives the same store."""
         parts = sorted((int(k), g) for k, g in self._parts().groups() if g.attrs.get("committed")) \
             if "_parts" in self.root else []
         if not parts:
@@ -367,6 +377,11 @@ class StoreWriter:
         for name, info in layout.items():
             if name.startswith("index/"):
                 continue
+            total_bytes = sum(lay[name]["bytes_per_sample"] for lay in layouts) * n / len(layouts)
+            if info["ragged"] and total_bytes > self.memory_bytes:
+                _write_ragged_streaming(root, name, [g for _, g in parts], perm, self.chunk_bytes, rows, self.codec)
+                arrays[name] = {"ragged": True, "dtype": info["dtype"], "shape": info["shape"]}
+                continue
             col = take_rows(gather(name), perm)
             if isinstance(col, Ragged):
                 row_bytes = col.values[0:1].nbytes or 1
@@ -390,6 +405,41 @@ class StoreWriter:
         attrs.pop("pending", None)
         root.attrs.put(attrs)
         return Store(self.url, storage_options=self.storage_options)
+
+
+def _write_ragged_streaming(root: zarr.Group, name: str, parts: list[zarr.Group], perm: np.ndarray,
+                            chunk_bytes: int, rows_per_chunk: int, codec: str) -> None:
+    """A ragged array in the order `perm` (over the parts' samples, concatenated), read one sample at a
+    time and written in whole chunks: memory holds about one chunk, never the array."""
+    sources = [part[name] for part in parts]
+    part_offsets = [part[name + ".offsets"][...].astype(np.int64) for part in parts]
+    counts = [len(o) - 1 for o in part_offsets]
+    part_of = np.repeat(np.arange(len(parts)), counts)
+    local = np.concatenate([np.arange(c) for c in counts])
+    lengths = np.concatenate([np.diff(o) for o in part_offsets])[perm]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    first = sources[0]
+    row_bytes = max(int(np.prod(first.shape[1:], dtype=np.int64)) * first.dtype.itemsize, 1)
+    value_rows = _chunk_rows(row_bytes, int(offsets[-1]), chunk_bytes, 1)
+    out = root.create_array(name, shape=(int(offsets[-1]), *first.shape[1:]), dtype=first.dtype,
+                            compressors=compressors_for(first.dtype, codec),
+                            chunks=(value_rows, *first.shape[1:]), overwrite=True)
+    buffer, buffered, written = [], 0, 0
+    for sample in perm:
+        p, j = part_of[sample], local[sample]
+        lo, hi = part_offsets[p][j], part_offsets[p][j + 1]
+        if hi > lo:
+            buffer.append(sources[p][lo:hi])
+            buffered += hi - lo
+        if buffered >= value_rows:
+            block = np.concatenate(buffer)
+            whole = (len(block) // value_rows) * value_rows
+            out[written:written + whole] = block[:whole]
+            written += whole
+            buffer, buffered = [block[whole:]], len(block) - whole
+    if buffered:
+        out[written:written + buffered] = np.concatenate(buffer)
+    _write_chunked(root, name + ".offsets", offsets, max(rows_per_chunk + 1, 1 << 16), codec)
 
 
 def _describe(col: Column) -> dict:

@@ -1,0 +1,333 @@
+"""`biofm prepare slides`: a manifest of whole slides (+ reports + case data) → a slide store.
+
+The manifest (CSV or parquet) has `slide_path` (relative paths are relative to the manifest), `sample_id`,
+`subject_id`, the label columns, and optionally `mpp`, `report` (free text → the `text` modality), `split`
+and case columns (→ the `tabular` modality; by default every column that is none of the above).
+
+A slide's tiles, features and other inputs are committed together (with the slides before it, up to
+`commit_tiles` tiles or `commit_seconds` of work), then its status (done, or failed with the reason) is
+written atomically to `<out>.status/<row>.json`. A rerun skips the slides already done and retries the
+failed ones; a broken slide never stops the run. At the end
+`<out>.slides.csv` lists every slide's status and `<out>.rejects.csv` the failed ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from biofm.datasets.outputs import rejects_path, track, write_atomically, write_rejects
+from biofm.platform.cli import command, preparer
+from biofm.platform.modality import MODALITIES
+from biofm.platform.store import Store, StoreError, StoreWriter
+
+RESERVED = ("slide_path", "sample_id", "subject_id", "mpp", "split")
+MAX_CLASSES = 50
+
+
+def status_dir(out: str) -> str:
+    return str(out).rstrip("/") + ".status"
+
+
+def slides_path(out: str) -> str:
+    """`<out>.slides.csv`: every slide of the manifest with its status and facts."""
+    return str(out).rstrip("/") + ".slides.csv"
+
+
+@dataclass
+class SlidesResult:
+    store: Store | None
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0  # done by an earlier run
+    tiles: int = 0
+    seconds: float = 0.0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+def read_manifest(path: str) -> pd.DataFrame:
+    if not Path(path).exists() and "://" not in path:
+        raise StoreError(f"{path}: manifest does not exist")
+    if str(path).lower().endswith(".parquet"):
+        frame = pd.read_parquet(path)
+    else:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    missing = [c for c in ("slide_path", "sample_id", "subject_id") if c not in frame.columns]
+    if missing:
+        raise StoreError(f"{path}: the manifest needs columns {missing}; it has {list(frame.columns)}")
+    for column in ("sample_id", "subject_id"):
+        blank = np.flatnonzero(frame[column].isna().to_numpy())
+        if len(blank):
+            raise StoreError(f"{path}: row {blank[0] + 1}: '{column}' is empty; every slide needs one")
+    repeated = frame["sample_id"].duplicated(keep=False).to_numpy()
+    if repeated.any():
+        rows = np.flatnonzero(repeated)[:5] + 1
+        raise StoreError(f"{path}: rows {rows.tolist()} repeat a sample_id; every slide needs its own")
+    return frame.reset_index(drop=True)
+
+
+def label_tasks(frame: pd.DataFrame, columns: list[str], where: str,
+                kinds: dict[str, str] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """Task specs and float32 labels (NaN = missing) from manifest columns: numbers in {0, 1} → binary,
+    other numbers → regression, text → multiclass over its sorted values; `kinds` overrides per column."""
+    tasks, labels = {}, {}
+    for column in columns:
+        raw = frame[column]
+        numbers = pd.to_numeric(raw, errors="coerce")
+        numeric = numbers.notna().sum() == raw.notna().sum()
+        kind = (kinds or {}).get(column) or (
+            ("binary" if set(numbers.dropna().unique()) <= {0.0, 1.0} else "regression") if numeric else "multiclass")
+        if kind in ("binary", "regression"):
+            if not numeric:
+                bad = int(np.flatnonzero(numbers.isna().to_numpy() & raw.notna().to_numpy())[0])
+                raise StoreError(f"{where}: row {bad + 1}: label '{column}' is {kind} but holds "
+                                 f"{str(raw.iloc[bad])[:40]!r}")
+            values = numbers.to_numpy(dtype=np.float32)
+            if kind == "binary" and not set(np.unique(values[~np.isnan(values)])) <= {0.0, 1.0}:
+                raise StoreError(f"{where}: label '{column}' is binary but holds values other than 0 and 1")
+            tasks[column] = {"kind": kind}
+        elif kind in ("multiclass", "ordinal"):
+            classes = sorted(raw.dropna().astype(str).unique())
+            if len(classes) < 2 or len(classes) > MAX_CLASSES:
+                raise StoreError(f"{where}: label '{column}' has {len(classes)} distinct values; a {kind} task "
+                                 f"needs 2–{MAX_CLASSES} (name its kind with --task-types)")
+            lookup = {c: i for i, c in enumerate(classes)}
+            values = np.array([lookup[str(v)] if pd.notna(v) else np.nan for v in raw], dtype=np.float32)
+            tasks[column] = {"kind": kind, "classes": classes}
+        else:
+            raise StoreError(f"{where}: label '{column}': slide labels are binary, multiclass, ordinal or "
+                             f"regression, got {kind!r}")
+        labels[column] = values
+    return tasks, labels
+
+
+def prepare_slides(manifest: str, out: str, *, label_columns: list[str] | None = None,
+                   case_columns: list[str] | None = None, task_types: dict[str, str] | None = None,
+                   report_column: str = "report", target_mpp: float = 0.5, tile_size: int = 224,
+                   min_tissue: float = 0.25, thumbnail_mpp: float = 8.0, patch_encoder: str = "default",
+                   patch_weights: str | None = None, store_tiles: bool = False, assume_mpp: float | None = None,
+                   source: str | None = None, seed: int = 0, overwrite: bool = False, progress: bool = False,
+                   commit_tiles: int = 4096, commit_seconds: float = 30.0) -> SlidesResult:
+    """Prepare a slide store from a manifest; see the module's doc. Returns counts and the store (None when
+    no slide could be prepared)."""
+    from biofm.modalities.wsi import SlideError, SlideRef
+    start = time.perf_counter()
+    frame = read_manifest(manifest)
+    where = manifest
+    has_report = report_column in frame.columns and frame[report_column].notna().any()
+    reserved = set(RESERVED) | {report_column}
+    if label_columns is None:
+        raise StoreError(f"{where}: name the label columns with --label-columns")
+    missing = [c for c in label_columns + list(case_columns or []) if c not in frame.columns]
+    if missing:
+        raise StoreError(f"{where}: no column {missing}; the manifest has {list(frame.columns)}")
+    if case_columns is None:
+        case_columns = [c for c in frame.columns if c not in reserved and c not in label_columns]
+    tasks, labels = label_tasks(frame, label_columns, where, task_types)
+
+    wsi = MODALITIES.resolve("wsi")(target_mpp=target_mpp, tile_size=tile_size, min_tissue=min_tissue,
+                                    thumbnail_mpp=thumbnail_mpp, patch_encoder=patch_encoder,
+                                    patch_weights=patch_weights, store_tiles=store_tiles)
+    wsi.fit()
+    modalities = {"wsi": wsi}
+    case_rows = None
+    if case_columns:
+        case_rows = frame[case_columns].to_dict("records")
+        for row in case_rows:
+            for k, v in row.items():
+                number = pd.to_numeric(v, errors="coerce") if isinstance(v, str) else v
+                row[k] = number if pd.notna(number) else v  # numbers from a CSV read as text
+        modalities["tabular"] = MODALITIES.resolve("tabular")()
+        modalities["tabular"].fit(case_rows)
+    reports = None
+    if has_report:
+        reports = [str(r) if pd.notna(r) else None for r in frame[report_column]]
+        modalities["text"] = MODALITIES.resolve("text")(max_length=96, vocab_size=2000)
+        modalities["text"].fit(reports)
+
+    base = Path(manifest).parent
+    paths = [None if pd.isna(p) else str(p if "://" in str(p) or Path(str(p)).is_absolute() else base / str(p))
+             for p in frame["slide_path"]]
+    mpps = pd.to_numeric(frame["mpp"], errors="coerce").to_numpy() if "mpp" in frame.columns else \
+        np.full(len(frame), np.nan)
+    splits = frame["split"].astype(str).str.strip().str.lower().to_numpy() if "split" in frame.columns else None
+
+    writer = StoreWriter(out, source=source or Path(manifest).stem, seed=seed, overwrite=overwrite,
+                         modalities={n: m.config() for n, m in modalities.items()}, tasks=tasks)
+    if overwrite:
+        _clear_statuses(out)
+    statuses = _read_statuses(out)
+    done_ids = writer.committed_sample_ids()
+    sample_ids = frame["sample_id"].astype(str).to_numpy()
+    done = {i for i, sid in enumerate(sample_ids) if sid in done_ids}
+    result = SlidesResult(store=None, skipped=len(done))
+    pending: list[tuple[int, dict, dict]] = []  # slides processed but not yet committed
+    next_key = max(writer.committed(), default=-1) + 1
+    since = time.perf_counter()
+
+    def commit() -> None:
+        # slides are committed together (a zarr part costs ~0.1 s whatever its size): at most `commit_tiles`
+        # tiles or `commit_seconds` of work is redone after an interruption
+        nonlocal next_key, since
+        if not pending:
+            return
+        rows = [i for i, _, _ in pending]
+        batch = wsi.stack([arrays for _, arrays, _ in pending])
+        if case_rows is not None:
+            batch.update(modalities["tabular"].featurise([case_rows[i] for i in rows]))
+        if reports is not None:
+            batch.update(modalities["text"].featurise([reports[i] for i in rows]))
+        writer.write_batch(next_key, sample_id=sample_ids[rows], subject_id=frame["subject_id"].to_numpy()[rows],
+                           labels={t: v[rows] for t, v in labels.items()}, arrays=batch,
+                           split=None if splits is None else splits[rows])
+        next_key += 1
+        for i, _, status in pending:
+            _write_status(out, i, status)
+            statuses[i] = status
+        pending.clear()
+        since = time.perf_counter()
+
+    for i in track(range(len(frame)), progress, len(frame), "slides"):
+        if i in done:
+            continue
+        began = time.perf_counter()
+        status = {"row": i + 1, "sample_id": sample_ids[i], "slide_path": paths[i]}
+        try:
+            if paths[i] is None:
+                raise SlideError("the manifest row has no slide_path")
+            ref = SlideRef(paths[i], mpp=None if np.isnan(mpps[i]) else float(mpps[i]), assume_mpp=assume_mpp)
+            arrays, facts = wsi.process(ref)
+        except SlideError as err:
+            status.update(status="failed", reason=str(err))
+        except Exception as err:  # noqa: BLE001 — one broken slide never takes the run down
+            status.update(status="failed", reason=f"{type(err).__name__}: {err}")
+        status["seconds"] = round(time.perf_counter() - began, 3)
+        if status.get("status") == "failed":
+            _write_status(out, i, status)
+            statuses[i] = status
+            result.failed += 1
+            kind = status["reason"].split(" (")[0].split(":")[0]
+            result.reasons[kind] = result.reasons.get(kind, 0) + 1
+            continue
+        status.update(status="done", **facts)
+        pending.append((i, arrays, status))
+        result.done += 1
+        result.tiles += facts["tiles"]
+        if (sum(a["features"].shape[0] for _, a, _ in pending) >= commit_tiles
+                or time.perf_counter() - since >= commit_seconds):
+            commit()
+    commit()
+
+    table = pd.DataFrame([statuses.get(i, {"row": i + 1, "sample_id": frame["sample_id"].iloc[i],
+                                           "slide_path": paths[i], "status": "done"})
+                          for i in range(len(frame))])
+    write_atomically(slides_path(out), lambda handle: table.to_csv(handle, index=False))
+    failed = table[table["status"] == "failed"]
+    write_rejects(out, failed[["row", "sample_id", "slide_path", "reason"]] if len(failed) else
+                  pd.DataFrame(columns=["row", "sample_id", "slide_path", "reason"]))
+    if writer.committed():
+        result.store = writer.finalize()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _status_file(out: str, key: int) -> str:
+    return f"{status_dir(out)}/{key:08d}.json"
+
+
+def _write_status(out: str, key: int, status: dict) -> None:
+    write_atomically(_status_file(out, key), lambda handle: json.dump(status, handle))
+
+
+def _read_statuses(out: str) -> dict[int, dict]:
+    import fsspec
+    fs, root = fsspec.core.url_to_fs(status_dir(out))
+    if not fs.exists(root):
+        return {}
+    statuses = {}
+    for path in fs.glob(root.rstrip("/") + "/*.json"):
+        with fs.open(path) as handle:
+            status = json.load(handle)
+        statuses[int(status["row"]) - 1] = status
+    return statuses
+
+
+def _clear_statuses(out: str) -> None:
+    import fsspec
+    fs, root = fsspec.core.url_to_fs(status_dir(out))
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def print_summary(result: SlidesResult, out: str) -> None:
+    """Counts only: no slide path or sample id reaches the console (statuses are in the files)."""
+    if result.store is not None:
+        print(result.store.describe())
+    reasons = ", ".join(f"{n} × {why}" for why, n in sorted(result.reasons.items()))
+    print(f"slides: {result.done} done, {result.skipped} done by an earlier run, {result.failed} failed"
+          + (f" ({reasons}); reasons per slide in {rejects_path(out)}" if result.failed else "")
+          + f"; {result.tiles} tiles in {result.seconds:.1f} s; statuses in {slides_path(out)}")
+
+
+def _comma(value: str | None) -> list[str] | None:
+    return [x.strip() for x in value.split(",") if x.strip()] if value else None
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", required=True, help="CSV or parquet: slide_path, sample_id, subject_id, labels, "
+                                                     "optional mpp, report, split and case columns")
+    p.add_argument("--out", required=True, help="store to write (path or fsspec URL)")
+    p.add_argument("--label-columns", required=True, help="comma-separated label columns")
+    p.add_argument("--case-columns", default=None, help="comma-separated case columns (default: every column "
+                                                        "that is not an id, path, mpp, report, split or label)")
+    p.add_argument("--task-types", default=None, help="COLUMN=KIND,… (binary, multiclass, ordinal, regression; "
+                                                      "default: inferred)")
+    p.add_argument("--report-column", default="report")
+    p.add_argument("--target-mpp", type=float, default=0.5, help="µm per pixel of the tiles (default 0.5)")
+    p.add_argument("--tile-size", type=int, default=224)
+    p.add_argument("--min-tissue", type=float, default=0.25, help="least tissue fraction of a kept tile")
+    p.add_argument("--patch-encoder", default="default", help="'default' (MONAI ResNet, no download) or "
+                                                              "package.module:factory")
+    p.add_argument("--patch-weights", default=None, help="local weights file for the patch encoder")
+    p.add_argument("--store-tiles", action="store_true", help="also store the raw tiles (uint8)")
+    p.add_argument("--assume-mpp", type=float, default=None,
+                   help="µm/px for slides whose metadata and manifest give none usable (default: such a slide fails)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+
+
+@preparer("slides", _arguments)
+def _run(args: argparse.Namespace) -> None:
+    """Whole slides (+ reports + case data) listed in a manifest → a slide store."""
+    kinds = dict(item.split("=", 1) for item in _comma(args.task_types) or [])
+    result = prepare_slides(
+        args.manifest, args.out, label_columns=_comma(args.label_columns), case_columns=_comma(args.case_columns),
+        task_types=kinds, report_column=args.report_column, target_mpp=args.target_mpp, tile_size=args.tile_size,
+        min_tissue=args.min_tissue, patch_encoder=args.patch_encoder, patch_weights=args.patch_weights,
+        store_tiles=args.store_tiles, assume_mpp=args.assume_mpp, seed=args.seed, overwrite=args.overwrite,
+        progress=True)
+    print_summary(result, args.out)
+    if result.store is None:
+        raise StoreError(f"no slide could be prepared; see {rejects_path(args.out)}")
+
+
+def _heatmap_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a biofm checkpoint trained with the wsi modality")
+    p.add_argument("--slide", required=True, help="the slide to explain")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--mpp", type=float, default=None, help="µm/px when the slide's metadata has none")
+    p.add_argument("--max-side", type=int, default=1024, help="longest side of the PNG in pixels")
+
+
+@command("heatmap", _heatmap_arguments)
+def _heatmap(args: argparse.Namespace) -> None:
+    """Per-tile attention of a trained model overlaid on a slide's thumbnail, as a PNG."""
+    from biofm.modalities.wsi.heatmap import slide_heatmap
+    result = slide_heatmap(args.checkpoint, args.slide, args.out, mpp=args.mpp, max_side=args.max_side)
+    print(f"heatmap of {result['tiles']} tiles written to {args.out}")

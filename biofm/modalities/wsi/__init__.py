@@ -1,0 +1,245 @@
+"""Whole-slide pathology: tiles at a fixed microns per pixel where the tissue is, patch features computed
+once at prepare time, and an attention-based MIL encoder (ABMIL, or a transformer variant) to K slide
+tokens for the trunk. Attention weights per tile are kept for heatmaps.
+
+Store arrays per slide: `features` [T, D] float16, `coords` [T, 2] level-0 corners, `tissue` [T],
+optional raw `tiles` [T, S, S, 3] uint8; fixed `tile_extent` (level-0 pixels per tile side), `mpp`,
+`dimensions`. OpenSlide, MONAI and scikit-image are imported only when a slide is read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch import nn
+
+from biofm.modalities.wsi.slide import SlideError, SlideRef, open_slide, plan_tiles, read_tile
+from biofm.platform.modality import MODALITIES, Modality
+from biofm.platform.store import Column, Ragged
+
+__all__ = ["Wsi", "SlideError", "SlideRef", "SlideEncoder"]
+
+
+@MODALITIES.register("wsi")
+class Wsi(Modality):
+    """Settings: `target_mpp` (µm/px of the tiles, default 0.5), `tile_size` (224), `min_tissue` (the
+    least tissue fraction a tile needs, 0.25), `thumbnail_mpp` (scale of the tissue mask, 8 µm/px),
+    `patch_encoder` ("default" or "package.module:factory"), `patch_weights` (local file), `store_tiles`
+    (also keep raw tiles, for end-to-end training); `feature_dim` and `patch_checksum` are filled in by
+    `fit`. Encoder options (model config): `kind` (abmil | transformer), `tokens`, `layers`, `max_tiles`,
+    `dropout`."""
+
+    def __init__(self, target_mpp: float = 0.5, tile_size: int = 224, min_tissue: float = 0.25,
+                 thumbnail_mpp: float = 8.0, patch_encoder: str = "default", patch_weights: str | None = None,
+                 store_tiles: bool = False, feature_dim: int | None = None, patch_checksum: str | None = None,
+                 **settings):
+        super().__init__(target_mpp=float(target_mpp), tile_size=int(tile_size), min_tissue=float(min_tissue),
+                         thumbnail_mpp=float(thumbnail_mpp), patch_encoder=str(patch_encoder),
+                         patch_weights=patch_weights, store_tiles=bool(store_tiles), feature_dim=feature_dim,
+                         patch_checksum=patch_checksum, **settings)
+        self._patch = None
+
+    # ---- prepare side
+    @property
+    def patch(self):
+        """The patch encoder, built on first use and checked against the checksum in the settings."""
+        if self._patch is None:
+            from biofm.modalities.wsi.patch import PatchEncoder, build_network, checksum
+            network = build_network(self.settings["patch_encoder"], self.settings["patch_weights"])
+            digest = checksum(network)
+            if self.settings["patch_checksum"] not in (None, digest):
+                raise ValueError(
+                    f"the patch encoder {self.settings['patch_encoder']!r} has weights {digest}, but these slide "
+                    f"settings were prepared with {self.settings['patch_checksum']}; use the same encoder and "
+                    "--patch-weights file as the store")
+            self._patch = PatchEncoder(network)
+            self.settings["patch_checksum"] = digest
+            self.settings["feature_dim"] = self._patch.dim
+        return self._patch
+
+    def fit(self, raw=None) -> None:
+        self.patch  # noqa: B018 — fixes feature_dim and the checksum
+
+    def process(self, raw, batch_tiles: int = 64) -> tuple[dict[str, np.ndarray], dict]:
+        """One slide → its arrays (unprefixed) and facts (mpp and its source, level, tiles, notes).
+        Raises SlideError with a readable reason."""
+        ref = SlideRef.of(raw)
+        s = self.settings
+        slide = open_slide(ref.path)
+        try:
+            plan = plan_tiles(slide, ref, s["target_mpp"], s["tile_size"], s["min_tissue"], s["thumbnail_mpp"])
+            if not len(plan.coords):
+                raise SlideError(f"no tissue found (no tile of {s['tile_size']} px at {s['target_mpp']} µm/px "
+                                 f"holds {s['min_tissue']:.0%} tissue)")
+            features, tiles = [], []
+            for batch in _read_ahead(slide, plan, batch_tiles):
+                features.append(self.patch(batch))
+                if s["store_tiles"]:
+                    tiles.append(batch)
+        finally:
+            slide.close()
+        arrays = {"features": np.concatenate(features), "coords": plan.coords.astype(np.int32),
+                  "tissue": plan.tissue.astype(np.float16), "tile_extent": np.float32(plan.extent),
+                  "mpp": np.float32(plan.mpp), "dimensions": np.asarray(plan.dimensions, np.int64)}
+        if s["store_tiles"]:
+            arrays["tiles"] = np.concatenate(tiles)
+        facts = {"mpp": plan.mpp, "mpp_source": plan.mpp_source, "level": plan.level,
+                 "tiles": int(len(plan.coords)), "notes": "; ".join(plan.notes)}
+        return arrays, facts
+
+    def featurise_with_reasons(self, raw: Sequence) -> tuple[dict[str, Column], list[str | None]]:
+        """Arrays for a batch of slides (None = no slide); a slide that fails is absent, with its reason."""
+        rows, reasons = [], []
+        for r in raw:
+            if r is None:
+                rows.append(None), reasons.append(None)
+                continue
+            try:
+                rows.append(self.process(r)[0]), reasons.append(None)
+            except SlideError as err:
+                rows.append(None), reasons.append(str(err))
+        return self.stack(rows), reasons
+
+    def featurise(self, raw: Sequence) -> dict[str, Column]:
+        return self.featurise_with_reasons(raw)[0]
+
+    def stack(self, rows: list[dict | None]) -> dict[str, Column]:
+        """Per-slide arrays (None = absent) → the modality's store columns for a batch."""
+        dim, size = self.patch.dim if self.settings["feature_dim"] is None else self.settings["feature_dim"], \
+            self.settings["tile_size"]
+        empty = {"features": np.zeros((0, dim), np.float16), "coords": np.zeros((0, 2), np.int32),
+                 "tissue": np.zeros(0, np.float16), "tile_extent": np.float32(0), "mpp": np.float32(0),
+                 "dimensions": np.zeros(2, np.int64), "tiles": np.zeros((0, size, size, 3), np.uint8)}
+        full = [r if r is not None else empty for r in rows]
+        out: dict[str, Column] = {"wsi/present": np.array([r is not None for r in rows], dtype=bool)}
+        for name in ("features", "coords", "tissue") + (("tiles",) if self.settings["store_tiles"] else ()):
+            trailing = empty[name].shape[1:]
+            out[f"wsi/{name}"] = Ragged.from_list([r[name] for r in full], dtype=empty[name].dtype,
+                                                  trailing=trailing)
+        for name in ("tile_extent", "mpp", "dimensions"):
+            out[f"wsi/{name}"] = np.stack([np.asarray(r[name]) for r in full])
+        return out
+
+    # ---- train side
+    def collate(self, arrays: dict[str, Column]) -> dict[str, torch.Tensor]:
+        features: Ragged = arrays["features"]
+        lengths = features.lengths()
+        width = max(int(lengths.max()) if len(lengths) else 0, 1)
+        mask = np.arange(width)[None, :] < lengths[:, None]
+        padded = np.zeros((len(lengths), width, features.values.shape[1]), np.float32)
+        padded[mask] = features.values
+        tissue = np.zeros((len(lengths), width), np.float32)
+        tissue[mask] = arrays["tissue"].values
+        grid = np.zeros((len(lengths), width, 2), np.float32)  # tile positions in tile units
+        extent = np.maximum(np.asarray(arrays["tile_extent"], np.float32), 1e-6)
+        grid[mask] = arrays["coords"].values / np.repeat(extent, lengths)[:, None]
+        return {"features": torch.from_numpy(padded), "mask": torch.from_numpy(mask),
+                "tissue": torch.from_numpy(tissue), "grid": torch.from_numpy(grid),
+                "n_tiles": torch.from_numpy(lengths.astype(np.float32))}
+
+    def encoder(self, d_model: int, kind: str = "abmil", tokens: int = 4, layers: int = 1, heads: int = 4,
+                max_tiles: int = 4096, dropout: float = 0.1) -> nn.Module:
+        if self.settings["feature_dim"] is None:
+            raise ValueError("the wsi settings have no feature_dim; prepare the store with `biofm prepare "
+                             "slides` (or call fit())")
+        return SlideEncoder(int(self.settings["feature_dim"]), d_model, kind, tokens, layers, heads, max_tiles,
+                            dropout)
+
+
+def _read_ahead(slide, plan, batch_tiles: int):
+    """Tiles in batches of `batch_tiles` [b, S, S, 3]; the next batch is read (OpenSlide releases the GIL)
+    while the caller encodes this one."""
+    starts = list(range(0, len(plan.coords), batch_tiles))
+
+    def read(start: int) -> np.ndarray:
+        return np.stack([read_tile(slide, plan, x, y) for x, y in plan.coords[start:start + batch_tiles]])
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(read, starts[0]) if starts else None
+        for i in range(len(starts)):
+            batch = pending.result()
+            pending = pool.submit(read, starts[i + 1]) if i + 1 < len(starts) else None
+            yield batch
+
+
+class GatedAttention(nn.Module):
+    """Gated attention pooling (Ilse et al. 2018) with K branches: K weighted means of the tiles."""
+
+    def __init__(self, d_model: int, hidden: int, branches: int):
+        super().__init__()
+        self.v, self.u = nn.Linear(d_model, hidden), nn.Linear(d_model, hidden)
+        self.w = nn.Linear(hidden, branches)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h)))  # [B, T, K]
+        scores = scores.masked_fill(~mask[..., None], float("-inf"))
+        weights = torch.nan_to_num(torch.softmax(scores, dim=1))  # a slide without tiles: all zero
+        return torch.einsum("btk,btd->bkd", weights, h), weights.transpose(1, 2)  # [B, K, d], [B, K, T]
+
+
+def grid_embedding(grid: torch.Tensor, d_model: int) -> torch.Tensor:
+    """2D sinusoidal embedding of tile positions (in tile units) [B, T, 2] → [B, T, d]."""
+    quarter = d_model // 4
+    freq = torch.exp(-math.log(1000.0) * torch.arange(quarter, device=grid.device) / max(quarter, 1))
+    angles = grid[..., None] * freq  # [B, T, 2, quarter]
+    emb = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)  # [B, T, 4·quarter]
+    return nn.functional.pad(emb, (0, d_model - emb.shape[-1]))
+
+
+class SlideEncoder(nn.Module):
+    """Tile features (+ tissue fraction) → d_model → [transformer layers over tiles with 2D positions] →
+    gated attention to `tokens` slide tokens, plus one token for the slide's size (log tile count).
+    `attention` keeps the last forward's weights per tile [B, K, T] for heatmaps."""
+
+    def __init__(self, feature_dim: int, d_model: int, kind: str = "abmil", tokens: int = 4, layers: int = 1,
+                 heads: int = 4, max_tiles: int = 4096, dropout: float = 0.1):
+        super().__init__()
+        if kind not in ("abmil", "transformer"):
+            raise ValueError(f"wsi encoder kind must be abmil or transformer, got {kind!r}")
+        self.kind, self.max_tiles, self.d_model = kind, max_tiles, d_model
+        # features standardised per dimension over the tiles (a per-tile LayerNorm would erase their
+        # overall level, which carries stain and intensity)
+        self.norm = nn.BatchNorm1d(feature_dim + 1)
+        self.embed = nn.Sequential(nn.Linear(feature_dim + 1, d_model), nn.GELU(), nn.Dropout(dropout))
+        self.layers = None
+        if kind == "transformer":
+            layer = nn.TransformerEncoderLayer(d_model, heads, 2 * d_model, dropout=dropout, batch_first=True,
+                                               norm_first=True)
+            self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.pool = GatedAttention(d_model, d_model, tokens)
+        self.size = nn.Linear(1, d_model)
+        self.attention: torch.Tensor | None = None
+
+    def _subsample(self, batch: dict) -> dict:
+        """In training, at most `max_tiles` random tiles per slide (all of them in evaluation)."""
+        mask = batch["mask"]
+        if not self.training or mask.shape[1] <= self.max_tiles:
+            return batch
+        keys = torch.rand(mask.shape, device=mask.device).masked_fill(~mask, 2.0)
+        keep = keys.argsort(dim=1)[:, :self.max_tiles]
+        return {**batch, **{k: torch.gather(batch[k], 1, keep if batch[k].dim() == 2 else
+                                            keep[..., None].expand(-1, -1, batch[k].shape[-1]))
+                            for k in ("features", "mask", "tissue", "grid")}}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self._subsample(batch)
+        mask = batch["mask"]  # [B, T]
+        x = torch.cat([batch["features"], batch["tissue"][..., None]], dim=-1)  # [B, T, D + 1]
+        if mask.any():
+            x = x.masked_scatter(mask[..., None], self.norm(x[mask]) if mask.sum() > 1 or not self.training
+                                 else x[mask])
+        h = self.embed(x)
+        if self.layers is not None:
+            h = h + grid_embedding(batch["grid"], self.d_model)
+            padding = ~mask
+            padding[:, 0] = False  # a slide without tiles keeps one key; its tokens are masked anyway
+            h = self.layers(h, src_key_padding_mask=padding)
+        tokens, weights = self.pool(h, mask)  # [B, K, d], [B, K, T]
+        self.attention = weights.detach()
+        size = self.size(torch.log1p(batch["n_tiles"])[:, None, None] / 5.0)  # [B, 1, d]
+        x = torch.cat([size, tokens], dim=1)
+        valid = (batch["n_tiles"] > 0)[:, None].expand(-1, x.shape[1])
+        return x, valid
