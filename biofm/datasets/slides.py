@@ -25,7 +25,7 @@ import pandas as pd
 from biofm.datasets.outputs import rejects_path, track, write_atomically, write_rejects
 from biofm.platform.cli import command, preparer
 from biofm.platform.modality import MODALITIES
-from biofm.platform.store import Store, StoreError, StoreWriter
+from biofm.platform.store import Store, StoreError, StoreWriter, unfinished_settings
 
 RESERVED = ("slide_path", "sample_id", "subject_id", "mpp", "split")
 MAX_CLASSES = 50
@@ -144,12 +144,20 @@ def prepare_slides(manifest: str, out: str, *, label_columns: list[str] | None =
                 number = pd.to_numeric(v, errors="coerce") if isinstance(v, str) else v
                 row[k] = number if pd.notna(number) else v  # numbers from a CSV read as text
         modalities["tabular"] = MODALITIES.resolve("tabular")()
-        modalities["tabular"].fit(case_rows)
     reports = None
     if has_report:
         reports = [str(r) if pd.notna(r) else None for r in frame[report_column]]
         modalities["text"] = MODALITIES.resolve("text")(max_length=96, vocab_size=2000)
-        modalities["text"].fit(reports)
+    # a resumed prepare keeps the case and report settings it fitted first (tokenizer training breaks ties
+    # arbitrarily); the writer still checks that everything else is unchanged
+    earlier = (unfinished_settings(out) or {}).get("modalities", {}) if not overwrite else {}
+    for name, raw in (("tabular", case_rows), ("text", reports)):
+        if name not in modalities:
+            continue
+        if name in earlier:
+            modalities[name] = MODALITIES.resolve(name).from_config(earlier[name])
+        else:
+            modalities[name].fit(raw)
 
     base = Path(manifest).parent
     paths = [None if pd.isna(p) else str(p if "://" in str(p) or Path(str(p)).is_absolute() else base / str(p))

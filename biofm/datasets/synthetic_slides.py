@@ -93,16 +93,17 @@ def _noise(rng: np.random.Generator, size: int, cells: int = 12) -> np.ndarray:
 
 
 def fragment_mask(rng: np.random.Generator, size: int, specimen: str) -> np.ndarray:
-    """Biopsy: 2–3 thin cores at random angles; resection: one large irregular piece."""
+    """Biopsy: 1–3 thin cores (about one 224-px tile wide) at random angles; resection: one large
+    irregular piece. Sizes vary widely, so that the tissue area is a task of its own."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
     mask = np.zeros((size, size), bool)
     if specimen == "resection":
         pieces = [((0.5 + rng.uniform(-0.06, 0.06), 0.5 + rng.uniform(-0.06, 0.06)),
-                   (rng.uniform(0.3, 0.4), rng.uniform(0.26, 0.36)), rng.uniform(0, np.pi))]
+                   (rng.uniform(0.2, 0.42), rng.uniform(0.16, 0.38)), rng.uniform(0, np.pi))]
     else:
-        count = int(rng.integers(2, 4))
+        count = int(rng.integers(1, 4))
         pieces = [((0.5 + rng.uniform(-0.08, 0.08), (i + 0.5) / count + rng.uniform(-0.03, 0.03)),
-                   (rng.uniform(0.3, 0.42), rng.uniform(0.045, 0.065)), rng.uniform(-0.25, 0.25))
+                   (rng.uniform(0.2, 0.42), rng.uniform(90, 120) / size), rng.uniform(-0.25, 0.25))
                   for i in range(count)]
     wobble = _noise(rng, size)
     for (cx, cy), (a, b), angle in pieces:

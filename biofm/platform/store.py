@@ -195,6 +195,15 @@ def _as_strings(values: Iterable, name: str, where: str) -> np.ndarray:
     return np.array([str(v) for v in arr], dtype=str)
 
 
+def unfinished_settings(url: str, storage_options: dict | None = None) -> dict | None:
+    """The settings (source, modalities, tasks, seed) of an interrupted prepare at `url`, or None. A resumed
+    prepare reuses them rather than fitting again: tokenizer training breaks ties arbitrarily."""
+    if not _exists(str(url), storage_options):
+        return None
+    attrs = dict(open_root(str(url), "r", storage_options).attrs)
+    return None if attrs.get("complete") else attrs.get("pending")
+
+
 class StoreWriter:
     """Writes one store in batches; resumable, and invisible to readers until `finalize`.
 

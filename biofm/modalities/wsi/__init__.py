@@ -189,9 +189,12 @@ def grid_embedding(grid: torch.Tensor, d_model: int) -> torch.Tensor:
     return nn.functional.pad(emb, (0, d_model - emb.shape[-1]))
 
 
+SIZE_FREQUENCIES = (0.5, 1.0, 2.0, 4.0)  # per unit of log(tiles): slides of 1 to ~10⁵ tiles stay apart
+
+
 class SlideEncoder(nn.Module):
     """Tile features (+ tissue fraction) → d_model → [transformer layers over tiles with 2D positions] →
-    gated attention to `tokens` slide tokens, plus one token for the slide's size (log tile count).
+    gated attention to `tokens` slide tokens, plus one token for the slide's size (tiles, tissue area).
     `attention` keeps the last forward's weights per tile [B, K, T] for heatmaps."""
 
     def __init__(self, feature_dim: int, d_model: int, kind: str = "abmil", tokens: int = 4, layers: int = 1,
@@ -210,7 +213,7 @@ class SlideEncoder(nn.Module):
                                                norm_first=True)
             self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.pool = GatedAttention(d_model, d_model, tokens)
-        self.size = nn.Linear(1, d_model)
+        self.size = nn.Linear(2 * 2 * len(SIZE_FREQUENCIES), d_model)
         self.attention: torch.Tensor | None = None
 
     def _subsample(self, batch: dict) -> dict:
@@ -218,6 +221,7 @@ class SlideEncoder(nn.Module):
         mask = batch["mask"]
         if not self.training or mask.shape[1] <= self.max_tiles:
             return batch
+        batch = {**batch, "tissue_area": (batch["tissue"] * mask).sum(1)}
         keys = torch.rand(mask.shape, device=mask.device).masked_fill(~mask, 2.0)
         keep = keys.argsort(dim=1)[:, :self.max_tiles]
         return {**batch, **{k: torch.gather(batch[k], 1, keep if batch[k].dim() == 2 else
@@ -239,7 +243,11 @@ class SlideEncoder(nn.Module):
             h = self.layers(h, src_key_padding_mask=padding)
         tokens, weights = self.pool(h, mask)  # [B, K, d], [B, K, T]
         self.attention = weights.detach()
-        size = self.size(torch.log1p(batch["n_tiles"])[:, None, None] / 5.0)  # [B, 1, d]
+        # the slide's size: log tile count and log tissue area (in tiles), from every tile even when subsampled
+        area = batch["tissue_area"] if "tissue_area" in batch else (batch["tissue"] * mask).sum(1)
+        logs = torch.stack([torch.log1p(batch["n_tiles"]), torch.log1p(area)], dim=-1)[..., None]  # [B, 2, 1]
+        angles = (logs * logs.new_tensor(SIZE_FREQUENCIES)).flatten(1)  # Fourier features: [B, 2·F]
+        size = self.size(torch.cat([angles.sin(), angles.cos()], dim=-1))[:, None]  # [B, 1, d]
         x = torch.cat([size, tokens], dim=1)
         valid = (batch["n_tiles"] > 0)[:, None].expand(-1, x.shape[1])
         return x, valid
