@@ -5,7 +5,7 @@ The manifest (CSV or parquet) has `slide_path` (relative paths are relative to t
 and case columns (→ the `tabular` modality; by default every column that is none of the above).
 
 A slide's tiles, features and other inputs are committed together (with the slides before it, up to
-`commit_tiles` tiles or `commit_seconds` of work), then its status (done, or failed with the reason) is
+`commit_tiles` tiles, `commit_bytes` of raw tiles or `commit_seconds` of work), then its status (done, or failed with the reason) is
 written atomically to `<out>.status/<row>.json`. A rerun skips the slides already done and retries the
 failed ones; a broken slide never stops the run. At the end
 `<out>.slides.csv` lists every slide's status and `<out>.rejects.csv` the failed ones.
@@ -113,7 +113,8 @@ def prepare_slides(manifest: str, out: str, *, label_columns: list[str] | None =
                    min_tissue: float = 0.25, thumbnail_mpp: float = 8.0, patch_encoder: str = "default",
                    patch_weights: str | None = None, store_tiles: bool = False, assume_mpp: float | None = None,
                    source: str | None = None, seed: int = 0, overwrite: bool = False, progress: bool = False,
-                   commit_tiles: int = 4096, commit_seconds: float = 30.0) -> SlidesResult:
+                   commit_tiles: int = 4096, commit_bytes: int = 256 << 20, commit_seconds: float = 30.0,
+                   read_threads: int = 2) -> SlidesResult:
     """Prepare a slide store from a manifest; see the module's doc. Returns counts and the store (None when
     no slide could be prepared)."""
     from biofm.modalities.wsi import SlideError, SlideRef
@@ -134,6 +135,7 @@ def prepare_slides(manifest: str, out: str, *, label_columns: list[str] | None =
     wsi = MODALITIES.resolve("wsi")(target_mpp=target_mpp, tile_size=tile_size, min_tissue=min_tissue,
                                     thumbnail_mpp=thumbnail_mpp, patch_encoder=patch_encoder,
                                     patch_weights=patch_weights, store_tiles=store_tiles)
+    wsi.read_threads = read_threads
     wsi.fit()
     modalities = {"wsi": wsi}
     case_rows = None
@@ -167,7 +169,8 @@ def prepare_slides(manifest: str, out: str, *, label_columns: list[str] | None =
     splits = frame["split"].astype(str).str.strip().str.lower().to_numpy() if "split" in frame.columns else None
 
     writer = StoreWriter(out, source=source or Path(manifest).stem, seed=seed, overwrite=overwrite,
-                         modalities={n: m.config() for n, m in modalities.items()}, tasks=tasks)
+                         modalities={n: m.config() for n, m in modalities.items()}, tasks=tasks,
+                         codecs={"wsi/tiles": "none"})  # pixels barely compress losslessly; zstd halves the rate
     if overwrite:
         _clear_statuses(out)
     statuses = _read_statuses(out)
@@ -228,6 +231,7 @@ def prepare_slides(manifest: str, out: str, *, label_columns: list[str] | None =
         result.done += 1
         result.tiles += facts["tiles"]
         if (sum(a["features"].shape[0] for _, a, _ in pending) >= commit_tiles
+                or sum(a.get("tiles", a["features"]).nbytes for _, a, _ in pending) >= commit_bytes
                 or time.perf_counter() - since >= commit_seconds):
             commit()
     commit()
@@ -306,6 +310,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store-tiles", action="store_true", help="also store the raw tiles (uint8)")
     p.add_argument("--assume-mpp", type=float, default=None,
                    help="µm/px for slides whose metadata and manifest give none usable (default: such a slide fails)")
+    p.add_argument("--read-threads", type=int, default=2, help="tiles read in parallel (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
 
@@ -319,7 +324,7 @@ def _run(args: argparse.Namespace) -> None:
         task_types=kinds, report_column=args.report_column, target_mpp=args.target_mpp, tile_size=args.tile_size,
         min_tissue=args.min_tissue, patch_encoder=args.patch_encoder, patch_weights=args.patch_weights,
         store_tiles=args.store_tiles, assume_mpp=args.assume_mpp, seed=args.seed, overwrite=args.overwrite,
-        progress=True)
+        read_threads=args.read_threads, progress=True)
     print_summary(result, args.out)
     if result.store is None:
         raise StoreError(f"no slide could be prepared; see {rejects_path(args.out)}")

@@ -94,7 +94,10 @@ def _noise(rng: np.random.Generator, size: int, cells: int = 12) -> np.ndarray:
 
 def fragment_mask(rng: np.random.Generator, size: int, specimen: str) -> np.ndarray:
     """Biopsy: 1–3 thin cores (about one 224-px tile wide) at random angles; resection: one large
-    irregular piece. Sizes vary widely, so that the tissue area is a task of its own."""
+    irregular piece. Sizes vary widely, so that the tissue area is a task of its own. Large slides get a
+    mask drawn at about 1024 px and scaled up."""
+    scale = max(1, size // 1024)
+    full, size = size, -(-size // scale)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
     mask = np.zeros((size, size), bool)
     if specimen == "resection":
@@ -103,13 +106,15 @@ def fragment_mask(rng: np.random.Generator, size: int, specimen: str) -> np.ndar
     else:
         count = int(rng.integers(1, 4))
         pieces = [((0.5 + rng.uniform(-0.08, 0.08), (i + 0.5) / count + rng.uniform(-0.03, 0.03)),
-                   (rng.uniform(0.2, 0.42), rng.uniform(90, 120) / size), rng.uniform(-0.25, 0.25))
+                   (rng.uniform(0.2, 0.42), rng.uniform(90, 120) / full), rng.uniform(-0.25, 0.25))
                   for i in range(count)]
     wobble = _noise(rng, size)
     for (cx, cy), (a, b), angle in pieces:
         u = (x - cx) * np.cos(angle) + (y - cy) * np.sin(angle)
         v = -(x - cx) * np.sin(angle) + (y - cy) * np.cos(angle)
         mask |= (u / a) ** 2 + (v / b) ** 2 + 0.5 * wobble < 1.0
+    if scale > 1:
+        mask = np.repeat(np.repeat(mask, scale, axis=0), scale, axis=1)[:full, :full]
     return mask
 
 

@@ -42,6 +42,7 @@ class Wsi(Modality):
                          patch_weights=patch_weights, store_tiles=bool(store_tiles), feature_dim=feature_dim,
                          patch_checksum=patch_checksum, **settings)
         self._patch = None
+        self.read_threads = 2  # tiles read in parallel (how, not what: not a setting of the store)
 
     # ---- prepare side
     @property
@@ -76,7 +77,7 @@ class Wsi(Modality):
                 raise SlideError(f"no tissue found (no tile of {s['tile_size']} px at {s['target_mpp']} µm/px "
                                  f"holds {s['min_tissue']:.0%} tissue)")
             features, tiles = [], []
-            for batch in _read_ahead(slide, plan, batch_tiles):
+            for batch in _read_ahead(slide, plan, batch_tiles, self.read_threads):
                 features.append(self.patch(batch))
                 if s["store_tiles"]:
                     tiles.append(batch)
@@ -150,19 +151,17 @@ class Wsi(Modality):
                             dropout)
 
 
-def _read_ahead(slide, plan, batch_tiles: int):
-    """Tiles in batches of `batch_tiles` [b, S, S, 3]; the next batch is read (OpenSlide releases the GIL)
-    while the caller encodes this one."""
+def _read_ahead(slide, plan, batch_tiles: int, threads: int = 2):
+    """Tiles in batches of `batch_tiles` [b, S, S, 3], read by `threads` threads (OpenSlide decodes
+    without holding the GIL); the next batch is read while the caller encodes this one."""
     starts = list(range(0, len(plan.coords), batch_tiles))
-
-    def read(start: int) -> np.ndarray:
-        return np.stack([read_tile(slide, plan, x, y) for x, y in plan.coords[start:start + batch_tiles]])
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(read, starts[0]) if starts else None
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        def submit(start: int) -> list:
+            return [pool.submit(read_tile, slide, plan, x, y) for x, y in plan.coords[start:start + batch_tiles]]
+        pending = submit(starts[0]) if starts else []
         for i in range(len(starts)):
-            batch = pending.result()
-            pending = pool.submit(read, starts[i + 1]) if i + 1 < len(starts) else None
-            yield batch
+            current, pending = pending, submit(starts[i + 1]) if i + 1 < len(starts) else []
+            yield np.stack([future.result() for future in current])
 
 
 class GatedAttention(nn.Module):

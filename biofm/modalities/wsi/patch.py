@@ -6,6 +6,7 @@ features carry colour and texture. For real work plug a pretrained pathology enc
 `package.module:factory` (a callable returning an `nn.Module` that maps normalised [B, 3, H, W] tiles to
 [B, D]) with `--patch-weights` (a local state-dict file, read with `weights_only=True`). The weights'
 checksum is stored with the settings, so inference refuses a different encoder than the store's.
+`none` computes no features (tile coordinates, tissue and, with `store_tiles`, raw tiles only).
 """
 
 from __future__ import annotations
@@ -29,8 +30,17 @@ def default_network() -> nn.Module:
                       n_input_channels=3, conv1_t_stride=4, feed_forward=False)
 
 
+class NoFeatures(nn.Module):
+    """`none`: no patch features (a store of tile coordinates, tissue and raw tiles, for end-to-end use)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(x.shape[0], 0)
+
+
 def build_network(spec: str = "default", weights: str | None = None) -> nn.Module:
-    """The patch network named by `spec` ("default" or "package.module:factory"), with `weights` loaded."""
+    """The patch network named by `spec` ("default", "none" or "package.module:factory"), with `weights`."""
+    if spec == "none":
+        return NoFeatures()
     if spec == "default":
         network = default_network()
     else:
@@ -75,6 +85,8 @@ class PatchEncoder:
 
     @torch.no_grad()
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        if isinstance(self.network, NoFeatures):
+            return np.zeros((len(tiles), 0), np.float16)
         out = []
         for start in range(0, len(tiles), self.batch_size):
             x = torch.from_numpy(np.ascontiguousarray(tiles[start:start + self.batch_size])).to(self.device)
