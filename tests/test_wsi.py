@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-import zlib
 
 import numpy as np
 import pandas as pd
@@ -206,13 +205,10 @@ def test_mil_attention_covers_only_real_tiles_and_follows_subsampling(kind):
 
 @pytest.fixture(scope="module")
 def biobank(tmp_path_factory):
-    """The synthetic biobank (96 slides), split by subject so that the test split is large enough to score."""
+    """The synthetic biobank (96 slides; its manifest splits subjects 60/10/30 so the test split can be scored)."""
     folder = tmp_path_factory.mktemp("biobank")
     manifest = write_biobank(folder / "data", n=96, seed=0, size=896)
-    frame = pd.read_csv(manifest)
-    bucket = np.array([zlib.crc32(s.encode()) % 100 for s in frame["subject_id"]])
-    frame["split"] = np.where(bucket < 55, "train", np.where(bucket < 65, "val", "test"))
-    frame.to_csv(manifest, index=False)
+    assert (pd.read_csv(manifest)["split"] == "test").sum() > 20
     result = prepare_slides(str(manifest), str(folder / "bank.zarr"), label_columns=BIOBANK_LABELS,
                             case_columns=CASE_COLUMNS)
     assert result.done == 96 and result.failed == 0

@@ -93,7 +93,7 @@ def _noise(rng: np.random.Generator, size: int, cells: int = 12) -> np.ndarray:
 
 
 def fragment_mask(rng: np.random.Generator, size: int, specimen: str) -> np.ndarray:
-    """Biopsy: 1–3 thin cores (about one 224-px tile wide) at random angles; resection: one large
+    """Biopsy: 1–3 thin cores (about 2/3 of a 224-px tile wide) at random angles; resection: one large
     irregular piece. Sizes vary widely, so that the tissue area is a task of its own. Large slides get a
     mask drawn at about 1024 px and scaled up."""
     scale = max(1, size // 1024)
@@ -106,7 +106,7 @@ def fragment_mask(rng: np.random.Generator, size: int, specimen: str) -> np.ndar
     else:
         count = int(rng.integers(1, 4))
         pieces = [((0.5 + rng.uniform(-0.08, 0.08), (i + 0.5) / count + rng.uniform(-0.03, 0.03)),
-                   (rng.uniform(0.2, 0.42), rng.uniform(90, 120) / full), rng.uniform(-0.25, 0.25))
+                   (rng.uniform(0.28, 0.42), rng.uniform(70, 90) / full), rng.uniform(-0.25, 0.25))
                   for i in range(count)]
     wobble = _noise(rng, size)
     for (cx, cy), (a, b), angle in pieces:
@@ -172,9 +172,13 @@ def biobank_cases(n: int, seed: int = 0) -> pd.DataFrame:
                                      "gross description attached"])))
         rng.shuffle(parts)
         reports.append(". ".join(parts) + ".")
+    # by subject, with a test share large enough to score five tasks on a few dozen slides
+    subject_split = np.array(["train", "val", "test"])[
+        np.searchsorted([0.6, 0.7], np.random.default_rng([seed, 1]).random(n_subjects), side="right")]
     return pd.DataFrame({
         "sample_id": [f"BB-{seed}-{i:05d}" for i in range(n)],
         "subject_id": [f"BBP-{seed}-{s:05d}" for s in subject],
+        "split": subject_split[subject],
         "stain": stain, "specimen": specimen, "faded": faded, "site": site,
         "age": np.round(rng.normal(62, 11, n), 0), "sex": rng.choice(["F", "M"], size=n), "clinic": clinic,
         "report": reports,

@@ -152,10 +152,12 @@ def thumbnail(slide, downsample: float) -> np.ndarray:
     return image
 
 
-def tissue_mask(rgb: np.ndarray, min_saturation: float = 0.05, closing: int = 2,
+def tissue_mask(rgb: np.ndarray, min_saturation: float = 0.05, max_saturation: float = 0.08, closing: int = 2,
                 min_area: int = 16) -> np.ndarray:
-    """Tissue on a thumbnail: HSV saturation above max(Otsu, `min_saturation`), closed, small specks
-    removed, holes filled. Glass is bright and grey (low saturation); stained tissue is not."""
+    """Tissue on a thumbnail: HSV saturation above Otsu's threshold kept within [`min_saturation`,
+    `max_saturation`], closed, small specks removed, holes filled. Glass is bright and grey (saturation
+    about 0.01); the cap keeps Otsu from splitting strongly from faintly stained tissue (brown DAB against
+    pale haematoxylin) instead of tissue from glass."""
     from scipy import ndimage
     from skimage.filters import threshold_otsu
     x = rgb.astype(np.float32)
@@ -164,7 +166,7 @@ def tissue_mask(rgb: np.ndarray, min_saturation: float = 0.05, closing: int = 2,
     saturation = ndimage.median_filter(saturation, size=3)
     threshold = min_saturation
     if saturation.max() - saturation.min() > 1e-3:
-        threshold = max(float(threshold_otsu(saturation)), min_saturation)
+        threshold = min(max(float(threshold_otsu(saturation)), min_saturation), max_saturation)
     mask = saturation > threshold
     if closing:
         structure = _disk(closing)
