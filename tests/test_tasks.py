@@ -114,3 +114,13 @@ def test_metrics_ignore_missing_labels_and_summarise():
     assert results["macro/score"] == pytest.approx(1.0) and results["macro/auroc"] == pytest.approx(1.0)
     metrics.reset()
     assert metrics.compute() == {}
+
+
+def test_a_regression_task_with_one_labelled_sample_scores_nan_instead_of_failing():
+    kinds = {"area": task_kind("area", {"kind": "regression"}), "flag": task_kind("flag", {"kind": "binary"})}
+    metrics = TaskMetrics(kinds)
+    metrics.update("area", torch.tensor([[0.3], [0.1]]), torch.tensor([1.5, float("nan")]))
+    metrics.update("flag", torch.tensor([[0.2, 0.9], [0.8, 0.1]]), torch.tensor([1.0, 0.0]))
+    results = metrics.compute()
+    assert np.isnan(results["area/r2"]) and np.isfinite(results["area/rmse"])
+    assert results["macro/score"] == results["flag/auroc"]  # the undefined R² is left out of the macro

@@ -225,7 +225,7 @@ def test_a_two_process_ddp_fit_on_cpu(cohort_store, tmp_path):
 @pytest.mark.slow
 def test_the_demo_runs_end_to_end(tmp_path, monkeypatch):
     from biofm.platform.demo import run_demo
-    summary = run_demo(str(tmp_path / "demo"), n=300, epochs=1)
+    summary = run_demo(str(tmp_path / "demo"), n=300, epochs=1, slides=20)
     fused = summary["test"]["fused"]
     assert "event/auroc" in fused and "without:text" in fused
     assert any(k.startswith("freesolv_hydration_free_energy/") for k in fused)  # the molecule sources joined
@@ -234,3 +234,6 @@ def test_the_demo_runs_end_to_end(tmp_path, monkeypatch):
         assert (run / produced).exists(), produced
     predictions = pd.read_parquet(run / "predictions.parquet")
     assert {"synthetic", "freesolv", "solubility"} <= set(predictions["source"])
+    biobank = summary["test"]["biobank"]  # slides + report + case → slide metadata, with and without slides
+    assert "stain/auroc" in biobank["slides + report + case"] and "site/auroc" in biobank["report + case"]
+    assert (tmp_path / "demo" / "biobank" / "heatmap.png").exists()

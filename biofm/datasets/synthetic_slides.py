@@ -173,12 +173,12 @@ def biobank_cases(n: int, seed: int = 0) -> pd.DataFrame:
         rng.shuffle(parts)
         reports.append(". ".join(parts) + ".")
     # by subject, with a test share large enough to score five tasks on a few dozen slides
-    subject_split = np.array(["train", "val", "test"])[
-        np.searchsorted([0.6, 0.7], np.random.default_rng([seed, 1]).random(n_subjects), side="right")]
+    from biofm.platform.store import subject_splits
+    subject_ids = np.array([f"BBP-{seed}-{s:05d}" for s in subject])
     return pd.DataFrame({
         "sample_id": [f"BB-{seed}-{i:05d}" for i in range(n)],
-        "subject_id": [f"BBP-{seed}-{s:05d}" for s in subject],
-        "split": subject_split[subject],
+        "subject_id": subject_ids,
+        "split": subject_splits(subject_ids, (0.6, 0.1, 0.3), seed),
         "stain": stain, "specimen": specimen, "faded": faded, "site": site,
         "age": np.round(rng.normal(62, 11, n), 0), "sex": rng.choice(["F", "M"], size=n), "clinic": clinic,
         "report": reports,

@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n", type=int, default=2000, help="samples in the synthetic cohort")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--epochs", type=int, default=15)
+    demo.add_argument("--slides", type=int, default=80, help="slides in the synthetic pathology biobank")
     demo.set_defaults(run=_demo)
     return parser
 
@@ -70,7 +71,7 @@ def _info(args: argparse.Namespace) -> None:
 
 def _demo(args: argparse.Namespace) -> None:
     from biofm.platform.demo import run_demo
-    run_demo(args.out, n=args.n, seed=args.seed, epochs=args.epochs)
+    run_demo(args.out, n=args.n, seed=args.seed, epochs=args.epochs, slides=args.slides)
 
 
 def main(argv: list[str] | None = None) -> None:

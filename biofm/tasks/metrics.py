@@ -77,8 +77,10 @@ class TaskMetrics(nn.Module):
         for task, metrics in self.metrics.items():
             if not seen.get(task):
                 continue
-            for name, value in metrics.compute().items():
-                results[f"{task}/{name}"] = float(value)
+            for name, metric in metrics.items():
+                # R² of one sample is undefined (a tiny validation split): NaN, left out of the macro
+                too_few = name == "r2" and seen[task] < 2
+                results[f"{task}/{name}"] = float("nan") if too_few else float(metric.compute())
         for name in ("auroc", "r2"):
             values = [v for k, v in results.items() if k.endswith(f"/{name}") and math.isfinite(v)]
             if values:
