@@ -33,12 +33,16 @@ def render_heatmap(thumb: np.ndarray, downsample: tuple[float, float], coords: n
 
 def load_module(checkpoint: str):
     """A BiofmModule rebuilt from a checkpoint (safe loading), in eval mode."""
+    import inspect
+
     from biofm.platform.checkpoint import safe_load
     from biofm.platform.lightning import BiofmModule
     state = safe_load(checkpoint)
     hparams = dict(state.get("hyper_parameters", {}))
     if "schema" not in hparams:
         raise ValueError(f"{checkpoint} is not a biofm checkpoint (no schema in its hyper-parameters)")
+    accepted = inspect.signature(BiofmModule.__init__).parameters  # LightningCLI adds `_instantiator`
+    hparams = {k: v for k, v in hparams.items() if k in accepted}
     hparams["init_from"] = None
     module = BiofmModule(**hparams)
     module.load_state_dict(state["state_dict"])
