@@ -110,11 +110,15 @@ def test_broken_slides_fail_with_a_readable_reason_while_the_others_are_done(tmp
             {"slide_path": str(WSI / "boxes.tiff"), "sample_id": "S-boxes", "subject_id": "P5", "flag": 1},
             {"slide_path": str(tmp_path / "gone.svs"), "sample_id": "S-gone", "subject_id": "P6", "flag": 0},
             {"slide_path": str(WSI / "cmu-1-small-region.svs"), "sample_id": "S-cmu", "subject_id": "P7", "flag": 0},
-            {"slide_path": good[1], "sample_id": "S-good-2", "subject_id": "P8", "flag": 1}]
+            {"slide_path": good[1], "sample_id": "S-good-2", "subject_id": "P8", "flag": 1},
+            # a plain (non-pyramidal) image opens through OpenSlide's PIL fallback (mpp from the manifest);
+            # it is glass but for a speck smaller than a tile
+            {"slide_path": str(WSI / "kidney-48-5.tif"), "sample_id": "S-kidney", "subject_id": "P9", "flag": 0,
+             "mpp": 0.5}]
     out = str(tmp_path / "slides.zarr")
     main(["prepare", "slides", "--manifest", _manifest(tmp_path, rows), "--out", out, "--label-columns", "flag"])
     printed = capsys.readouterr().out
-    assert "3 done" in printed and "5 failed" in printed
+    assert "3 done" in printed and "6 failed" in printed
     assert not any(r["sample_id"] in printed or r["slide_path"] in printed for r in rows)
     status = pd.read_csv(slides_path(out)).set_index("sample_id")
     assert set(status.index[status["status"] == "done"]) == {"S-good-1", "S-cmu", "S-good-2"}
@@ -124,8 +128,10 @@ def test_broken_slides_fail_with_a_readable_reason_while_the_others_are_done(tmp
     assert "Unsupported TIFF compression" in reasons["S-unopenable"]
     assert "352.8" in reasons["S-boxes"] and "mpp" in reasons["S-boxes"]
     assert "does not exist" in reasons["S-gone"]
+    assert reasons["S-kidney"].startswith("no tissue found")  # opened and read, unlike the broken files
     rejects = pd.read_csv(str(out) + ".rejects.csv")
-    assert sorted(rejects["sample_id"]) == ["S-boxes", "S-broken", "S-gone", "S-unopenable", "S-unreadable"]
+    assert sorted(rejects["sample_id"]) == ["S-boxes", "S-broken", "S-gone", "S-kidney", "S-unopenable",
+                                            "S-unreadable"]
     store = Store(out)
     assert sorted(store.index("sample_id")) == ["S-cmu", "S-good-1", "S-good-2"]
     for key in os.listdir(status_dir(out)):  # every slide has its own status file
