@@ -237,3 +237,22 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
         0, sample_id=["a"], subject_id=["p"])
     with pytest.raises(StoreError, match="other settings"):
         StoreWriter(url, source="toy", modalities={"toy": {"changed": True}}, tasks={})
+
+
+def test_a_ragged_array_over_the_memory_budget_is_finalised_in_a_stream_to_the_same_store(tmp_path):
+    in_memory = write_toy_store(tmp_path / "a.zarr", n=240, batch=60, seed=5)
+    # every ragged array is "too large": finalised sample by sample, in whole chunks of 64 bytes
+    streamed = write_toy_store(tmp_path / "b.zarr", n=240, batch=60, seed=5, memory_bytes=0, chunk_bytes=64)
+    a, b = store_arrays(in_memory), store_arrays(streamed)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert streamed.root["toy/tokens"].chunks[0] < streamed.root["toy/tokens"].shape[0]  # several chunks
+
+
+def test_committed_sample_ids_let_a_rerun_regroup_its_batches(tmp_path):
+    writer = StoreWriter(str(tmp_path / "s.zarr"), source="toy", modalities={"toy": {"version": 1}},
+                         tasks=TOY_TASKS)
+    batch = toy_batch(0, 10)
+    writer.write_batch(0, **batch)
+    assert writer.committed_sample_ids() == set(batch["sample_id"])
