@@ -123,6 +123,17 @@ def fake_raw(modality: str, n: int, seed: int = 0) -> list:
     if modality == "wsi":
         paths = fake_slides(seed)
         return [paths[i % len(paths)] if i % 5 != 0 else None for i in range(n)]
+    if modality == "oct":
+        from biofm.datasets.oct import synthetic_eye
+        from biofm.modalities.oct import OctRecord
+        out = []
+        for i in range(n):
+            volume, thickness = synthetic_eye(rng, (8, 16, 16), glaucoma=bool(i % 2))
+            # every third has only its en-face map, some only their volume, every seventh nothing
+            has_volume, has_enface = i % 3 != 0, i % 5 != 4 or i % 3 == 0
+            out.append(None if i % 7 == 6 else OctRecord(volume if has_volume else None,
+                                                         thickness if has_enface else None))
+        return out
     raise KeyError(f"biofm.testing.fake_raw has no builder for modality '{modality}'; add one")
 
 

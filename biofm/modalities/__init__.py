@@ -1,3 +1,3 @@
 """Modalities, one folder each; importing this package registers them (one line per modality)."""
 
-from biofm.modalities import ehr, molecule, tabular, text, wsi  # noqa: F401
+from biofm.modalities import ehr, molecule, oct, tabular, text, wsi  # noqa: F401

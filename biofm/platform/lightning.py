@@ -92,8 +92,8 @@ def build_schema(stores: list[Store], tasks: list[str] | dict[str, str] | None =
 class Collator:
     """Store arrays of one batch → tensors: labels per task, inputs per modality (in the loader worker)."""
 
-    def __init__(self, schema: dict, with_ids: bool = False):
-        self.schema, self.with_ids = schema, with_ids
+    def __init__(self, schema: dict, with_ids: bool = False, augment: bool = False):
+        self.schema, self.with_ids, self.augment = schema, with_ids, augment
         self.modalities: dict[str, Modality] = {
             name: MODALITIES.resolve(name).from_config(config) for name, config in schema["modalities"].items()}
 
@@ -108,7 +108,9 @@ class Collator:
             arrays = {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
             if arrays:
                 present = torch.from_numpy(np.asarray(arrays.pop("present"), dtype=bool))
-                out["inputs"][name] = {"present": present, **modality.collate(arrays)}
+                inputs = modality.collate(arrays)
+                out["inputs"][name] = {"present": present,
+                                       **(modality.augment(inputs) if self.augment else inputs)}
         if self.with_ids:
             out["sample_id"] = [str(s) for s in batch["index/sample_id"]]
         return out
@@ -156,7 +158,8 @@ class BiofmDataModule(LightningDataModule):
         tasks = [t for t in self.schema["tasks"] if t in store.tasks]
         return StoreStream(store, split=split, batch_size=self.batch_size if shuffle else self.eval_batch_size,
                            shuffle=shuffle, seed=self.seed, buffer_size=self.buffer_size, arrays=arrays,
-                           tasks=tasks, with_ids=with_ids, transform=Collator(self.schema, with_ids))
+                           tasks=tasks, with_ids=with_ids,
+                           transform=Collator(self.schema, with_ids, augment=shuffle))  # training only
 
     def _loaders(self, split: str | None, shuffle: bool, with_ids: bool = False) -> dict[str, StreamLoader]:
         loaders = {}
@@ -199,6 +202,10 @@ class BiofmModule(LightningModule):
         fresh_heads: start every head fresh, even for shared tasks.
         freeze_encoders: train only the trunk and heads.
         encoders: architecture options per modality, e.g. {"molecule": {"layers": 5, "global_attention": true}}.
+        pseudo_labels: semi-supervised training, e.g. {"threshold": 0.9, "start_epoch": 2, "tasks": ["glaucoma"]}:
+            from `start_epoch` on, a training sample without a label for a classification task (binary,
+            multiclass, multilabel) takes the model's own prediction as its label where the predicted
+            probability is at least `threshold` (default tasks: every classification task).
         schedule: "constant" or "cosine" (linear warm-up over `warmup_steps`, then cosine decay to zero over
             the run's total steps).
     """
@@ -207,7 +214,7 @@ class BiofmModule(LightningModule):
                  latents: int = 8, dropout: float = 0.1, lr: float = 1e-3, weight_decay: float = 0.01,
                  balancing: str = "equal", balancing_options: dict | None = None, init_from: str | None = None,
                  fresh_heads: bool = False, freeze_encoders: bool = False, encoders: dict | None = None,
-                 schedule: str = "constant", warmup_steps: int = 100):
+                 schedule: str = "constant", warmup_steps: int = 100, pseudo_labels: dict | None = None):
         super().__init__()
         if schema is None:
             raise ConfigError("model.schema is missing: it comes from the data module (biofm fit links it); "
@@ -258,11 +265,38 @@ class BiofmModule(LightningModule):
                 losses[task] = loss
         return losses
 
+    def _pseudo_label(self, batch: dict, out: dict) -> dict:
+        """Fill missing classification labels with confident predictions (see `pseudo_labels`)."""
+        options = self.hparams.pseudo_labels
+        if not options or self.current_epoch < int(options.get("start_epoch", 1)):
+            return batch
+        threshold = float(options.get("threshold", 0.9))
+        wanted = options.get("tasks") or [t for t, k in self.model.kinds.items()
+                                         if k.name in ("binary", "multiclass", "multilabel")]
+        labels, added = dict(batch["labels"]), 0
+        for task in wanted:
+            if task not in labels:
+                continue
+            target, kind = labels[task], self.model.kinds[task]
+            probs = kind.predict(out["logits"][task].detach().float())["probs"]
+            if kind.name == "multilabel":
+                confident = torch.isnan(target) & ((probs >= threshold) | (probs <= 1 - threshold))
+                guess = (probs >= 0.5).to(target.dtype)
+            else:
+                top, index = probs.max(dim=1)
+                confident = torch.isnan(target) & (top >= threshold)
+                guess = index.to(target.dtype)
+            labels[task] = torch.where(confident, guess, target)
+            added += int(confident.sum())
+        self.log("train/pseudo_labels", float(added), batch_size=len(batch["row"]), reduce_fx="sum")
+        return {**batch, "labels": labels}
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loader = self.trainer.train_dataloader if self._trainer is not None else None
         if hasattr(loader, "mark_trained"):
             loader.mark_trained()  # the loader's saved position now includes this batch
         out = self.model(batch["inputs"])
+        batch = self._pseudo_label(batch, out)
         losses = self._task_losses(batch, out)
         total, weights = self.balancer.combine(losses) if losses else (torch.zeros((), device=self.device), {})
         # every head and balancing parameter in the graph, so DDP finds a gradient for each

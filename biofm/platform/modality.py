@@ -54,6 +54,11 @@ class Modality:
         """Tensors for one batch from this modality's store arrays (names without the prefix)."""
         raise NotImplementedError
 
+    def augment(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Random augmentation of a collated training batch (in the loader worker); never called for
+        evaluation or prediction. Default: none."""
+        return batch
+
     def encoder(self, d_model: int, **options) -> nn.Module:
         """A module whose forward(batch) returns tokens [B, L, d] and a validity mask [B, L]; `options` are
         the encoder's architecture settings from the model config (`--model.encoders`)."""

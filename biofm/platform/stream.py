@@ -272,10 +272,17 @@ class _Pool:
             elif isinstance(col, Ragged):
                 out[name] = Ragged.concat([self.blocks[b][name].take(picked) for b, picked, _, _ in segments])
             else:
-                # fixed arrays: gather every block's rows straight into one batch array (one copy)
-                values = np.empty((size, *col.shape[1:]), dtype=col.dtype)
+                # fixed arrays: gather every block's rows straight into one batch array (one copy); strings
+                # take the widest of the blocks' widths
+                dtype = np.result_type(*[self.blocks[b][name].dtype for b, _, _, _ in segments]) \
+                    if col.dtype.kind == "U" else col.dtype
+                values = np.empty((size, *col.shape[1:]), dtype=dtype)
                 for b, picked, lo, hi in segments:
-                    np.take(self.blocks[b][name], picked, axis=0, out=values[lo:hi])
+                    block = self.blocks[b][name]
+                    if block.dtype == dtype:
+                        np.take(block, picked, axis=0, out=values[lo:hi])
+                    else:  # a narrower string block: numpy's take will not widen into `out`
+                        values[lo:hi] = block[picked]
                 out[name] = values
         for b, picked, _, _ in segments:
             self.left[b] -= len(picked)

@@ -1,0 +1,70 @@
+"""Manifests of per-sample files (slides, OCT volumes): reading them, and their label columns as tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from biofm.platform.store import StoreError
+
+MAX_CLASSES = 50
+
+
+def read_manifest(path: str, path_column: str = "slide_path") -> pd.DataFrame:
+    """A manifest (CSV or parquet) with `path_column`, `sample_id` and `subject_id`; ids must be present
+    and sample ids unique."""
+    if not Path(path).exists() and "://" not in path:
+        raise StoreError(f"{path}: manifest does not exist")
+    if str(path).lower().endswith(".parquet"):
+        frame = pd.read_parquet(path)
+    else:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    missing = [c for c in (path_column, "sample_id", "subject_id") if c not in frame.columns]
+    if missing:
+        raise StoreError(f"{path}: the manifest needs columns {missing}; it has {list(frame.columns)}")
+    for column in ("sample_id", "subject_id"):
+        blank = np.flatnonzero(frame[column].isna().to_numpy())
+        if len(blank):
+            raise StoreError(f"{path}: row {blank[0] + 1}: '{column}' is empty; every sample needs one")
+    repeated = frame["sample_id"].duplicated(keep=False).to_numpy()
+    if repeated.any():
+        rows = np.flatnonzero(repeated)[:5] + 1
+        raise StoreError(f"{path}: rows {rows.tolist()} repeat a sample_id; every sample needs its own")
+    return frame.reset_index(drop=True)
+
+
+def label_tasks(frame: pd.DataFrame, columns: list[str], where: str,
+                kinds: dict[str, str] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """Task specs and float32 labels (NaN = missing) from manifest columns: numbers in {0, 1} → binary,
+    other numbers → regression, text → multiclass over its sorted values; `kinds` overrides per column."""
+    tasks, labels = {}, {}
+    for column in columns:
+        raw = frame[column]
+        numbers = pd.to_numeric(raw, errors="coerce")
+        numeric = numbers.notna().sum() == raw.notna().sum()
+        kind = (kinds or {}).get(column) or (
+            ("binary" if set(numbers.dropna().unique()) <= {0.0, 1.0} else "regression") if numeric else "multiclass")
+        if kind in ("binary", "regression"):
+            if not numeric:
+                bad = int(np.flatnonzero(numbers.isna().to_numpy() & raw.notna().to_numpy())[0])
+                raise StoreError(f"{where}: row {bad + 1}: label '{column}' is {kind} but holds "
+                                 f"{str(raw.iloc[bad])[:40]!r}")
+            values = numbers.to_numpy(dtype=np.float32)
+            if kind == "binary" and not set(np.unique(values[~np.isnan(values)])) <= {0.0, 1.0}:
+                raise StoreError(f"{where}: label '{column}' is binary but holds values other than 0 and 1")
+            tasks[column] = {"kind": kind}
+        elif kind in ("multiclass", "ordinal"):
+            classes = sorted(raw.dropna().astype(str).unique())
+            if len(classes) < 2 or len(classes) > MAX_CLASSES:
+                raise StoreError(f"{where}: label '{column}' has {len(classes)} distinct values; a {kind} task "
+                                 f"needs 2–{MAX_CLASSES} (name its kind with --task-types)")
+            lookup = {c: i for i, c in enumerate(classes)}
+            values = np.array([lookup[str(v)] if pd.notna(v) else np.nan for v in raw], dtype=np.float32)
+            tasks[column] = {"kind": kind, "classes": classes}
+        else:
+            raise StoreError(f"{where}: label '{column}': slide labels are binary, multiclass, ordinal or "
+                             f"regression, got {kind!r}")
+        labels[column] = values
+    return tasks, labels

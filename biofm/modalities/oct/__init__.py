@@ -1,0 +1,171 @@
+"""OCT: 3D retinal volumes resampled to a fixed shape (uint8) and 2D en-face maps (e.g. RNFL thickness),
+MONAI augmentations in the training loader, and a 3D patch-embedding transformer (plus a 2D one for the
+en-face map) producing tokens for the trunk. Readers are in `readers.py`.
+
+Store arrays: `volume` [N, D, H, W] uint8 with `has_volume`, `enface` [N, h, w] float16 with `has_enface`;
+either may be absent per sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from biofm.modalities.oct.readers import OctError, OctRecord, check_record, read_oct
+from biofm.platform.modality import MODALITIES, Modality
+from biofm.platform.store import Column
+
+__all__ = ["Oct", "OctError", "OctRecord", "read_oct", "OctEncoder"]
+
+
+def resample(array: np.ndarray, shape: Sequence[int], mode: str) -> np.ndarray:
+    """Trilinear (3D) or bilinear (2D) resampling to `shape`, in float32."""
+    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    return F.interpolate(x, size=tuple(shape), mode=mode, align_corners=False)[0, 0].numpy()
+
+
+def to_uint8(volume: np.ndarray) -> np.ndarray:
+    """uint8 volumes keep their grey levels; others are scaled from their 0.5–99.5th percentiles."""
+    if volume.dtype == np.uint8:
+        return volume
+    low, high = np.percentile(volume, [0.5, 99.5])
+    scale = 255.0 / (high - low) if high > low else 0.0
+    return np.clip((volume.astype(np.float32) - low) * scale, 0, 255).astype(np.uint8)
+
+
+@MODALITIES.register("oct")
+class Oct(Modality):
+    """Settings: `shape` of the stored volumes (default 128³), `enface_shape` (default 128²), `keys`
+    (npz key map: {"volume": "oct_bscans", "enface": "rnflt"}). Encoder options: `grid` (tokens per axis,
+    8), `layers`, `heads`, `dropout`."""
+
+    def __init__(self, shape: Sequence[int] = (128, 128, 128), enface_shape: Sequence[int] = (128, 128),
+                 keys: dict | None = None, **settings):
+        shape, enface_shape = [int(v) for v in shape], [int(v) for v in enface_shape]
+        if len(shape) != 3 or len(enface_shape) != 2:
+            raise ValueError(f"oct shape must have 3 sizes and enface_shape 2, got {shape} and {enface_shape}")
+        super().__init__(shape=shape, enface_shape=enface_shape, keys=dict(keys or {}), **settings)
+
+    # ---- prepare side
+    def process(self, raw) -> tuple[dict[str, np.ndarray], dict]:
+        """One input (path, OctRecord or volume array) → its arrays (unprefixed) and the file's other
+        values (npz labels). Raises OctError with a readable reason."""
+        if isinstance(raw, OctRecord):
+            record = check_record(raw)
+        elif isinstance(raw, np.ndarray):
+            record = check_record(OctRecord(raw))
+        else:
+            record = read_oct(str(raw), self.settings["keys"])
+        s = self.settings
+        arrays = {"volume": np.zeros(s["shape"], np.uint8), "has_volume": np.bool_(False),
+                  "enface": np.zeros(s["enface_shape"], np.float16), "has_enface": np.bool_(False)}
+        if record.volume is not None:
+            volume = to_uint8(record.volume)
+            if list(volume.shape) != s["shape"]:
+                volume = np.clip(resample(volume, s["shape"], "trilinear").round(), 0, 255).astype(np.uint8)
+            arrays.update(volume=volume, has_volume=np.bool_(True))
+        if record.enface is not None:
+            arrays.update(enface=resample(record.enface, s["enface_shape"], "bilinear").astype(np.float16),
+                          has_enface=np.bool_(True))
+        return arrays, record.values
+
+    def featurise_with_reasons(self, raw: Sequence) -> tuple[dict[str, Column], list[str | None]]:
+        rows, reasons = [], []
+        for r in raw:
+            if r is None:
+                rows.append(None), reasons.append(None)
+                continue
+            try:
+                rows.append(self.process(r)[0]), reasons.append(None)
+            except OctError as err:
+                rows.append(None), reasons.append(str(err))
+        return self.stack(rows), reasons
+
+    def featurise(self, raw: Sequence) -> dict[str, Column]:
+        return self.featurise_with_reasons(raw)[0]
+
+    def stack(self, rows: list[dict | None]) -> dict[str, Column]:
+        s = self.settings
+        empty = {"volume": np.zeros(s["shape"], np.uint8), "has_volume": np.bool_(False),
+                 "enface": np.zeros(s["enface_shape"], np.float16), "has_enface": np.bool_(False)}
+        full = [r if r is not None else empty for r in rows]
+        out = {f"oct/{name}": np.stack([np.asarray(r[name]) for r in full]) for name in empty}
+        out["oct/present"] = np.array([r is not None for r in rows], dtype=bool)
+        return out
+
+    # ---- train side
+    def collate(self, arrays: dict[str, Column]) -> dict[str, torch.Tensor]:
+        volume = torch.from_numpy(np.ascontiguousarray(arrays["volume"])).float().div_(255.0)[:, None]
+        enface = torch.from_numpy(np.asarray(arrays["enface"], dtype=np.float32))[:, None]
+        return {"volume": volume, "has_volume": torch.from_numpy(np.asarray(arrays["has_volume"], bool)),
+                "enface": enface, "has_enface": torch.from_numpy(np.asarray(arrays["has_enface"], bool))}
+
+    def augment(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """MONAI: left-right flip, intensity scale and shift, a small affine; volumes only."""
+        if not bool(batch["has_volume"].any()):
+            return batch
+        transform = _augmentation()
+        transform.set_random_state(seed=int(torch.randint(0, 2 ** 31 - 1, ()).item()))
+        volume = batch["volume"].clone()
+        for i in torch.nonzero(batch["has_volume"]).flatten().tolist():
+            volume[i] = torch.as_tensor(transform(volume[i])).clamp_(0.0, 1.0)
+        return {**batch, "volume": volume}
+
+    def encoder(self, d_model: int, grid: int = 8, layers: int = 2, heads: int = 4,
+                dropout: float = 0.1) -> nn.Module:
+        return OctEncoder(self.settings["shape"], self.settings["enface_shape"], d_model, grid, layers, heads,
+                          dropout)
+
+
+def _augmentation():
+    from monai.transforms import Compose, RandAffine, RandFlip, RandScaleIntensity, RandShiftIntensity
+    return Compose([RandFlip(prob=0.5, spatial_axis=2), RandScaleIntensity(factors=0.1, prob=0.5),
+                    RandShiftIntensity(offsets=0.05, prob=0.5),
+                    RandAffine(prob=0.3, rotate_range=(0.05, 0.05, 0.05), translate_range=(1, 1, 1),
+                               padding_mode="border")])
+
+
+def _stem(dims: int, size: Sequence[int], grid: int, d_model: int) -> nn.Sequential:
+    """Two strided convolutions that cut each axis to about `grid` patches (a patch embedding with a
+    little locality learned before it)."""
+    conv = nn.Conv3d if dims == 3 else nn.Conv2d
+    patch = max(1, min(size) // grid)
+    first = 2 if patch <= 4 else 4
+    second = max(1, patch // first)
+    return nn.Sequential(conv(1, d_model // 4, first, stride=first), nn.GELU(),
+                         conv(d_model // 4, d_model, second, stride=second))
+
+
+class OctEncoder(nn.Module):
+    """Volume [B, 1, D, H, W] → ~grid³ tokens; en-face map [B, 1, h, w] → ~grid² tokens; each with a learned
+    position embedding, then `layers` transformer layers over the tokens a sample has."""
+
+    def __init__(self, shape, enface_shape, d_model: int, grid: int = 8, layers: int = 2, heads: int = 4,
+                 dropout: float = 0.1):
+        super().__init__()
+        self.volume_stem = _stem(3, shape, grid, d_model)
+        self.enface_norm = nn.BatchNorm2d(1)  # thickness maps come in µm
+        self.enface_stem = _stem(2, enface_shape, grid, d_model)
+        with torch.no_grad():
+            n_volume = self.volume_stem(torch.zeros(1, 1, *shape)).flatten(2).shape[2]
+            n_enface = self.enface_stem(torch.zeros(1, 1, *enface_shape)).flatten(2).shape[2]
+        self.volume_position = nn.Parameter(torch.randn(n_volume, d_model) * 0.02)
+        self.enface_position = nn.Parameter(torch.randn(n_enface, d_model) * 0.02)
+        layer = nn.TransformerEncoderLayer(d_model, heads, 2 * d_model, dropout=dropout, batch_first=True,
+                                           norm_first=True)
+        self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        volume = self.volume_stem(batch["volume"]).flatten(2).transpose(1, 2) + self.volume_position
+        enface = self.enface_stem(self.enface_norm(batch["enface"])).flatten(2).transpose(1, 2) \
+            + self.enface_position
+        x = torch.cat([volume, enface], dim=1)  # [B, Nv + Ne, d]
+        mask = torch.cat([batch["has_volume"][:, None].expand(-1, volume.shape[1]),
+                          batch["has_enface"][:, None].expand(-1, enface.shape[1])], dim=1)
+        padding = ~mask
+        padding[:, 0] = False  # a sample with neither keeps one key; the trunk masks it out anyway
+        return self.layers(x, src_key_padding_mask=padding), mask
