@@ -237,3 +237,4 @@ def test_the_demo_runs_end_to_end(tmp_path, monkeypatch):
     biobank = summary["test"]["biobank"]  # slides + report + case → slide metadata, with and without slides
     assert "stain/auroc" in biobank["slides + report + case"] and "site/auroc" in biobank["report + case"]
     assert (tmp_path / "demo" / "biobank" / "heatmap.png").exists()
+    assert "glaucoma/auroc" in summary["test"]["oct"]

@@ -133,9 +133,9 @@ def _stem(dims: int, size: Sequence[int], grid: int, d_model: int) -> nn.Sequent
     """Two strided convolutions that cut each axis to about `grid` patches (a patch embedding with a
     little locality learned before it)."""
     conv = nn.Conv3d if dims == 3 else nn.Conv2d
-    patch = max(1, min(size) // grid)
-    first = 2 if patch <= 4 else 4
-    second = max(1, patch // first)
+    patch = [max(1, s // grid) for s in size]
+    first = tuple(1 if p == 1 else 2 if p <= 4 else 4 for p in patch)
+    second = tuple(max(1, p // f) for p, f in zip(patch, first))
     return nn.Sequential(conv(1, d_model // 4, first, stride=first), nn.GELU(),
                          conv(d_model // 4, d_model, second, stride=second))
 
