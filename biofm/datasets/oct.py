@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from biofm.datasets.outputs import rejects_path, track, write_rejects
+from biofm.modalities.oct import OctError
 from biofm.datasets.manifest import label_tasks, read_manifest
 from biofm.platform.cli import preparer
 from biofm.platform.modality import MODALITIES
@@ -94,12 +95,13 @@ def prepare_oct(manifest: str, out: str, *, label_columns: list[str] | None = No
         for i in range(start, min(start + batch_size, len(frame))):
             try:
                 if paths[i] is None:
-                    raise StoreError("the manifest row has no path")
+                    raise OctError("the manifest row has no path")
                 arrays.append(modality.process(paths[i])[0])
                 rows.append(i)
-            except (StoreError, Exception) as err:  # noqa: BLE001 — one bad file never stops the run
-                reasons[i] = str(err) if isinstance(err, StoreError) or type(err).__name__ == "OctError" \
-                    else f"{type(err).__name__}: {err}"
+            except OctError as err:
+                reasons[i] = str(err)
+            except Exception as err:  # noqa: BLE001 — one bad file never stops the run
+                reasons[i] = f"{type(err).__name__}: {err}"
         if rows:
             writer.write_batch(key, sample_id=sample_ids[rows], subject_id=subject_ids[rows],
                                labels={t: v[rows] for t, v in labels.items()}, arrays=modality.stack(arrays))

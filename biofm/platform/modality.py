@@ -63,3 +63,33 @@ class Modality:
         """A module whose forward(batch) returns tokens [B, L, d] and a validity mask [B, L]; `options` are
         the encoder's architecture settings from the model config (`--model.encoders`)."""
         raise NotImplementedError
+
+
+class FileModality(Modality):
+    """A modality whose raw input is one file (or array) per sample, processed alone (slides, volumes):
+    subclasses give `process` (one input → its unprefixed arrays and extra values, raising `input_error`
+    with a readable reason) and `stack` (per-sample arrays, None for absent → the batch's store columns)."""
+
+    input_error: ClassVar[type[Exception]] = ValueError
+
+    def process(self, raw: Any) -> tuple[dict[str, np.ndarray], dict]:
+        raise NotImplementedError
+
+    def stack(self, rows: list[dict | None]) -> dict[str, Column]:
+        raise NotImplementedError
+
+    def featurise_with_reasons(self, raw: Sequence[Any]) -> tuple[dict[str, Column], list[str | None]]:
+        """Arrays for a batch (None = no input); an input that fails is absent, with its reason."""
+        rows, reasons = [], []
+        for r in raw:
+            if r is None:
+                rows.append(None), reasons.append(None)
+                continue
+            try:
+                rows.append(self.process(r)[0]), reasons.append(None)
+            except self.input_error as err:
+                rows.append(None), reasons.append(str(err))
+        return self.stack(rows), reasons
+
+    def featurise(self, raw: Sequence[Any]) -> dict[str, Column]:
+        return self.featurise_with_reasons(raw)[0]

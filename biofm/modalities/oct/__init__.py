@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from biofm.modalities.oct.readers import OctError, OctRecord, check_record, read_oct
-from biofm.platform.modality import MODALITIES, Modality
+from biofm.platform.modality import MODALITIES, FileModality
 from biofm.platform.store import Column
 
 __all__ = ["Oct", "OctError", "OctRecord", "read_oct", "OctEncoder"]
@@ -38,10 +38,12 @@ def to_uint8(volume: np.ndarray) -> np.ndarray:
 
 
 @MODALITIES.register("oct")
-class Oct(Modality):
+class Oct(FileModality):
     """Settings: `shape` of the stored volumes (default 128³), `enface_shape` (default 128²), `keys`
     (npz key map: {"volume": "oct_bscans", "enface": "rnflt"}). Encoder options: `grid` (tokens per axis,
     8), `layers`, `heads`, `dropout`."""
+
+    input_error = OctError
 
     def __init__(self, shape: Sequence[int] = (128, 128, 128), enface_shape: Sequence[int] = (128, 128),
                  keys: dict | None = None, **settings):
@@ -72,21 +74,6 @@ class Oct(Modality):
             arrays.update(enface=resample(record.enface, s["enface_shape"], "bilinear").astype(np.float16),
                           has_enface=np.bool_(True))
         return arrays, record.values
-
-    def featurise_with_reasons(self, raw: Sequence) -> tuple[dict[str, Column], list[str | None]]:
-        rows, reasons = [], []
-        for r in raw:
-            if r is None:
-                rows.append(None), reasons.append(None)
-                continue
-            try:
-                rows.append(self.process(r)[0]), reasons.append(None)
-            except OctError as err:
-                rows.append(None), reasons.append(str(err))
-        return self.stack(rows), reasons
-
-    def featurise(self, raw: Sequence) -> dict[str, Column]:
-        return self.featurise_with_reasons(raw)[0]
 
     def stack(self, rows: list[dict | None]) -> dict[str, Column]:
         s = self.settings

@@ -10,7 +10,6 @@ optional raw `tiles` [T, S, S, 3] uint8; fixed `tile_extent` (level-0 pixels per
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -18,20 +17,22 @@ import torch
 from torch import nn
 
 from biofm.modalities.wsi.slide import SlideError, SlideRef, open_slide, plan_tiles, read_tile
-from biofm.platform.modality import MODALITIES, Modality
+from biofm.platform.modality import MODALITIES, FileModality
 from biofm.platform.store import Column, Ragged
 
 __all__ = ["Wsi", "SlideError", "SlideRef", "SlideEncoder"]
 
 
 @MODALITIES.register("wsi")
-class Wsi(Modality):
+class Wsi(FileModality):
     """Settings: `target_mpp` (µm/px of the tiles, default 0.5), `tile_size` (224), `min_tissue` (the
     least tissue fraction a tile needs, 0.25), `thumbnail_mpp` (scale of the tissue mask, 8 µm/px),
     `patch_encoder` ("default" or "package.module:factory"), `patch_weights` (local file), `store_tiles`
     (also keep raw tiles, for end-to-end training); `feature_dim` and `patch_checksum` are filled in by
     `fit`. Encoder options (model config): `kind` (abmil | transformer), `tokens`, `layers`, `max_tiles`,
     `dropout`."""
+
+    input_error = SlideError
 
     def __init__(self, target_mpp: float = 0.5, tile_size: int = 224, min_tissue: float = 0.25,
                  thumbnail_mpp: float = 8.0, patch_encoder: str = "default", patch_weights: str | None = None,
@@ -91,22 +92,6 @@ class Wsi(Modality):
         facts = {"mpp": plan.mpp, "mpp_source": plan.mpp_source, "level": plan.level,
                  "tiles": int(len(plan.coords)), "notes": "; ".join(plan.notes)}
         return arrays, facts
-
-    def featurise_with_reasons(self, raw: Sequence) -> tuple[dict[str, Column], list[str | None]]:
-        """Arrays for a batch of slides (None = no slide); a slide that fails is absent, with its reason."""
-        rows, reasons = [], []
-        for r in raw:
-            if r is None:
-                rows.append(None), reasons.append(None)
-                continue
-            try:
-                rows.append(self.process(r)[0]), reasons.append(None)
-            except SlideError as err:
-                rows.append(None), reasons.append(str(err))
-        return self.stack(rows), reasons
-
-    def featurise(self, raw: Sequence) -> dict[str, Column]:
-        return self.featurise_with_reasons(raw)[0]
 
     def stack(self, rows: list[dict | None]) -> dict[str, Column]:
         """Per-slide arrays (None = absent) → the modality's store columns for a batch."""
