@@ -31,24 +31,6 @@ def render_heatmap(thumb: np.ndarray, downsample: tuple[float, float], coords: n
     return np.where(covered[..., None], blended, thumb).round().astype(np.uint8)
 
 
-def load_module(checkpoint: str):
-    """A BiofmModule rebuilt from a checkpoint (safe loading), in eval mode."""
-    import inspect
-
-    from biofm.platform.checkpoint import safe_load
-    from biofm.platform.lightning import BiofmModule
-    state = safe_load(checkpoint)
-    hparams = dict(state.get("hyper_parameters", {}))
-    if "schema" not in hparams:
-        raise ValueError(f"{checkpoint} is not a biofm checkpoint (no schema in its hyper-parameters)")
-    accepted = inspect.signature(BiofmModule.__init__).parameters  # LightningCLI adds `_instantiator`
-    hparams = {k: v for k, v in hparams.items() if k in accepted}
-    hparams["init_from"] = None
-    module = BiofmModule(**hparams)
-    module.load_state_dict(state["state_dict"])
-    return module.eval()
-
-
 def slide_attention(module, slide: str, mpp: float | None = None) -> dict:
     """Run one slide (alone, no other modality) through a trained model; returns its tile coordinates,
     extent, attention per tile [T] (mean over the slide tokens), the logits per task and the slide facts."""
@@ -73,6 +55,7 @@ def slide_heatmap(checkpoint: str, slide: str, out: str | Path, mpp: float | Non
     from PIL import Image
 
     from biofm.modalities.wsi.slide import open_slide, thumbnail
+    from biofm.platform.sdk import load_module
     result = slide_attention(load_module(checkpoint), slide, mpp)
     handle = open_slide(slide)
     try:

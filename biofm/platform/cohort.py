@@ -1,0 +1,168 @@
+"""`biofm predict-cohort`: a manifest of raw inputs → predictions for a whole cohort, through Lightning's
+predict on one or more processes.
+
+The manifest (CSV or parquet) holds one row per sample: `sample_id` (default: the row number) and a column
+per modality input — `smiles`, `slide_path`, `oct_path`, `report`, and the case columns the model knows.
+Rows are cut into batches of `batch_size`; loader workers featurise them (the same featurisers and
+settings as training); each batch's predictions go to `<out>/shards/part-<batch>.parquet` and its failures
+to `<out>/shards/errors-<batch>.csv`, both written whole and then renamed, by whichever rank ran it. A
+rerun skips the batches whose shard exists, so a killed run resumes and every sample is written once. At
+the end: `<out>/predictions.parquet` (manifest order), `<out>/errors.csv` (sample_id, reason) and
+`<out>/summary.json` (counts, seconds, samples/s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader, Dataset
+
+from biofm.platform.sdk import Model, find_checkpoint, load_module
+
+COLUMNS = {"smiles": "molecule", "slide_path": "wsi", "oct_path": "oct", "report": "text"}
+
+
+def read_cohort(path: str) -> pd.DataFrame:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: manifest does not exist")
+    frame = pd.read_parquet(path) if str(path).endswith(".parquet") else \
+        pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    if "sample_id" not in frame.columns:
+        frame.insert(0, "sample_id", [f"row-{i + 1}" for i in range(len(frame))])
+    repeated = frame["sample_id"].duplicated().to_numpy()
+    if repeated.any():
+        raise ValueError(f"{path}: row {int(np.flatnonzero(repeated)[0]) + 1} repeats a sample_id")
+    return frame.reset_index(drop=True)
+
+
+def raw_inputs(model: Model, frame: pd.DataFrame, where: str) -> dict[str, object]:
+    """The manifest's columns as raw inputs per modality of the model (None cells = no input)."""
+    raw = {}
+    for column, name in COLUMNS.items():
+        if column in frame.columns and name in model.modalities:
+            raw[name] = [None if pd.isna(v) or v == "" else str(v) for v in frame[column]]
+    if "tabular" in model.modalities:
+        settings = model.schema["modalities"]["tabular"]
+        known = [c for c in list(settings.get("numeric", {})) + list(settings.get("categorical", {}))
+                 if c in frame.columns]
+        if known:
+            rows = frame[known].to_dict("records")
+            for row in rows:
+                for k in settings.get("numeric", {}):
+                    if k in row:
+                        row[k] = pd.to_numeric(row[k], errors="coerce")
+            present = frame[known].notna().any(axis=1).to_numpy()
+            raw["tabular"] = [r if p else None for r, p in zip(rows, present)]
+    if not raw:
+        wanted = [c for c, m in COLUMNS.items() if m in model.modalities]
+        raise ValueError(f"{where}: no column for the model's modalities {model.modalities}; expected "
+                         f"{wanted}" + (" or case columns" if "tabular" in model.modalities else ""))
+    return raw
+
+
+class CohortBatches(Dataset):
+    """Item k = batch `todo[k]` of the manifest, featurised (runs in the loader workers)."""
+
+    def __init__(self, model: Model, raw: dict, sample_ids: np.ndarray, batch_size: int, todo: list[int]):
+        self.model, self.raw, self.sample_ids = model, raw, sample_ids
+        self.batch_size, self.todo = batch_size, todo
+
+    def __len__(self) -> int:
+        return len(self.todo)
+
+    def __getitem__(self, k: int) -> dict:
+        index = self.todo[k]
+        lo, hi = index * self.batch_size, min(len(self.sample_ids), (index + 1) * self.batch_size)
+        raw = {name: values[lo:hi] for name, values in self.raw.items()}
+        inputs, errors = self.model.featurise(raw, hi - lo)
+        return {"batch": index, "sample_id": self.sample_ids[lo:hi].tolist(), "inputs": inputs, "errors": errors}
+
+
+class CohortPredictor(LightningModule):
+    def __init__(self, model: Model):
+        super().__init__()
+        self.net = model.module.model
+        self.sdk = model
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        out = self.net(batch["inputs"]) if batch["inputs"] else None  # None: no sample has an input
+        frame = self.sdk.frame(out, batch["errors"])
+        frame.insert(0, "sample_id", batch["sample_id"])
+        return {"batch": batch["batch"], "frame": frame}
+
+
+class ShardWriter(BasePredictionWriter):
+    """Each batch's predictions and errors as files of their own, written whole then renamed."""
+
+    def __init__(self, out: Path):
+        super().__init__(write_interval="batch")
+        self.shards = out / "shards"
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                           dataloader_idx=0):
+        frame = prediction["frame"]
+        failed = frame[frame["error"].notna()]
+        name = f"{prediction['batch']:08d}"
+        errors = self.shards / f"errors-{name}.csv"
+        failed[["sample_id", "error"]].rename(columns={"error": "reason"}).to_csv(f"{errors}.{os.getpid()}.tmp",
+                                                                                index=False)
+        os.replace(f"{errors}.{os.getpid()}.tmp", errors)
+        part = self.shards / f"part-{name}.parquet"  # last: its existence marks the batch done
+        frame.to_parquet(f"{part}.{os.getpid()}.tmp", index=False)
+        os.replace(f"{part}.{os.getpid()}.tmp", part)
+
+
+def _first(items: list) -> dict:
+    return items[0]
+
+
+def predict_cohort(checkpoint: str, manifest: str, out: str, *, batch_size: int = 256, num_workers: int = 0,
+                   devices: int = 1, num_nodes: int = 1, accelerator: str = "auto", progress: bool = True) -> dict:
+    """Predict every row of `manifest` (see the module's doc); returns the summary."""
+    start = time.perf_counter()
+    out_dir = Path(out)
+    (out_dir / "shards").mkdir(parents=True, exist_ok=True)
+    frame = read_cohort(manifest)
+    model = Model(load_module(find_checkpoint(checkpoint)), torch.device("cpu"))
+    raw = raw_inputs(model, frame, manifest)
+    n_batches = -(-len(frame) // batch_size)
+    done = {int(p.name[5:13]) for p in (out_dir / "shards").glob("part-*.parquet")}
+    todo = [b for b in range(n_batches) if b not in done]
+    if todo:
+        data = DataLoader(CohortBatches(model, raw, frame["sample_id"].astype(str).to_numpy(), batch_size, todo),
+                          batch_size=1, collate_fn=_first, num_workers=num_workers)
+        multi = devices > 1 or num_nodes > 1
+        strategy = ("ddp" if "SLURM_NTASKS" in os.environ else "ddp_spawn") if multi else "auto"
+        trainer = Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                          logger=False, enable_progress_bar=progress, enable_model_summary=False,
+                          callbacks=[ShardWriter(out_dir)], default_root_dir=str(out_dir))
+        trainer.predict(CohortPredictor(model), dataloaders=data, return_predictions=False)
+        if trainer.global_rank != 0:
+            return {}
+    return merge(out_dir, frame, n_batches, len(todo), time.perf_counter() - start)
+
+
+def merge(out_dir: Path, frame: pd.DataFrame, n_batches: int, ran: int, seconds: float) -> dict:
+    parts = [out_dir / "shards" / f"part-{b:08d}.parquet" for b in range(n_batches)]
+    missing = [p.name for p in parts if not p.exists()]
+    if missing:
+        raise RuntimeError(f"{out_dir}: {len(missing)} batches have no shard ({missing[:3]} …); rerun to finish")
+    predictions = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    errors = pd.concat([pd.read_csv(out_dir / "shards" / f"errors-{b:08d}.csv", dtype=str)
+                        for b in range(n_batches)], ignore_index=True)
+    predictions.to_parquet(out_dir / "predictions.parquet.tmp", index=False)
+    os.replace(out_dir / "predictions.parquet.tmp", out_dir / "predictions.parquet")
+    errors.to_csv(out_dir / "errors.csv", index=False)
+    summary = {"samples": int(len(frame)), "predicted": int(predictions["error"].isna().sum()),
+               "errors": int(len(errors)), "batches": n_batches, "batches_this_run": ran,
+               "seconds": round(seconds, 2), "samples_per_s": round(len(frame) / max(seconds, 1e-9), 1)}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,185 @@
+"""The Python SDK: `biofm.load(path)` → a model that predicts from raw inputs.
+
+    >>> import biofm
+    >>> model = biofm.load("runs/a")                 # a run directory, a W&B artifact folder or a .ckpt
+    >>> model.tasks, model.modalities
+    >>> model.predict(smiles=["CCO", "c1ccccc1O"], ids=["ethanol", "phenol"])   # pandas DataFrame
+    >>> model.embed(smiles=["CCO"])                   # numpy [n, d_model]
+
+Raw inputs go through the same featurisers as training, with the settings stored in the checkpoint. An
+input that cannot be featurised (an invalid SMILES, a missing slide, a corrupt volume) gives a row whose
+`error` column says why; the other rows are predicted.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+# SDK argument → modality; `case` is a DataFrame of case columns
+INPUTS = {"smiles": "molecule", "slides": "wsi", "oct": "oct", "reports": "text", "case": "tabular", "ehr": "ehr"}
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """`path` itself when it is a file; in a folder (a run directory or a W&B artifact), `last.ckpt`, else
+    the newest `best-*.ckpt`, else the newest `*.ckpt` anywhere below it."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint file or run directory")
+    for pattern in ("**/last.ckpt", "**/best-*.ckpt", "**/*.ckpt"):
+        found = sorted(path.glob(pattern), key=lambda p: p.stat().st_mtime)
+        if found:
+            return found[-1]
+    raise FileNotFoundError(f"{path}: no .ckpt file in this folder or below it")
+
+
+def load_module(checkpoint: str | Path, device: str | torch.device = "cpu"):
+    """A BiofmModule rebuilt from a checkpoint (read with `weights_only=True`), in eval mode."""
+    from biofm.platform.checkpoint import safe_load
+    from biofm.platform.lightning import BiofmModule
+    state = safe_load(checkpoint)
+    hparams = dict(state.get("hyper_parameters", {}))
+    if "schema" not in hparams:
+        raise ValueError(f"{checkpoint} is not a biofm checkpoint (no schema in its hyper-parameters)")
+    accepted = inspect.signature(BiofmModule.__init__).parameters  # LightningCLI adds `_instantiator`
+    hparams = {k: v for k, v in hparams.items() if k in accepted}
+    hparams["init_from"] = None
+    module = BiofmModule(**hparams)
+    module.load_state_dict(state["state_dict"])
+    return module.to(device).eval()
+
+
+class Model:
+    """A trained model that predicts from raw inputs; see the module's doc."""
+
+    def __init__(self, module, device: torch.device):
+        self.module, self.device = module, device
+        self.schema = module.model.schema
+
+    @property
+    def tasks(self) -> dict[str, dict]:
+        return dict(self.schema["tasks"])
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.schema["modalities"])
+
+    # ---- featurisation
+    def featurise(self, raw: dict[str, Any], n: int) -> tuple[dict[str, dict], list[str | None]]:
+        """Raw inputs per modality (lists of n, or a DataFrame for tabular) → model inputs, and per sample
+        the reason it cannot be predicted (None when it can)."""
+        inputs, present_any = {}, np.zeros(n, dtype=bool)
+        reasons: list[list[str]] = [[] for _ in range(n)]
+        for name, values in raw.items():
+            modality = self.module.model.modalities[name]
+            if hasattr(modality, "featurise_with_reasons"):
+                columns, why = modality.featurise_with_reasons(values)
+                for i, reason in enumerate(why):
+                    if reason:
+                        reasons[i].append(f"{name}: {reason}")
+            else:
+                columns = modality.featurise(values)
+            local = {k.split("/", 1)[1]: v for k, v in columns.items()}
+            present = np.asarray(local.pop("present"), dtype=bool)
+            present_any |= present
+            if present.any():  # a modality no sample of the batch has contributes nothing
+                inputs[name] = {"present": torch.from_numpy(present), **modality.collate(local)}
+        # a sample is predicted from the modalities it has; it fails only when it has none
+        missing = f"no input for any of the model's modalities ({', '.join(self.modalities)})"
+        errors = [None if present_any[i] else ("; ".join(reasons[i]) or missing) for i in range(n)]
+        return inputs, errors
+
+    def _raw(self, given: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        raw, n = {}, None
+        for argument, values in given.items():
+            if values is None:
+                continue
+            name = INPUTS[argument]
+            if name not in self.schema["modalities"]:
+                raise ValueError(f"the model was not trained with {name} inputs ({argument}=); it takes "
+                                 f"{', '.join(a for a, m in INPUTS.items() if m in self.schema['modalities'])}")
+            values = values if isinstance(values, pd.DataFrame) else list(values)
+            if n is not None and len(values) != n:
+                raise ValueError(f"{argument}= has {len(values)} inputs but another argument has {n}")
+            n = len(values)
+            raw[name] = values
+        if n is None:
+            raise ValueError("no input given: pass at least one of " + ", ".join(
+                f"{a}=" for a, m in INPUTS.items() if m in self.schema["modalities"]))
+        return raw, n
+
+    @staticmethod
+    def _slice(values, lo: int, hi: int):
+        return values.iloc[lo:hi] if isinstance(values, pd.DataFrame) else values[lo:hi]
+
+    @torch.no_grad()
+    def _run(self, raw: dict, n: int, batch_size: int):
+        for lo in range(0, n, batch_size):
+            hi = min(n, lo + batch_size)
+            inputs, errors = self.featurise({k: self._slice(v, lo, hi) for k, v in raw.items()}, hi - lo)
+            inputs = {m: {k: v.to(self.device) for k, v in d.items()} for m, d in inputs.items()}
+            yield self.forward(inputs), errors
+
+    def forward(self, inputs: dict) -> dict | None:
+        """The model's outputs, or None for a batch in which no sample has any input."""
+        return self.module.model(inputs) if inputs else None
+
+    # ---- outputs
+    def predict(self, *, ids: Sequence | None = None, batch_size: int = 64, smiles: Sequence[str] | None = None,
+                slides: Sequence[str] | None = None, oct: Sequence | None = None, reports: Sequence[str] | None = None,
+                case: pd.DataFrame | None = None, ehr: Sequence | None = None) -> pd.DataFrame:
+        """One row per input: `sample_id`, per task the prediction (class name, or value in original units)
+        and, for classification, `<task>/prob/<class>`; `error` says why a row has no prediction."""
+        raw, n = self._raw(dict(smiles=smiles, slides=slides, oct=oct, reports=reports, case=case, ehr=ehr))
+        frames = []
+        for out, errors in self._run(raw, n, batch_size):
+            frames.append(self.frame(out, errors))
+        frame = pd.concat(frames, ignore_index=True)
+        frame.insert(0, "sample_id", [str(i) for i in ids] if ids is not None else [str(i) for i in range(n)])
+        return frame
+
+    def frame(self, out: dict, errors: list[str | None]) -> pd.DataFrame:
+        """Model outputs of one batch → prediction columns (NaN where `errors` names a reason)."""
+        from biofm.platform.lightning import predictions_frame
+        kinds = self.module.model.kinds
+        result = {"source": ["sdk"] * len(errors)}
+        for task, kind in kinds.items():
+            logits = out["logits"][task] if out is not None else \
+                torch.zeros(len(errors), kind.out_dim)  # nothing to predict from: every row is an error
+            result[task] = {k: (v.float() if v.is_floating_point() else v).cpu()
+                            for k, v in kind.predict(logits).items()}
+        frame = predictions_frame(kinds, [result]).drop(columns=["source"])
+        failed = np.array([e is not None for e in errors])
+        if failed.any():
+            frame = frame.astype({c: object for c in frame.columns if frame[c].dtype == bool})
+            frame.loc[failed, :] = None
+        frame["error"] = errors
+        return frame
+
+    def embed(self, *, batch_size: int = 64, **inputs) -> np.ndarray:
+        """The trunk's CLS representation [n, d_model] (NaN rows where the input could not be used)."""
+        raw, n = self._raw(inputs)
+        out = []
+        for result, errors in self._run(raw, n, batch_size):
+            if result is None:
+                out.append(np.full((len(errors), self.module.hparams.d_model), np.nan, np.float32))
+                continue
+            cls = result["cls"].float().cpu().numpy()
+            cls[[e is not None for e in errors]] = np.nan
+            out.append(cls)
+        return np.concatenate(out)
+
+
+def load(path: str | Path, device: str | None = None) -> Model:
+    """A trained model from a checkpoint file or a folder holding one (run directory, W&B artifact); on
+    CUDA when available unless `device` says otherwise."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return Model(load_module(find_checkpoint(path), device), device)
