@@ -124,6 +124,10 @@ def _first(items: list) -> dict:
     return items[0]
 
 
+def _one_thread(_worker: int) -> None:
+    torch.set_num_threads(1)  # a featurising worker: RDKit, OpenSlide and numpy, no parallel torch
+
+
 def predict_cohort(checkpoint: str, manifest: str, out: str, *, batch_size: int = 256, num_workers: int = 0,
                    devices: int = 1, num_nodes: int = 1, accelerator: str = "auto", progress: bool = True) -> dict:
     """Predict every row of `manifest` (see the module's doc); returns the summary."""
@@ -138,13 +142,20 @@ def predict_cohort(checkpoint: str, manifest: str, out: str, *, batch_size: int 
     todo = [b for b in range(n_batches) if b not in done]
     if todo:
         data = DataLoader(CohortBatches(model, raw, frame["sample_id"].astype(str).to_numpy(), batch_size, todo),
-                          batch_size=1, collate_fn=_first, num_workers=num_workers)
+                          batch_size=1, collate_fn=_first, num_workers=num_workers, worker_init_fn=_one_thread,
+                          prefetch_factor=4 if num_workers else None)
+        threads = torch.get_num_threads()
+        if num_workers:  # the cores the featurising workers do not take run the forward pass
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers))
         multi = devices > 1 or num_nodes > 1
         strategy = ("ddp" if "SLURM_NTASKS" in os.environ else "ddp_spawn") if multi else "auto"
         trainer = Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                           logger=False, enable_progress_bar=progress, enable_model_summary=False,
                           callbacks=[ShardWriter(out_dir)], default_root_dir=str(out_dir))
-        trainer.predict(CohortPredictor(model), dataloaders=data, return_predictions=False)
+        try:
+            trainer.predict(CohortPredictor(model), dataloaders=data, return_predictions=False)
+        finally:
+            torch.set_num_threads(threads)
         if trainer.global_rank != 0:
             return {}
     return merge(out_dir, frame, n_batches, len(todo), time.perf_counter() - start)
