@@ -274,6 +274,39 @@ _REASONS = {"no event at or before its prediction_time":
             "subject has no events in the data": "samples whose subject has no events in the data (dropped)"}
 
 
+def read_codes(path: str | None) -> pl.DataFrame | None:
+    """MEDS `codes.parquet` (code → description), or None when there is none."""
+    if not path or not Path(path).exists():
+        return None
+    return (pl.read_parquet(path, columns=["code", "description"])
+            .unique("code", keep="first").with_columns(pl.lit(True).alias("_known")))
+
+
+def meds_sequences(input, prediction_times, max_events: int, codes: str | None = None) -> tuple[pl.DataFrame, list]:
+    """MEDS events (a folder, a parquet file, or a polars / pandas frame) and prediction times (subject_id,
+    prediction_time) → the prediction rows (subject_id, prediction_time, sample_id) and, per row, its event
+    sequence (None when the subject has no event at or before that time), for inference. `codes`: a
+    codes.parquet (default: the folder's metadata/codes.parquet), as at prepare time."""
+    root = Path(input) if isinstance(input, (str, Path)) and Path(input).is_dir() else None
+    code_frame = read_codes(codes or (str(root / "metadata" / "codes.parquet") if root else None))
+    if isinstance(input, (str, Path)):
+        scan = pl.scan_parquet(meds_files(str(input)))
+    else:
+        scan = (input if isinstance(input, pl.DataFrame) else pl.from_pandas(input)).lazy()
+    rows = prediction_times if isinstance(prediction_times, pl.DataFrame) else pl.from_pandas(prediction_times)
+    for column in ("subject_id", "prediction_time"):
+        if column not in rows.columns:
+            raise StoreError(f"prediction times need '{column}'; columns are {rows.columns}")
+    rows = rows.with_columns(pl.col("subject_id").cast(pl.String),
+                             _as_datetime(rows, "prediction_time").alias("prediction_time"))
+    rows = rows.with_columns(sample_id_expr().alias("sample_id")).select("subject_id", "prediction_time", "sample_id")
+    subjects = sorted(rows["subject_id"].drop_nulls().unique().to_list())
+    events, _ = meds_events(scan, subjects, rows, code_frame, set(), Report())
+    samples, _, sequences = to_sequences(events, max_events)
+    by_sample = dict(zip(samples, sequences))
+    return rows, [by_sample.get(s) for s in rows["sample_id"]]
+
+
 def prepare_meds(input: str, labels: str, out: str, *, task: str | None = None, codes: str | None = None,
                  splits: str | None = None, max_events: int = 128, max_event_tokens: int = 48,
                  vocab_size: int = 4000, tokenizer_from: str | None = None, drop_columns: Iterable[str] = (),
@@ -285,11 +318,7 @@ def prepare_meds(input: str, labels: str, out: str, *, task: str | None = None, 
     root = Path(input) if Path(input).is_dir() else None
     task = task or Path(labels).name.split(".")[0].removesuffix("_labels")
     label_frame, spec = read_meds_labels(labels, task, report)
-    codes = codes or (str(root / "metadata" / "codes.parquet") if root else None)
-    code_frame = None
-    if codes and Path(codes).exists():
-        code_frame = (pl.read_parquet(codes, columns=["code", "description"])
-                      .unique("code", keep="first").with_columns(pl.lit(True).alias("_known")))
+    code_frame = read_codes(codes or (str(root / "metadata" / "codes.parquet") if root else None))
     splits = splits or (str(root / "metadata" / "subject_splits.parquet") if root else None)
     split_of = None
     if splits and Path(splits).exists():

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     cohort.add_argument("--devices", type=int, default=1, help="processes (GPUs, or CPU processes with gloo)")
     cohort.add_argument("--num-nodes", type=int, default=1)
     cohort.add_argument("--accelerator", default="auto")
+    cohort.add_argument("--meds", default=None, help="MEDS folder or parquet file: the manifest then holds "
+                                                     "subject_id, prediction_time (a MEDS label file)")
+    cohort.add_argument("--codes", default=None, help="codes.parquet, when --meds is not a MEDS folder")
     cohort.set_defaults(run=_predict_cohort)
     info = commands.add_parser("info", help="describe a store")
     info.add_argument("store")
@@ -85,7 +88,7 @@ def _predict_cohort(args: argparse.Namespace) -> None:
     from biofm.platform.cohort import predict_cohort
     summary = predict_cohort(args.checkpoint, args.manifest, args.out, batch_size=args.batch_size,
                              num_workers=args.num_workers, devices=args.devices, num_nodes=args.num_nodes,
-                             accelerator=args.accelerator)
+                             accelerator=args.accelerator, meds=args.meds, codes=args.codes)
     if summary:
         print(f"{summary['predicted']} of {summary['samples']} samples predicted, {summary['errors']} errors "
               f"(listed in {args.out}/errors.csv); {summary['samples_per_s']} samples/s; "

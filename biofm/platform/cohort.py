@@ -129,14 +129,25 @@ def _one_thread(_worker: int) -> None:
 
 
 def predict_cohort(checkpoint: str, manifest: str, out: str, *, batch_size: int = 256, num_workers: int = 0,
-                   devices: int = 1, num_nodes: int = 1, accelerator: str = "auto", progress: bool = True) -> dict:
-    """Predict every row of `manifest` (see the module's doc); returns the summary."""
+                   devices: int = 1, num_nodes: int = 1, accelerator: str = "auto", progress: bool = True,
+                   meds: str | None = None, codes: str | None = None) -> dict:
+    """Predict every row of `manifest` (see the module's doc); returns the summary. With `meds` (a MEDS
+    folder or parquet file), the manifest holds prediction times (subject_id, prediction_time, as a MEDS
+    label file does), the EHR input is each subject's events up to that time, and
+    `<out>/predictions_meds.parquet` is written in the MEDS prediction format too."""
     start = time.perf_counter()
     out_dir = Path(out)
     (out_dir / "shards").mkdir(parents=True, exist_ok=True)
-    frame = read_cohort(manifest)
     model = Model(load_module(find_checkpoint(checkpoint)), torch.device("cpu"))
-    raw = raw_inputs(model, frame, manifest)
+    if meds:
+        from biofm.datasets.ehr import meds_sequences
+        times = pd.read_parquet(manifest) if str(manifest).endswith(".parquet") else pd.read_csv(manifest)
+        settings = model.schema["modalities"].get("ehr", {})
+        rows, sequences = meds_sequences(meds, times, int(settings.get("max_events", 128)), codes)
+        frame, raw = rows.to_pandas(), {"ehr": sequences}
+    else:
+        frame = read_cohort(manifest)
+        raw = raw_inputs(model, frame, manifest)
     n_batches = -(-len(frame) // batch_size)
     done = {int(p.name[5:13]) for p in (out_dir / "shards").glob("part-*.parquet")}
     todo = [b for b in range(n_batches) if b not in done]
@@ -158,7 +169,14 @@ def predict_cohort(checkpoint: str, manifest: str, out: str, *, batch_size: int 
             torch.set_num_threads(threads)
         if trainer.global_rank != 0:
             return {}
-    return merge(out_dir, frame, n_batches, len(todo), time.perf_counter() - start)
+    summary = merge(out_dir, frame, n_batches, len(todo), time.perf_counter() - start)
+    if meds:
+        from biofm.platform.sdk import add_meds_columns
+        predictions = add_meds_columns(pd.read_parquet(out_dir / "predictions.parquet"), frame, model.tasks, None)
+        columns = ["subject_id", "prediction_time", "predicted_boolean_value", "predicted_boolean_probability"]
+        predictions[[c for c in columns if c in predictions]].to_parquet(out_dir / "predictions_meds.parquet",
+                                                                         index=False)
+    return summary
 
 
 def merge(out_dir: Path, frame: pd.DataFrame, n_batches: int, ran: int, seconds: float) -> dict:

@@ -5,6 +5,7 @@
     >>> model.tasks, model.modalities
     >>> model.predict(smiles=["CCO", "c1ccccc1O"], ids=["ethanol", "phenol"])   # pandas DataFrame
     >>> model.embed(smiles=["CCO"])                   # numpy [n, d_model]
+    >>> model.predict_meds("MEDS_DIR", times)          # times: subject_id, prediction_time
 
 Raw inputs go through the same featurisers as training, with the settings stored in the checkpoint. An
 input that cannot be featurised (an invalid SMILES, a missing slide, a corrupt volume) gives a row whose
@@ -164,6 +165,23 @@ class Model:
         frame["error"] = errors
         return frame
 
+    def predict_meds(self, meds, prediction_times, *, task: str | None = None, codes: str | None = None,
+                     batch_size: int = 64) -> pd.DataFrame:
+        """MEDS events (a folder, a parquet file or a frame) at the given prediction times (a frame with
+        subject_id and prediction_time) → `predict`'s columns plus the MEDS prediction format:
+        `subject_id`, `prediction_time`, `predicted_boolean_value`, `predicted_boolean_probability` (for
+        `task`, default the model's only binary task). Only events at or before each time are used; `codes`
+        names the codes.parquet the store was prepared with when `meds` is not a MEDS folder."""
+        from biofm.datasets.ehr import meds_sequences
+        if "ehr" not in self.schema["modalities"]:
+            raise ValueError(f"the model was not trained with EHR inputs (it has {self.modalities})")
+        max_events = int(self.schema["modalities"]["ehr"].get("max_events", 128))
+        rows, sequences = meds_sequences(meds, prediction_times, max_events, codes)
+        frame = self.predict(ehr=sequences, ids=rows["sample_id"].to_list(), batch_size=batch_size)
+        missing = [s is None for s in sequences]
+        frame.loc[missing, "error"] = "no event at or before its prediction_time"
+        return add_meds_columns(frame, rows.to_pandas(), self.tasks, task)
+
     def embed(self, *, batch_size: int = 64, **inputs) -> np.ndarray:
         """The trunk's CLS representation [n, d_model] (NaN rows where the input could not be used)."""
         raw, n = self._raw(inputs)
@@ -176,6 +194,22 @@ class Model:
             cls[[e is not None for e in errors]] = np.nan
             out.append(cls)
         return np.concatenate(out)
+
+
+def add_meds_columns(frame: pd.DataFrame, rows: pd.DataFrame, tasks: dict, task: str | None) -> pd.DataFrame:
+    """`subject_id`, `prediction_time` and, for a binary task, MEDS's predicted boolean value and probability."""
+    binary = [t for t, spec in tasks.items() if spec["kind"] == "binary"]
+    task = task or (binary[0] if len(binary) == 1 else None)
+    out = frame.copy()
+    out.insert(1, "subject_id", rows["subject_id"].to_numpy())
+    out.insert(2, "prediction_time", rows["prediction_time"].to_numpy())
+    if task is not None:
+        if task not in binary:
+            raise ValueError(f"MEDS predictions need a binary task; binary tasks are {binary}")
+        probability = out[f"{task}/prob/1"].astype(float)
+        out["predicted_boolean_probability"] = probability
+        out["predicted_boolean_value"] = (probability >= 0.5).where(probability.notna())
+    return out
 
 
 def load(path: str | Path, device: str | None = None) -> Model:
