@@ -81,15 +81,18 @@ def graph_rows(mol) -> tuple[list[tuple], list[tuple], list[int]]:
     """Raw per-atom and per-bond values and the canonical rank of each atom (one molecule). Chirality is
     0 none, 1 R, 2 S, 3 chiral but unassigned: CIP labels do not depend on atom order (CW/CCW tags do)."""
     from rdkit import Chem
+    # atoms and bonds by index: RDKit's GetAtoms() / GetBonds() sequences cost a Python call per item
+    atom_at, bond_at = mol.GetAtomWithIdx, mol.GetBondWithIdx
     atoms = [(a.GetAtomicNum(), a.GetTotalDegree(), a.GetFormalCharge(), int(a.GetChiralTag()),
-              int(a.GetHybridization()), a.GetIsAromatic(), a.GetTotalNumHs(), a.IsInRing()) for a in mol.GetAtoms()]
+              int(a.GetHybridization()), a.GetIsAromatic(), a.GetTotalNumHs(), a.IsInRing())
+             for a in map(atom_at, range(mol.GetNumAtoms()))]
     for i, row in enumerate(atoms):
         if row[3]:  # rare: only chiral centres look up their CIP label
             atom = mol.GetAtomWithIdx(i)
             code = _CIP.get(atom.GetProp("_CIPCode"), 3) if atom.HasProp("_CIPCode") else 3
             atoms[i] = row[:3] + (code,) + row[4:]
     bonds = [(b.GetBeginAtomIdx(), b.GetEndAtomIdx(), b.GetBondTypeAsDouble(), b.GetIsConjugated(), b.IsInRing(),
-              int(b.GetStereo())) for b in mol.GetBonds()]
+              int(b.GetStereo())) for b in map(bond_at, range(mol.GetNumBonds()))]
     return atoms, bonds, list(Chem.CanonicalRankAtoms(mol, breakTies=True))
 
 
