@@ -194,3 +194,18 @@ def test_chain_loader_gives_every_batch_of_every_source(sources):
     chain = ChainLoader(loaders)
     batches = list(chain)
     assert len(batches) == len(chain) == sum(len(l) for l in loaders.values())
+
+
+def test_a_batch_spanning_chunks_keeps_sample_ids_of_different_widths(tmp_path):
+    from biofm.platform.store import StoreWriter
+    from biofm.testing import TOY_TASKS, toy_batch
+    writer = StoreWriter(str(tmp_path / "s.zarr"), source="toy", modalities={"toy": {"version": 1}}, tasks=TOY_TASKS,
+                         chunk_bytes=64, min_chunks=16)
+    batch = toy_batch(0, 64)
+    batch["sample_id"] = [f"{'x' * (1 + i % 7)}{i}" for i in range(64)]  # ids of 2 to 9 characters
+    writer.write_batch(0, **batch)
+    store = writer.finalize()
+    assert store.rows_per_chunk < 16  # a batch of 16 gathers rows of several chunks
+    stream = StoreStream(store, split=None, batch_size=16, shuffle=True, seed=1, with_ids=True)
+    seen = [str(s) for b in StreamLoader(stream) for s in b["index/sample_id"]]
+    assert sorted(seen) == sorted(batch["sample_id"])

@@ -238,3 +238,24 @@ def test_the_demo_runs_end_to_end(tmp_path, monkeypatch):
     assert "stain/auroc" in biobank["slides + report + case"] and "site/auroc" in biobank["report + case"]
     assert (tmp_path / "demo" / "biobank" / "heatmap.png").exists()
     assert "glaucoma/auroc" in summary["test"]["oct"]
+
+
+def test_pseudo_labels_fill_only_missing_labels_the_model_is_confident_about_and_reach_the_loss():
+    schema = {"modalities": {"tabular": {"version": 1, "numeric": {"age": [60.0, 10.0]}, "categorical": {}}},
+              "tasks": {"flag": {"kind": "binary"}, "grade": {"kind": "multiclass", "classes": ["a", "b", "c"]}}}
+    module = BiofmModule(schema, d_model=8, depth=1, heads=2, latents=2,
+                         pseudo_labels={"threshold": 0.9, "start_epoch": 0, "tasks": ["flag"]})
+    nan = float("nan")
+    batch = {"row": torch.arange(4), "labels": {"flag": torch.tensor([1.0, nan, nan, nan]),
+                                                "grade": torch.tensor([nan, nan, 0.0, 1.0])}}
+    out = {"logits": {"flag": torch.tensor([[-5.0], [5.0], [-5.0], [0.1]]),  # p = .007, .993, .007, .52
+                      "grade": torch.tensor([[9.0, 0, 0]] * 4)}}
+    filled = module._pseudo_label(batch, out)["labels"]
+    # kept, confident 1, confident 0, unsure (left missing); grade is not a pseudo-labelled task
+    assert filled["flag"][:3].tolist() == [1.0, 1.0, 0.0] and torch.isnan(filled["flag"][3])
+    assert torch.equal(torch.isnan(filled["grade"]), torch.isnan(batch["labels"]["grade"]))
+    plain = module._task_losses(batch, out)["flag"]
+    pseudo = module._task_losses({**batch, "labels": filled}, out)["flag"]
+    assert not torch.isclose(plain, pseudo)
+    module.hparams.pseudo_labels["start_epoch"] = 1  # before start_epoch nothing is filled
+    assert module._pseudo_label(batch, out) is batch

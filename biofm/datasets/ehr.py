@@ -28,7 +28,7 @@ import polars as pl
 import yaml
 
 from biofm.modalities.ehr import EHR, EventSequence
-from biofm.platform.cli import exporter, preparer
+from biofm.platform.cli import comma_list, exporter, preparer
 from biofm.datasets.outputs import report_path, track, write_rejects, write_report
 from biofm.platform.store import Store, StoreError, StoreWriter, is_local, subject_splits
 
@@ -629,27 +629,19 @@ def prepare_ehr_tables(input: str, schema: str, out: str, *, labels: str | None 
 
 
 def read_label_csv(path: str, id_column: str) -> tuple[pl.DataFrame, dict]:
-    """Labels keyed by the stay id: 0/1 columns are binary, other numbers regression, text multiclass."""
+    """Labels keyed by the stay id: 0/1 columns are binary, other numbers regression, text multiclass (the
+    rule of every label table, `label_tasks`)."""
+    import pandas as pd
+
+    from biofm.datasets.manifest import label_tasks
     if not Path(path).exists():
         raise StoreError(f"{path}: label file does not exist")
-    frame = pl.read_csv(path, infer_schema_length=None)
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
     if id_column not in frame.columns:
-        raise StoreError(f"{path}: no id column '{id_column}'; columns are {frame.columns}")
-    specs, columns = {}, [pl.col(id_column).cast(pl.String).alias("sample_id")]
-    for c in frame.columns:
-        if c == id_column:
-            continue
-        values = frame[c].drop_nulls()
-        if values.dtype.is_numeric():
-            kind = "binary" if set(values.unique().to_list()) <= {0, 1} else "regression"
-            specs[c] = {"kind": kind}
-            columns.append(pl.col(c).cast(pl.Float32))
-        else:
-            classes = sorted(str(v) for v in values.unique().to_list())
-            specs[c] = {"kind": "multiclass", "classes": classes}
-            columns.append(pl.col(c).cast(pl.String).replace_strict({k: float(i) for i, k in enumerate(classes)},
-                                                                   default=None, return_dtype=pl.Float32).alias(c))
-    return frame.select(columns), specs
+        raise StoreError(f"{path}: no id column '{id_column}'; columns are {list(frame.columns)}")
+    specs, labels = label_tasks(frame, [c for c in frame.columns if c != id_column], path)
+    return pl.DataFrame({"sample_id": frame[id_column].astype(str).to_list(),
+                         **{c: pl.Series(c, v, dtype=pl.Float32) for c, v in labels.items()}}), specs
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -687,7 +679,7 @@ def _run_meds(args: argparse.Namespace) -> None:
     store, report = prepare_meds(
         args.input, args.labels, args.out, task=args.task, codes=args.codes, splits=args.splits,
         max_events=args.max_events, max_event_tokens=args.max_event_tokens, vocab_size=args.vocab_size,
-        tokenizer_from=args.tokenizer_from, drop_columns=[c for c in args.drop_columns.split(",") if c],
+        tokenizer_from=args.tokenizer_from, drop_columns=comma_list(args.drop_columns) or [],
         shard_subjects=args.shard_subjects, seed=args.seed, overwrite=args.overwrite, progress=True)
     _print(store, report, args.out)
 

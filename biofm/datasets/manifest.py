@@ -1,4 +1,5 @@
-"""Manifests of per-sample files (slides, OCT volumes): reading them, and their label columns as tasks."""
+"""Manifests of per-sample files (slides, OCT volumes) and label tables: reading them, and label columns
+as tasks."""
 
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def label_tasks(frame: pd.DataFrame, columns: list[str], where: str,
             values = np.array([lookup[str(v)] if pd.notna(v) else np.nan for v in raw], dtype=np.float32)
             tasks[column] = {"kind": kind, "classes": classes}
         else:
-            raise StoreError(f"{where}: label '{column}': slide labels are binary, multiclass, ordinal or "
-                             f"regression, got {kind!r}")
+            raise StoreError(f"{where}: label '{column}': labels are binary, multiclass, ordinal or regression, "
+                             f"got {kind!r}")
         labels[column] = values
     return tasks, labels

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from biofm.datasets.outputs import rejects_path, track, write_rejects
-from biofm.platform.cli import preparer
+from biofm.platform.cli import comma_list, preparer
 from biofm.platform.modality import MODALITIES
 from biofm.platform.store import Ragged, Store, StoreError, StoreWriter, subject_splits
 
@@ -259,10 +259,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 @preparer("molecules", _arguments)
 def _run(args: argparse.Namespace) -> None:
     """SMILES and labels → a molecule store."""
-    split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None  # noqa: E731
     store, rejected = prepare_molecules(
-        args.input, args.out, smiles_column=args.smiles_column, label_columns=split(args.label_columns),
-        task_types=split(args.task_types), split=args.split, seed=args.seed, id_column=args.id_column,
+        args.input, args.out, smiles_column=args.smiles_column, label_columns=comma_list(args.label_columns),
+        task_types=comma_list(args.task_types), split=args.split, seed=args.seed, id_column=args.id_column,
         fragments=args.fragments, max_atoms=args.max_atoms, rw_steps=args.rw_steps, lap_dim=args.lap_dim,
         workers=args.workers, overwrite=args.overwrite, progress=True)
     print(store.describe())

@@ -19,7 +19,7 @@ import pandas as pd
 from biofm.datasets.outputs import rejects_path, track, write_rejects
 from biofm.modalities.oct import OctError
 from biofm.datasets.manifest import label_tasks, read_manifest
-from biofm.platform.cli import preparer
+from biofm.platform.cli import comma_list, preparer
 from biofm.platform.modality import MODALITIES
 from biofm.platform.store import Store, StoreError, StoreWriter
 
@@ -202,9 +202,8 @@ def _ints(value: str) -> list[int]:
 @preparer("oct", _arguments)
 def _run(args: argparse.Namespace) -> None:
     """OCT volumes and en-face maps listed in a manifest → an OCT store."""
-    comma = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None  # noqa: E731
-    store, rejected = prepare_oct(args.manifest, args.out, label_columns=comma(args.label_columns),
-                                  npz_labels_keys=comma(args.npz_labels), shape=_ints(args.shape),
+    store, rejected = prepare_oct(args.manifest, args.out, label_columns=comma_list(args.label_columns),
+                                  npz_labels_keys=comma_list(args.npz_labels), shape=_ints(args.shape),
                                   enface_shape=_ints(args.enface_shape), seed=args.seed,
                                   keys={"volume": args.volume_key, "enface": args.enface_key},
                                   overwrite=args.overwrite, progress=True)

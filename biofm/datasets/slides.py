@@ -24,7 +24,7 @@ import pandas as pd
 
 from biofm.datasets.manifest import label_tasks, read_manifest
 from biofm.datasets.outputs import rejects_path, track, write_atomically, write_rejects
-from biofm.platform.cli import command, preparer
+from biofm.platform.cli import comma_list, command, preparer
 from biofm.platform.modality import MODALITIES
 from biofm.platform.store import Store, StoreError, StoreWriter, unfinished_settings
 
@@ -231,10 +231,6 @@ def print_summary(result: SlidesResult, out: str) -> None:
           + f"; {result.tiles} tiles in {result.seconds:.1f} s; statuses in {slides_path(out)}")
 
 
-def _comma(value: str | None) -> list[str] | None:
-    return [x.strip() for x in value.split(",") if x.strip()] if value else None
-
-
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", required=True, help="CSV or parquet: slide_path, sample_id, subject_id, labels, "
                                                      "optional mpp, report, split and case columns")
@@ -262,9 +258,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 @preparer("slides", _arguments)
 def _run(args: argparse.Namespace) -> None:
     """Whole slides (+ reports + case data) listed in a manifest → a slide store."""
-    kinds = dict(item.split("=", 1) for item in _comma(args.task_types) or [])
+    kinds = dict(item.split("=", 1) for item in comma_list(args.task_types) or [])
     result = prepare_slides(
-        args.manifest, args.out, label_columns=_comma(args.label_columns), case_columns=_comma(args.case_columns),
+        args.manifest, args.out, label_columns=comma_list(args.label_columns), case_columns=comma_list(args.case_columns),
         task_types=kinds, report_column=args.report_column, target_mpp=args.target_mpp, tile_size=args.tile_size,
         min_tissue=args.min_tissue, patch_encoder=args.patch_encoder, patch_weights=args.patch_weights,
         store_tiles=args.store_tiles, assume_mpp=args.assume_mpp, seed=args.seed, overwrite=args.overwrite,

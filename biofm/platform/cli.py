@@ -32,6 +32,11 @@ exporter = _registrar(EXPORTERS)
 command = _registrar(COMMANDS)
 
 
+def comma_list(value: str | None) -> list[str] | None:
+    """A comma-separated command-line value as a list (None when not given)."""
+    return [x.strip() for x in value.split(",") if x.strip()] if value else None
+
+
 def _subcommands(parent, registry: dict, dest: str) -> None:
     _add_commands(parent.add_subparsers(dest=dest, required=True), registry)
 

@@ -53,14 +53,9 @@ def raw_inputs(model: Model, frame: pd.DataFrame, where: str) -> dict[str, objec
         settings = model.schema["modalities"]["tabular"]
         known = [c for c in list(settings.get("numeric", {})) + list(settings.get("categorical", {}))
                  if c in frame.columns]
-        if known:
-            rows = frame[known].to_dict("records")
-            for row in rows:
-                for k in settings.get("numeric", {}):
-                    if k in row:
-                        row[k] = pd.to_numeric(row[k], errors="coerce")
+        if known:  # text cells of numeric columns are read as numbers by the tabular featuriser
             present = frame[known].notna().any(axis=1).to_numpy()
-            raw["tabular"] = [r if p else None for r, p in zip(rows, present)]
+            raw["tabular"] = [r if p else None for r, p in zip(frame[known].to_dict("records"), present)]
     if not raw:
         wanted = [c for c, m in COLUMNS.items() if m in model.modalities]
         raise ValueError(f"{where}: no column for the model's modalities {model.modalities}; expected "
@@ -93,7 +88,7 @@ class CohortPredictor(LightningModule):
         self.sdk = model
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        out = self.net(batch["inputs"]) if batch["inputs"] else None  # None: no sample has an input
+        out = self.sdk.forward(batch["inputs"])  # the same network as self.net, moved by Lightning
         frame = self.sdk.frame(out, batch["errors"])
         frame.insert(0, "sample_id", batch["sample_id"])
         return {"batch": batch["batch"], "frame": frame}

@@ -45,6 +45,11 @@ class Modality:
         """Store arrays (`"<modality>/<array>"`) for a batch of raw inputs; None marks a missing input."""
         raise NotImplementedError
 
+    def featurise_with_reasons(self, raw: Sequence[Any]) -> tuple[dict[str, Column], list[str | None]]:
+        """`featurise`, and per input the reason it could not be used (None where it was used or missing).
+        Default: every input can be used; modalities whose inputs can fail override this."""
+        return self.featurise(raw), [None] * len(raw)
+
     @staticmethod
     def present_mask(raw: Sequence[Any]) -> np.ndarray:
         return np.array([r is not None for r in raw], dtype=bool)

@@ -81,13 +81,10 @@ class Model:
         reasons: list[list[str]] = [[] for _ in range(n)]
         for name, values in raw.items():
             modality = self.module.model.modalities[name]
-            if hasattr(modality, "featurise_with_reasons"):
-                columns, why = modality.featurise_with_reasons(values)
-                for i, reason in enumerate(why):
-                    if reason:
-                        reasons[i].append(f"{name}: {reason}")
-            else:
-                columns = modality.featurise(values)
+            columns, why = modality.featurise_with_reasons(values)
+            for i, reason in enumerate(why):
+                if reason:
+                    reasons[i].append(f"{name}: {reason}")
             local = {k.split("/", 1)[1]: v for k, v in columns.items()}
             present = np.asarray(local.pop("present"), dtype=bool)
             present_any |= present

@@ -51,6 +51,7 @@ class Oct(FileModality):
         if len(shape) != 3 or len(enface_shape) != 2:
             raise ValueError(f"oct shape must have 3 sizes and enface_shape 2, got {shape} and {enface_shape}")
         super().__init__(shape=shape, enface_shape=enface_shape, keys=dict(keys or {}), **settings)
+        self._augmentation = None
 
     # ---- prepare side
     def process(self, raw) -> tuple[dict[str, np.ndarray], dict]:
@@ -95,7 +96,9 @@ class Oct(FileModality):
         """MONAI: left-right flip, intensity scale and shift, a small affine; volumes only."""
         if not bool(batch["has_volume"].any()):
             return batch
-        transform = _augmentation()
+        if self._augmentation is None:  # built once per loader worker, reseeded per batch
+            self._augmentation = _augmentation()
+        transform = self._augmentation
         transform.set_random_state(seed=int(torch.randint(0, 2 ** 31 - 1, ()).item()))
         volume = batch["volume"].clone()
         for i in torch.nonzero(batch["has_volume"]).flatten().tolist():
