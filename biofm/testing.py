@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from lightning.pytorch import Callback
 
 from biofm.platform.store import Ragged, Store, StoreWriter
 
@@ -165,14 +166,29 @@ def tiny_patch_network():
     return nn.Sequential(nn.Conv2d(3, 8, 8, stride=8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
-def write_fake_modality_store(url: str, modality: str, n: int = 120, seed: int = 0) -> Store:
-    """A store with one modality built from `fake_raw`, and one binary task."""
+def write_fake_modality_store(url: str, modality: str, n: int = 120, seed: int = 0,
+                              settings: dict | None = None) -> Store:
+    """A store with one modality built from `fake_raw` (with the modality's `settings`), and one binary task."""
     from biofm.platform.modality import MODALITIES
     raw = fake_raw(modality, n, seed)
-    mod = MODALITIES.resolve(modality)()
+    mod = MODALITIES.resolve(modality)(**(settings or {}))
     mod.fit(raw)
     writer = StoreWriter(url, source=f"fake-{modality}", modalities={modality: mod.config()},
                          tasks={"flag": {"kind": "binary"}}, seed=seed)
     writer.write_batch(0, sample_id=[f"F{i}" for i in range(n)], subject_id=[f"FP{i}" for i in range(n)],
                        labels={"flag": (np.arange(n) % 2).astype(np.float32)}, arrays=mod.featurise(raw))
     return writer.finalize()
+
+
+
+class WeightChecksum(Callback):
+    """A Lightning callback for DDP tests: at the end of training each rank writes the sum of its model's
+    weights (float64) to `<out_dir>/weights-rank<r>.txt`, so a test can check that ranks stayed in step."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+
+    def on_train_end(self, trainer, pl_module):
+        total = sum(float(p.detach().double().sum()) for p in pl_module.parameters())
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"weights-rank{trainer.global_rank}.txt").write_text(repr(total))

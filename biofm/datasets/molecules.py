@@ -109,7 +109,8 @@ def _featurise(args):
 def prepare_molecules(input: str, out: str, smiles_column: str = "smiles", label_columns: list[str] | None = None,
                       task_types: list[str] | None = None, split: str = "random", seed: int = 0,
                       id_column: str | None = None, source: str | None = None, fragments: str = "reject",
-                      max_atoms: int = 150, rw_steps: int = 0, lap_dim: int = 0, batch_size: int = 2000,
+                      max_atoms: int = 150, rw_steps: int = 0, lap_dim: int = 0, descriptors: bool = False,
+                      batch_size: int = 2000,
                       workers: int | None = None, overwrite: bool = False, progress: bool = False
                       ) -> tuple[Store, int]:
     """Prepare a molecule store; returns it and the number of rejected rows."""
@@ -121,6 +122,7 @@ def prepare_molecules(input: str, out: str, smiles_column: str = "smiles", label
     if split not in ("random", "scaffold") and split_column is None:
         raise StoreError(f"--split must be random, scaffold or column:NAME, got {split!r}")
     reserved = {smiles_column, id_column, split_column}
+    unlabelled = label_columns is not None and not label_columns  # a pool for pretraining only
     if label_columns is None:
         label_columns = [c for c in frame.columns if c not in reserved]
     # "column=task" names the task differently from its column (ESOL's and ZINC's "logp" differ)
@@ -130,8 +132,9 @@ def prepare_molecules(input: str, out: str, smiles_column: str = "smiles", label
     missing = [c for c in label_columns + [c for c in (id_column, split_column) if c] if c not in frame.columns]
     if missing:
         raise StoreError(f"{where}: no column {missing}; columns are {list(frame.columns)}")
-    if not label_columns:
-        raise StoreError(f"{where}: no label columns; name them with --label-columns")
+    if not label_columns and not unlabelled:
+        raise StoreError(f"{where}: no label columns; name them with --label-columns (or --unlabelled for "
+                         "a pretraining pool)")
 
     n = len(frame)
     reasons: list[str | None] = [None] * n
@@ -160,7 +163,8 @@ def prepare_molecules(input: str, out: str, smiles_column: str = "smiles", label
                 raise StoreError(f"{where}: label column '{column}' is binary but holds values other than 0 and 1")
     tasks = {task_names[c]: {"kind": k} for c, k in zip(label_columns, kinds)}
 
-    settings = {"max_atoms": max_atoms, "fragments": fragments, "rw_steps": rw_steps, "lap_dim": lap_dim}
+    settings = {"max_atoms": max_atoms, "fragments": fragments, "rw_steps": rw_steps, "lap_dim": lap_dim,
+                "descriptors": descriptors}
     modality = MODALITIES.resolve("molecule")(**settings)
     smiles = frame[smiles_column].tolist()
     smiles = [None if (s is None or (isinstance(s, float) and np.isnan(s))) else str(s) for s in smiles]
@@ -240,6 +244,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smiles-column", default="smiles")
     p.add_argument("--label-columns", default=None, help="comma-separated (default: every other column); "
                                                          "COLUMN=TASK names the task differently")
+    p.add_argument("--unlabelled", action="store_true", help="store the molecules without labels (a pool "
+                                                             "for self-supervised pretraining)")
     p.add_argument("--task-types", default=None, help="one kind for all, or one per label column: "
                                                       "binary,regression,… (default: inferred)")
     p.add_argument("--split", default="random", help="random | scaffold | column:NAME (default random, by "
@@ -252,6 +258,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-atoms", type=int, default=150)
     p.add_argument("--rw-steps", type=int, default=0, help="random-walk positional encoding length (0 = off)")
     p.add_argument("--lap-dim", type=int, default=0, help="Laplacian eigenvector encoding size (0 = off)")
+    p.add_argument("--descriptors", action="store_true", help="also store RDKit descriptors per molecule "
+                                                              "(targets of the `descriptors` pretext task)")
     p.add_argument("--workers", type=int, default=None, help="featurising processes (default: CPUs, ≤ 4)")
     p.add_argument("--overwrite", action="store_true")
 
@@ -260,10 +268,10 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> None:
     """SMILES and labels → a molecule store."""
     store, rejected = prepare_molecules(
-        args.input, args.out, smiles_column=args.smiles_column, label_columns=comma_list(args.label_columns),
+        args.input, args.out, smiles_column=args.smiles_column, label_columns=[] if args.unlabelled else comma_list(args.label_columns),
         task_types=comma_list(args.task_types), split=args.split, seed=args.seed, id_column=args.id_column,
         fragments=args.fragments, max_atoms=args.max_atoms, rw_steps=args.rw_steps, lap_dim=args.lap_dim,
-        workers=args.workers, overwrite=args.overwrite, progress=True)
+        descriptors=args.descriptors, workers=args.workers, overwrite=args.overwrite, progress=True)
     print(store.describe())
     print(f"prepared {store.n} molecules; {rejected} rows rejected"
           + (f", listed with their reasons in {rejects_path(args.out)}" if rejected else ""))

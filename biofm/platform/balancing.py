@@ -1,8 +1,10 @@
-"""Balancing between task losses, chosen by name in config: equal, uncertainty, dwa, famo.
+"""Balancing between task losses, chosen by name in config: equal, uncertainty, dwa, famo, pcgrad.
 
 Each strategy gets the per-task mean losses of one step (only the tasks that had labels in the batch:
-a batch comes from one source, and sources carry different tasks) and returns the total loss and the
-weight it gave each task.
+a batch comes from one source, and sources carry different tasks; pretext tasks count as tasks) and
+returns the total loss and the weight it gave each task. A gradient-based strategy (`gradient_based`)
+instead combines the tasks' gradients of the shared parameters (`combine_gradients`); the module then
+optimises manually.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ BALANCERS: Registry[Balancer] = Registry("balancing strategy", plugins="biofm.pl
 
 class Balancer(nn.Module):
     """Equal weights; the base of the others."""
+
+    gradient_based = False
 
     def __init__(self, tasks: list[str], **options):
         super().__init__()
@@ -136,6 +140,38 @@ class FAMO(Balancer):
         result = super().load_state_dict(state_dict, strict, assign)
         self.logits.requires_grad_(True)
         return result
+
+
+@BALANCERS.register("pcgrad")
+class PCGrad(Balancer):
+    """Yu et al. (2020), gradient surgery: each task's gradient of the shared parameters loses its component
+    along any other task's gradient it conflicts with (negative dot product), taking the others in random
+    order; the projected gradients are summed. With one task it is plain (equal-weight) training.
+
+    Cost: one backward pass per task in the batch (plus one for the task-specific heads) instead of one, and
+    one flat copy of the shared gradient per task. Under DDP each rank projects the gradients of its own
+    batch's tasks and DDP averages the projected gradients over ranks (the module back-propagates a
+    surrogate whose gradient is the projected one), so every rank takes the same step; this is PCGrad per
+    rank, not on gradients gathered over ranks. Lightning's gradient clipping and accumulation options
+    do not apply to manual optimisation."""
+
+    gradient_based = True
+
+    def __init__(self, tasks: list[str], seed: int = 0):
+        super().__init__(tasks)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def combine_gradients(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Per-task flat gradients → the combined gradient."""
+        combined = torch.zeros_like(grads[0])
+        for i, g in enumerate(grads):
+            g = g.clone()
+            for j in torch.randperm(len(grads), generator=self.generator).tolist():
+                dot = torch.dot(g, grads[j])
+                if j != i and dot < 0:
+                    g -= dot / grads[j].square().sum().clamp_min(1e-20) * grads[j]
+            combined += g
+        return combined
 
 
 def mean_over_ranks(values: dict[str, float], tasks: list[str]) -> dict[str, float]:

@@ -67,7 +67,13 @@ def load_pretrained(model: nn.Module, path: str | Path, fresh_heads: bool = Fals
                     and not fresh_heads]
     keep = PRETRAINED_PARTS + tuple(f"heads.{t}." for t in shared_tasks) + tuple(f"queries.{t}" for t in shared_tasks)
     own = model.state_dict()
-    loaded = {k: v for k, v in state.items() if k.startswith(keep) and k in own and own[k].shape == v.shape}
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                  if k.startswith(keep) and k in own and own[k].shape != v.shape]
+    if mismatched:
+        raise ValueError(f"{path} has another architecture than this model ({', '.join(mismatched[:3])}"
+                         f"{', …' if len(mismatched) > 3 else ''}); fine-tune with the pretraining run's model "
+                         "options (d_model, depth, heads, latents, encoders)")
+    loaded = {k: v for k, v in state.items() if k.startswith(keep) and k in own}
     model.load_state_dict(loaded, strict=False)
     fresh = [t for t in model.schema["tasks"] if t not in shared_tasks]
     return {"loaded": sorted(loaded), "fresh_tasks": fresh}

@@ -27,10 +27,11 @@ DEMO_MODEL = {"d_model": 64, "depth": 2, "heads": 4, "latents": 8, "dropout": 0.
 def fit_and_test(stores: list[str], run_dir: str | Path, *, modalities: list[str] | None = None,
                  epochs: int = 12, batch_size: int = 64,
                  model: dict | None = None, seed: int = 0, progress: bool = False, loggers=None,
-                 predict: bool = False, test_without: list[str] = ()) -> dict:
+                 predict: bool = False, test_without: list[str] = (), data_options: dict | None = None) -> dict:
     """Train on `stores` (optionally only some modalities), test, and return the test metrics; with
     `test_without`, also test the same model with each of those modalities left out (under
-    `without:<modality>`); with `predict`, also write `<run_dir>/predictions.parquet`."""
+    `without:<modality>`); with `predict`, also write `<run_dir>/predictions.parquet`. `data_options` holds
+    further data-module options (tasks, train_fraction, …); checkpoints land in `<run_dir>/checkpoints`."""
     from lightning.pytorch import Trainer, seed_everything
     from lightning.pytorch.callbacks import RichProgressBar
 
@@ -41,7 +42,7 @@ def fit_and_test(stores: list[str], run_dir: str | Path, *, modalities: list[str
 
     seed_everything(seed, verbose=False)
     run_dir = str(run_dir)
-    data = BiofmDataModule(stores, modalities=modalities, batch_size=batch_size, seed=seed)
+    data = BiofmDataModule(stores, modalities=modalities, batch_size=batch_size, seed=seed, **(data_options or {}))
     module = BiofmModule(data.schema, **{**DEMO_MODEL, **(model or {})})
     loggers = default_loggers(run_dir) if loggers is None else loggers
     callbacks = [default_checkpoint(run_dir), CheckpointArtifact()] + ([RichProgressBar()] if progress else [])

@@ -20,8 +20,9 @@ from biofm.platform.checkpoint import load_pretrained
 from biofm.platform.mixing import ChainLoader, MixedLoader
 from biofm.platform.modality import MODALITIES, Modality
 from biofm.platform.model import BiofmModel
+from biofm.platform.pretext import Encoded, make_pretexts
 from biofm.platform.store import Store, StoreError
-from biofm.platform.stream import StoreStream, StreamLoader
+from biofm.platform.stream import StoreStream, StreamLoader, keep_fraction
 from biofm.tasks.kinds import LabelError, task_kind
 from biofm.tasks.metrics import TaskMetrics
 
@@ -33,9 +34,10 @@ class ConfigError(ValueError):
 # ------------------------------------------------------------------------------------------- schema
 
 def build_schema(stores: list[Store], tasks: list[str] | dict[str, str] | None = None,
-                 modalities: list[str] | None = None) -> dict:
+                 modalities: list[str] | None = None, train_fraction: float = 1.0, seed: int = 0) -> dict:
     """Modalities and tasks of the run, checked against the stores: every requested task and modality
-    exists, settings agree across stores, and labels fit the kind of their task's head."""
+    exists, settings agree across stores, and labels fit the kind of their task's head. Regression scalers
+    come from the training labels the run will see (`train_fraction`)."""
     all_modalities: dict[str, dict] = {}
     all_tasks: dict[str, dict] = {}
     where: dict[str, str] = {}
@@ -79,7 +81,7 @@ def build_schema(stores: list[Store], tasks: list[str] | dict[str, str] | None =
                     kind.check_labels(labels, f"{store.url} labels/{name}")
                 except LabelError as err:
                     raise ConfigError(str(err)) from None
-                train_labels.append(labels[store.index("split") == "train"])
+                train_labels.append(labels[keep_fraction(store.index("split") == "train", train_fraction, seed)])
         if spec["kind"] == "regression":
             values = np.concatenate(train_labels)
             values = values[~np.isnan(values)]
@@ -126,7 +128,10 @@ class BiofmDataModule(LightningDataModule):
         tasks: task names to train (default: every task of the stores), or {task: kind} to also assert
             the kind of each head.
         modalities: modalities to read (default: all); leave one out to train or test without it.
-        weights: mixing weight per source name; otherwise sizes ** (1 / temperature).
+        weights: mixing weight per source name; otherwise sources are drawn with probability ∝
+            size ** (1 / temperature) (1: by size; larger: closer to uniform).
+        train_fraction: train on this fraction of each store's training samples (the same ones for a
+            given seed): fine-tuning with few labels.
         steps_per_epoch: steps of one training epoch (default: the sum of the sources' batches).
         predict_split: split that `biofm predict` runs on ("train", "val", "test" or "all").
     """
@@ -136,8 +141,10 @@ class BiofmDataModule(LightningDataModule):
                  num_workers: int = 0, buffer_size: int = 1024, seed: int = 0,
                  weights: dict[str, float] | None = None, temperature: float = 1.0,
                  steps_per_epoch: int | None = None, predict_split: str = "test",
-                 storage_options: dict | None = None):
+                 storage_options: dict | None = None, train_fraction: float = 1.0):
         super().__init__()
+        if not 0.0 < train_fraction <= 1.0:
+            raise ConfigError(f"data.train_fraction must be in (0, 1], got {train_fraction}")
         if not stores:
             raise ConfigError("data.stores is empty: name at least one store (biofm prepare … writes one)")
         self.stores: dict[str, Store] = {}
@@ -145,10 +152,11 @@ class BiofmDataModule(LightningDataModule):
             store = Store(url, storage_options=storage_options)
             name = store.source if store.source not in self.stores else f"{store.source}:{len(self.stores)}"
             self.stores[name] = store
-        self.schema = build_schema(list(self.stores.values()), tasks, modalities)
+        self.schema = build_schema(list(self.stores.values()), tasks, modalities, train_fraction, seed)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.buffer_size, self.seed = num_workers, buffer_size, seed
         self.weights, self.temperature, self.steps_per_epoch = weights, temperature, steps_per_epoch
+        self.train_fraction = train_fraction
         if predict_split not in ("train", "val", "test", "all"):
             raise ConfigError(f"predict_split must be train, val, test or all, got {predict_split!r}")
         self.predict_split = predict_split
@@ -158,7 +166,7 @@ class BiofmDataModule(LightningDataModule):
         tasks = [t for t in self.schema["tasks"] if t in store.tasks]
         return StoreStream(store, split=split, batch_size=self.batch_size if shuffle else self.eval_batch_size,
                            shuffle=shuffle, seed=self.seed, buffer_size=self.buffer_size, arrays=arrays,
-                           tasks=tasks, with_ids=with_ids,
+                           tasks=tasks, with_ids=with_ids, fraction=self.train_fraction if split == "train" else 1.0,
                            transform=Collator(self.schema, with_ids, augment=shuffle))  # training only
 
     def _loaders(self, split: str | None, shuffle: bool, with_ids: bool = False) -> dict[str, StreamLoader]:
@@ -196,11 +204,18 @@ class BiofmModule(LightningModule):
 
     Args:
         schema: modalities and tasks; linked from the data module by `biofm fit`.
-        balancing: "equal", "uncertainty", "dwa" or "famo"; `balancing_options` are its keyword options.
+        balancing: "equal", "uncertainty", "dwa", "famo" or "pcgrad" (gradient surgery, with manual
+            optimisation); `balancing_options` are its keyword options.
+        pretext: self-supervised tasks and their options, trained beside (or instead of) the supervised
+            ones, e.g. {"masked_atoms": {"ratio": 0.15}, "two_view": {"temperature": 0.1}}; each is balanced
+            as the task `pretext/<name>` (see `biofm.platform.pretext`).
         init_from: a checkpoint to start from (fine-tuning): encoders, resamplers, trunk and the heads of
             tasks it shares with this run are loaded; new tasks get fresh heads.
         fresh_heads: start every head fresh, even for shared tasks.
         freeze_encoders: train only the trunk and heads.
+        linear_probe: train only the task heads and their query tokens (encoders and trunk frozen).
+        layer_decay: layer-wise learning-rate decay (e.g. 0.75): heads and the final norm train at `lr`, trunk
+            block i of n at lr·decay^(n - i), encoders, resamplers and the [CLS] token at lr·decay^(n + 1).
         encoders: architecture options per modality, e.g. {"molecule": {"layers": 5, "global_attention": true}}.
         pseudo_labels: semi-supervised training, e.g. {"threshold": 0.9, "start_epoch": 2, "tasks": ["glaucoma"]}:
             from `start_epoch` on, a training sample without a label for a classification task (binary,
@@ -214,7 +229,9 @@ class BiofmModule(LightningModule):
                  latents: int = 8, dropout: float = 0.1, lr: float = 1e-3, weight_decay: float = 0.01,
                  balancing: str = "equal", balancing_options: dict | None = None, init_from: str | None = None,
                  fresh_heads: bool = False, freeze_encoders: bool = False, encoders: dict | None = None,
-                 schedule: str = "constant", warmup_steps: int = 100, pseudo_labels: dict | None = None):
+                 schedule: str = "constant", warmup_steps: int = 100, pseudo_labels: dict | None = None,
+                 pretext: dict[str, dict] | None = None, linear_probe: bool = False,
+                 layer_decay: float | None = None):
         super().__init__()
         if schema is None:
             raise ConfigError("model.schema is missing: it comes from the data module (biofm fit links it); "
@@ -222,15 +239,44 @@ class BiofmModule(LightningModule):
         # the schema (with tokenizer vocabularies) goes into checkpoints, never to a logger
         self.save_hyperparameters(logger=False)
         self.model = BiofmModel(schema, d_model, depth, heads, latents, dropout, encoders)
-        self.balancer = make_balancer(balancing, list(schema["tasks"]), balancing_options)
+        try:
+            self.pretexts = make_pretexts(self.model, pretext)
+        except ValueError as err:
+            raise ConfigError(f"model.pretext: {err}") from None
+        if not schema["tasks"] and not self.pretexts:
+            raise ConfigError("nothing to train: the run has no tasks (data.tasks) and no pretext tasks "
+                              "(model.pretext)")
+        self.balancer = make_balancer(balancing, self._balanced_tasks(schema), balancing_options)
+        self.automatic_optimization = not self.balancer.gradient_based
         self.metrics = torch.nn.ModuleDict({stage: TaskMetrics(self.model.kinds) for stage in ("val", "test")})
         if init_from:
-            load_pretrained(self.model, init_from, fresh_heads=fresh_heads)
-        if freeze_encoders:
-            for module in (self.model.encoders, self.model.resamplers):
-                module.requires_grad_(False)
+            try:
+                load_pretrained(self.model, init_from, fresh_heads=fresh_heads)
+            except ValueError as err:
+                raise ConfigError(f"model.init_from: {err}") from None
+        self._frozen: list[torch.nn.Module] = []
+        if freeze_encoders or linear_probe:
+            self._frozen = [self.model.encoders, self.model.resamplers]
+        if linear_probe:
+            self._frozen += [self.model.trunk, self.model.norm]
+        for module in self._frozen:
+            module.requires_grad_(False)
+            module.eval()
+        if linear_probe:
+            for name, param in self.model.named_parameters():
+                param.requires_grad_(name.startswith(("heads.", "queries.")))
         self._epoch_losses: dict[str, list[float]] = defaultdict(list)
         self._step_losses: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True):
+        """Frozen parts stay in evaluation mode (batch-norm statistics and dropout included)."""
+        super().train(mode)
+        for module in self._frozen:
+            module.eval()
+        return self
+
+    def _balanced_tasks(self, schema: dict) -> list[str]:
+        return list(schema["tasks"]) + [f"pretext/{name}" for name in self.pretexts]
 
     def forward(self, inputs: dict) -> dict:
         return self.model(inputs)
@@ -253,7 +299,7 @@ class BiofmModule(LightningModule):
         device = next(self.parameters()).device
         self.model = BiofmModel(saved, hp["d_model"], hp["depth"], hp["heads"], hp["latents"], hp["dropout"],
                                 hp["encoders"]).to(device)
-        self.balancer = make_balancer(hp["balancing"], list(saved["tasks"]), hp["balancing_options"])
+        self.balancer = make_balancer(hp["balancing"], self._balanced_tasks(saved), hp["balancing_options"])
         self.metrics = torch.nn.ModuleDict({stage: TaskMetrics(self.model.kinds) for stage in ("val", "test")}).to(device)
         self.hparams["schema"] = saved
 
@@ -291,19 +337,50 @@ class BiofmModule(LightningModule):
         self.log("train/pseudo_labels", float(added), batch_size=len(batch["row"]), reduce_fx="sum")
         return {**batch, "labels": labels}
 
+    def _pretext_losses(self, inputs: dict) -> dict[str, torch.Tensor]:
+        """Masking pretexts share one pass over their corrupted inputs; the others run their own."""
+        losses: dict[str, torch.Tensor] = {}
+        masking = [(n, p) for n, p in self.pretexts.items() if p.masking and p.applies(inputs)]
+        if masking:
+            corrupted, states = dict(inputs), {}
+            for name, pretext in masking:
+                corrupted[pretext.modality], states[name] = pretext.corrupt(corrupted[pretext.modality])
+            tokens: dict = {}
+            trunk, mask = self.model.encode(corrupted, tokens=tokens)
+            encoded = Encoded(trunk, mask, tokens)
+            for name, pretext in masking:
+                loss = pretext.loss_from(self.model, encoded, states[name])
+                if loss is not None:
+                    losses[f"pretext/{name}"] = pretext.weight * loss
+        for name, pretext in self.pretexts.items():
+            if not pretext.masking and pretext.applies(inputs):
+                loss = pretext.loss(self.model, inputs)
+                if loss is not None:
+                    losses[f"pretext/{name}"] = pretext.weight * loss
+        return losses
+
+    def _losses(self, batch: dict) -> tuple[dict[str, torch.Tensor], dict]:
+        """Supervised losses of the tasks labelled in the batch (on the clean inputs) and pretext losses."""
+        losses: dict[str, torch.Tensor] = {}
+        if batch["labels"]:
+            out = self.model(batch["inputs"])
+            batch = self._pseudo_label(batch, out)
+            losses.update(self._task_losses(batch, out))
+        losses.update(self._pretext_losses(batch["inputs"]))
+        return losses, batch
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loader = self.trainer.train_dataloader if self._trainer is not None else None
         if hasattr(loader, "mark_trained"):
             loader.mark_trained()  # the loader's saved position now includes this batch
-        out = self.model(batch["inputs"])
-        batch = self._pseudo_label(batch, out)
-        losses = self._task_losses(batch, out)
+        losses, batch = self._losses(batch)
         total, weights = self.balancer.combine(losses) if losses else (torch.zeros((), device=self.device), {})
-        # every head and balancing parameter in the graph, so DDP finds a gradient for each
-        total = total + 0.0 * sum(v.sum() for v in out["logits"].values())
-        extra = self.balancer.optimised_parameters()
-        if extra:
-            total = total + 0.0 * sum(p.sum() for p in extra)
+        # every trainable parameter in the graph (heads of absent tasks, pretext heads, mask vectors), so
+        # DDP finds a gradient for each
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        total = total + 0.0 * sum(p.sum() for p in trainable)
+        if not self.automatic_optimization:
+            self._gradient_step(losses, trainable)
         size = len(batch["row"])
         self.log("train/loss", total, batch_size=size, prog_bar=True)
         for task, loss in losses.items():
@@ -313,23 +390,61 @@ class BiofmModule(LightningModule):
         self._step_losses = {t: l.detach() for t, l in losses.items()}
         return total
 
+    def _gradient_step(self, losses: dict[str, torch.Tensor], trainable: list[torch.nn.Parameter]) -> None:
+        """Manual optimisation for gradient-based balancing: per-task gradients of the shared parameters
+        (encoders, resamplers, trunk) are combined by the balancer; task-specific parameters (heads, query
+        tokens, pretext heads) take the plain sum. The combined gradient is back-propagated as a surrogate
+        (Σ p·g), so DDP averages it over ranks as usual."""
+        optimiser = self.optimizers()
+        optimiser.zero_grad()
+        specific = {id(p) for n, p in self.model.named_parameters() if n.startswith(("heads.", "queries."))}
+        specific |= {id(p) for p in self.pretexts.parameters()}
+        shared = [p for p in trainable if id(p) not in specific]
+        own = [p for p in trainable if id(p) in specific]
+        surrogate = 0.0 * sum(p.sum() for p in trainable)
+        if losses:
+            per_task = [_flat(torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True), shared)
+                        for loss in losses.values()]
+            combined = self.balancer.combine_gradients(per_task)
+            own_grads = torch.autograd.grad(sum(losses.values()), own, allow_unused=True) if own else []
+            offset = 0
+            for p in shared:
+                surrogate = surrogate + (p * combined[offset:offset + p.numel()].view_as(p)).sum()
+                offset += p.numel()
+            for p, g in zip(own, own_grads):
+                if g is not None:
+                    surrogate = surrogate + (p * g.detach()).sum()
+        self.manual_backward(surrogate)
+        optimiser.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.balancer.after_step(self._step_losses)
 
     def on_train_epoch_end(self) -> None:
         means = {t: float(np.mean(v)) for t, v in self._epoch_losses.items() if v}
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            means = mean_over_ranks(means, list(self.model.kinds))
+            means = mean_over_ranks(means, self.balancer.tasks)
         self.balancer.epoch_end(means)
         self._epoch_losses.clear()
 
     def _evaluate(self, batch: dict, stage: str) -> None:
-        out = self.model(batch["inputs"])
-        losses = self._task_losses(batch, out)
-        if losses:
-            self.log(f"{stage}/loss", sum(losses.values()), batch_size=len(batch["row"]), sync_dist=True)
-        for task, target in batch["labels"].items():
-            self.metrics[stage].update(task, out["logits"][task], target)
+        size = len(batch["row"])
+        if self.model.kinds:
+            out = self.model(batch["inputs"])
+            losses = self._task_losses(batch, out)
+            if losses:
+                self.log(f"{stage}/loss", sum(losses.values()), batch_size=size, sync_dist=True)
+            for task, target in batch["labels"].items():
+                self.metrics[stage].update(task, out["logits"][task], target)
+        if self.pretexts:
+            pretext = sum(self._pretext_losses(batch["inputs"]).values())
+            if torch.is_tensor(pretext):
+                self.log(f"{stage}/pretext/loss", pretext, batch_size=size, sync_dist=True)
+                if not self.model.kinds:  # pretraining only: checkpoints keep the lowest pretext loss
+                    self.log(f"{stage}/macro/score", -pretext, batch_size=size, sync_dist=True)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -355,9 +470,31 @@ class BiofmModule(LightningModule):
             result[task] = {k: v.cpu() for k, v in kind.predict(out["logits"][task]).items()}
         return result
 
+    def _parameter_groups(self) -> list[dict]:
+        """One group at `lr`, or with `layer_decay` one per depth of the model (see the class docstring)."""
+        lr, decay = self.hparams.lr, self.hparams.layer_decay
+        pretext = [p for p in self.pretexts.parameters() if p.requires_grad]
+        extra = self.balancer.optimised_parameters()
+        if not decay:
+            return [{"params": [p for p in self.model.parameters() if p.requires_grad] + pretext + extra, "lr": lr}]
+        depth = len(self.model.trunk)
+        groups: dict[int, list] = defaultdict(list)
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name.startswith("trunk."):
+                level = depth - int(name.split(".")[1])
+            elif name.startswith(("encoders.", "resamplers.", "modality_embedding.", "cls")):
+                level = depth + 1
+            else:  # heads, query tokens, the final norm
+                level = 0
+            groups[level].append(param)
+        groups[0] += pretext + extra
+        return [{"params": params, "lr": lr * decay ** level} for level, params in sorted(groups.items()) if params]
+
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad] + self.balancer.optimised_parameters()
-        optimiser = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        optimiser = torch.optim.AdamW(self._parameter_groups(), lr=self.hparams.lr,
+                                      weight_decay=self.hparams.weight_decay)
         if self.hparams.schedule == "constant":
             return optimiser
         if self.hparams.schedule != "cosine":
@@ -372,6 +509,11 @@ class BiofmModule(LightningModule):
             return 0.5 * (1 + math.cos(math.pi * progress))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
         return {"optimizer": optimiser, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _flat(grads: tuple, params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """Gradients of `params` (None = unused) as one vector."""
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
 
 
 # ------------------------------------------------------------------------------------- predictions

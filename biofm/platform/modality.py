@@ -64,9 +64,16 @@ class Modality:
         evaluation or prediction. Default: none."""
         return batch
 
+    def views(self, batch: dict[str, torch.Tensor]) -> tuple[dict, dict] | None:
+        """Two random views of a collated batch for contrastive pretraining (`two_view`), e.g. two halves of
+        a patient's events; None (the default) lets the pretext take two random subsets of the encoder's
+        tokens instead."""
+        return None
+
     def encoder(self, d_model: int, **options) -> nn.Module:
         """A module whose forward(batch) returns tokens [B, L, d] and a validity mask [B, L]; `options` are
-        the encoder's architecture settings from the model config (`--model.encoders`)."""
+        the encoder's architecture settings from the model config (`--model.encoders`). It may keep
+        per-element states of its last forward in a `states` dict for its modality's pretext tasks."""
         raise NotImplementedError
 
 

@@ -96,29 +96,48 @@ class BiofmModel(nn.Module):
         self.trunk = nn.ModuleList([Block(d_model, heads, dropout) for _ in range(depth)])
         self.norm = nn.LayerNorm(d_model)
         self.heads = nn.ModuleDict({t: nn.Linear(d_model, k.out_dim) for t, k in self.kinds.items()})
+        self.d_model, self.n_heads = d_model, heads
 
-    def encode(self, inputs: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Trunk output [B, 1 + T + K·M, d] and its validity mask, for the modalities in `inputs`."""
-        tokens, masks = [], []
-        batch_size = None
-        for name, batch in inputs.items():
-            if name not in self.encoders:
-                continue  # a modality the model was not trained on
-            x, mask = self.encoders[name](batch)
-            latent = self.resamplers[name](x, mask) + self.modality_embedding[name]
-            present = batch["present"].to(torch.bool)
-            tokens.append(latent)
-            masks.append(present[:, None].expand(-1, latent.shape[1]))
-            batch_size = latent.shape[0]
-        if batch_size is None:
-            raise ValueError(f"the batch has none of the model's modalities {sorted(self.encoders)}")
-        device = tokens[0].device
+    def embed(self, name: str, batch: dict[str, torch.Tensor], keep: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One modality → its K latents [B, K, d], their validity [B, K] and the encoder's tokens and mask;
+        `keep` [B, L] drops encoder tokens (a view for contrastive pretext tasks)."""
+        x, mask = self.encoders[name](batch)
+        latent, valid = self.resample(name, x, mask if keep is None else mask & keep, batch["present"])
+        return latent, valid, (x, mask)
+
+    def resample(self, name: str, x: torch.Tensor, mask: torch.Tensor, present: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A modality's encoder tokens → its K latents and their validity (False where the sample lacks it)."""
+        latent = self.resamplers[name](x, mask) + self.modality_embedding[name]
+        return latent, present.to(torch.bool)[:, None].expand(-1, latent.shape[1])
+
+    def trunk_over(self, latents: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[CLS] + task queries + the given latents through the trunk: output [B, 1 + T + ΣK, d] and mask."""
+        batch_size, device = latents[0].shape[0], latents[0].device
         special = torch.stack([self.cls, *self.queries.values()])  # [1 + T, d]
-        x = torch.cat([special.expand(batch_size, -1, -1), *tokens], dim=1)
+        x = torch.cat([special.expand(batch_size, -1, -1), *latents], dim=1)
         mask = torch.cat([torch.ones(batch_size, len(special), dtype=torch.bool, device=device), *masks], dim=1)
         for block in self.trunk:
             x = block(x, mask)
         return self.norm(x), mask
+
+    def encode(self, inputs: dict[str, dict[str, torch.Tensor]], tokens: dict | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Trunk output [B, 1 + T + K·M, d] and its validity mask, for the modalities in `inputs`; pass a
+        dict as `tokens` to receive each modality's encoder tokens and mask (for pretext heads)."""
+        latents, masks = [], []
+        for name, batch in inputs.items():
+            if name not in self.encoders:
+                continue  # a modality the model was not trained on
+            latent, mask, encoded = self.embed(name, batch)
+            latents.append(latent)
+            masks.append(mask)
+            if tokens is not None:
+                tokens[name] = encoded
+        if not latents:
+            raise ValueError(f"the batch has none of the model's modalities {sorted(self.encoders)}")
+        return self.trunk_over(latents, masks)
 
     def forward(self, inputs: dict[str, dict[str, torch.Tensor]]) -> dict:
         x, _ = self.encode(inputs)

@@ -48,6 +48,18 @@ def split_evenly(total: int, parts: int) -> np.ndarray:
     return (total * np.arange(parts + 1)) // max(parts, 1)
 
 
+def keep_fraction(wanted: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A random `fraction` of the True rows of `wanted` (at least one), the same ones for a given seed."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if fraction == 1.0:
+        return wanted
+    rows = np.flatnonzero(wanted)
+    kept = np.zeros(len(wanted), dtype=bool)
+    kept[np.random.default_rng(seed).permutation(rows)[:max(1, round(fraction * len(rows)))]] = True
+    return kept
+
+
 class StoreStream(IterableDataset):
     """An iterable over one split of one store that yields whole batches (use `StreamLoader`).
 
@@ -60,13 +72,15 @@ class StoreStream(IterableDataset):
         arrays: array names to read (default: every array of the store); labels are always read.
         transform: applied to each batch in the worker (e.g. a modality's collate).
         with_ids: add `index/sample_id` to each batch (for predictions; never needed to train).
+        fraction: keep only this fraction of the split's samples, the same ones for a given seed
+            (low-label experiments).
     """
 
     def __init__(self, store: Store | str, split: str | None = "train", batch_size: int = 32,
                  shuffle: bool = True, seed: int = 0, buffer_size: int = 1024,
                  arrays: list[str] | None = None, tasks: list[str] | None = None,
                  transform: Callable[[Batch], object] | None = None, storage_options: dict | None = None,
-                 with_ids: bool = False):
+                 with_ids: bool = False, fraction: float = 1.0):
         store = store if isinstance(store, Store) else Store(store, storage_options=storage_options)
         self.url, self.storage_options = store.url, store.storage_options
         self._store: Store | None = store
@@ -88,6 +102,7 @@ class StoreStream(IterableDataset):
         self.transform = transform
         self.rows_per_chunk, self.n = store.rows_per_chunk, store.n
         wanted = np.ones(store.n, dtype=bool) if split is None else store.index("split") == split
+        wanted = keep_fraction(wanted, fraction, seed)
         # selected rows of each chunk, computed once: [n_chunks] arrays of in-chunk positions
         self.chunk_rows = [np.flatnonzero(wanted[c:c + self.rows_per_chunk])
                            for c in range(0, store.n, self.rows_per_chunk)]

@@ -201,6 +201,17 @@ class EHR(Modality):
         out["mask"] = torch.from_numpy(mask)
         return out
 
+    @property
+    def mask_id(self) -> int:
+        return self.events.tokenizer.token_to_id("[MASK]")
+
+    def views(self, batch: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+        """The earlier and the later half of each patient's events (both hold the event of a one-event patient)."""
+        mask = batch["mask"]
+        n = mask.sum(dim=1, keepdim=True)
+        index = torch.arange(mask.shape[1], device=mask.device)[None, :]
+        return {**batch, "mask": mask & (index < (n + 1) // 2)}, {**batch, "mask": mask & (index >= n // 2)}
+
     def encoder(self, d_model: int, layers: int = 2, heads: int = 4, aggregator_layers: int = 1) -> nn.Module:
         return EventEncoder(self.settings["vocab_size"], self.settings["max_event_tokens"], d_model, layers, heads,
                             aggregator_layers)
@@ -225,7 +236,10 @@ class TimeEmbedding(nn.Module):
 
 class EventEncoder(nn.Module):
     """Per event: token + type + digit-place + position embeddings → transformer → mean over its tokens.
-    Then event vectors + time embedding → a small transformer across events → tokens for the trunk."""
+    Then event vectors + time embedding → a small transformer across events → tokens for the trunk.
+    A batch may carry `event_mask` [B, E] (pretext tasks): those events show a learned mask vector (and
+    their time) instead of their content. `states["tokens"]` keeps the last pass's token states of the
+    real events [N, T, d]."""
 
     def __init__(self, vocab_size: int, max_event_tokens: int, d_model: int, layers: int = 2, heads: int = 4,
                  aggregator_layers: int = 1):
@@ -241,6 +255,8 @@ class EventEncoder(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.aggregator = (nn.TransformerEncoder(layer(), aggregator_layers, enable_nested_tensor=False)
                            if aggregator_layers else None)
+        self.mask_event = nn.Parameter(torch.zeros(d_model))
+        self.states: dict[str, torch.Tensor] = {}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = batch["tokens"], batch["mask"]  # [B, E, T], [B, E]
@@ -253,13 +269,19 @@ class EventEncoder(nn.Module):
                  + self.positions(positions))
             token_mask = flat != 0
             x = self.event_layers(x, src_key_padding_mask=~token_mask)
+            self.states = {"tokens": x}
             weights = token_mask.to(x.dtype)[..., None]
             pooled = (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
             vectors = vectors.to(pooled.dtype)
             vectors[mask] = pooled
+        if "event_mask" in batch:
+            vectors = torch.where(batch["event_mask"][..., None], self.mask_event.to(vectors.dtype), vectors)
         x = self.norm(vectors + self.time(batch["time"]).to(vectors.dtype))
         if self.aggregator is not None:
             key_padding = ~mask
             key_padding[:, 0] = False  # a sample without events keeps one (masked by the trunk)
             x = self.aggregator(x, src_key_padding_mask=key_padding)
         return x, mask
+
+
+from biofm.modalities.ehr import pretext  # noqa: E402,F401  (registers its pretext tasks)

@@ -7,7 +7,8 @@ Features are small integer codes (embedded by the encoder) plus the atomic mass:
     bond columns: type, conjugated, in ring, stereo
 
 Optional positional encodings per atom: random-walk return probabilities (`rw_steps`) and Laplacian
-eigenvectors (`lap_dim`), both as in GraphGPS.
+eigenvectors (`lap_dim`), both as in GraphGPS. Optional RDKit descriptors per molecule (`descriptors`):
+targets of the `descriptors` pretext task, never inputs of the encoder.
 """
 
 from __future__ import annotations
@@ -21,6 +22,16 @@ ELEMENT_CODE = np.full(128, len(ELEMENTS) + 1, dtype=np.int8)
 ELEMENT_CODE[ELEMENTS] = np.arange(1, len(ELEMENTS) + 1)
 ATOM_CARDINALITIES = [len(ELEMENTS) + 2, 7, 7, 4, 8, 2, 5, 2]  # embedding sizes per atom column
 BOND_CARDINALITIES = [5, 2, 2, 6]
+
+
+# whole-molecule descriptors computed from the structure (self-supervised regression targets)
+DESCRIPTORS = ["MolLogP", "MolMR", "TPSA", "NumHDonors", "NumHAcceptors", "NumRotatableBonds", "RingCount",
+               "NumAromaticRings", "FractionCSP3", "LabuteASA", "HeavyAtomCount", "NumHeteroatoms"]
+
+
+def descriptor_row(mol) -> list[float]:
+    from rdkit.Chem import Descriptors
+    return [float(getattr(Descriptors, name)(mol)) for name in DESCRIPTORS]
 
 
 class MoleculeError(ValueError):
@@ -164,16 +175,20 @@ def laplacian_encoding(n: int, edges: np.ndarray, dim: int) -> np.ndarray:
 
 
 def featurise_smiles(smiles: Sequence[str | None], max_atoms: int = 150, fragments: str = "reject",
-                     rw_steps: int = 0, lap_dim: int = 0) -> tuple[dict, list[str | None]]:
+                     rw_steps: int = 0, lap_dim: int = 0, descriptors: bool = False) -> tuple[dict, list[str | None]]:
     """Graphs of a batch as ragged store arrays (a rejected or missing SMILES gives zero rows), and the
     rejection reason of each input (None where it was accepted or missing)."""
     from biofm.platform.store import Ragged
     atom_rows, bond_rows, ranks, atom_counts, bond_counts, reasons = [], [], [], [], [], []
-    for s in smiles:
+    described = np.zeros((len(smiles), len(DESCRIPTORS)), np.float32) if descriptors else None
+    for i, s in enumerate(smiles):
         reason, n_atoms, n_bonds = None, 0, 0
         if s is not None:
             try:
-                atoms, bonds, rank = graph_rows(parse(s, max_atoms, fragments))
+                mol = parse(s, max_atoms, fragments)
+                atoms, bonds, rank = graph_rows(mol)
+                if described is not None:
+                    described[i] = np.nan_to_num(descriptor_row(mol), nan=0.0, posinf=0.0, neginf=0.0)
                 atom_rows += atoms
                 bond_rows += bonds
                 ranks += rank
@@ -194,4 +209,6 @@ def featurise_smiles(smiles: Sequence[str | None], max_atoms: int = 150, fragmen
             rows = [fn(int(atom_counts[i]), flat["edges"][edge_offsets[i]:edge_offsets[i + 1]], dim)
                     for i in range(len(atom_counts))]
             arrays[name] = Ragged(np.concatenate(rows) if rows else np.zeros((0, dim), np.float32), atom_offsets)
+    if described is not None:
+        arrays["descriptors"] = described
     return arrays, reasons

@@ -105,6 +105,23 @@ class Oct(FileModality):
             volume[i] = torch.as_tensor(transform(volume[i])).clamp_(0.0, 1.0)
         return {**batch, "volume": volume}
 
+    def views(self, batch: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+        """Two random augmentations of each volume: a left-right flip, intensity scale and shift, and a
+        quarter of 4×4×4 blocks blanked (en-face maps unchanged)."""
+        return self._view(batch), self._view(batch)
+
+    @staticmethod
+    def _view(batch: dict[str, torch.Tensor]) -> dict:
+        volume = batch["volume"]  # [B, 1, D, H, W]
+        b, device = volume.shape[0], volume.device
+        flip = torch.rand(b, device=device) < 0.5
+        volume = torch.where(flip[:, None, None, None, None], volume.flip(-1), volume)
+        scale = 1 + 0.2 * (torch.rand(b, 1, 1, 1, 1, device=device) - 0.5)
+        shift = 0.1 * (torch.rand(b, 1, 1, 1, 1, device=device) - 0.5)
+        keep = (torch.rand(b, 1, 4, 4, 4, device=device) >= 0.25).to(volume.dtype)
+        keep = F.interpolate(keep, size=volume.shape[2:], mode="nearest")
+        return {**batch, "volume": ((volume * scale + shift) * keep).clamp(0.0, 1.0)}
+
     def encoder(self, d_model: int, grid: int = 8, layers: int = 2, heads: int = 4,
                 dropout: float = 0.1) -> nn.Module:
         return OctEncoder(self.settings["shape"], self.settings["enface_shape"], d_model, grid, layers, heads,
@@ -132,7 +149,9 @@ def _stem(dims: int, size: Sequence[int], grid: int, d_model: int) -> nn.Sequent
 
 class OctEncoder(nn.Module):
     """Volume [B, 1, D, H, W] → ~grid³ tokens; en-face map [B, 1, h, w] → ~grid² tokens; each with a learned
-    position embedding, then `layers` transformer layers over the tokens a sample has."""
+    position embedding, then `layers` transformer layers over the tokens a sample has. A batch may carry
+    `patch_mask` [B, Nv] (pretext tasks): those volume patches (`patch` voxels each, on a `patch_grid`)
+    show a learned mask vector instead of their voxels."""
 
     def __init__(self, shape, enface_shape, d_model: int, grid: int = 8, layers: int = 2, heads: int = 4,
                  dropout: float = 0.1):
@@ -144,18 +163,27 @@ class OctEncoder(nn.Module):
             n_volume = self.volume_stem(torch.zeros(1, 1, *shape)).flatten(2).shape[2]
             n_enface = self.enface_stem(torch.zeros(1, 1, *enface_shape)).flatten(2).shape[2]
         self.volume_position = nn.Parameter(torch.randn(n_volume, d_model) * 0.02)
+        self.patch = tuple(a * b for a, b in zip(self.volume_stem[0].stride, self.volume_stem[2].stride))
+        self.patch_grid = tuple(s // p for s, p in zip(shape, self.patch))
+        self.mask_patch = nn.Parameter(torch.zeros(d_model))
         self.enface_position = nn.Parameter(torch.randn(n_enface, d_model) * 0.02)
         layer = nn.TransformerEncoderLayer(d_model, heads, 2 * d_model, dropout=dropout, batch_first=True,
                                            norm_first=True)
         self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        volume = self.volume_stem(batch["volume"]).flatten(2).transpose(1, 2) + self.volume_position
+        volume = self.volume_stem(batch["volume"]).flatten(2).transpose(1, 2)
+        if "patch_mask" in batch:
+            volume = torch.where(batch["patch_mask"][..., None], self.mask_patch.to(volume.dtype), volume)
+        volume = volume + self.volume_position
         enface = self.enface_stem(self.enface_norm(batch["enface"])).flatten(2).transpose(1, 2) \
             + self.enface_position
         x = torch.cat([volume, enface], dim=1)  # [B, Nv + Ne, d]
         mask = torch.cat([batch["has_volume"][:, None].expand(-1, volume.shape[1]),
                           batch["has_enface"][:, None].expand(-1, enface.shape[1])], dim=1)
         padding = ~mask
-        padding[:, 0] = False  # a sample with neither keeps one key; the trunk masks it out anyway
+        padding[~mask.any(dim=1), 0] = False  # a sample with neither keeps one key; the trunk masks it out
         return self.layers(x, src_key_padding_mask=padding), mask
+
+
+from biofm.modalities.oct import pretext  # noqa: E402,F401  (registers its pretext tasks)

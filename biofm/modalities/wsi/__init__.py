@@ -127,6 +127,17 @@ class Wsi(FileModality):
                 "tissue": torch.from_numpy(tissue), "grid": torch.from_numpy(grid),
                 "n_tiles": torch.from_numpy(lengths.astype(np.float32))}
 
+    def views(self, batch: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+        """Two disjoint random halves of each slide's tiles (a one-tile slide keeps its tile in both); each
+        view counts only its own tiles."""
+        mask = batch["mask"]
+        half = torch.rand(mask.shape, device=mask.device) < 0.5
+        views = []
+        for keep in (mask & half, mask & ~half):
+            keep = torch.where(keep.any(dim=1, keepdim=True), keep, mask)
+            views.append({**batch, "mask": keep, "n_tiles": keep.sum(dim=1).to(batch["n_tiles"].dtype)})
+        return views[0], views[1]
+
     def encoder(self, d_model: int, kind: str = "abmil", tokens: int = 4, layers: int = 1, heads: int = 4,
                 max_tiles: int = 4096, dropout: float = 0.1) -> nn.Module:
         if self.settings["feature_dim"] is None:
@@ -179,7 +190,9 @@ SIZE_FREQUENCIES = (0.5, 1.0, 2.0, 4.0)  # per unit of log(tiles): slides of 1 t
 class SlideEncoder(nn.Module):
     """Tile features (+ tissue fraction) → d_model → [transformer layers over tiles with 2D positions] →
     gated attention to `tokens` slide tokens, plus one token for the slide's size (tiles, tissue area).
-    `attention` keeps the last forward's weights per tile [B, K, T] for heatmaps."""
+    `attention` keeps the last forward's weights per tile [B, K, T] for heatmaps. A batch may carry
+    `tile_mask` [B, T] (pretext tasks): those tiles show a learned mask vector instead of their features
+    and are left out of the pooling; `states` keeps the last pass's tile states and (subsampled) batch."""
 
     def __init__(self, feature_dim: int, d_model: int, kind: str = "abmil", tokens: int = 4, layers: int = 1,
                  heads: int = 4, max_tiles: int = 4096, dropout: float = 0.1):
@@ -199,6 +212,8 @@ class SlideEncoder(nn.Module):
         self.pool = GatedAttention(d_model, d_model, tokens)
         self.size = nn.Linear(2 * 2 * len(SIZE_FREQUENCIES), d_model)
         self.attention: torch.Tensor | None = None
+        self.mask_tile = nn.Parameter(torch.zeros(d_model))
+        self.states: dict = {}
 
     def _subsample(self, batch: dict) -> dict:
         """In training, at most `max_tiles` random tiles per slide (all of them in evaluation)."""
@@ -210,7 +225,7 @@ class SlideEncoder(nn.Module):
         keep = keys.argsort(dim=1)[:, :self.max_tiles]
         return {**batch, **{k: torch.gather(batch[k], 1, keep if batch[k].dim() == 2 else
                                             keep[..., None].expand(-1, -1, batch[k].shape[-1]))
-                            for k in ("features", "mask", "tissue", "grid")}}
+                            for k in ("features", "mask", "tissue", "grid", "tile_mask") if k in batch}}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self._subsample(batch)
@@ -220,12 +235,17 @@ class SlideEncoder(nn.Module):
             x = x.masked_scatter(mask[..., None], self.norm(x[mask]) if mask.sum() > 1 or not self.training
                                  else x[mask])
         h = self.embed(x)
+        pooled = mask
+        if "tile_mask" in batch:
+            h = torch.where(batch["tile_mask"][..., None], self.mask_tile.to(h.dtype), h)
+            pooled = mask & ~batch["tile_mask"]
         if self.layers is not None:
             h = h + grid_embedding(batch["grid"], self.d_model)
             padding = ~mask
             padding[:, 0] = False  # a slide without tiles keeps one key; its tokens are masked anyway
             h = self.layers(h, src_key_padding_mask=padding)
-        tokens, weights = self.pool(h, mask)  # [B, K, d], [B, K, T]
+        self.states = {"tiles": h, "batch": batch}
+        tokens, weights = self.pool(h, pooled)  # [B, K, d], [B, K, T]
         self.attention = weights.detach()
         # the slide's size: log tile count and log tissue area (in tiles), from every tile even when subsampled
         area = batch["tissue_area"] if "tissue_area" in batch else (batch["tissue"] * mask).sum(1)
@@ -235,3 +255,6 @@ class SlideEncoder(nn.Module):
         x = torch.cat([size, tokens], dim=1)
         valid = (batch["n_tiles"] > 0)[:, None].expand(-1, x.shape[1])
         return x, valid
+
+
+from biofm.modalities.wsi import pretext  # noqa: E402,F401  (registers its pretext tasks)
