@@ -299,6 +299,10 @@ def meds_sequences(input, prediction_times, max_events: int, codes: str | None =
             raise StoreError(f"prediction times need '{column}'; columns are {rows.columns}")
     rows = rows.with_columns(pl.col("subject_id").cast(pl.String),
                              _as_datetime(rows, "prediction_time").alias("prediction_time"))
+    bad = rows.with_row_index("_row").filter(pl.col("subject_id").is_null() | pl.col("prediction_time").is_null())
+    if len(bad):
+        raise StoreError(f"prediction times: rows {bad['_row'].head(5).to_list()} have no subject_id or no "
+                         "(parseable) prediction_time; every row needs both")
     rows = rows.with_columns(sample_id_expr().alias("sample_id")).select("subject_id", "prediction_time", "sample_id")
     subjects = sorted(rows["subject_id"].drop_nulls().unique().to_list())
     events, _ = meds_events(scan, subjects, rows, code_frame, set(), Report())
@@ -395,25 +399,44 @@ class Schema:
         self.path = path
         if not Path(path).exists():
             raise StoreError(f"{path}: schema file does not exist")
-        spec = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            spec = yaml.safe_load(Path(path).read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            detail = str(err).replace("\n", " ")[:200]
+            raise StoreError(f"{path}: the schema is not valid YAML ({detail})") from None
+        if not isinstance(spec, dict):
+            raise StoreError(f"{path}: the schema must be a mapping with 'stays' and 'tables', got a "
+                             f"{type(spec).__name__}")
         self.spec = spec
         for key in ("stays", "tables"):
             if key not in spec:
                 raise StoreError(f"{path}: the schema has no '{key}' section")
-        self.name = spec.get("name", Path(path).stem)
-        self.files = spec.get("files", "{name}.csv.gz")
+        self.name = str(spec.get("name", Path(path).stem))
+        self.files = str(spec.get("files", "{name}.csv.gz"))
         self.stays = spec["stays"]
+        if not isinstance(self.stays, dict):
+            raise StoreError(f"{path}: 'stays' must be a mapping (table, id, subject, start)")
         for key in ("table", "id", "subject", "start"):
             if key not in self.stays:
                 raise StoreError(f"{path}: stays needs '{key}'")
         self.tables = spec["tables"]
+        if not isinstance(self.tables, list):
+            raise StoreError(f"{path}: 'tables' must be a list of tables (each with table, time, link)")
         for i, table in enumerate(self.tables):
+            if not isinstance(table, dict):
+                raise StoreError(f"{path}: tables[{i}] must be a mapping with table, time and link")
             for key in ("table", "time", "link"):
                 if key not in table:
                     raise StoreError(f"{path}: tables[{i}] needs '{key}'")
-        self.observation_hours = float(spec.get("observation_hours", 12))
-        self.max_events = int(spec.get("max_events", 128))
-        self.max_event_tokens = int(spec.get("max_event_tokens", 48))
+        numbers = {}
+        for key, default, kind in (("observation_hours", 12, float), ("max_events", 128, int),
+                                   ("max_event_tokens", 48, int)):
+            try:
+                numbers[key] = kind(spec.get(key, default))
+            except (TypeError, ValueError):
+                raise StoreError(f"{path}: '{key}' must be a number, got {spec.get(key)!r}") from None
+        self.observation_hours, self.max_events, self.max_event_tokens = (
+            numbers["observation_hours"], numbers["max_events"], numbers["max_event_tokens"])
         self.tasks = spec.get("tasks")
 
     def file(self, root: str, table: str) -> Path:

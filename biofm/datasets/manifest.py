@@ -18,10 +18,15 @@ def read_manifest(path: str, path_column: str = "slide_path") -> pd.DataFrame:
     and sample ids unique."""
     if not Path(path).exists() and "://" not in path:
         raise StoreError(f"{path}: manifest does not exist")
-    if str(path).lower().endswith(".parquet"):
-        frame = pd.read_parquet(path)
-    else:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    try:
+        if str(path).lower().endswith(".parquet"):
+            frame = pd.read_parquet(path)
+        else:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError, OSError) as err:
+        detail = str(err).replace("\n", " ")[:200]
+        raise StoreError(f"{path}: the manifest cannot be read as {'parquet' if str(path).lower().endswith('.parquet') else 'CSV'} "
+                         f"({type(err).__name__}: {detail}); check its format and encoding (UTF-8)") from None
     missing = [c for c in (path_column, "sample_id", "subject_id") if c not in frame.columns]
     if missing:
         raise StoreError(f"{path}: the manifest needs columns {missing}; it has {list(frame.columns)}")

@@ -59,6 +59,9 @@ def read_oct(path: str, keys: dict | None = None) -> OctRecord:
 def check_record(record: OctRecord) -> OctRecord:
     if record.volume is None and record.enface is None:
         raise OctError("the file holds neither a volume nor an en-face map")
+    for name, array in (("volume", record.volume), ("en-face map", record.enface)):
+        if array is not None and np.asarray(array).dtype.kind not in "biuf":
+            raise OctError(f"the {name} holds {np.asarray(array).dtype} values; expected numbers")
     if record.volume is not None:
         volume = np.asarray(record.volume)
         if volume.ndim == 4 and volume.shape[-1] in (1, 3):  # a colour or channel axis
