@@ -261,6 +261,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--descriptors", action="store_true", help="also store RDKit descriptors per molecule "
                                                               "(targets of the `descriptors` pretext task)")
     p.add_argument("--workers", type=int, default=None, help="featurising processes (default: CPUs, ≤ 4)")
+    p.add_argument("--batch-size", type=int, default=2000, help="molecules per committed part (a rerun after "
+                                                                "an interruption resumes from the last one)")
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -271,7 +273,7 @@ def _run(args: argparse.Namespace) -> None:
         args.input, args.out, smiles_column=args.smiles_column, label_columns=[] if args.unlabelled else comma_list(args.label_columns),
         task_types=comma_list(args.task_types), split=args.split, seed=args.seed, id_column=args.id_column,
         fragments=args.fragments, max_atoms=args.max_atoms, rw_steps=args.rw_steps, lap_dim=args.lap_dim,
-        descriptors=args.descriptors, workers=args.workers, overwrite=args.overwrite, progress=True)
+        descriptors=args.descriptors, batch_size=args.batch_size, workers=args.workers, overwrite=args.overwrite, progress=True)
     print(store.describe())
     print(f"prepared {store.n} molecules; {rejected} rows rejected"
           + (f", listed with their reasons in {rejects_path(args.out)}" if rejected else ""))

@@ -17,7 +17,10 @@ rows in one seeded random permutation, and marks the store complete.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
+import os
+import signal
 import math
 import warnings
 from collections.abc import Iterable, Mapping
@@ -284,6 +287,7 @@ class StoreWriter:
                 _write_whole(part, array_name, col, self.codecs.get(array_name, self.codec))
             layout[array_name] = _describe(col)
         part.attrs.update({"n": len(columns["index/sample_id"]), "layout": layout, "committed": True})
+        _fault_injection()
 
     def _validate_batch(self, where, sample_id, subject_id, labels, arrays, split) -> dict[str, Column]:
         sample_id = _as_strings(sample_id, "sample_id", where)
@@ -419,6 +423,20 @@ class StoreWriter:
         attrs.pop("pending", None)
         root.attrs.put(attrs)
         return Store(self.url, storage_options=self.storage_options)
+
+
+def _fault_injection() -> None:
+    """Fault-injection for tests: with BIOFM_KILL_AFTER_PARTS=N the process kills itself (SIGKILL) right
+    after committing its N-th part, as a node dying mid-prepare would."""
+    limit = os.environ.get("BIOFM_KILL_AFTER_PARTS")
+    if limit:
+        global _COMMITTED
+        _COMMITTED += 1
+        if _COMMITTED >= int(limit):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+_COMMITTED = 0
 
 
 def _write_ragged_streaming(root: zarr.Group, name: str, parts: list[zarr.Group], perm: np.ndarray,
@@ -626,6 +644,23 @@ class Store:
             else:
                 out[name] = _plain(arr[start:stop])
         return out
+
+    def checksum(self) -> str:
+        """SHA-256 over every array (name, dtype, shape, values) and the attributes that define the store
+        (all but its creation time): equal for stores with the same content, however they were written."""
+        digest = hashlib.sha256()
+        attrs = {k: v for k, v in self.attrs.items() if k != "created"}
+        digest.update(json.dumps(_normalise(attrs), sort_keys=True).encode())
+        names = sorted(path for path, member in self.root.members(max_depth=None) if isinstance(member, zarr.Array))
+        for name in names:
+            values = np.asarray(self.root[name][...])
+            if values.dtype.kind in "OTU":  # strings: their text, whatever width they were stored at
+                digest.update(f"{name}:str:{values.shape}".encode())
+                digest.update("\x00".join(map(str, values.ravel().tolist())).encode())
+                continue
+            digest.update(f"{name}:{values.dtype.str}:{values.shape}".encode())
+            digest.update(np.ascontiguousarray(values).tobytes())
+        return digest.hexdigest()
 
     def describe(self) -> str:
         tasks = ", ".join(f"{t} ({s['kind']})" for t, s in self.tasks.items())

@@ -16,7 +16,12 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def train_wordpiece(texts: Sequence[str], vocab_size: int = 2000, min_frequency: int = 2) -> Tokenizer:
-    """A lower-casing WordPiece tokenizer trained on `texts` with `tokenizers`; nothing is downloaded."""
+    """A lower-casing WordPiece tokenizer trained on `texts` with `tokenizers`; nothing is downloaded.
+
+    `tokenizers` numbers the vocabulary in an order that ties make vary from run to run; the ids are
+    renumbered here (special tokens, then the rest sorted), so the same vocabulary always gets the same ids
+    and preparing the same data twice gives the same store. (WordPiece splits words by longest match in
+    the vocabulary, so the ids' order does not change any split.)"""
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -24,6 +29,9 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int = 2000, min_frequency:
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                         special_tokens=SPECIAL_TOKENS, show_progress=False)
     tokenizer.train_from_iterator((t for t in texts if t), trainer=trainer)
+    learned = tokenizer.get_vocab()
+    ordered = [t for t in SPECIAL_TOKENS if t in learned] + sorted(t for t in learned if t not in SPECIAL_TOKENS)
+    tokenizer.model = models.WordPiece({t: i for i, t in enumerate(ordered)}, unk_token="[UNK]")
     return tokenizer
 
 
