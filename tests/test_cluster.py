@@ -78,12 +78,15 @@ def test_sigusr1_checkpoints_requeues_and_the_requeued_job_resumes(cohort_store,
         job.wait()
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
 
-    resumed = subprocess.run(args + ["--trainer.max_epochs", "3"], env=env, cwd=ROOT, capture_output=True,
+    from biofm.platform.checkpoint import safe_load
+    saved = safe_load(run_dir / "hpc_ckpt_1.ckpt")
+    epochs = saved["epoch"] + 2  # the requeued job trains on from where the signal stopped it
+    resumed = subprocess.run(args + ["--trainer.max_epochs", str(epochs)], env=env, cwd=ROOT, capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Restoring states from the checkpoint path at {run_dir / 'hpc_ckpt_1.ckpt'}" in resumed.stdout + resumed.stderr
-    from biofm.platform.checkpoint import safe_load
-    assert safe_load(run_dir / "checkpoints" / "last.ckpt")["epoch"] == 2
+    last = safe_load(run_dir / "checkpoints" / "last.ckpt")
+    assert last["epoch"] == epochs - 1 and last["global_step"] > saved["global_step"]
 
 
 def test_the_fsdp_trainer_config_resolves_to_block_wise_sharding(tmp_path):

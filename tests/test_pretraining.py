@@ -35,8 +35,8 @@ def _fixed_batch(url: str) -> dict:
     return next(iter(data.predict_dataloader()))
 
 
-def _train(module: BiofmModule, batch: dict, steps: int) -> list[float]:
-    optimiser = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=3e-3)
+def _train(module: BiofmModule, batch: dict, steps: int, lr: float = 3e-3) -> list[float]:
+    optimiser = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr)
     losses = []
     for _ in range(steps):
         loss = sum(module._pretext_losses(batch["inputs"]).values())
@@ -63,10 +63,12 @@ def test_cross_modal_contrast_trains_and_needs_two_modalities(cohort_store, fake
     torch.manual_seed(0)
     data = BiofmDataModule([cohort_store.url], tasks=[], batch_size=32, predict_split="all")
     batch = next(iter(data.predict_dataloader()))
-    module = BiofmModule(data.schema, pretext={"cross_modal": {}}, **TINY)
-    losses = _train(module, batch, 30)
+    # a contrastive loss starts on a plateau at log(batch) where every embedding looks alike: a wider model
+    # and a gentler rate leave it reliably
+    module = BiofmModule(data.schema, pretext={"cross_modal": {}}, **{**TINY, "d_model": 32})
+    losses = _train(module, batch, 60, lr=1e-3)
     assert all(torch.isfinite(torch.tensor(losses)))
-    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
     with pytest.raises(ConfigError, match="cross_modal' needs two or more modalities"):
         BiofmModule(BiofmDataModule([fake_stores["molecule"]], tasks=[]).schema, pretext={"cross_modal": {}})
     with pytest.raises(ConfigError, match="'masked_tiles' needs the wsi modality"):
