@@ -192,3 +192,17 @@ class WeightChecksum(Callback):
         total = sum(float(p.detach().double().sum()) for p in pl_module.parameters())
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"weights-rank{trainer.global_rank}.txt").write_text(repr(total))
+
+
+class RowLog(Callback):
+    """A Lightning callback for resume tests: after each training step appends `<global step> <rows…>` (the
+    store rows of the batch just trained on) to `path`, flushed, so a SIGKILL loses nothing logged."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        with open(self.path, "a") as f:
+            f.write(" ".join(map(str, [trainer.global_step, *batch["row"].tolist()])) + "\n")
+            f.flush()
+            os.fsync(f.fileno())

@@ -49,3 +49,49 @@ def test_a_fit_resumed_mid_epoch_sees_each_sample_of_the_epoch_exactly_once(coho
     assert len(first.batches) + len(second.batches) == len(full.batches)
     for got, want in zip(first.batches + second.batches, full.batches):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.slow
+def test_a_fit_killed_with_sigkill_mid_epoch_and_resumed_trains_on_each_sample_once(cohort_store, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from biofm.platform.checkpoint import safe_load
+    root = Path(__file__).resolve().parents[1]
+    run, rows = tmp_path / "run", tmp_path / "rows.txt"
+    callbacks = tmp_path / "callbacks.yaml"
+    callbacks.write_text(
+        "trainer:\n  callbacks:\n"
+        f"    - class_path: biofm.testing.RowLog\n      init_args: {{path: {rows}}}\n"
+        "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        f"      init_args: {{dirpath: {tmp_path / 'steps'}, every_n_train_steps: 5, save_top_k: -1, filename: '{{step}}'}}\n")
+    args = [sys.executable, "-m", "biofm", "fit", "--trainer", str(root / "configs/trainer/cpu.yaml"), "-c", str(callbacks),
+            "--model", str(root / "configs/model/tiny.yaml"), "--data.stores", f"[{cohort_store.url}]",
+            "--data.batch_size", "4", "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0",
+            "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    job = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (rows.exists() and len(rows.read_text().splitlines()) >= 23):
+        assert job.poll() is None and time.time() < deadline, "the fit ended before it could be killed"
+        time.sleep(0.02)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    first = [list(map(int, line.split())) for line in rows.read_text().splitlines()]
+    checkpoints = sorted((tmp_path / "steps").glob("step=*.ckpt"), key=lambda p: int(p.stem.split("=")[1]))
+    latest = checkpoints[-1]
+    step = safe_load(latest)["global_step"]
+    assert 0 < step < first[-1][0] + 1  # killed after that checkpoint, mid-epoch
+    rows.unlink()
+    resumed = subprocess.run(args + ["--ckpt_path", str(latest)], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    second = [list(map(int, line.split())) for line in rows.read_text().splitlines()]
+    # the model's history: the first run's steps up to its checkpoint, then the resumed run's
+    trained = [r for line in first if line[0] <= step for r in line[1:]] + [r for line in second for r in line[1:]]
+    train_rows = set(np.flatnonzero(cohort_store.index("split") == "train").tolist())
+    assert len(trained) == len(set(trained)) == len(train_rows) and set(trained) == train_rows
+    assert second[0][0] == step + 1
