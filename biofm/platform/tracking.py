@@ -9,6 +9,8 @@ no free text, no tokenizer vocabulary (the schema stays in checkpoints).
 from __future__ import annotations
 
 import importlib.util
+import json
+import time
 import os
 from pathlib import Path
 
@@ -59,3 +61,48 @@ def log_run_settings(module, loggers: list[Logger]) -> None:
     settings["modalities"] = sorted(hp["schema"]["modalities"])
     for logger in loggers:
         logger.log_hyperparams(settings)
+
+
+class MemoryMonitor(Callback):
+    """Resident memory of each training process (with its loader workers) over the epoch: at the start,
+    every `every` steps and at the end of each training epoch, written per rank to
+    `<out_dir>/memory-rank<r>.json` with the epoch's samples and seconds (for `benchmarks/load.py`)."""
+
+    def __init__(self, out_dir: str, every: int = 10):
+        self.out_dir, self.every = Path(out_dir), every
+        self.samples: list[dict] = []
+        self._start, self._count = 0.0, 0
+
+    @staticmethod
+    def _rss() -> tuple[int, int]:
+        """This process's RSS, and its loader workers' (children of this rank; the other ranks, which
+        Lightning starts as children of rank 0, are left out by their LOCAL_RANK)."""
+        import psutil
+        me, rank = psutil.Process(), os.environ.get("LOCAL_RANK", "0")
+        workers = 0
+        for child in me.children(recursive=True):
+            try:
+                if child.environ().get("LOCAL_RANK", rank) == rank:
+                    workers += child.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return me.memory_info().rss, workers
+
+    def _record(self, trainer, when: str) -> None:
+        own, workers = self._rss()
+        self.samples.append({"when": when, "step": trainer.global_step, "rss": own, "workers_rss": workers,
+                             "seconds": time.perf_counter() - self._start, "samples": self._count})
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._start, self._count = time.perf_counter(), 0
+        self._record(trainer, "start")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._count += len(batch["row"])
+        if batch_idx % self.every == 0:
+            self._record(trainer, "step")
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._record(trainer, "end")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"memory-rank{trainer.global_rank}.json").write_text(json.dumps(self.samples))
