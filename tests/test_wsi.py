@@ -258,3 +258,33 @@ def test_the_heatmap_png_is_written_and_shows_the_slide(biobank, tmp_path):
     assert np.abs(image[covered] - thumb[covered]).mean() > 10  # tiles: tinted by attention
     grey_image, grey_thumb = image.mean(-1)[covered], thumb.mean(-1)[covered]
     assert np.corrcoef(grey_image, grey_thumb)[0, 1] > 0.3  # the tissue still shows through
+
+
+@pytest.mark.slow
+def test_a_biobank_run_leaks_no_id_report_or_slide_path_to_logs_trackers_or_stdout(biobank, tmp_path):
+    """fit + test through the CLI with W&B offline: the run directory, stdout and stderr hold none of the
+    cohort's sample ids, subject ids, report texts or slide file paths."""
+    folder, manifest, store = biobank
+    frame = pd.read_csv(manifest)
+    needles = set(frame["sample_id"]) | set(frame["subject_id"]) | set(frame["report"].dropna())
+    needles |= set(frame["slide_path"]) | {str(manifest.parent / p) for p in frame["slide_path"]}
+    needles = sorted(n.encode() for n in needles if len(n) >= 4)
+    assert len(needles) > 300
+    run = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    common = ["--model.d_model", "16", "--model.depth", "1", "--model.heads", "2", "--model.latents", "2",
+              "--data.stores", f"[{store.url}]", "--data.batch_size", "16", "--trainer.default_root_dir", str(run)]
+    outputs = b""
+    for stage, extra in (("fit", ["--trainer.max_epochs", "1"]),
+                         ("test", ["--ckpt_path", str(run / "checkpoints" / "last.ckpt")])):
+        done = subprocess.run([sys.executable, "-m", "biofm", stage, *common, *extra], capture_output=True, env=env,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:].decode(errors="replace")
+        outputs += done.stdout + done.stderr
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert list((run / "wandb").glob("offline-run-*")) and (run / "logs" / "fit" / "metrics.csv").exists()
+    for name, content in [("stdout/stderr", outputs)] + [(str(p), p.read_bytes()) for p in files]:
+        leaked = [n for n in needles if n in content]
+        assert not leaked, f"{name} holds {len(leaked)} identifiers, report texts or slide paths: {leaked[:3]}"
+    # the needles are findable where they belong, so the scan can fail
+    assert any(n in manifest.read_bytes() for n in needles)
