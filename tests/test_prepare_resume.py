@@ -1,15 +1,20 @@
 """A prepare killed mid-way (SIGKILL right after it committed a part) and rerun gives a store identical, by
-checksum, to an uninterrupted prepare of the same input."""
+checksum, to an uninterrupted prepare of the same input — for every modality's prepare."""
 
 import os
 import signal
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 
 from biofm.platform.store import Store
-from biofm.testing import fake_raw
+from biofm.testing import SHARED_DATA, fake_raw
+
+ROOT = Path(__file__).resolve().parents[1]
+EHR = SHARED_DATA / "ehr"
 
 
 def _molecules(tmp_path, out):
@@ -25,15 +30,40 @@ def _oct(tmp_path, out):
             "--subjects", "40", "--shape", "16,16,16"]
 
 
-@pytest.mark.parametrize("command", [_molecules, _oct], ids=["molecules", "synthetic-oct"])
-def test_a_killed_prepare_reruns_to_the_same_store(tmp_path, command):
+def _cohort(tmp_path, out):
+    return ["synthetic", "--out", out, "--n", "1200"]  # tabular + report text (a tokenizer is learned)
+
+
+def _biobank(tmp_path, out):  # slides + reports + case data; the same slide files for both runs
+    return ["synthetic-biobank", "--out", out, "--slides-dir", str(tmp_path / "slides"), "--n", "30", "--size", "672"]
+
+
+def _meds(tmp_path, out):
+    if not EHR.is_dir():
+        pytest.skip(f"{EHR} is missing: the MEDS demo lives in ../shared/data")
+    return ["meds", "--input", str(EHR / "mimic-iv-demo-meds-0.0.1"),
+            "--labels", str(EHR / "aces_icu_mortality_first_24h_labels.parquet"), "--out", out, "--shard-subjects", "20"]
+
+
+def _ehr_tables(tmp_path, out):
+    if not EHR.is_dir():
+        pytest.skip(f"{EHR} is missing: the MIMIC-IV demo lives in ../shared/data")
+    return ["ehr-tables", "--input", str(EHR / "mimic-iv-demo-2.2"), "--schema", str(ROOT / "configs/ehr/mimic-iv.yaml"),
+            "--out", out, "--shard-subjects", "20"]
+
+
+@pytest.mark.parametrize("command, parts", [(_molecules, 2), (_oct, 2), (_cohort, 2), (_biobank, 1), (_meds, 2),
+                                            (_ehr_tables, 2)],
+                         ids=["molecules", "synthetic-oct", "synthetic-cohort", "synthetic-biobank", "meds",
+                              "ehr-tables"])
+def test_a_killed_prepare_reruns_to_the_same_store(tmp_path, command, parts):
     prepare = [sys.executable, "-m", "biofm", "prepare"]
     clean = subprocess.run(prepare + command(tmp_path, str(tmp_path / "clean.zarr")), capture_output=True,
                            text=True, timeout=600)
     assert clean.returncode == 0, clean.stderr[-2000:]
     resumed = str(tmp_path / "resumed.zarr")
     killed = subprocess.run(prepare + command(tmp_path, resumed), capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "BIOFM_KILL_AFTER_PARTS": "2"})
+                            env={**os.environ, "BIOFM_KILL_AFTER_PARTS": str(parts)})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     rerun = subprocess.run(prepare + command(tmp_path, resumed), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]

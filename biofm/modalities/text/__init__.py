@@ -2,36 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from torch import nn
 
+from biofm.modalities.text.wordpiece import learn_vocabulary
 from biofm.platform.modality import MODALITIES, Modality
 from biofm.platform.store import Column, Ragged
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def train_wordpiece(texts: Sequence[str], vocab_size: int = 2000, min_frequency: int = 2) -> Tokenizer:
-    """A lower-casing WordPiece tokenizer trained on `texts` with `tokenizers`; nothing is downloaded.
-
-    `tokenizers` numbers the vocabulary in an order that ties make vary from run to run; the ids are
-    renumbered here (special tokens, then the rest sorted), so the same vocabulary always gets the same ids
-    and preparing the same data twice gives the same store. (WordPiece splits words by longest match in
-    the vocabulary, so the ids' order does not change any split.)"""
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+def train_wordpiece(texts: Iterable[str], vocab_size: int = 2000, min_frequency: int = 2) -> Tokenizer:
+    """A lower-casing WordPiece tokenizer (`tokenizers`' BERT normaliser and pre-tokeniser) whose vocabulary
+    is learned here, deterministically (`wordpiece.learn_vocabulary`); nothing is downloaded."""
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words: Counter = Counter()
+    for text, n in Counter(t for t in texts if t).items():  # texts repeat (EHR strings): each split once
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)):
+            words[word] += n
+    vocab = learn_vocabulary(words, vocab_size, min_frequency, SPECIAL_TOKENS)
+    tokenizer = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, pre_tokenizer
     tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=SPECIAL_TOKENS, show_progress=False)
-    tokenizer.train_from_iterator((t for t in texts if t), trainer=trainer)
-    learned = tokenizer.get_vocab()
-    ordered = [t for t in SPECIAL_TOKENS if t in learned] + sorted(t for t in learned if t not in SPECIAL_TOKENS)
-    tokenizer.model = models.WordPiece({t: i for i, t in enumerate(ordered)}, unk_token="[UNK]")
     return tokenizer
 
 
