@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -254,3 +255,13 @@ def test_an_unlabelled_pool_stores_no_labels_and_rdkit_descriptors(tmp_path):
     with pytest.raises(Exception, match="no label columns"):
         prepare_molecules(str(tmp_path / "pool.csv"), str(tmp_path / "none.zarr"), label_columns=None,
                           smiles_column="smiles", id_column="activity")
+
+
+@pytest.mark.parametrize("config", sorted(str(p.relative_to(p.parents[2])) for folder in ("pretrain", "finetune")
+                                          for p in (Path(__file__).resolve().parents[1] / "configs" / folder).glob("*.yaml")))
+def test_every_pretrain_and_finetune_config_parses(config):
+    done = subprocess.run([sys.executable, "-m", "biofm", "fit", "-c", config, "--print_config"], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    if "pretrain" in config:
+        assert "pretext:" in done.stdout and "tasks: []" in done.stdout
