@@ -96,3 +96,20 @@ def test_text_tokenizer_is_trained_locally_and_truncates():
     tokens = text.featurise(["the margins are clear and the nodes are free", None, ""])["text/token_ids"]
     assert tokens.lengths().tolist() == [5, 0, 0]
     assert text.settings["vocab_size"] == text.tokenizer.get_vocab_size() < 200
+
+
+def test_wordpiece_vocabularies_are_deterministic_and_keep_frequent_words_whole():
+    import random
+
+    from biofm.modalities.text import SPECIAL_TOKENS, train_wordpiece
+    texts = ["margins clear", "margins involved", "nodes free", "necrosis present", "mild atypia"] * 30 + \
+        [f"specimen {w}" for w in ("alpha", "alpine", "altar", "alter")] * 3
+    shuffled = random.Random(1).sample(texts, len(texts))
+    first, again = train_wordpiece(texts, vocab_size=200), train_wordpiece(shuffled, vocab_size=200)
+    # ties between equally frequent pairs abound here; the same corpus in any order gives the same ids
+    assert first.to_str() == again.to_str()
+    vocab = first.get_vocab()
+    assert [vocab[t] for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    for word in ("margins", "necrosis", "atypia"):  # frequent: one token each
+        assert first.encode(word).tokens == [word]
+    assert 40 < len(vocab) < 200  # merges ran out before the budget: every pair seen twice got merged

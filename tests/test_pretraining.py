@@ -265,3 +265,32 @@ def test_every_pretrain_and_finetune_config_parses(config):
     assert done.returncode == 0, done.stderr[-2000:]
     if "pretrain" in config:
         assert "pretext:" in done.stdout and "tasks: []" in done.stdout
+
+
+@pytest.mark.slow
+def test_plain_ddp_trains_sources_whose_batches_leave_encoders_unused(fake_stores, tmp_path):
+    """Two sources with different modalities: each batch leaves the other encoder without a gradient; every
+    parameter gets a zero one instead, so plain `ddp` (no find_unused_parameters) runs."""
+    run = tmp_path / "ddp"
+    done = subprocess.run(
+        [sys.executable, "-m", "biofm", "fit", "--trainer", "configs/trainer/ddp-cpu.yaml", "--model",
+         "configs/model/tiny.yaml", "--data.stores", json.dumps([fake_stores["molecule"], fake_stores["tabular"]]),
+         "--data.batch_size", "4", "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0",
+         "--trainer.default_root_dir", str(run), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "disabled"},
+        cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run / "checkpoints" / "last.ckpt").exists()
+
+
+def test_a_step_encodes_each_modality_once_for_the_supervised_and_contrastive_losses(cohort_store):
+    data = BiofmDataModule([cohort_store.url], tasks=["event"], batch_size=16, predict_split="all")
+    batch = next(iter(data.predict_dataloader()))
+    module = BiofmModule(data.schema, pretext={"cross_modal": {}, "two_view": {}}, **TINY)
+    calls = {name: 0 for name in module.model.encoders}
+    for name, encoder in module.model.encoders.items():
+        encoder.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    losses, _ = module._losses(batch)
+    assert {"event", "pretext/cross_modal", "pretext/two_view"} <= set(losses)
+    # the supervised pass's encoder outputs serve cross-modal contrast and the token-subset views
+    assert calls == {"tabular": 1, "text": 1}, calls

@@ -259,3 +259,27 @@ def test_pseudo_labels_fill_only_missing_labels_the_model_is_confident_about_and
     assert not torch.isclose(plain, pseudo)
     module.hparams.pseudo_labels["start_epoch"] = 1  # before start_epoch nothing is filled
     assert module._pseudo_label(batch, out) is batch
+
+
+@pytest.mark.parametrize("balancing", ["equal", "pcgrad"])
+def test_batches_without_any_label_train_through(tmp_path, balancing):
+    """Sparse labels: some batches carry no label at all (a source with missing cells); the step has nothing
+    to learn from them but must not fail, and the labelled batches still train."""
+    from lightning.pytorch import Trainer
+    from biofm.platform.modality import MODALITIES
+    from biofm.testing import fake_raw
+    raw = fake_raw("tabular", 64)
+    tabular = MODALITIES.resolve("tabular")()
+    tabular.fit(raw)
+    writer = StoreWriter(tmp_path / "sparse.zarr", source="sparse", modalities={"tabular": tabular.config()},
+                         tasks={"flag": {"kind": "binary"}})
+    labels = np.full(64, np.nan, np.float32)
+    labels[:8] = np.arange(8) % 2  # a few labelled samples; most batches of eight hold no label at all
+    writer.write_batch(0, sample_id=[f"s{i}" for i in range(64)], subject_id=[f"p{i}" for i in range(64)],
+                       labels={"flag": labels}, split=["train"] * 64, arrays=tabular.featurise(raw))
+    data = BiofmDataModule([writer.finalize().url], batch_size=8, buffer_size=0)
+    module = BiofmModule(data.schema, d_model=16, depth=1, heads=2, latents=2, balancing=balancing)
+    before = module.model.heads["flag"].weight.detach().clone()
+    Trainer(max_epochs=1, limit_val_batches=0, logger=False, enable_progress_bar=False, accelerator="cpu",
+            enable_checkpointing=False, enable_model_summary=False).fit(module, datamodule=data)
+    assert not torch.equal(module.model.heads["flag"].weight, before)

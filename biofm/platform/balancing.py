@@ -167,8 +167,10 @@ class PCGrad(Balancer):
         for i, g in enumerate(grads):
             g = g.clone()
             for j in torch.randperm(len(grads), generator=self.generator).tolist():
+                if j == i:
+                    continue
                 dot = torch.dot(g, grads[j])
-                if j != i and dot < 0:
+                if dot < 0:
                     g -= dot / grads[j].square().sum().clamp_min(1e-20) * grads[j]
             combined += g
         return combined

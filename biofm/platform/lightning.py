@@ -337,24 +337,27 @@ class BiofmModule(LightningModule):
         self.log("train/pseudo_labels", float(added), batch_size=len(batch["row"]), reduce_fx="sum")
         return {**batch, "labels": labels}
 
-    def _pretext_losses(self, inputs: dict) -> dict[str, torch.Tensor]:
-        """Masking pretexts share one pass over their corrupted inputs; the others run their own."""
+    def _pretext_losses(self, inputs: dict, embedded: dict | None = None) -> dict[str, torch.Tensor]:
+        """Masking pretexts share one pass over their corrupted inputs; the others share the clean inputs'
+        encoder passes (`embedded`: those of the supervised pass, and any they add)."""
+        embedded = {} if embedded is None else embedded
         losses: dict[str, torch.Tensor] = {}
         masking = [(n, p) for n, p in self.pretexts.items() if p.masking and p.applies(inputs)]
         if masking:
             corrupted, states = dict(inputs), {}
             for name, pretext in masking:
                 corrupted[pretext.modality], states[name] = pretext.corrupt(corrupted[pretext.modality])
-            tokens: dict = {}
-            trunk, mask = self.model.encode(corrupted, tokens=tokens)
-            encoded = Encoded(trunk, mask, tokens)
+            hidden = {pretext.modality for _, pretext in masking}
+            passes = {name: result for name, result in embedded.items() if name not in hidden}  # untouched
+            trunk, mask = self.model.encode(corrupted, passes)
+            encoded = Encoded(trunk, mask, {name: result[2] for name, result in passes.items()})
             for name, pretext in masking:
                 loss = pretext.loss_from(self.model, encoded, states[name])
                 if loss is not None:
                     losses[f"pretext/{name}"] = pretext.weight * loss
         for name, pretext in self.pretexts.items():
             if not pretext.masking and pretext.applies(inputs):
-                loss = pretext.loss(self.model, inputs)
+                loss = pretext.loss(self.model, inputs, embedded)
                 if loss is not None:
                     losses[f"pretext/{name}"] = pretext.weight * loss
         return losses
@@ -362,11 +365,12 @@ class BiofmModule(LightningModule):
     def _losses(self, batch: dict) -> tuple[dict[str, torch.Tensor], dict]:
         """Supervised losses of the tasks labelled in the batch (on the clean inputs) and pretext losses."""
         losses: dict[str, torch.Tensor] = {}
+        embedded: dict = {}
         if batch["labels"]:
-            out = self.model(batch["inputs"])
+            out = self.model(batch["inputs"], embedded)
             batch = self._pseudo_label(batch, out)
             losses.update(self._task_losses(batch, out))
-        losses.update(self._pretext_losses(batch["inputs"]))
+        losses.update(self._pretext_losses(batch["inputs"], embedded))
         return losses, batch
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -375,12 +379,10 @@ class BiofmModule(LightningModule):
             loader.mark_trained()  # the loader's saved position now includes this batch
         losses, batch = self._losses(batch)
         total, weights = self.balancer.combine(losses) if losses else (torch.zeros((), device=self.device), {})
-        # every trainable parameter in the graph (heads of absent tasks, pretext heads, mask vectors), so
-        # DDP finds a gradient for each
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        total = total + 0.0 * sum(p.sum() for p in trainable)
         if not self.automatic_optimization:
-            self._gradient_step(losses, trainable)
+            self._gradient_step(losses)
+        else:  # a batch without any label still needs a loss with a graph for the optimiser
+            total = total + self._every_parameter(needed=not losses)
         size = len(batch["row"])
         self.log("train/loss", total, batch_size=size, prog_bar=True)
         for task, loss in losses.items():
@@ -390,18 +392,27 @@ class BiofmModule(LightningModule):
         self._step_losses = {t: l.detach() for t, l in losses.items()}
         return total
 
-    def _gradient_step(self, losses: dict[str, torch.Tensor], trainable: list[torch.nn.Parameter]) -> None:
+    def _every_parameter(self, needed: bool = False) -> torch.Tensor | float:
+        """Under DDP (or when `needed`), 0 · Σ every trainable parameter: heads of tasks absent from the
+        batch, encoders of modalities it lacks, pretext heads and mask vectors all get a (zero) gradient, so
+        DDP's reducer finds one for each without `find_unused_parameters`. Nothing in a single process."""
+        if not needed and (self._trainer is None or self.trainer.world_size == 1):
+            return 0.0
+        return 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)
+
+    def _gradient_step(self, losses: dict[str, torch.Tensor]) -> None:
         """Manual optimisation for gradient-based balancing: per-task gradients of the shared parameters
         (encoders, resamplers, trunk) are combined by the balancer; task-specific parameters (heads, query
         tokens, pretext heads) take the plain sum. The combined gradient is back-propagated as a surrogate
         (Σ p·g), so DDP averages it over ranks as usual."""
         optimiser = self.optimizers()
         optimiser.zero_grad()
+        trainable = [p for p in self.parameters() if p.requires_grad]
         specific = {id(p) for n, p in self.model.named_parameters() if n.startswith(("heads.", "queries."))}
         specific |= {id(p) for p in self.pretexts.parameters()}
         shared = [p for p in trainable if id(p) not in specific]
         own = [p for p in trainable if id(p) in specific]
-        surrogate = 0.0 * sum(p.sum() for p in trainable)
+        surrogate = self._every_parameter()
         if losses:
             per_task = [_flat(torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True), shared)
                         for loss in losses.values()]
@@ -414,8 +425,9 @@ class BiofmModule(LightningModule):
             for p, g in zip(own, own_grads):
                 if g is not None:
                     surrogate = surrogate + (p * g.detach()).sum()
-        self.manual_backward(surrogate)
-        optimiser.step()
+        if torch.is_tensor(surrogate):  # else: one process, nothing to learn from this batch
+            self.manual_backward(surrogate)
+            optimiser.step()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
@@ -432,15 +444,16 @@ class BiofmModule(LightningModule):
 
     def _evaluate(self, batch: dict, stage: str) -> None:
         size = len(batch["row"])
+        embedded: dict = {}
         if self.model.kinds:
-            out = self.model(batch["inputs"])
+            out = self.model(batch["inputs"], embedded)
             losses = self._task_losses(batch, out)
             if losses:
                 self.log(f"{stage}/loss", sum(losses.values()), batch_size=size, sync_dist=True)
             for task, target in batch["labels"].items():
                 self.metrics[stage].update(task, out["logits"][task], target)
         if self.pretexts:
-            pretext = sum(self._pretext_losses(batch["inputs"]).values())
+            pretext = sum(self._pretext_losses(batch["inputs"], embedded).values())
             if torch.is_tensor(pretext):
                 self.log(f"{stage}/pretext/loss", pretext, batch_size=size, sync_dist=True)
                 if not self.model.kinds:  # pretraining only: checkpoints keep the lowest pretext loss

@@ -122,25 +122,27 @@ class BiofmModel(nn.Module):
             x = block(x, mask)
         return self.norm(x), mask
 
-    def encode(self, inputs: dict[str, dict[str, torch.Tensor]], tokens: dict | None = None
+    def encode(self, inputs: dict[str, dict[str, torch.Tensor]], embedded: dict | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Trunk output [B, 1 + T + K·M, d] and its validity mask, for the modalities in `inputs`; pass a
-        dict as `tokens` to receive each modality's encoder tokens and mask (for pretext heads)."""
+        dict as `embedded` to receive (and reuse) each modality's `embed` output (for pretext tasks)."""
         latents, masks = [], []
         for name, batch in inputs.items():
             if name not in self.encoders:
                 continue  # a modality the model was not trained on
-            latent, mask, encoded = self.embed(name, batch)
+            if embedded is None or name not in embedded:
+                result = self.embed(name, batch)
+                if embedded is not None:
+                    embedded[name] = result
+            latent, mask, _ = embedded[name] if embedded is not None else result
             latents.append(latent)
             masks.append(mask)
-            if tokens is not None:
-                tokens[name] = encoded
         if not latents:
             raise ValueError(f"the batch has none of the model's modalities {sorted(self.encoders)}")
         return self.trunk_over(latents, masks)
 
-    def forward(self, inputs: dict[str, dict[str, torch.Tensor]]) -> dict:
-        x, _ = self.encode(inputs)
+    def forward(self, inputs: dict[str, dict[str, torch.Tensor]], embedded: dict | None = None) -> dict:
+        x, _ = self.encode(inputs, embedded)
         task_tokens = x[:, 1:1 + len(self.queries)]
         logits = {t: self.heads[t](task_tokens[:, i]) for i, t in enumerate(self.queries)}
         return {"cls": x[:, 0], "tasks": task_tokens, "logits": logits}

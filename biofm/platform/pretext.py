@@ -65,7 +65,10 @@ class Pretext(nn.Module):
         raise NotImplementedError
 
     # other pretexts
-    def loss(self, model: BiofmModel, inputs: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor | None:
+    def loss(self, model: BiofmModel, inputs: dict[str, dict[str, torch.Tensor]], embedded: dict
+             ) -> torch.Tensor | None:
+        """The loss on the clean `inputs`; `embedded` holds each modality's `model.embed` of them computed
+        so far this step (the supervised pass's): take them with `clean_embedding`."""
         raise NotImplementedError
 
 
@@ -99,6 +102,13 @@ def mask_fraction(valid: torch.Tensor, ratio: float) -> torch.Tensor:
     return chosen
 
 
+def clean_embedding(model: BiofmModel, inputs: dict, embedded: dict, name: str) -> tuple:
+    """`model.embed` of a modality's clean inputs, computed once per step and shared by every user."""
+    if name not in embedded:
+        embedded[name] = model.embed(name, inputs[name])
+    return embedded[name]
+
+
 def projection(d_model: int, dim: int | None) -> nn.Module:
     return nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, dim or d_model))
 
@@ -120,11 +130,11 @@ class CrossModal(Pretext):
     def applies(self, inputs):
         return sum(bool(b["present"].any()) for b in inputs.values()) >= 2
 
-    def loss(self, model, inputs):
+    def loss(self, model, inputs, embedded):
         names = [n for n, b in inputs.items() if n in model.encoders and bool(b["present"].any())]
         z, present = {}, {}
         for name in names:
-            latent, valid, _ = model.embed(name, inputs[name])
+            latent, valid, _ = clean_embedding(model, inputs, embedded, name)
             x, _ = model.trunk_over([latent], [valid])
             z[name] = F.normalize(self.project(x[:, 0]), dim=-1)
             present[name] = inputs[name]["present"].to(torch.bool)
@@ -165,7 +175,7 @@ class TwoView(Pretext):
         x, _ = model.trunk_over([latent], [valid])
         return F.normalize(self.project(x[:, 0]), dim=-1)
 
-    def loss(self, model, inputs):
+    def loss(self, model, inputs, embedded):
         losses = []
         for name in self._names(inputs):
             batch = inputs[name]
@@ -173,8 +183,8 @@ class TwoView(Pretext):
             views = model.modalities[name].views(batch)
             if views is not None:
                 z = [self._cls(model, *model.embed(name, view)[:2]) for view in views]
-            else:  # one encoder pass, two random token subsets
-                x, mask = model.encoders[name](batch)
+            else:  # the clean encoder pass, two random token subsets
+                x, mask = clean_embedding(model, inputs, embedded, name)[2]
                 z = []
                 for _ in range(2):
                     keep = torch.rand(mask.shape, device=mask.device) < self.keep

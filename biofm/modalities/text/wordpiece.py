@@ -14,14 +14,9 @@ def learn_vocabulary(word_counts: Counter, vocab_size: int, min_frequency: int, 
     most frequent pair first (ties: the smallest pair), until `vocab_size` tokens or no pair occurs
     `min_frequency` times."""
     words = [([w[0]] + ["##" + c for c in w[1:]], n) for w, n in sorted(word_counts.items()) if w]
-    vocab = list(specials)
+    alphabet = {s for symbols, _ in words for s in symbols} - set(specials)
+    vocab = list(specials) + sorted(alphabet)
     seen = set(vocab)
-    for symbols, _ in words:
-        for s in symbols:
-            if s not in seen:
-                seen.add(s)
-    alphabet = sorted(seen - set(specials))
-    vocab += alphabet
     pairs: Counter = Counter()
     where: dict[tuple[str, str], set[int]] = defaultdict(set)
     for i, (symbols, n) in enumerate(words):
@@ -32,11 +27,9 @@ def learn_vocabulary(word_counts: Counter, vocab_size: int, min_frequency: int, 
     heapq.heapify(heap)
     while len(vocab) < vocab_size and heap:
         negative, a, b = heapq.heappop(heap)
-        count = pairs.get((a, b), 0)
-        if count != -negative:  # stale: counts changed since it was pushed
-            if count > 0:
-                heapq.heappush(heap, (-count, a, b))
+        if pairs.get((a, b), 0) != -negative:  # stale: its current count was pushed when it changed
             continue
+        count = -negative
         if count < min_frequency:
             break
         merged = a + (b[2:] if b.startswith("##") else b)
