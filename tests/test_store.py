@@ -256,3 +256,20 @@ def test_committed_sample_ids_let_a_rerun_regroup_its_batches(tmp_path):
     batch = toy_batch(0, 10)
     writer.write_batch(0, **batch)
     assert writer.committed_sample_ids() == set(batch["sample_id"])
+
+
+def test_the_checksum_follows_content_not_how_or_when_it_was_written(tmp_path):
+    from biofm.platform.store import open_root
+    first = write_toy_store(tmp_path / "a.zarr", batch=60)
+    writer = StoreWriter(str(tmp_path / "b.zarr"), source="toy", modalities={"toy": {"version": 1}}, tasks=TOY_TASKS)
+    for key in (3, 1, 0, 2):  # the same parts in another order, at another time
+        writer.write_batch(key, **toy_batch(key * 60, 60, 0))
+    again = writer.finalize()
+    assert first.checksum() == again.checksum()
+    root = open_root(str(tmp_path / "b.zarr"), "r+")
+    name = next(n for n in ("toy/x", "labels/score") if n in root)
+    values = root[name][...]
+    values.flat[0] += 1
+    root[name][...] = values
+    assert Store(str(tmp_path / "b.zarr")).checksum() != first.checksum()
+    assert write_toy_store(tmp_path / "c.zarr", seed=1).checksum() != first.checksum()  # another split
