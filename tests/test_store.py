@@ -167,6 +167,47 @@ def test_a_complete_store_is_not_overwritten_by_accident(tmp_path):
     assert write_toy_store(tmp_path / "s.zarr", n=90, overwrite=True).n == 90
 
 
+def test_uncompressed_arrays_read_from_chunk_files_give_what_zarr_gives(tmp_path):
+    """Raw arrays bypass zarr's read path (`RawChunks`): every dtype, ranges across chunk borders, the
+    memory-mapped view of one chunk, a chunk zarr left out (all fill value), ragged values."""
+    writer = StoreWriter(tmp_path / "s.zarr", source="raw", modalities={"m": {}}, tasks={}, seed=1,
+                         codec="none", chunk_bytes=2048, min_chunks=4)
+    for key in range(2):
+        arrays = {f"m/{d}": _values(d, 50, key) for d in DTYPES}
+        arrays["m/zeros"] = np.zeros((50, 4), dtype=np.float32)
+        arrays["m/ragged"] = Ragged.from_list([np.full((i % 4, 3), i + key, dtype=np.int16) for i in range(50)])
+        writer.write_batch(key, sample_id=[f"{key}-{i}" for i in range(50)],
+                           subject_id=[f"{key}-{i}" for i in range(50)], arrays=arrays)
+    store = writer.finalize()
+    rows = store.rows_per_chunk
+    assert 1 < rows < store.n
+    names = [f"m/{d}" for d in DTYPES] + ["m/zeros"]
+    assert all(store._raw_chunks(name) is not None for name in names + ["m/ragged"])
+    assert store._raw_chunks("index/sample_id") is None  # strings: through zarr
+    assert not any((tmp_path / "s.zarr" / "m" / "zeros" / "c").rglob("*"))  # zarr wrote no chunk of zeros
+    for start, stop in [(0, store.n), (1, rows + 3), (rows, 2 * rows), (store.n - 5, store.n), (7, 7)]:
+        got = store.read_rows(start, stop, names + ["m/ragged"], mapped=True)
+        for name in names:
+            want = store.root[name][start:stop]
+            assert got[name].dtype == want.dtype and got[name].shape == want.shape
+            np.testing.assert_array_equal(got[name], want)
+        lo, hi = store.offsets["m/ragged"][[start, stop]]
+        np.testing.assert_array_equal(got["m/ragged"].values, store.root["m/ragged"][lo:hi])
+    view = store.read_rows(rows, 2 * rows, ["m/float32"], mapped=True)["m/float32"]
+    assert not view.flags.writeable  # a map of the chunk file, never written through
+
+
+def test_a_truncated_chunk_file_is_named(tmp_path):
+    store = write_toy_store(tmp_path / "s.zarr", n=240, codec="none", chunk_bytes=1024)
+    assert store.n_chunks > 2
+    chunk = tmp_path / "s.zarr" / "toy" / "x" / "c" / "1" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-8])
+    store = Store(store.url)
+    for mapped in (False, True):
+        with pytest.raises(StoreError, match=r"toy/x/c/1/0: chunk file is 8 bytes short"):
+            store.read_rows(store.rows_per_chunk, 2 * store.rows_per_chunk, ["toy/x"], mapped=mapped)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 def _listing(path):

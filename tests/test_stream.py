@@ -1,11 +1,14 @@
 """The streaming loader and multi-source mixing: coverage, equal steps, chunk reads, exact resume."""
 
+import gc
+
 import numpy as np
 import pytest
+import torch
 import torch.multiprocessing as mp
 
 from biofm.platform.mixing import ChainLoader, MixedLoader, source_at, source_probabilities
-from biofm.platform.store import Store, StoreError
+from biofm.platform.store import Ragged, Store, StoreError
 from biofm.platform.stream import StoreStream, StreamLoader
 from biofm.testing import ddp_stream_worker, free_port, write_toy_store
 
@@ -44,9 +47,9 @@ def test_the_stream_reads_whole_chunks_never_one_sample_per_call(store, monkeypa
     calls = []
     original = Store.read_rows
 
-    def counting(self, start, stop, names):
+    def counting(self, start, stop, names, **kwargs):
         calls.append((start, stop))
-        return original(self, start, stop, names)
+        return original(self, start, stop, names, **kwargs)
 
     monkeypatch.setattr(Store, "read_rows", counting)
     n_samples = sum(len(b) for b in _rows(StreamLoader(StoreStream(store, batch_size=8))))
@@ -105,6 +108,64 @@ def test_a_state_saved_mid_epoch_and_restored_yields_exactly_the_unseen_samples(
     third = make()
     third.load_state_dict(state2)
     np.testing.assert_array_equal(np.concatenate(_rows(third)), np.concatenate(full[stop_after + 1:]))
+
+
+def _nested(batch: dict) -> dict:
+    """A transform like a modality's collate: new tensors, nested containers, a ragged pair, text."""
+    tokens = batch["toy/tokens"]
+    return {"row": torch.from_numpy(batch["row"]), "source": batch["source"],
+            "inputs": {"x": torch.from_numpy(batch["toy/x"]) * 2,
+                       "tokens": (torch.from_numpy(tokens.values), torch.from_numpy(tokens.offsets))},
+            "labels": [torch.from_numpy(batch["labels/flag"]), batch["labels/grade"]]}
+
+
+def _flat(batch) -> list:
+    return [v.numpy().copy() if isinstance(v, torch.Tensor) else np.array(v) for v in _leaves(batch)]
+
+
+def _leaves(x):
+    if isinstance(x, dict):
+        return [leaf for v in x.values() for leaf in _leaves(v)]
+    if isinstance(x, (list, tuple)):
+        return [leaf for v in x for leaf in _leaves(v)]
+    if isinstance(x, Ragged):
+        return [x.values, x.offsets]
+    return [x]
+
+
+def _same(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert len(x) == len(y)
+        for u, v in zip(x, y):
+            assert u.dtype == v.dtype
+            np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize("transform", [None, _nested])
+def test_workers_hand_batches_over_through_the_shared_ring_unchanged(store, transform):
+    def epoch(ring_bytes: int, keep: bool):
+        loader = StreamLoader(StoreStream(store, batch_size=16, seed=4, transform=transform), num_workers=2,
+                              ring_bytes=ring_bytes)
+        out, kept = [], []
+        for batch in loader:
+            out.append(_flat(batch))
+            if keep:  # a consumer that holds every batch: held slots must never be written again
+                kept.append(batch)
+        return out, kept, loader.stream.ring
+
+    reference, _, none = epoch(0, keep=False)
+    assert none is None
+    streamed, _, ring = epoch(4 << 20, keep=False)
+    _same(streamed, reference)
+    assert ring.lent == len(reference)  # every batch came through a slot
+    _, kept, ring = epoch(4 << 20, keep=True)
+    _same([_flat(b) for b in kept], reference)
+    assert 0 < ring.lent < len(reference)  # slots ran out while held: the rest went the ordinary way
+    assert ring.state.any()
+    del kept
+    gc.collect()
+    assert not ring.state.any()  # every slot free again once its tensors are gone
 
 
 def test_the_stream_runs_under_a_real_ddp_process_group(store, tmp_path):

@@ -10,7 +10,10 @@ batches it had not yet yielded.
 from __future__ import annotations
 
 import math
+import mmap
+import multiprocessing
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +29,7 @@ from biofm.platform.store import Column, Ragged, Store, StoreError, slice_rows, 
 Batch = dict[str, Column]
 READ_AHEAD = 2  # chunk reads in flight per stream
 SMALL_SAMPLE_BYTES = 16 << 10  # below this, batches of a round are gathered together
+RING_BYTES = 512 << 20  # at most this much shared memory per loader for handing batches over from workers
 
 
 def dist_rank_world() -> tuple[int, int]:
@@ -109,6 +113,21 @@ class StoreStream(IterableDataset):
         self.n_selected = int(wanted.sum())
         # set by the loader before each iteration (in the main process, before workers start)
         self.epoch, self.rank, self.world, self.skip = 0, 0, 1, 0
+        self.ring: Ring | None = None
+        self.sample_bytes = self._sample_bytes(store)
+
+    def _sample_bytes(self, store: Store) -> float:
+        """Mean bytes per sample of the arrays read (to size the shared memory that carries batches)."""
+        total = 0.0
+        for name in self.names:
+            info = store.array_info.get(name)
+            if info is None:  # labels and ids
+                total += 64
+                continue
+            row = np.dtype(info["dtype"] if info["dtype"] != "str" else "U16").itemsize * \
+                int(np.prod(info["shape"], dtype=np.int64))
+            total += row * (store.offsets[name][-1] / max(store.n, 1) if info["ragged"] else 1)
+        return total
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -170,11 +189,15 @@ class StoreStream(IterableDataset):
         skip_here = len(range(logical, self.skip, n_workers))
         pieces, sizes = self.plan(self.epoch, self.rank, self.world, logical, n_workers)
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, logical, 0xB10F])
-        for i, batch in enumerate(self._batches(pieces, sizes, rng)):
+        ring = self.ring if info is not None else None
+        empty = ring.allocator(worker) if ring is not None else np.empty
+        for i, batch in enumerate(self._batches(pieces, sizes, rng, empty)):
             if i >= skip_here:
-                yield self.transform(batch) if self.transform is not None else batch
+                out = self.transform(batch) if self.transform is not None else batch
+                yield ring.pack(out, worker) if ring is not None else out
 
-    def _batches(self, pieces: list[Piece], sizes: np.ndarray, rng: np.random.Generator) -> Iterator[Batch]:
+    def _batches(self, pieces: list[Piece], sizes: np.ndarray, rng: np.random.Generator,
+                 empty: Callable = np.empty) -> Iterator[Batch]:
         """Read pieces, hold them as blocks, and emit batches gathered from a shuffled index of held rows.
 
         Only the index (block, row) is shuffled; each sample's bytes are copied once, into its batch."""
@@ -194,8 +217,10 @@ class StoreStream(IterableDataset):
                 continue
             round_sizes = [int(x) for x in sizes[b:b + n_out]]
             # small samples: one gather for the whole round, then views (Python cost per batch matters);
-            # large samples: one gather per batch (bytes copied once matter)
-            batches = pool.take_round(round_sizes) if pool.small else (pool.take(x) for x in round_sizes)
+            # large samples: one gather per batch (bytes copied once matter), in a worker straight into
+            # the ring slot that carries the batch to the main process (`empty`)
+            batches = pool.take_round(round_sizes) if pool.small else (pool.take(x, empty=empty)
+                                                                       for x in round_sizes)
             for batch in batches:
                 batch["source"] = self.source
                 yield batch
@@ -208,7 +233,7 @@ class StoreStream(IterableDataset):
         """Chunks in plan order, with up to `READ_AHEAD` reads in flight: zarr decodes in threads that
         release the GIL, so reading overlaps with batching (and with the next chunk's read)."""
         def read(piece: Piece) -> Batch:
-            cols = self.store.read_rows(piece.start, piece.stop, self.names)
+            cols = self.store.read_rows(piece.start, piece.stop, self.names, mapped=True)
             cols["row"] = np.arange(piece.start, piece.stop)
             return cols
 
@@ -268,7 +293,7 @@ class _Pool:
         return [{k: slice_rows(v, int(lo), int(hi)) for k, v in gathered.items()}
                 for lo, hi in zip(bounds[:-1], bounds[1:])]
 
-    def take(self, size: int, order: np.ndarray | None = None) -> Batch:
+    def take(self, size: int, order: np.ndarray | None = None, empty: Callable = np.empty) -> Batch:
         """`size` rows from the front of the queue, gathered block by block (grouped by block)."""
         blocks, rows = self.queue_block[:size], self.queue_row[:size]
         self.queue_block, self.queue_row = self.queue_block[size:], self.queue_row[size:]
@@ -291,7 +316,7 @@ class _Pool:
                 # take the widest of the blocks' widths
                 dtype = np.result_type(*[self.blocks[b][name].dtype for b, _, _, _ in segments]) \
                     if col.dtype.kind == "U" else col.dtype
-                values = np.empty((size, *col.shape[1:]), dtype=dtype)
+                values = empty((size, *col.shape[1:]), dtype=dtype)
                 for b, picked, lo, hi in segments:
                     block = self.blocks[b][name]
                     if block.dtype == dtype:
@@ -306,16 +331,210 @@ class _Pool:
         return out
 
 
+@dataclass(frozen=True)
+class _Packed:
+    """A tensor (or numpy array) left in a ring slot: where it starts, its dtype and shape."""
+
+    start: int
+    dtype: torch.dtype | np.dtype
+    shape: tuple
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class _RingBatch:
+    """A batch whose tensors wait in slot `slot` of worker `worker`'s part of the ring."""
+
+    worker: int
+    slot: int
+    batch: object
+
+
+class Ring:
+    """Shared memory, mapped before the workers fork, through which they hand batches to the main process.
+
+    DataLoader moves each tensor of a batch into a fresh shared-memory segment and passes its file
+    descriptor over a socket: per tensor a new segment, page faults on its pages and a connection, which
+    caps a loader at about 350 batches of 4 MiB a second on 2 cores. Here each worker owns `slots` fixed
+    slots of one mapping made before the fork. A gather writes the batch's arrays straight into a free slot
+    (`allocator`), `pack` moves any other tensor of the transformed batch there and sends only their places,
+    and the main process wraps the slot's memory as tensors without a copy. The slot is lent, not copied:
+    it is freed when the last tensor (or view) of its batch is freed. A worker that finds no free slot, or
+    a tensor that does not fit, falls back to DataLoader's own transfer, so nothing ever waits on the ring
+    and a consumer that keeps batches only makes the loader slower."""
+
+    ALIGN = 64
+
+    def __init__(self, workers: int, slots: int, slot_bytes: int):
+        self.workers, self.slots = workers, slots
+        self.slot_bytes = -(-slot_bytes // self.ALIGN) * self.ALIGN
+        self.header = -(-(workers * slots) // 4096) * 4096  # one byte per slot: 1 while lent
+        self.memory = mmap.mmap(-1, self.header + workers * slots * self.slot_bytes)  # shared with forked children
+        self.state = np.frombuffer(self.memory, dtype=np.uint8, count=workers * slots)
+        context = multiprocessing.get_context("fork")
+        self.free = [context.Semaphore(slots) for _ in range(workers)]  # free slots of each worker
+        self.open: tuple[int, int] | None = None  # in a worker: the slot being filled and its bytes used
+        self.needed = 0  # the most tensor bytes one batch has carried (main process)
+        self.lent = 0  # batches that came through a slot (main process)
+
+    def _slot(self, slot: int) -> np.ndarray:
+        return np.frombuffer(self.memory, dtype=np.uint8, count=self.slot_bytes,
+                             offset=self.header + slot * self.slot_bytes)
+
+    def _take_slot(self, worker: int) -> bool:
+        if self.open is None and self.free[worker].acquire(block=False):
+            mine = self.state[worker * self.slots:(worker + 1) * self.slots]
+            slot = worker * self.slots + int(np.flatnonzero(mine == 0)[0])
+            self.state[slot] = 1
+            self.open = (slot, 0)
+        return self.open is not None
+
+    def _release(self, worker: int, slot: int) -> None:
+        self.state[slot] = 0
+        self.free[worker].release()  # after the flag: a worker acquires before it looks at the flags
+
+    def _carve(self, nbytes: int) -> np.ndarray | None:
+        slot, used = self.open
+        start = -(-used // self.ALIGN) * self.ALIGN
+        if start + nbytes > self.slot_bytes:
+            return None
+        self.open = (slot, start + nbytes)
+        return self._slot(slot)[start:start + nbytes]
+
+    def allocator(self, worker: int) -> Callable[..., np.ndarray]:
+        """`np.empty` for a batch's numeric arrays that places them in the slot that will carry the batch,
+        so a gather writes each sample once and `pack` finds it already in place."""
+        def empty(shape, dtype=float) -> np.ndarray:
+            dtype = np.dtype(dtype)
+            nbytes = math.prod(shape) * dtype.itemsize
+            if dtype.kind in "biuf" and nbytes and self._take_slot(worker):
+                memory = self._carve(nbytes)
+                if memory is not None:
+                    return memory.view(dtype).reshape(shape)
+            return np.empty(shape, dtype=dtype)
+        return empty
+
+    def pack(self, batch: object, worker: int) -> object:
+        """In a worker: the batch with its tensors in a slot (copied there unless a gather already wrote
+        them there), or the batch as it is when no slot is free."""
+        if not self._take_slot(worker):
+            return batch
+        slot = self.open[0]
+        lo = self._slot(slot).__array_interface__["data"][0]
+
+        def put(x):
+            if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.layout == torch.strided:
+                nbytes, at, contiguous = x.numel() * x.element_size(), x.data_ptr() - lo, x.is_contiguous()
+            elif isinstance(x, np.ndarray) and x.dtype.kind in "biuf":
+                nbytes, at, contiguous = x.nbytes, x.__array_interface__["data"][0] - lo, x.flags.c_contiguous
+            else:
+                return x
+            if nbytes == 0:
+                return x
+            if 0 <= at and at + nbytes <= self.slot_bytes and contiguous:
+                return _Packed(at, x.dtype, tuple(x.shape))  # gathered in place
+            place = self._carve(nbytes)
+            if place is None:
+                return x
+            if isinstance(x, torch.Tensor):
+                torch.from_numpy(place).view(x.dtype).view(x.shape).copy_(x)
+            else:
+                place.view(x.dtype).reshape(x.shape)[...] = x
+            return _Packed(place.__array_interface__["data"][0] - lo, x.dtype, tuple(x.shape))
+
+        try:
+            packed = _map_leaves(batch, put)
+        finally:
+            self.open = None
+        return _RingBatch(worker, slot, packed)
+
+    def unpack(self, item: object) -> object:
+        """In the main process: the batch with tensors over the slot's memory, lent until they are freed."""
+        if not isinstance(item, _RingBatch):
+            self.needed = max(self.needed, _tensor_bytes(item))
+            return item
+        memory = np.asarray(_Lease(self, item.worker, item.slot))  # the lease lives as long as any view
+        self.lent += 1
+        end, rest = 0, 0  # bytes a slot would need: the packed ones' end, and what did not fit
+
+        def get(x):  # a leaf function: a closure that called itself would keep `memory` in a cycle
+            nonlocal end, rest
+            if isinstance(x, _Packed):
+                end = max(end, x.start + x.nbytes)
+                values = memory[x.start:x.start + x.nbytes]
+                if isinstance(x.dtype, np.dtype):
+                    return values.view(x.dtype).reshape(x.shape)
+                return torch.from_numpy(values).view(x.dtype).view(x.shape)
+            rest += _tensor_bytes(x)
+            return x
+
+        batch = _map_leaves(item.batch, get)
+        del memory, get
+        self.needed = max(self.needed, end + rest)
+        return batch
+
+    @classmethod
+    def for_loader(cls, workers: int, prefetch: int, batch_bytes: float, budget: int) -> Ring | None:
+        """Slots for the batches in flight (`prefetch` per worker), the one being filled and two that the
+        consumer holds, of `batch_bytes` each, within `budget` bytes (None if not two per worker fit)."""
+        slot_bytes = int(batch_bytes) + (64 << 10)
+        slots = min(prefetch + 3, budget // max(workers * slot_bytes, 1))
+        return cls(workers, int(slots), slot_bytes) if workers and slots >= 2 else None
+
+
+class _Lease:
+    """A slot of a ring lent to the main process: numpy arrays made from it keep it as their base, and the
+    slot is freed when the last of them (and of the tensors over them) is gone."""
+
+    def __init__(self, ring: Ring, worker: int, slot: int):
+        start = ring._slot(slot).__array_interface__["data"][0]
+        self.__array_interface__ = {"version": 3, "shape": (ring.slot_bytes,), "typestr": "|u1",
+                                    "data": (start, False)}
+        weakref.finalize(self, ring._release, worker, slot)
+
+
+def _map_leaves(x, fn):
+    """`fn` applied to every leaf of a batch made of dicts, lists, tuples and `Ragged` columns."""
+    if isinstance(x, Ragged):
+        return Ragged(fn(x.values), fn(x.offsets))
+    if isinstance(x, dict):
+        return {k: _map_leaves(v, fn) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_map_leaves(v, fn) for v in x]
+    if isinstance(x, tuple) and not hasattr(x, "_fields"):
+        return tuple(_map_leaves(v, fn) for v in x)
+    return fn(x)
+
+
+def _tensor_bytes(x) -> int:
+    """Bytes of the tensors and numeric arrays of a batch, as a ring slot would hold them."""
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size() + Ring.ALIGN
+    if isinstance(x, np.ndarray):
+        return x.nbytes + Ring.ALIGN if x.dtype.kind in "biuf" else 0
+    if isinstance(x, Ragged):
+        return _tensor_bytes(x.values) + _tensor_bytes(x.offsets)
+    if isinstance(x, dict):
+        return sum(_tensor_bytes(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in x)
+    return 0
+
+
 def _as_is(batch):
     return batch
 
 
 class StreamLoader(DataLoader):
     """A DataLoader over a `StoreStream` that tracks its epoch and position (Lightning saves and restores
-    it through `state_dict` / `load_state_dict`). Workers are forked where the platform allows it."""
+    it through `state_dict` / `load_state_dict`). Workers are forked where the platform allows it and hand
+    their batches over through a shared `Ring` of at most `ring_bytes` (0: DataLoader's own transfer)."""
 
     def __init__(self, stream: StoreStream, num_workers: int = 0, rank: int | None = None,
-                 world: int | None = None, **kwargs):
+                 world: int | None = None, ring_bytes: int = RING_BYTES, **kwargs):
         if num_workers > 0 and "multiprocessing_context" not in kwargs:
             kwargs["multiprocessing_context"] = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None
         kwargs.setdefault("pin_memory", False)
@@ -323,6 +542,9 @@ class StreamLoader(DataLoader):
         super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False, **kwargs)
         self.stream = stream
         self._rank, self._world = rank, world
+        # workers hand batches over through a shared `Ring` (forked workers, unpinned batches only)
+        self.ring_bytes = ring_bytes
+        self._batch_bytes = 2.0 * stream.sample_bytes * (stream.batch_size + 1)  # until a batch was seen
         self.epoch, self.yielded = 0, 0
         self._started, self._resume = False, False
 
@@ -344,12 +566,24 @@ class StreamLoader(DataLoader):
         self._started = True
         self.stream.rank, self.stream.world = self._rank_world()
         self.stream.epoch, self.stream.skip = self.epoch, self.yielded
-        return self._counted(super().__iter__())
+        ring = self.stream.ring = self._ring()
+        return self._counted(super().__iter__(), ring)
 
-    def _counted(self, it):
-        for batch in it:
-            self.yielded += 1
-            yield batch
+    def _ring(self) -> Ring | None:
+        context = self.multiprocessing_context
+        forked = context is not None and context.get_start_method() == "fork"
+        if not (self.num_workers and forked and not self.pin_memory and self.ring_bytes > 0):
+            return None
+        return Ring.for_loader(self.num_workers, self.prefetch_factor or 2, self._batch_bytes, self.ring_bytes)
+
+    def _counted(self, it, ring: Ring | None):
+        try:
+            for batch in it:
+                self.yielded += 1
+                yield ring.unpack(batch) if ring is not None else batch
+        finally:
+            if ring is not None and ring.needed:  # size the next epoch's slots by what batches carried
+                self._batch_bytes = ring.needed * 1.1
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "yielded": self.yielded, "world": self._rank_world()[1],
