@@ -7,7 +7,8 @@ A small molecule model is trained for one epoch on Tox21 (../shared/data/mol, or
 that is absent), then:
   - forward:        the model's forward pass (no grad) over pre-featurised batches of `batch-size`;
   - predict_cohort: the whole command from a CSV of SMILES (featurisation in `--workers` loader processes,
-                    forward, per-batch parquet shards, merge), once per worker count.
+                    which on CPU also run the model when there are two or more; forward; per-batch parquet
+                    shards; merge), once per worker count.
 The last line is JSON with samples/s of each and the ratios.
 """
 

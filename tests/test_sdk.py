@@ -63,7 +63,8 @@ def _exactly_once(out: Path, n: int) -> pd.DataFrame:
     return predictions
 
 
-def test_bad_inputs_end_in_errors_csv_and_every_other_sample_is_predicted(trained, tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 2])  # 2 workers on CPU: the model runs in the workers
+def test_bad_inputs_end_in_errors_csv_and_every_other_sample_is_predicted(trained, tmp_path, num_workers):
     from biofm.datasets.oct import synthetic_eye
     volume, thickness = synthetic_eye(np.random.default_rng(0), (8, 16, 16))
     np.savez(tmp_path / "eye.npz", oct_bscans=volume, rnflt=thickness)
@@ -75,7 +76,7 @@ def test_bad_inputs_end_in_errors_csv_and_every_other_sample_is_predicted(traine
             {"sample_id": "oct-corrupt", "oct_path": str(tmp_path / "corrupt.npz")}]
     pd.DataFrame(rows).to_csv(tmp_path / "cohort.csv", index=False)
     summary = predict_cohort(str(trained / "run"), str(tmp_path / "cohort.csv"), str(tmp_path / "out"),
-                             batch_size=4, progress=False)
+                             batch_size=2, num_workers=num_workers, accelerator="cpu", progress=False)
     assert summary["samples"] == 6 and summary["predicted"] == 3 and summary["errors"] == 3
     errors = pd.read_csv(tmp_path / "out" / "errors.csv").set_index("sample_id")["reason"]
     assert sorted(errors.index) == ["mol-bad", "oct-corrupt", "slide-gone"]
@@ -85,6 +86,10 @@ def test_bad_inputs_end_in_errors_csv_and_every_other_sample_is_predicted(traine
     assert list(predictions.index) == [r["sample_id"] for r in rows]  # manifest order
     ok = ["mol-ok", "slide-ok", "oct-ok"]
     assert predictions.loc[ok, "flag/prob/1"].notna().all() and predictions.loc[ok, "error"].isna().all()
+    sdk = biofm.load(trained / "run").predict(smiles=["CCO", None, None], slides=[None, fake_slides()[0], None],
+                                              oct=[None, None, str(tmp_path / "eye.npz")], ids=ok)
+    np.testing.assert_allclose(predictions.loc[ok, "flag/prob/1"].to_numpy(float),
+                               sdk.set_index("sample_id").loc[ok, "flag/prob/1"].to_numpy(float), rtol=1e-4, atol=1e-5)
 
 
 def test_a_run_killed_halfway_and_restarted_writes_every_sample_exactly_once(trained, tmp_path):

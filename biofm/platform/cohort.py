@@ -4,11 +4,14 @@ predict on one or more processes.
 The manifest (CSV or parquet) holds one row per sample: `sample_id` (default: the row number) and a column
 per modality input — `smiles`, `slide_path`, `oct_path`, `report`, and the case columns the model knows.
 Rows are cut into batches of `batch_size`; loader workers featurise them (the same featurisers and
-settings as training); each batch's predictions go to `<out>/shards/part-<batch>.parquet` and its failures
-to `<out>/shards/errors-<batch>.csv`, both written whole and then renamed, by whichever rank ran it. A
-rerun skips the batches whose shard exists, so a killed run resumes and every sample is written once. At
-the end: `<out>/predictions.parquet` (manifest order), `<out>/errors.csv` (sample_id, reason) and
-`<out>/summary.json` (counts, seconds, samples/s).
+settings as training). On a GPU, or with fewer than two workers, the main process runs the model (with the
+cores the workers leave); on CPU with two or more workers each worker also runs the model on its own batches
+with one thread, which spreads featurisation and model over every core with no intra-op threads to keep in
+step (the weights are shared with the forked workers, not copied). Each batch's predictions, failed rows
+with their `error`, go to `<out>/shards/part-<batch>.parquet`, written whole and then renamed by whichever
+rank ran it. A rerun skips the batches whose shard exists, so a killed run resumes and every sample is
+written once. At the end: `<out>/predictions.parquet` (manifest order), `<out>/errors.csv` (sample_id,
+reason) and `<out>/summary.json` (counts, seconds, samples/s).
 """
 
 from __future__ import annotations
@@ -66,9 +69,10 @@ def raw_inputs(model: Model, frame: pd.DataFrame, where: str) -> dict[str, objec
 class CohortBatches(Dataset):
     """Item k = batch `todo[k]` of the manifest, featurised (runs in the loader workers)."""
 
-    def __init__(self, model: Model, raw: dict, sample_ids: np.ndarray, batch_size: int, todo: list[int]):
+    def __init__(self, model: Model, raw: dict, sample_ids: np.ndarray, batch_size: int, todo: list[int],
+                 predict: bool = False):
         self.model, self.raw, self.sample_ids = model, raw, sample_ids
-        self.batch_size, self.todo = batch_size, todo
+        self.batch_size, self.todo, self.predict = batch_size, todo, predict
 
     def __len__(self) -> int:
         return len(self.todo)
@@ -78,7 +82,13 @@ class CohortBatches(Dataset):
         lo, hi = index * self.batch_size, min(len(self.sample_ids), (index + 1) * self.batch_size)
         raw = {name: values[lo:hi] for name, values in self.raw.items()}
         inputs, errors = self.model.featurise(raw, hi - lo)
-        return {"batch": index, "sample_id": self.sample_ids[lo:hi].tolist(), "inputs": inputs, "errors": errors}
+        item = {"batch": index, "sample_id": self.sample_ids[lo:hi].tolist(), "inputs": inputs, "errors": errors}
+        if self.predict:  # on CPU with 2+ workers each runs the model on its own batches (one thread)
+            with torch.inference_mode():
+                frame = self.model.frame(self.model.forward(inputs), errors)
+            frame.insert(0, "sample_id", item.pop("sample_id"))
+            item = {"batch": index, "frame": frame}
+        return item
 
 
 class CohortPredictor(LightningModule):
@@ -88,6 +98,8 @@ class CohortPredictor(LightningModule):
         self.sdk = model
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        if "frame" in batch:  # predicted in the loader worker
+            return batch
         out = self.sdk.forward(batch["inputs"])  # the same network as self.net, moved by Lightning
         frame = self.sdk.frame(out, batch["errors"])
         frame.insert(0, "sample_id", batch["sample_id"])
@@ -95,24 +107,22 @@ class CohortPredictor(LightningModule):
 
 
 class ShardWriter(BasePredictionWriter):
-    """Each batch's predictions and errors as files of their own, written whole then renamed."""
+    """Each batch's predictions (failed rows with their `error`) as a parquet file of its own, written whole
+    then renamed. A single process also keeps them, so the merge need not read them back."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, keep: bool):
         super().__init__(write_interval="batch")
         self.shards = out / "shards"
+        self.kept: dict[int, pd.DataFrame] | None = {} if keep else None
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx=0):
         frame = prediction["frame"]
-        failed = frame[frame["error"].notna()]
-        name = f"{prediction['batch']:08d}"
-        errors = self.shards / f"errors-{name}.csv"
-        failed[["sample_id", "error"]].rename(columns={"error": "reason"}).to_csv(f"{errors}.{os.getpid()}.tmp",
-                                                                                index=False)
-        os.replace(f"{errors}.{os.getpid()}.tmp", errors)
-        part = self.shards / f"part-{name}.parquet"  # last: its existence marks the batch done
+        part = self.shards / f"part-{prediction['batch']:08d}.parquet"  # its existence marks the batch done
         frame.to_parquet(f"{part}.{os.getpid()}.tmp", index=False)
         os.replace(f"{part}.{os.getpid()}.tmp", part)
+        if self.kept is not None:
+            self.kept[prediction["batch"]] = frame
 
 
 def _first(items: list) -> dict:
@@ -147,24 +157,31 @@ def predict_cohort(checkpoint: str, manifest: str, out: str, *, batch_size: int 
     done = {int(p.name[5:13]) for p in (out_dir / "shards").glob("part-*.parquet")}
     todo = [b for b in range(n_batches) if b not in done]
     if todo:
-        data = DataLoader(CohortBatches(model, raw, frame["sample_id"].astype(str).to_numpy(), batch_size, todo),
+        on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+        in_workers = on_cpu and num_workers >= 2
+        data = DataLoader(CohortBatches(model, raw, frame["sample_id"].astype(str).to_numpy(), batch_size, todo,
+                                        predict=in_workers),
                           batch_size=1, collate_fn=_first, num_workers=num_workers, worker_init_fn=_one_thread,
                           prefetch_factor=4 if num_workers else None)
         threads = torch.get_num_threads()
-        if num_workers:  # the cores the featurising workers do not take run the forward pass
+        if num_workers and not in_workers:  # the cores the featurising workers leave run the forward pass
             torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers))
         multi = devices > 1 or num_nodes > 1
         strategy = ("ddp" if "SLURM_NTASKS" in os.environ else "ddp_spawn") if multi else "auto"
+        writer = ShardWriter(out_dir, keep=not multi)
         trainer = Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                           logger=False, enable_progress_bar=progress, enable_model_summary=False,
-                          callbacks=[ShardWriter(out_dir)], default_root_dir=str(out_dir))
+                          callbacks=[writer], default_root_dir=str(out_dir))
         try:
             trainer.predict(CohortPredictor(model), dataloaders=data, return_predictions=False)
         finally:
             torch.set_num_threads(threads)
         if trainer.global_rank != 0:
             return {}
-    summary = merge(out_dir, frame, n_batches, len(todo), time.perf_counter() - start)
+        kept = writer.kept
+    else:
+        kept = None
+    summary = merge(out_dir, frame, n_batches, len(todo), time.perf_counter() - start, kept)
     if meds:
         from biofm.platform.sdk import add_meds_columns
         predictions = add_meds_columns(pd.read_parquet(out_dir / "predictions.parquet"), frame, model.tasks, None)
@@ -174,14 +191,20 @@ def predict_cohort(checkpoint: str, manifest: str, out: str, *, batch_size: int 
     return summary
 
 
-def merge(out_dir: Path, frame: pd.DataFrame, n_batches: int, ran: int, seconds: float) -> dict:
+def merge(out_dir: Path, frame: pd.DataFrame, n_batches: int, ran: int, seconds: float,
+          kept: dict[int, pd.DataFrame] | None = None) -> dict:
+    """Every batch's shard (or the frame kept in memory for it) → predictions.parquet, errors.csv and
+    summary.json."""
+    kept = kept or {}
     parts = [out_dir / "shards" / f"part-{b:08d}.parquet" for b in range(n_batches)]
     missing = [p.name for p in parts if not p.exists()]
     if missing:
         raise RuntimeError(f"{out_dir}: {len(missing)} batches have no shard ({missing[:3]} …); rerun to finish")
-    predictions = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
-    errors = pd.concat([pd.read_csv(out_dir / "shards" / f"errors-{b:08d}.csv", dtype=str)
-                        for b in range(n_batches)], ignore_index=True)
+    frames = [kept[b] if b in kept else pd.read_parquet(p) for b, p in enumerate(parts)]
+    predictions = pd.concat(frames, ignore_index=True)
+    failed = predictions["error"].notna()
+    predictions["error"] = predictions["error"].astype(object).where(failed, None)  # shards differ in dtype
+    errors = predictions.loc[failed, ["sample_id", "error"]].rename(columns={"error": "reason"})
     predictions.to_parquet(out_dir / "predictions.parquet.tmp", index=False)
     os.replace(out_dir / "predictions.parquet.tmp", out_dir / "predictions.parquet")
     errors.to_csv(out_dir / "errors.csv", index=False)

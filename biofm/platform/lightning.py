@@ -554,6 +554,8 @@ def predictions_frame(kinds: dict, outputs: list[dict]) -> pd.DataFrame:
                 for j, c in enumerate(classes):
                     columns[f"{task}/prob/{c}"] = probs[:, j].astype(np.float64)
         frames.append(pd.DataFrame(columns))
+    if len(frames) == 1:
+        return frames[0]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
