@@ -16,6 +16,7 @@ reason) and `<out>/summary.json` (counts, seconds, samples/s).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -172,9 +173,11 @@ def predict_cohort(checkpoint: str, manifest: str, out: str, *, batch_size: int 
         trainer = Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                           logger=False, enable_progress_bar=progress, enable_model_summary=False,
                           callbacks=[writer], default_root_dir=str(out_dir))
+        gc.freeze()  # forked workers' garbage collector then leaves the parent's objects (and pages) alone
         try:
             trainer.predict(CohortPredictor(model), dataloaders=data, return_predictions=False)
         finally:
+            gc.unfreeze()
             torch.set_num_threads(threads)
         if trainer.global_rank != 0:
             return {}
