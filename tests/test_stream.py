@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 from biofm.platform.mixing import ChainLoader, MixedLoader, source_at, source_probabilities
-from biofm.platform.store import Ragged, Store, StoreError
+from biofm.platform.store import Ragged, Store, StoreError, StoreWriter
 from biofm.platform.stream import StoreStream, StreamLoader
 from biofm.testing import ddp_stream_worker, free_port, write_toy_store
 
@@ -166,6 +166,43 @@ def test_workers_hand_batches_over_through_the_shared_ring_unchanged(store, tran
     del kept
     gc.collect()
     assert not ring.state.any()  # every slot free again once its tensors are gone
+
+
+def test_large_samples_are_gathered_into_ring_slots_and_a_resumed_epoch_frees_every_slot(tmp_path):
+    """Samples over 16 KiB are gathered per batch straight into a slot; batches skipped on resume give
+    their slot back; what arrives equals the stored rows."""
+    writer = StoreWriter(tmp_path / "big.zarr", source="big", modalities={"m": {}}, tasks={}, seed=2,
+                         chunk_bytes=1 << 20)
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((240, 8192), dtype=np.float32)  # 32 KiB per sample
+    writer.write_batch(0, sample_id=[str(i) for i in range(240)], subject_id=[str(i) for i in range(240)],
+                       arrays={"m/x": values})
+    big = writer.finalize()
+    stored = big.read_rows(0, big.n, ["m/x"])["m/x"]
+
+    def make():
+        return StreamLoader(StoreStream(big, split=None, batch_size=16, seed=5), num_workers=2)
+
+    full = [b["row"].copy() for b in make()]
+    loader = make()
+    for i, _ in enumerate(loader):
+        if i == 4:
+            break
+    state = loader.state_dict()
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = []
+    for batch in resumed:
+        assert isinstance(batch["m/x"], np.ndarray)
+        np.testing.assert_array_equal(batch["m/x"], stored[batch["row"]])
+        rest.append(batch["row"].copy())  # a view would keep its slot lent
+    ring = resumed.stream.ring
+    assert ring.lent == len(rest) == len(full) - 5
+    for got, want in zip(rest, full[5:]):
+        np.testing.assert_array_equal(got, want)
+    del batch
+    gc.collect()
+    assert not ring.state.any()
 
 
 def test_the_stream_runs_under_a_real_ddp_process_group(store, tmp_path):

@@ -192,9 +192,12 @@ class StoreStream(IterableDataset):
         ring = self.ring if info is not None else None
         empty = ring.allocator(worker) if ring is not None else np.empty
         for i, batch in enumerate(self._batches(pieces, sizes, rng, empty)):
-            if i >= skip_here:
-                out = self.transform(batch) if self.transform is not None else batch
-                yield ring.pack(out, worker) if ring is not None else out
+            if i < skip_here:  # yielded before the resume
+                if ring is not None:
+                    ring.discard(worker)
+                continue
+            out = self.transform(batch) if self.transform is not None else batch
+            yield ring.pack(out, worker) if ring is not None else out
 
     def _batches(self, pieces: list[Piece], sizes: np.ndarray, rng: np.random.Generator,
                  empty: Callable = np.empty) -> Iterator[Batch]:
@@ -395,6 +398,12 @@ class Ring:
     def _release(self, worker: int, slot: int) -> None:
         self.state[slot] = 0
         self.free[worker].release()  # after the flag: a worker acquires before it looks at the flags
+
+    def discard(self, worker: int) -> None:
+        """In a worker: give back the slot a batch that is not sent was gathered into."""
+        if self.open is not None:
+            self._release(worker, self.open[0])
+            self.open = None
 
     def _carve(self, nbytes: int) -> np.ndarray | None:
         slot, used = self.open
