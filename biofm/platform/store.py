@@ -578,7 +578,7 @@ class RawChunks:
         codecs = getattr(array.metadata, "codecs", ())
         dtype = np.dtype(array.dtype)
         if not (isinstance(store, LocalStore) and len(codecs) == 1 and isinstance(codecs[0], BytesCodec)
-                and dtype.kind in "biuf" and array.ndim >= 1 and array.shards is None
+                and dtype.kind in "biuf" and array.ndim >= 1 and array.shards is None and 0 not in array.shape[1:]
                 and tuple(array.chunks[1:]) == tuple(array.shape[1:])
                 and (dtype.itemsize == 1 or (codecs[0].endian is not None
                                              and codecs[0].endian.value == sys.byteorder))):
