@@ -90,6 +90,14 @@ def test_bad_inputs_end_in_errors_csv_and_every_other_sample_is_predicted(traine
                                               oct=[None, None, str(tmp_path / "eye.npz")], ids=ok)
     np.testing.assert_allclose(predictions.loc[ok, "flag/prob/1"].to_numpy(float),
                                sdk.set_index("sample_id").loc[ok, "flag/prob/1"].to_numpy(float), rtol=1e-4, atol=1e-5)
+    # a rerun finds every batch done and merges from the shards alone: the same errors and predictions
+    again = predict_cohort(str(trained / "run"), str(tmp_path / "cohort.csv"), str(tmp_path / "out"),
+                           batch_size=2, num_workers=num_workers, accelerator="cpu", progress=False)
+    assert again["batches_this_run"] == 0 and again["errors"] == 3
+    pd.testing.assert_series_equal(pd.read_csv(tmp_path / "out" / "errors.csv").set_index("sample_id")["reason"],
+                                   errors)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out" / "predictions.parquet").set_index("sample_id"),
+                                  predictions)
 
 
 def test_a_run_killed_halfway_and_restarted_writes_every_sample_exactly_once(trained, tmp_path):

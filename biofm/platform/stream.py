@@ -463,7 +463,9 @@ class Ring:
     def unpack(self, item: object) -> object:
         """In the main process: the batch with tensors over the slot's memory, lent until they are freed."""
         if not isinstance(item, _RingBatch):
-            self.needed = max(self.needed, _tensor_bytes(item))
+            sizes = []
+            _map_leaves(item, lambda x: sizes.append(_leaf_bytes(x)))
+            self.needed = max(self.needed, sum(sizes))
             return item
         memory = np.asarray(_Lease(self, item.worker, item.slot))  # the lease lives as long as any view
         self.lent += 1
@@ -477,7 +479,7 @@ class Ring:
                 if isinstance(x.dtype, np.dtype):
                     return values.view(x.dtype).reshape(x.shape)
                 return torch.from_numpy(values).view(x.dtype).view(x.shape)
-            rest += _tensor_bytes(x)
+            rest += _leaf_bytes(x)
             return x
 
         batch = _map_leaves(item.batch, get)
@@ -518,18 +520,12 @@ def _map_leaves(x, fn):
     return fn(x)
 
 
-def _tensor_bytes(x) -> int:
-    """Bytes of the tensors and numeric arrays of a batch, as a ring slot would hold them."""
+def _leaf_bytes(x) -> int:
+    """Bytes a slot would hold for one leaf of a batch (a tensor or numeric array; 0 for the rest)."""
     if isinstance(x, torch.Tensor):
         return x.numel() * x.element_size() + Ring.ALIGN
-    if isinstance(x, np.ndarray):
-        return x.nbytes + Ring.ALIGN if x.dtype.kind in "biuf" else 0
-    if isinstance(x, Ragged):
-        return _tensor_bytes(x.values) + _tensor_bytes(x.offsets)
-    if isinstance(x, dict):
-        return sum(_tensor_bytes(v) for v in x.values())
-    if isinstance(x, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in x)
+    if isinstance(x, np.ndarray) and x.dtype.kind in "biuf":
+        return x.nbytes + Ring.ALIGN
     return 0
 
 
