@@ -51,6 +51,38 @@ def test_a_fit_resumed_mid_epoch_sees_each_sample_of_the_epoch_exactly_once(coho
         np.testing.assert_array_equal(got, want)
 
 
+class SaveInsideStep(Callback):
+    """Saves a checkpoint in the middle of a training step, where a SIGUSR1 handler may save one."""
+
+    def __init__(self, path, at: int):
+        self.path, self.at, self.saved = path, at, False
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == self.at and not self.saved:
+            trainer.save_checkpoint(self.path)
+            self.saved = True
+
+
+@pytest.mark.parametrize("where", ["mid-epoch", "last step"])
+def test_a_checkpoint_saved_inside_a_step_resumes_with_that_batch(cohort_store, tmp_path, where):
+    full = RowRecorder()
+    _fit(cohort_store, tmp_path / "full", full, max_epochs=2, enable_checkpointing=False)
+    per_epoch = len(full.batches) // 2
+    at = 4 if where == "mid-epoch" else per_epoch - 1  # steps done before the interrupted one
+
+    first = RowRecorder()
+    saver = SaveInsideStep(tmp_path / "inside.ckpt", at)
+    _fit(cohort_store, tmp_path / "a", first, max_steps=at + 1, enable_checkpointing=False, callbacks=[saver])
+    second = RowRecorder()
+    _fit(cohort_store, tmp_path / "b", second, max_epochs=2, enable_checkpointing=False,
+         ckpt_path=str(tmp_path / "inside.ckpt"))
+    # the interrupted step is trained again, then the rest of the epoch, then the whole second epoch
+    resumed = first.batches[:at] + second.batches
+    assert len(resumed) == len(full.batches)
+    for got, want in zip(resumed, full.batches):
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.slow
 def test_a_fit_killed_with_sigkill_mid_epoch_and_resumed_trains_on_each_sample_once(cohort_store, tmp_path):
     import os

@@ -373,10 +373,10 @@ class BiofmModule(LightningModule):
         losses.update(self._pretext_losses(batch["inputs"], embedded))
         return losses, batch
 
+    def configure_callbacks(self) -> list[Callback]:
+        return [ConfirmTrained()]
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loader = self.trainer.train_dataloader if self._trainer is not None else None
-        if hasattr(loader, "mark_trained"):
-            loader.mark_trained()  # the loader's saved position now includes this batch
         losses, batch = self._losses(batch)
         total, weights = self.balancer.combine(losses) if losses else (torch.zeros((), device=self.device), {})
         if not self.automatic_optimization:
@@ -557,6 +557,18 @@ def predictions_frame(kinds: dict, outputs: list[dict]) -> pd.DataFrame:
     if len(frames) == 1:
         return frames[0]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+class ConfirmTrained(Callback):
+    """Tells the training loader that a batch has been trained once Lightning counts it as processed, so
+    the loader position saved in a checkpoint matches Lightning's own: a checkpoint saved inside a step (a
+    SIGUSR1 handler's) trains that batch again on resume, one saved at a step's end (ModelCheckpoint, which
+    Lightning runs after the other callbacks) does not."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loader = trainer.train_dataloader
+        if hasattr(loader, "mark_trained"):
+            loader.mark_trained()
 
 
 class PredictionWriter(Callback):

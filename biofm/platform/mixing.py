@@ -57,7 +57,7 @@ class MixedLoader:
         self.step = 0  # global steps yielded
         self._iters: dict[str, Iterator] = {}
         # Lightning fetches a batch or two ahead of training; with `confirm_trained` the state counts only
-        # batches confirmed by `mark_trained()` (called by the module as it trains each batch)
+        # batches confirmed by `mark_trained()` (lightning.ConfirmTrained, once Lightning counts a batch processed)
         self.confirm_trained = confirm_trained
         self._untrained: deque[str] = deque()
 
