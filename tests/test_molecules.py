@@ -31,6 +31,8 @@ def _graphs(smiles, **kwargs):
     ("C/C=C/C", "C\\C=C\\C"),                             # trans-2-butene
     ("c1ccncc1", "n1ccccc1"),
     ("CN1CCC[C@H]1c1cccnc1", "c1cncc(c1)[C@@H]1CCCN1C"),  # nicotine
+    ("C[C@H](N)C(=O)O", "CC(N)C(=O)O |(-0.845,-0.956,-0.277;-0.225,0.300,0.287;-0.724,1.435,-0.449;"
+                        "1.258,0.218,0.148;1.896,1.064,-0.534;1.891,-0.831,0.805)|"),  # chirality from 3D (CXSMILES)
 ])
 def test_one_molecule_gives_one_graph_whatever_its_smiles(a, b):
     (ga, gb), reasons = _graphs([a, b], rw_steps=4, lap_dim=3)

@@ -16,6 +16,7 @@ reason) and `<out>/summary.json` (counts, seconds, samples/s).
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
@@ -31,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from biofm.platform.sdk import Model, find_checkpoint, load_module
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 COLUMNS = {"smiles": "molecule", "slide_path": "wsi", "oct_path": "oct", "report": "text"}
 
 
@@ -86,9 +90,8 @@ class CohortBatches(Dataset):
         item = {"batch": index, "sample_id": self.sample_ids[lo:hi].tolist(), "inputs": inputs, "errors": errors}
         if self.predict:  # on CPU with 2+ workers each runs the model on its own batches (one thread)
             with torch.inference_mode():
-                frame = self.model.frame(self.model.forward(inputs), errors)
-            frame.insert(0, "sample_id", item.pop("sample_id"))
-            item = {"batch": index, "frame": frame}
+                table = pa.table(self.model.columns(self.model.forward(inputs), errors, item["sample_id"]))
+            item = {"batch": index, "table": table}
         return item
 
 
@@ -99,31 +102,30 @@ class CohortPredictor(LightningModule):
         self.sdk = model
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        if "frame" in batch:  # predicted in the loader worker
+        if "table" in batch:  # predicted in the loader worker
             return batch
         out = self.sdk.forward(batch["inputs"])  # the same network as self.net, moved by Lightning
-        frame = self.sdk.frame(out, batch["errors"])
-        frame.insert(0, "sample_id", batch["sample_id"])
-        return {"batch": batch["batch"], "frame": frame}
+        return {"batch": batch["batch"], "table": pa.table(self.sdk.columns(out, batch["errors"], batch["sample_id"]))}
 
 
 class ShardWriter(BasePredictionWriter):
     """Each batch's predictions (failed rows with their `error`) as a parquet file of its own, written whole
-    then renamed. A single process also keeps them, so the merge need not read them back."""
+    then renamed. A single process also keeps them, so the merge need not read them back. Batches travel as
+    Arrow tables built from the model's columns: no pandas frame per batch."""
 
     def __init__(self, out: Path, keep: bool):
         super().__init__(write_interval="batch")
         self.shards = out / "shards"
-        self.kept: dict[int, pd.DataFrame] | None = {} if keep else None
+        self.kept: dict[int, pa.Table] | None = {} if keep else None
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx=0):
-        frame = prediction["frame"]
+        table = prediction["table"]
         part = self.shards / f"part-{prediction['batch']:08d}.parquet"  # its existence marks the batch done
-        frame.to_parquet(f"{part}.{os.getpid()}.tmp", index=False)
+        pq.write_table(table, f"{part}.{os.getpid()}.tmp")
         os.replace(f"{part}.{os.getpid()}.tmp", part)
         if self.kept is not None:
-            self.kept[prediction["batch"]] = frame
+            self.kept[prediction["batch"]] = table
 
 
 def _first(items: list) -> dict:
@@ -132,6 +134,20 @@ def _first(items: list) -> dict:
 
 def _one_thread(_worker: int) -> None:
     torch.set_num_threads(1)  # a featurising worker: RDKit, OpenSlide and numpy, no parallel torch
+
+
+def _predicting_worker(worker: int) -> None:
+    """A worker that also runs the model: one thread, and memory freed after a batch stays with the process
+    for the next one (glibc otherwise hands the model's buffers back to the system and faults them in again
+    batch after batch, a tenth of the worker's time on two busy cores)."""
+    _one_thread(worker)
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    # both or neither: a fixed trim threshold alone also fixes the mmap threshold at 128 KiB, far worse
+    if libc.mallopt(M_MMAP_THRESHOLD, 32 << 20):  # the largest every glibc takes
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def predict_cohort(checkpoint: str, manifest: str, out: str, *, batch_size: int = 256, num_workers: int = 0,
@@ -162,7 +178,8 @@ def predict_cohort(checkpoint: str, manifest: str, out: str, *, batch_size: int 
         in_workers = on_cpu and num_workers >= 2
         data = DataLoader(CohortBatches(model, raw, frame["sample_id"].astype(str).to_numpy(), batch_size, todo,
                                         predict=in_workers),
-                          batch_size=1, collate_fn=_first, num_workers=num_workers, worker_init_fn=_one_thread,
+                          batch_size=1, collate_fn=_first, num_workers=num_workers,
+                          worker_init_fn=_predicting_worker if in_workers else _one_thread,
                           prefetch_factor=4 if num_workers else None)
         threads = torch.get_num_threads()
         if num_workers and not in_workers:  # the cores the featurising workers leave run the forward pass
@@ -195,16 +212,17 @@ def predict_cohort(checkpoint: str, manifest: str, out: str, *, batch_size: int 
 
 
 def merge(out_dir: Path, frame: pd.DataFrame, n_batches: int, ran: int, seconds: float,
-          kept: dict[int, pd.DataFrame] | None = None) -> dict:
-    """Every batch's shard (or the frame kept in memory for it) → predictions.parquet, errors.csv and
+          kept: dict[int, pa.Table] | None = None) -> dict:
+    """Every batch's shard (or the table kept in memory for it) → predictions.parquet, errors.csv and
     summary.json."""
     kept = kept or {}
     parts = [out_dir / "shards" / f"part-{b:08d}.parquet" for b in range(n_batches)]
     missing = [p.name for p in parts if not p.exists()]
     if missing:
         raise RuntimeError(f"{out_dir}: {len(missing)} batches have no shard ({missing[:3]} …); rerun to finish")
-    frames = [kept[b] if b in kept else pd.read_parquet(p) for b, p in enumerate(parts)]
-    predictions = pd.concat(frames, ignore_index=True)
+    tables = [kept[b] if b in kept else pq.read_table(p) for b, p in enumerate(parts)]
+    # a column no row of a batch has a value for is of Arrow's null type there
+    predictions = pa.concat_tables(tables, promote_options="permissive").to_pandas()
     failed = predictions["error"].notna()
     predictions["error"] = predictions["error"].astype(object).where(failed, None)  # shards differ in dtype
     errors = predictions.loc[failed, ["sample_id", "error"]].rename(columns={"error": "reason"})

@@ -531,28 +531,35 @@ def _flat(grads: tuple, params: list[torch.nn.Parameter]) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------- predictions
 
+def prediction_columns(kinds: dict, out: dict) -> dict[str, np.ndarray]:
+    """Per task of one batch's `TaskKind.predict` outputs: the prediction (class name or value in original
+    units) and, for classification, one probability column per class name."""
+    columns: dict[str, np.ndarray] = {}
+    for task, kind in kinds.items():
+        pred = out[task]["prediction"].numpy()
+        classes = kind.classes or ["0", "1"]
+        if kind.name == "regression":
+            columns[task] = pred.astype(np.float64)
+        elif kind.name == "multilabel":
+            for j, c in enumerate(classes):
+                columns[f"{task}/{c}"] = pred[:, j].astype(bool)
+        else:
+            columns[task] = np.asarray(classes, dtype=object)[pred]
+        if "probs" in out[task]:
+            probs = out[task]["probs"].numpy()
+            for j, c in enumerate(classes):
+                columns[f"{task}/prob/{c}"] = probs[:, j].astype(np.float64)
+    return columns
+
+
 def predictions_frame(kinds: dict, outputs: list[dict]) -> pd.DataFrame:
-    """One row per sample: per task the prediction (class name or value in original units) and, for
-    classification, one probability column per class name."""
+    """One row per sample: `source`, `sample_id` when known, and `prediction_columns`."""
     frames = []
     for out in outputs:
         columns: dict[str, object] = {"source": out["source"]}
         if out.get("sample_id") is not None:
             columns["sample_id"] = out["sample_id"]
-        for task, kind in kinds.items():
-            pred = out[task]["prediction"].numpy()
-            classes = kind.classes or ["0", "1"]
-            if kind.name == "regression":
-                columns[task] = pred.astype(np.float64)
-            elif kind.name == "multilabel":
-                for j, c in enumerate(classes):
-                    columns[f"{task}/{c}"] = pred[:, j].astype(bool)
-            else:
-                columns[task] = np.asarray(classes, dtype=object)[pred]
-            if "probs" in out[task]:
-                probs = out[task]["probs"].numpy()
-                for j, c in enumerate(classes):
-                    columns[f"{task}/prob/{c}"] = probs[:, j].astype(np.float64)
+        columns.update(prediction_columns(kinds, out))
         frames.append(pd.DataFrame(columns))
     if len(frames) == 1:
         return frames[0]
@@ -609,4 +616,4 @@ def write_test_metrics(trainer: Trainer, path: str | Path | None = None) -> Path
 
 
 __all__ = ["BiofmDataModule", "BiofmModule", "Collator", "ConfigError", "PredictionWriter", "StoreError",
-           "build_schema", "predictions_frame", "write_test_metrics"]
+           "build_schema", "prediction_columns", "predictions_frame", "write_test_metrics"]

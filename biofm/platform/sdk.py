@@ -145,22 +145,29 @@ class Model:
         return frame
 
     def frame(self, out: dict, errors: list[str | None]) -> pd.DataFrame:
-        """Model outputs of one batch → prediction columns (NaN where `errors` names a reason)."""
-        from biofm.platform.lightning import predictions_frame
+        """Model outputs of one batch → prediction columns (empty where `errors` names a reason), then `error`."""
+        return pd.DataFrame(self.columns(out, errors))
+
+    def columns(self, out: dict, errors: list[str | None], sample_ids: list[str] | None = None) -> dict[str, Any]:
+        """`frame`'s columns as arrays, after `sample_id` when given."""
+        from biofm.platform.lightning import prediction_columns
         kinds = self.module.model.kinds
-        result = {"source": ["sdk"] * len(errors)}
+        result = {}
         for task, kind in kinds.items():
             logits = out["logits"][task] if out is not None else \
                 torch.zeros(len(errors), kind.out_dim)  # nothing to predict from: every row is an error
             result[task] = {k: (v.float() if v.is_floating_point() else v).cpu()
                             for k, v in kind.predict(logits).items()}
-        frame = predictions_frame(kinds, [result]).drop(columns=["source"])
+        columns = {} if sample_ids is None else {"sample_id": sample_ids}
         failed = np.array([e is not None for e in errors])
-        if failed.any():
-            frame = frame.astype({c: object for c in frame.columns if frame[c].dtype == bool})
-            frame.loc[failed, :] = None
-        frame["error"] = errors
-        return frame
+        any_failed = failed.any()
+        for name, values in prediction_columns(kinds, result).items():
+            if any_failed:  # floats become NaN, class names and flags None
+                values = values.astype(np.float64 if values.dtype.kind == "f" else object)
+                values[failed] = np.nan if values.dtype.kind == "f" else None
+            columns[name] = values
+        columns["error"] = errors
+        return columns
 
     def predict_meds(self, meds, prediction_times, *, task: str | None = None, codes: str | None = None,
                      batch_size: int = 64) -> pd.DataFrame:
