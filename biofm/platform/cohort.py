@@ -142,12 +142,12 @@ def _predicting_worker(worker: int) -> None:
     batch after batch, a tenth of the worker's time on two busy cores)."""
     _one_thread(worker)
     try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc: its allocator as it is
         return
     # both or neither: a fixed trim threshold alone also fixes the mmap threshold at 128 KiB, far worse
-    if libc.mallopt(M_MMAP_THRESHOLD, 32 << 20):  # the largest every glibc takes
-        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    if mallopt(M_MMAP_THRESHOLD, 32 << 20):  # 32 MiB: within every 64-bit glibc's limit
+        mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def predict_cohort(checkpoint: str, manifest: str, out: str, *, batch_size: int = 256, num_workers: int = 0,
