@@ -90,9 +90,14 @@ class CohortBatches(Dataset):
         item = {"batch": index, "sample_id": self.sample_ids[lo:hi].tolist(), "inputs": inputs, "errors": errors}
         if self.predict:  # on CPU with 2+ workers each runs the model on its own batches (one thread)
             with torch.inference_mode():
-                table = pa.table(self.model.columns(self.model.forward(inputs), errors, item["sample_id"]))
-            item = {"batch": index, "table": table}
+                item = predicted(self.model, item)
         return item
+
+
+def predicted(model: Model, item: dict) -> dict:
+    """A featurised batch → its predictions as an Arrow table (sample_id, the model's columns, error)."""
+    out = model.forward(item["inputs"])
+    return {"batch": item["batch"], "table": pa.table(model.columns(out, item["errors"], item["sample_id"]))}
 
 
 class CohortPredictor(LightningModule):
@@ -104,8 +109,7 @@ class CohortPredictor(LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         if "table" in batch:  # predicted in the loader worker
             return batch
-        out = self.sdk.forward(batch["inputs"])  # the same network as self.net, moved by Lightning
-        return {"batch": batch["batch"], "table": pa.table(self.sdk.columns(out, batch["errors"], batch["sample_id"]))}
+        return predicted(self.sdk, batch)  # the same network as self.net, moved by Lightning
 
 
 class ShardWriter(BasePredictionWriter):

@@ -106,6 +106,15 @@ class BiofmModel(nn.Module):
         latent, valid = self.resample(name, x, mask if keep is None else mask & keep, batch["present"])
         return latent, valid, (x, mask)
 
+    def embed_once(self, name: str, batch: dict[str, torch.Tensor], embedded: dict | None) -> tuple:
+        """`embed` of a modality's clean inputs, computed once per step: kept in `embedded` (when given) for
+        every later user of the same step (the supervised pass, pretext tasks)."""
+        if embedded is None:
+            return self.embed(name, batch)
+        if name not in embedded:
+            embedded[name] = self.embed(name, batch)
+        return embedded[name]
+
     def resample(self, name: str, x: torch.Tensor, mask: torch.Tensor, present: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """A modality's encoder tokens → its K latents and their validity (False where the sample lacks it)."""
@@ -130,11 +139,7 @@ class BiofmModel(nn.Module):
         for name, batch in inputs.items():
             if name not in self.encoders:
                 continue  # a modality the model was not trained on
-            if embedded is None or name not in embedded:
-                result = self.embed(name, batch)
-                if embedded is not None:
-                    embedded[name] = result
-            latent, mask, _ = embedded[name] if embedded is not None else result
+            latent, mask, _ = self.embed_once(name, batch, embedded)
             latents.append(latent)
             masks.append(mask)
         if not latents:

@@ -68,7 +68,7 @@ class Pretext(nn.Module):
     def loss(self, model: BiofmModel, inputs: dict[str, dict[str, torch.Tensor]], embedded: dict
              ) -> torch.Tensor | None:
         """The loss on the clean `inputs`; `embedded` holds each modality's `model.embed` of them computed
-        so far this step (the supervised pass's): take them with `clean_embedding`."""
+        so far this step (the supervised pass's): take them with `model.embed_once`."""
         raise NotImplementedError
 
 
@@ -102,13 +102,6 @@ def mask_fraction(valid: torch.Tensor, ratio: float) -> torch.Tensor:
     return chosen
 
 
-def clean_embedding(model: BiofmModel, inputs: dict, embedded: dict, name: str) -> tuple:
-    """`model.embed` of a modality's clean inputs, computed once per step and shared by every user."""
-    if name not in embedded:
-        embedded[name] = model.embed(name, inputs[name])
-    return embedded[name]
-
-
 def projection(d_model: int, dim: int | None) -> nn.Module:
     return nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, dim or d_model))
 
@@ -134,7 +127,7 @@ class CrossModal(Pretext):
         names = [n for n, b in inputs.items() if n in model.encoders and bool(b["present"].any())]
         z, present = {}, {}
         for name in names:
-            latent, valid, _ = clean_embedding(model, inputs, embedded, name)
+            latent, valid, _ = model.embed_once(name, inputs[name], embedded)
             x, _ = model.trunk_over([latent], [valid])
             z[name] = F.normalize(self.project(x[:, 0]), dim=-1)
             present[name] = inputs[name]["present"].to(torch.bool)
@@ -184,7 +177,7 @@ class TwoView(Pretext):
             if views is not None:
                 z = [self._cls(model, *model.embed(name, view)[:2]) for view in views]
             else:  # the clean encoder pass, two random token subsets
-                x, mask = clean_embedding(model, inputs, embedded, name)[2]
+                x, mask = model.embed_once(name, inputs[name], embedded)[2]
                 z = []
                 for _ in range(2):
                     keep = torch.rand(mask.shape, device=mask.device) < self.keep

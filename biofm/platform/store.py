@@ -597,8 +597,7 @@ class RawChunks:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if size < rows * self.row_bytes:
-                    raise StoreError(f"{path}: chunk file is {rows * self.row_bytes - size} bytes short of the "
-                                     "rows it should hold; the store is damaged, prepare it again")
+                    raise _short_chunk(path, rows * self.row_bytes - size)
                 mapped = mmap.mmap(f.fileno(), rows * self.row_bytes, prot=mmap.PROT_READ,
                                    flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
         except FileNotFoundError:
@@ -622,9 +621,13 @@ class RawChunks:
                 out[lo - start:hi - start] = self.fill
                 continue
             if got != len(want):
-                raise StoreError(f"{path}: chunk file is {len(want) - got} bytes short of the rows it should hold; the "
-                                 "store is damaged, prepare it again")
+                raise _short_chunk(path, len(want) - got)
         return out
+
+
+def _short_chunk(path: str, missing: int) -> StoreError:
+    return StoreError(f"{path}: chunk file is {missing} bytes short of the rows it should hold; the store is "
+                      "damaged, prepare it again")
 
 
 class Store:

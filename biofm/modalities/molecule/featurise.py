@@ -95,8 +95,9 @@ class GraphColumns:
     unassigned: CIP labels do not depend on atom order (CW/CCW tags do)."""
 
     def __init__(self):
-        from rdkit.Chem import rdchem
-        atom, bond = rdchem.Atom, rdchem.Bond
+        from rdkit import Chem
+        atom, bond = Chem.Atom, Chem.Bond
+        self.rank_atoms = Chem.CanonicalRankAtoms
         self.atom_getters = (atom.GetAtomicNum, atom.GetTotalDegree, atom.GetFormalCharge, atom.GetHybridization,
                              atom.GetIsAromatic, atom.GetTotalNumHs, atom.IsInRing)
         self.bond_getters = (bond.GetBeginAtomIdx, bond.GetEndAtomIdx, bond.GetBondTypeAsDouble,
@@ -108,7 +109,6 @@ class GraphColumns:
 
     def add(self, mol, smiles: str) -> tuple[int, int]:
         """Appends one molecule parsed from `smiles`; returns its numbers of atoms and bonds."""
-        from rdkit import Chem
         n, n_bonds = mol.GetNumAtoms(), mol.GetNumBonds()
         atoms = list(map(mol.GetAtomWithIdx, range(n)))  # by index: RDKit's GetAtoms() iterates in Python
         for column, get in zip(self.atoms, self.atom_getters):
@@ -121,7 +121,7 @@ class GraphColumns:
                                if a.GetChiralTag() else 0 for a in atoms]
         else:
             self.chirality += [0] * n
-        rank = Chem.CanonicalRankAtoms(mol, breakTies=True)
+        rank = self.rank_atoms(mol, breakTies=True)
         self.ranks += map(rank.__getitem__, range(n))  # iterating RDKit's vector itself runs in Python
         return n, n_bonds
 
