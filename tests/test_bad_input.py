@@ -159,3 +159,42 @@ def test_an_oct_npz_reads_or_gives_an_oct_error(tmp_path_factory, contents, corr
         assert record.volume.dtype.kind != "f" or np.isfinite(record.volume).all()
     if record.enface is not None:
         assert record.enface.ndim == 2 and np.isfinite(record.enface).all()
+
+
+_missing = st.sampled_from(sorted(__import__("biofm.platform.tables", fromlist=["MISSING"]).MISSING)
+                           + [" NA ", "nan ", " "])
+_label_cells = st.one_of(_missing, st.sampled_from(["0", "1"]),
+                         st.floats(-1e3, 1e3, allow_nan=False).map(lambda x: f"{x:.3f}"),
+                         st.text(alphabet="abcé,\"; ", min_size=1, max_size=5))
+
+
+@SETTINGS
+@given(st.lists(st.tuples(_label_cells, _label_cells), max_size=8),
+       st.sampled_from(["utf-8", "latin-1", "cp1252", "utf-16"]), st.booleans(), st.booleans())
+def test_a_label_table_reads_every_missing_spelling_as_missing_or_gives_one_store_error(tmp_path_factory, rows,
+                                                                                     encoding, packed, cut):
+    """Any table a user may save (any encoding, gzip or not, cut short or not, every missing-value spelling):
+    read with the default UTF-8, it either gives labels where exactly the missing spellings are NaN, or one
+    StoreError line naming the file."""
+    import gzip
+
+    from biofm.datasets.manifest import label_tasks
+    from biofm.platform.tables import MISSING, read_table
+    frame = pd.DataFrame({"sample_id": [f"s{i}" for i in range(len(rows))], "y": [r[0] for r in rows],
+                          "z": [r[1] for r in rows]})
+    data = frame.to_csv(index=False).encode(encoding, errors="replace")
+    path = tmp_path_factory.mktemp("labels") / ("labels.csv.gz" if packed else "labels.csv")
+    if packed:
+        data = gzip.compress(data)
+        data = data[: len(data) * 2 // 3] if cut else data
+    path.write_bytes(data)
+    try:
+        table = read_table(str(path), "label table")
+        tasks, labels = label_tasks(table, ["y", "z"], str(path))
+    except StoreError as err:
+        assert str(err).startswith(str(path)) and "\n" not in str(err), str(err)
+        return
+    assert len(table) == len(rows) and not (packed and cut)
+    for j, column in enumerate(("y", "z")):
+        for i, row in enumerate(rows):
+            assert bool(np.isnan(labels[column][i])) == (row[j].strip() in MISSING), (column, row[j])

@@ -68,3 +68,6 @@ def test_a_killed_prepare_reruns_to_the_same_store(tmp_path, command, parts):
     rerun = subprocess.run(prepare + command(tmp_path, resumed), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert Store(resumed).checksum() == Store(str(tmp_path / "clean.zarr")).checksum()
+    for store in (resumed, str(tmp_path / "clean.zarr")):  # and every file matches the checksums written for it
+        verify = subprocess.run([sys.executable, "-m", "biofm", "verify", store], capture_output=True, text=True)
+        assert verify.returncode == 0, verify.stderr[-2000:]

@@ -148,3 +148,81 @@ def test_the_readme_example_runs(tmp_path, monkeypatch):
     assert list(frame["sample_id"]) == ["ethanol", "phenol", "bad"]
     assert frame["error"].isna().tolist() == [True, True, False]
     assert namespace["vectors"].shape == (1, TINY["d_model"])
+
+
+def test_a_bare_string_a_single_volume_or_ids_of_another_length_are_refused(trained):
+    model = biofm.load(trained / "run")
+    with pytest.raises(ValueError, match=r"smiles= takes a list, one entry per sample; got a single str — pass "
+                                         r"smiles=\['CCO'\]"):
+        model.predict(smiles="CCO")  # would be three molecules "C", "C", "O"
+    with pytest.raises(ValueError, match=r"oct= takes a list.*one array of shape \(8, 16, 16\)"):
+        model.predict(oct=np.zeros((8, 16, 16), np.uint8))  # would be eight B-scans as samples
+    with pytest.raises(ValueError, match="ids= has 1 values but the inputs have 2 samples"):
+        model.predict(smiles=["CCO", "CCN"], ids=["a"])
+    with pytest.raises(ValueError, match="unknown input smile="):
+        model.embed(smile=["CCO"])
+    frame = model.predict(smiles=["CCO"], ids=["ethanol"])
+    assert list(frame["sample_id"]) == ["ethanol"] and frame["error"].isna().all()
+
+
+def test_a_cohort_manifest_without_sample_id_says_so(trained, tmp_path, capsys):
+    manifest = tmp_path / "cohort.csv"
+    pd.DataFrame({"smiles": ["CCO", "CCN", "c1ccccc1"]}).to_csv(manifest, index=False)
+    predict_cohort(str(trained / "run"), str(manifest), str(tmp_path / "out"), progress=False)
+    err = capsys.readouterr().err
+    assert f"{manifest} has no sample_id column, so its rows are named row-1 … row-3" in err
+    assert "columns: ['smiles']" in err
+    written = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
+    assert list(written["sample_id"]) == ["row-1", "row-2", "row-3"]
+
+
+NOT_CHECKPOINTS = {
+    "empty": (lambda good: b"", "the file is empty (0 bytes), not a checkpoint"),
+    "truncated": (lambda good: good[: len(good) // 2], "the checkpoint is truncated or damaged"),
+    "text": (lambda good: b"model:\n  d_model: 64\n", "the file is text, not a checkpoint"),
+    "random": (lambda good: bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)),
+               "the file is not a checkpoint"),
+    "another zip": (lambda good: _zip_bytes(), "a zip archive but not a PyTorch checkpoint"),
+}
+
+
+def _zip_bytes() -> bytes:
+    import io
+    import zipfile
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("readme.txt", "not a model")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind", list(NOT_CHECKPOINTS))
+def test_a_file_that_is_not_a_checkpoint_gets_one_error_saying_what_it_is(trained, tmp_path, capsys, kind):
+    from biofm.platform.cli import main
+    from biofm.platform.errors import CheckpointError
+    from biofm.platform.sdk import find_checkpoint
+    make, words = NOT_CHECKPOINTS[kind]
+    bad = tmp_path / "model.ckpt"
+    bad.write_bytes(make(find_checkpoint(trained / "run").read_bytes()))
+    with pytest.raises(CheckpointError, match=re.escape(words)) as err:
+        biofm.load(bad)
+    assert "unpickling" not in str(err.value)  # not the diagnosis of a planted payload
+    manifest = _cohort(tmp_path, 4)
+    with pytest.raises(SystemExit) as done:
+        main(["predict-cohort", "--checkpoint", str(bad), "--manifest", str(manifest), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("biofm: error:")]
+    assert done.value.code == 2 and len(lines) == 1 and words in lines[0] and "Traceback" not in err
+
+
+def test_a_cohort_folder_holding_another_runs_shards_is_refused_not_merged(trained, tmp_path):
+    from biofm.platform.errors import StoreError
+    out = tmp_path / "out"
+    predict_cohort(str(trained / "run"), str(_cohort(tmp_path, 16)), str(out), batch_size=8, progress=False)
+    other = tmp_path / "other.csv"
+    pd.DataFrame({"sample_id": [f"X{i}" for i in range(16)], "smiles": ["CCN"] * 16}).to_csv(other, index=False)
+    with pytest.raises(StoreError, match="holds the shards of another predict-cohort run"):
+        predict_cohort(str(trained / "run"), str(other), str(out), batch_size=8, progress=False)
+    assert set(pd.read_parquet(out / "predictions.parquet")["sample_id"]) == {f"C{i}" for i in range(16)}
+    again = predict_cohort(str(trained / "run"), str(tmp_path / "cohort.csv"), str(out), batch_size=8,
+                           progress=False)
+    assert again["batches_this_run"] == 0  # the same run resumes (nothing left to do)

@@ -169,7 +169,7 @@ def test_a_complete_store_is_not_overwritten_by_accident(tmp_path):
 
 def test_uncompressed_arrays_read_from_chunk_files_give_what_zarr_gives(tmp_path):
     """Raw arrays bypass zarr's read path (`RawChunks`): every dtype, ranges across chunk borders, the
-    memory-mapped view of one chunk, a chunk zarr left out (all fill value), ragged values."""
+    memory-mapped view of one chunk, a chunk of only zeros (written like any other), ragged values."""
     writer = StoreWriter(tmp_path / "s.zarr", source="raw", modalities={"m": {}}, tasks={}, seed=1,
                          codec="none", chunk_bytes=2048, min_chunks=4)
     for key in range(2):
@@ -184,7 +184,8 @@ def test_uncompressed_arrays_read_from_chunk_files_give_what_zarr_gives(tmp_path
     names = [f"m/{d}" for d in DTYPES] + ["m/zeros"]
     assert all(store._raw_chunks(name) is not None for name in names + ["m/ragged"])
     assert store._raw_chunks("index/sample_id") is None  # strings: through zarr
-    assert not any((tmp_path / "s.zarr" / "m" / "zeros" / "c").rglob("*"))  # zarr wrote no chunk of zeros
+    # every chunk is written, even one that holds only the fill value: a missing chunk file is damage
+    assert len([p for p in (tmp_path / "s.zarr" / "m" / "zeros" / "c").rglob("*") if p.is_file()]) == store.n_chunks
     for start, stop in [(0, store.n), (1, rows + 3), (rows, 2 * rows), (store.n - 5, store.n), (7, 7)]:
         got = store.read_rows(start, stop, names + ["m/ragged"], mapped=True)
         for name in names:
@@ -201,11 +202,13 @@ def test_a_truncated_chunk_file_is_named(tmp_path):
     store = write_toy_store(tmp_path / "s.zarr", n=240, codec="none", chunk_bytes=1024)
     assert store.n_chunks > 2
     chunk = tmp_path / "s.zarr" / "toy" / "x" / "c" / "1" / "0"
-    chunk.write_bytes(chunk.read_bytes()[:-8])
     store = Store(store.url)
+    chunk.write_bytes(chunk.read_bytes()[:-8])  # after the store was opened: the read names it
     for mapped in (False, True):
         with pytest.raises(StoreError, match=r"toy/x/c/1/0: chunk file is 8 bytes short"):
             store.read_rows(store.rows_per_chunk, 2 * store.rows_per_chunk, ["toy/x"], mapped=mapped)
+    with pytest.raises(StoreError, match=r"chunk \(1, 0\) of array 'toy/x' is \d+ bytes but was written as"):
+        Store(store.url)  # before: opening compares every file's size with the checksums file
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -231,7 +234,7 @@ def _damage(url, how):
 
 
 @pytest.mark.parametrize("how, message", [
-    ("version", r"format version 2, but this biofm reads version 1"),
+    ("version", rf"format version {FORMAT_VERSION + 1}, but this biofm reads version {FORMAT_VERSION}"),
     ("missing", r"array 'toy/x' is missing"),
     ("offsets", r"toy/tokens.offsets do not match the rows of toy/tokens"),
     ("labels", r"'labels/flag' has shape \(239,\) but the store has 240 samples"),

@@ -199,6 +199,50 @@ def test_bad_configs_give_one_clear_error_before_training(cohort_store, tmp_path
     assert "Traceback" not in err and not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--data.batch_size", "0"], r"data.batch_size must be a whole number of at least 1, got 0"),
+    (["--model.d_model", "30", "--model.heads", "4"], r"model.d_model \(30\) must be divisible by model.heads \(4\)"),
+    (["--model.lr", "-0.1"], r"model.lr must be a number above 0, got -0.1"),
+    (["--model.dropout", "1.5"], r"model.dropout must be in \[0, 1\), got 1.5"),
+])
+def test_settings_that_cannot_work_are_refused_before_any_data_is_read(tmp_path, capsys, extra, message):
+    missing = tmp_path / "not-prepared-yet.zarr"  # the settings are refused before the store is even opened
+    with pytest.raises(SystemExit) as done:
+        _cli("fit", *_base(str(missing), tmp_path / "run"), *extra)
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and re.search(message, err), err
+    assert "no store at this path" not in err and "Traceback" not in err
+
+
+def test_ckpt_path_names_the_model_settings_of_the_command_line_it_replaces(cohort_store, tmp_path, capsys):
+    run = tmp_path / "run"
+    _cli("fit", *_base(cohort_store.url, run), "--trainer.max_epochs", "1")
+    capsys.readouterr()
+    _cli("test", *_base(cohort_store.url, run), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+         "--model.lr", "0.05", "--model.depth", "3")
+    err = capsys.readouterr().err
+    warning = next(line for line in err.splitlines() if line.startswith("biofm: warning: --ckpt_path"))
+    assert "model.lr 0.05 → 0.003" in warning and "model.depth 3 → 1" in warning
+    assert "d_model" not in warning  # not given on the command line: nothing to say
+
+
+@pytest.mark.parametrize("kind, words", [("truncated", "the checkpoint is truncated or damaged"),
+                                         ("text", "the file is text, not a checkpoint")])
+def test_a_file_that_is_not_a_checkpoint_stops_test_and_fine_tuning_with_one_error(cohort_store, tmp_path,
+                                                                                 capsys, kind, words):
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(64, 64)}, "hyper_parameters": {}}, good)
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2] if kind == "truncated" else b"lr: 0.1\n")
+    for extra in (["test", "--ckpt_path", str(bad)], ["fit", "--model.init_from", str(bad)]):
+        with pytest.raises(SystemExit) as done:
+            _cli(extra[0], *_base(cohort_store.url, tmp_path / "run"), *extra[1:])
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("biofm: error:")]
+        assert done.value.code == 2 and len(lines) == 1 and words in lines[0], err
+        assert "Traceback" not in err and "unpickling" not in err
+
+
 def test_labels_that_do_not_fit_their_head_stop_the_run_before_training(tmp_path):
     url = _bad_label_store(str(tmp_path / "bad.zarr"))
     with pytest.raises(ConfigError, match=r"bad.zarr labels/grade: labels of task 'grade' do not fit a multiclass "

@@ -27,10 +27,12 @@ import numpy as np
 import polars as pl
 import yaml
 
+from biofm.platform import tables
 from biofm.modalities.ehr import EHR, EventSequence
 from biofm.platform.cli import comma_list, exporter, preparer
 from biofm.datasets.outputs import report_path, track, write_rejects, write_report
 from biofm.platform.store import Store, StoreError, StoreWriter, is_local, subject_splits
+from biofm.platform.writing import prepares
 
 SPLITS = {"train": "train", "tuning": "val", "val": "val", "held_out": "test", "test": "test"}
 EVENT_COLUMNS = ["sample_id", "subject_id", "hours", "table", "fields"]
@@ -148,13 +150,22 @@ def _shards(subjects: list, shard_subjects: int) -> list[list]:
     return [subjects[i:i + shard_subjects] for i in range(0, len(subjects), shard_subjects)]
 
 
+WORK_MARK = ".biofm-work"
+
+
 def _work_dir(out: str) -> Path:
-    """`<out>.work` beside a local store; a temporary folder for a remote one."""
+    """`<out>.work` beside a local store (a temporary folder for a remote one), emptied first only when an
+    earlier prepare made it (it holds `WORK_MARK`): a folder of the user's of that name is never removed."""
     if not is_local(out):
         return Path(tempfile.mkdtemp(prefix="biofm-ehr-"))
     work = Path(str(out).removeprefix("file://").rstrip("/") + ".work")
-    shutil.rmtree(work, ignore_errors=True)
+    if work.exists():
+        if not (work / WORK_MARK).exists() and (not work.is_dir() or any(work.iterdir())):
+            raise StoreError(f"{work} exists and was not made by biofm prepare; prepare keeps its work files "
+                             "there and would replace it: move it away or choose another --out")
+        shutil.rmtree(work)
     work.mkdir(parents=True)
+    (work / WORK_MARK).touch()
     return work
 
 
@@ -163,7 +174,16 @@ def read_meds_labels(path: str, task: str, report: Report) -> tuple[pl.DataFrame
     """A MEDS label file → (subject_id, prediction_time, sample_id, <task>) and the task's spec."""
     if not Path(path).exists():
         raise StoreError(f"{path}: label file does not exist")
-    frame = pl.read_parquet(path) if path.endswith(".parquet") else pl.read_csv(path, try_parse_dates=True)
+    if path.endswith(".parquet"):
+        frame = pl.read_parquet(tables.check_parquet(path, "MEDS label file"))
+    else:
+        try:
+            frame = pl.read_csv(path, try_parse_dates=True)
+        except Exception as err:  # noqa: BLE001 — polars raises NoDataError, ComputeError, …
+            raise tables.read_failure(path, err, "MEDS label file") from None
+        tables.check_columns(path, tables.header(path), "MEDS label file")
+    if not len(frame):
+        raise StoreError(f"{path}: the MEDS label file has a header but no data rows")
     for column in ("subject_id", "prediction_time"):
         if column not in frame.columns:
             raise StoreError(f"{path}: a MEDS label file needs '{column}'; columns are {frame.columns}")
@@ -208,13 +228,13 @@ def _as_datetime(frame: pl.DataFrame, column: str) -> pl.Expr:
 def meds_files(input: str) -> list[str]:
     path = Path(input)
     if path.is_file():
-        return [str(path)]
+        return [tables.check_parquet(str(path), "MEDS data file")]
     if not path.exists():
         raise StoreError(f"{input}: MEDS input does not exist")
     files = sorted(str(p) for p in (path / "data").rglob("*.parquet")) if (path / "data").is_dir() else []
     if not files:
         raise StoreError(f"{input}: no MEDS data shards (data/**/*.parquet)")
-    return files
+    return [tables.check_parquet(f, "MEDS data shard") for f in files]
 
 
 def meds_events(scan: pl.LazyFrame, subjects: list[str], labels: pl.DataFrame, codes: pl.DataFrame | None,
@@ -278,7 +298,7 @@ def read_codes(path: str | None) -> pl.DataFrame | None:
     """MEDS `codes.parquet` (code → description), or None when there is none."""
     if not path or not Path(path).exists():
         return None
-    return (pl.read_parquet(path, columns=["code", "description"])
+    return (pl.read_parquet(tables.check_parquet(path, "MEDS codes file"), columns=["code", "description"])
             .unique("code", keep="first").with_columns(pl.lit(True).alias("_known")))
 
 
@@ -311,6 +331,7 @@ def meds_sequences(input, prediction_times, max_events: int, codes: str | None =
     return rows, [by_sample.get(s) for s in rows["sample_id"]]
 
 
+@prepares
 def prepare_meds(input: str, labels: str, out: str, *, task: str | None = None, codes: str | None = None,
                  splits: str | None = None, max_events: int = 128, max_event_tokens: int = 48,
                  vocab_size: int = 4000, tokenizer_from: str | None = None, drop_columns: Iterable[str] = (),
@@ -326,7 +347,8 @@ def prepare_meds(input: str, labels: str, out: str, *, task: str | None = None, 
     splits = splits or (str(root / "metadata" / "subject_splits.parquet") if root else None)
     split_of = None
     if splits and Path(splits).exists():
-        frame = pl.read_parquet(splits).with_columns(pl.col("subject_id").cast(pl.String))
+        frame = pl.read_parquet(tables.check_parquet(splits, "MEDS subject_splits file")).with_columns(
+            pl.col("subject_id").cast(pl.String))
         split_of = {s: SPLITS.get(v, "train") for s, v in frame.select("subject_id", "split").iter_rows()}
     scan = pl.scan_parquet(files)
     subjects = sorted(label_frame["subject_id"].unique().to_list())
@@ -375,7 +397,7 @@ def meds_predictions(predictions: str, store: str, task: str | None = None) -> p
     if prob not in frame.columns:
         raise StoreError(f"{predictions}: no column '{prob}'; was the model trained on task '{task}'?")
     truth = pl.DataFrame({"sample_id": opened.index("sample_id").astype(str),
-                          "boolean_value": np.asarray(opened.root[f"labels/{task}"][...], np.float32)})
+                          "boolean_value": opened.labels(task)})
     frame = frame.join(truth, on="sample_id", how="left")
     parts = pl.col("sample_id").str.split_exact("@", 1)
     out = frame.select(
@@ -395,7 +417,7 @@ def meds_predictions(predictions: str, store: str, task: str | None = None) -> p
 class Schema:
     """The YAML that describes a database (see configs/ehr/mimic-iv.yaml and docs/ehr-schema.md)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, encoding: str | None = None):
         self.path = path
         if not Path(path).exists():
             raise StoreError(f"{path}: schema file does not exist")
@@ -438,6 +460,7 @@ class Schema:
         self.observation_hours, self.max_events, self.max_event_tokens = (
             numbers["observation_hours"], numbers["max_events"], numbers["max_event_tokens"])
         self.tasks = spec.get("tasks")
+        self.encoding = str(encoding or spec.get("encoding", "utf-8"))  # of the CSV tables
 
     def file(self, root: str, table: str) -> Path:
         """The file of `table` under `root`, trying the schema's pattern, then .csv.gz, .csv, .parquet."""
@@ -448,34 +471,50 @@ class Schema:
         raise StoreError(f"{self.path}: table '{table}' is not in {root} (looked for {candidates[0]})")
 
 
-def header_of(path: Path) -> list[str]:
-    if path.suffix == ".parquet":
-        return pl.read_parquet_schema(path).names() if hasattr(pl, "read_parquet_schema") else \
-            list(pl.scan_parquet(path).collect_schema().names())
-    import pyarrow.csv as pacsv
-    with pacsv.open_csv(str(path), read_options=pacsv.ReadOptions(block_size=1 << 16)) as reader:
-        return list(reader.schema.names)
+def header_of(path: Path, encoding: str = "utf-8") -> list[str]:
+    """A table's column names; a file that cannot be read (empty, truncated gzip, another encoding, a
+    damaged parquet, two columns of one name) is one StoreError naming it."""
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+            names = list(pq.read_schema(path).names)
+        else:
+            import pyarrow.csv as pacsv
+            with pacsv.open_csv(str(path), read_options=pacsv.ReadOptions(block_size=1 << 16,
+                                                                           encoding=encoding)) as reader:
+                names = list(reader.schema.names)
+    except Exception as err:  # noqa: BLE001 — pyarrow raises ArrowInvalid, OSError, EOFError, …
+        raise tables.read_failure(str(path), err, "table", encoding) from None
+    tables.check_columns(str(path), names, "table")
+    return names
 
 
-def stream_table(path: Path, columns: list[str], block_bytes: int = 16 << 20) -> Iterator[pl.DataFrame]:
-    """A table's `columns` as text, block by block (CSV, CSV.gz or parquet): never the whole file."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-        for batch in pq.ParquetFile(path).iter_batches(columns=columns, batch_size=1 << 17):
-            yield pl.from_arrow(batch).with_columns(pl.all().cast(pl.String))
-        return
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    convert = pacsv.ConvertOptions(include_columns=columns, column_types={c: pa.string() for c in columns},
-                                   strings_can_be_null=True)
-    with pacsv.open_csv(str(path), read_options=pacsv.ReadOptions(block_size=block_bytes),
-                        convert_options=convert) as reader:
-        for batch in reader:
-            yield pl.from_arrow(batch)
+def stream_table(path: Path, columns: list[str], block_bytes: int = 16 << 20,
+                 encoding: str = "utf-8") -> Iterator[pl.DataFrame]:
+    """A table's `columns` as text, block by block (CSV, CSV.gz or parquet): never the whole file. A block
+    that cannot be read (a truncated gzip, a line in another encoding) is a StoreError naming the file."""
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+            for batch in pq.ParquetFile(path).iter_batches(columns=columns, batch_size=1 << 17):
+                yield pl.from_arrow(batch).with_columns(pl.all().cast(pl.String))
+            return
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+        convert = pacsv.ConvertOptions(include_columns=columns, column_types={c: pa.string() for c in columns},
+                                       strings_can_be_null=True)
+        with pacsv.open_csv(str(path), read_options=pacsv.ReadOptions(block_size=block_bytes, encoding=encoding),
+                            convert_options=convert) as reader:
+            for batch in reader:
+                yield pl.from_arrow(batch)
+    except StoreError:
+        raise
+    except Exception as err:  # noqa: BLE001 — pyarrow raises ArrowInvalid, OSError, EOFError, …
+        raise tables.read_failure(str(path), err, "table", encoding) from None
 
 
 def check_columns(schema: Schema, path: Path, table: str, wanted: Iterable[str]) -> list[str]:
-    header = header_of(path)
+    header = header_of(path, schema.encoding)
     missing = [c for c in wanted if c and c not in header]
     if missing:
         raise StoreError(f"{schema.path}: table '{table}' ({path}) has no column {missing}; its columns are {header}")
@@ -485,7 +524,10 @@ def check_columns(schema: Schema, path: Path, table: str, wanted: Iterable[str])
 def read_small(schema: Schema, root: str, table: str, columns: list[str]) -> pl.DataFrame:
     path = schema.file(root, table)
     check_columns(schema, path, table, columns)
-    return pl.concat(list(stream_table(path, columns)), how="vertical") if columns else pl.DataFrame()
+    if not columns:
+        return pl.DataFrame()
+    blocks = list(stream_table(path, columns, encoding=schema.encoding))
+    return pl.concat(blocks, how="vertical") if blocks else pl.DataFrame(schema={c: pl.String for c in columns})
 
 
 def partition_tables(schema: Schema, root: str, stays: pl.DataFrame, shard_of: dict[str, int], work: Path,
@@ -513,7 +555,8 @@ def partition_tables(schema: Schema, root: str, stays: pl.DataFrame, shard_of: d
         out_dir = work / table.replace("/", "__")
         out_dir.mkdir(parents=True, exist_ok=True)
         seen = 0
-        for block in track(stream_table(path, columns), progress, None, f"reading {table}"):
+        for block in track(stream_table(path, columns, encoding=schema.encoding), progress, None,
+                           f"reading {table}"):
             seen += len(block)
             block = block.join(link_to_shard, on=link, how="inner")
             for (shard,), part in block.partition_by("_shard", as_dict=True).items():
@@ -569,6 +612,8 @@ def read_stays(schema: Schema, root: str) -> pl.DataFrame:
     columns = list(dict.fromkeys([s["id"], s["subject"], s["start"], *([s["end"]] if s.get("end") else []),
                                   *s.get("keys", [])]))
     frame = read_small(schema, root, s["table"], columns)
+    if not len(frame):
+        raise StoreError(f"{schema.file(root, s['table'])}: the stays table has a header but no data rows")
     start = pl.col(s["start"]).str.to_datetime(strict=False, time_unit="us")
     frame = frame.with_columns(pl.col(s["id"]).alias("_sample"), pl.col(s["subject"]).alias("_subject"),
                                start.alias("_start"))
@@ -577,15 +622,17 @@ def read_stays(schema: Schema, root: str) -> pl.DataFrame:
     return frame
 
 
+@prepares
 def prepare_ehr_tables(input: str, schema: str, out: str, *, labels: str | None = None,
                        tokenizer_from: str | None = None, vocab_size: int = 4000, shard_subjects: int = 2000,
-                       source: str | None = None, seed: int = 0, overwrite: bool = False, progress: bool = False
-                       ) -> tuple[Store, Report]:
-    """Prepare raw relational EHR tables described by `schema`; returns the store and the report."""
+                       source: str | None = None, seed: int = 0, overwrite: bool = False, progress: bool = False,
+                       encoding: str | None = None) -> tuple[Store, Report]:
+    """Prepare raw relational EHR tables described by `schema`; returns the store and the report.
+    `encoding`: of the CSV tables and the label CSV (default: the schema's `encoding`, else utf-8)."""
     from biofm.datasets import mimic
     if not Path(input).is_dir():
         raise StoreError(f"{input}: input folder does not exist")
-    spec = Schema(schema)
+    spec = Schema(schema, encoding)
     report = Report()
     stays = read_stays(spec, input)
     bad_start = stays["_start"].is_null()
@@ -606,7 +653,7 @@ def prepare_ehr_tables(input: str, schema: str, out: str, *, labels: str | None 
         label_frame = cohort
         tasks.update(task_specs)
     if labels:
-        extra, extra_specs = read_label_csv(labels, spec.stays["id"])
+        extra, extra_specs = read_label_csv(labels, spec.stays["id"], spec.encoding)
         label_frame = label_frame.join(extra, on="sample_id", how="left")
         tasks.update(extra_specs)
     if not tasks:
@@ -651,15 +698,11 @@ def prepare_ehr_tables(input: str, schema: str, out: str, *, labels: str | None 
     return store, report
 
 
-def read_label_csv(path: str, id_column: str) -> tuple[pl.DataFrame, dict]:
+def read_label_csv(path: str, id_column: str, encoding: str = "utf-8") -> tuple[pl.DataFrame, dict]:
     """Labels keyed by the stay id: 0/1 columns are binary, other numbers regression, text multiclass (the
     rule of every label table, `label_tasks`)."""
-    import pandas as pd
-
     from biofm.datasets.manifest import label_tasks
-    if not Path(path).exists():
-        raise StoreError(f"{path}: label file does not exist")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    frame = tables.read_table(path, "label table", encoding)
     if id_column not in frame.columns:
         raise StoreError(f"{path}: no id column '{id_column}'; columns are {list(frame.columns)}")
     specs, labels = label_tasks(frame, [c for c in frame.columns if c != id_column], path)
@@ -712,6 +755,8 @@ def _tables_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schema", required=True, help="schema YAML (e.g. configs/ehr/mimic-iv.yaml)")
     p.add_argument("--out", required=True, help="store to write")
     p.add_argument("--labels", default=None, help="CSV of labels keyed by the stay id")
+    p.add_argument("--encoding", default=None, help="text encoding of the CSV tables and labels (default: the "
+                                                    "schema's `encoding`, else utf-8)")
     _common(p)
 
 
@@ -721,7 +766,7 @@ def _run_tables(args: argparse.Namespace) -> None:
     store, report = prepare_ehr_tables(args.input, args.schema, args.out, labels=args.labels,
                                        tokenizer_from=args.tokenizer_from, vocab_size=args.vocab_size,
                                        shard_subjects=args.shard_subjects, seed=args.seed,
-                                       overwrite=args.overwrite, progress=True)
+                                       overwrite=args.overwrite, encoding=args.encoding, progress=True)
     _print(store, report, args.out)
 
 

@@ -3,30 +3,19 @@ as tasks."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
-from biofm.platform.store import StoreError
+from biofm.platform.tables import missing_as_nan, read_table
+from biofm.platform.errors import StoreError
 
 MAX_CLASSES = 50
 
 
-def read_manifest(path: str, path_column: str = "slide_path") -> pd.DataFrame:
-    """A manifest (CSV or parquet) with `path_column`, `sample_id` and `subject_id`; ids must be present
+def read_manifest(path: str, path_column: str = "slide_path", encoding: str = "utf-8") -> pd.DataFrame:
+    """A manifest (CSV, TSV or parquet) with `path_column`, `sample_id` and `subject_id`; ids must be present
     and sample ids unique."""
-    if not Path(path).exists() and "://" not in path:
-        raise StoreError(f"{path}: manifest does not exist")
-    try:
-        if str(path).lower().endswith(".parquet"):
-            frame = pd.read_parquet(path)
-        else:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError, OSError) as err:
-        detail = str(err).replace("\n", " ")[:200]
-        raise StoreError(f"{path}: the manifest cannot be read as {'parquet' if str(path).lower().endswith('.parquet') else 'CSV'} "
-                         f"({type(err).__name__}: {detail}); check its format and encoding (UTF-8)") from None
+    frame = read_table(path, "manifest", encoding)
     missing = [c for c in (path_column, "sample_id", "subject_id") if c not in frame.columns]
     if missing:
         raise StoreError(f"{path}: the manifest needs columns {missing}; it has {list(frame.columns)}")
@@ -47,7 +36,10 @@ def label_tasks(frame: pd.DataFrame, columns: list[str], where: str,
     other numbers → regression, text → multiclass over its sorted values; `kinds` overrides per column."""
     tasks, labels = {}, {}
     for column in columns:
-        raw = frame[column]
+        raw = missing_as_nan(frame[column])  # NA, N/A, nan, null, blank, …: a missing label
+        if not raw.notna().any():
+            raise StoreError(f"{where}: label column '{column}' has no value in any row (every cell is empty or "
+                             "a missing-value spelling such as NA); leave it out of the label columns")
         numbers = pd.to_numeric(raw, errors="coerce")
         numeric = numbers.notna().sum() == raw.notna().sum()
         kind = (kinds or {}).get(column) or (

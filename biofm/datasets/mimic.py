@@ -129,7 +129,7 @@ def _lab_labels(schema, root, cohort, lo: float, hi: float, report) -> pl.DataFr
     columns = ["subject_id", "hadm_id", "itemid", "charttime", "valuenum"]
     wanted = cohort.select("hadm_id", "_sample", "_start", "_subject")
     parts = []
-    for block in stream_table(path, columns):
+    for block in stream_table(path, columns, encoding=schema.encoding):
         block = block.filter(pl.col("itemid").is_in(list(itemids)) & pl.col("valuenum").is_not_null())
         parts.append(block.join(wanted, on="hadm_id", how="inner"))
     labs = pl.concat(parts) if parts else pl.DataFrame()

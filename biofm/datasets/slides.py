@@ -27,6 +27,7 @@ from biofm.datasets.outputs import rejects_path, track, write_atomically, write_
 from biofm.platform.cli import comma_list, command, preparer
 from biofm.platform.modality import MODALITIES
 from biofm.platform.store import Store, StoreError, StoreWriter, unfinished_settings
+from biofm.platform.writing import prepares
 
 RESERVED = ("slide_path", "sample_id", "subject_id", "mpp", "split")
 
@@ -51,6 +52,7 @@ class SlidesResult:
     reasons: dict[str, int] = field(default_factory=dict)
 
 
+@prepares
 def prepare_slides(manifest: str, out: str, *, label_columns: list[str] | None = None,
                    case_columns: list[str] | None = None, task_types: dict[str, str] | None = None,
                    report_column: str = "report", target_mpp: float = 0.5, tile_size: int = 224,
@@ -58,12 +60,12 @@ def prepare_slides(manifest: str, out: str, *, label_columns: list[str] | None =
                    patch_weights: str | None = None, store_tiles: bool = False, assume_mpp: float | None = None,
                    source: str | None = None, seed: int = 0, overwrite: bool = False, progress: bool = False,
                    commit_tiles: int = 4096, commit_bytes: int = 256 << 20, commit_seconds: float = 30.0,
-                   read_threads: int = 2) -> SlidesResult:
+                   read_threads: int = 2, encoding: str = "utf-8") -> SlidesResult:
     """Prepare a slide store from a manifest; see the module's doc. Returns counts and the store (None when
     no slide could be prepared)."""
     from biofm.modalities.wsi import SlideError, SlideRef
     start = time.perf_counter()
-    frame = read_manifest(manifest)
+    frame = read_manifest(manifest, encoding=encoding)
     where = manifest
     has_report = report_column in frame.columns and frame[report_column].notna().any()
     reserved = set(RESERVED) | {report_column}
@@ -215,10 +217,15 @@ def _read_statuses(out: str) -> dict[int, dict]:
 
 
 def _clear_statuses(out: str) -> None:
+    """Remove the status files of an earlier prepare (`<out>.status/<row>.json`), and nothing else."""
     import fsspec
     fs, root = fsspec.core.url_to_fs(status_dir(out))
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
+    if not fs.exists(root):
+        return
+    for path in fs.ls(root, detail=False):
+        name = str(path).rstrip("/").rsplit("/", 1)[-1]
+        if name.endswith(".json") and name[:-5].isdigit():
+            fs.rm(path)
 
 
 def print_summary(result: SlidesResult, out: str) -> None:
@@ -251,6 +258,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--assume-mpp", type=float, default=None,
                    help="µm/px for slides whose metadata and manifest give none usable (default: such a slide fails)")
     p.add_argument("--read-threads", type=int, default=2, help="tiles read in parallel (default 2)")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of a CSV manifest (default utf-8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
 
@@ -264,7 +272,7 @@ def _run(args: argparse.Namespace) -> None:
         task_types=kinds, report_column=args.report_column, target_mpp=args.target_mpp, tile_size=args.tile_size,
         min_tissue=args.min_tissue, patch_encoder=args.patch_encoder, patch_weights=args.patch_weights,
         store_tiles=args.store_tiles, assume_mpp=args.assume_mpp, seed=args.seed, overwrite=args.overwrite,
-        read_threads=args.read_threads, progress=True)
+        read_threads=args.read_threads, encoding=args.encoding, progress=True)
     print_summary(result, args.out)
     if result.store is None:
         raise StoreError(f"no slide could be prepared; see {rejects_path(args.out)}")

@@ -17,6 +17,7 @@ import argparse
 from biofm.platform.cli import preparer
 from biofm.platform.modality import MODALITIES
 from biofm.platform.store import Store, StoreWriter
+from biofm.platform.writing import prepares
 
 TASKS = {
     "event": {"kind": "binary"},
@@ -87,6 +88,7 @@ def cohort(n: int, seed: int = 0, p_missing: float = 0.2) -> dict:
     }
 
 
+@prepares
 def prepare_synthetic(out: str, n: int = 2000, seed: int = 0, batch_size: int = 512,
                       overwrite: bool = False, progress: bool = False) -> Store:
     """Write the synthetic cohort as a store (tabular + text modalities, five tasks)."""

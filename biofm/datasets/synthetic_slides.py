@@ -222,8 +222,10 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> None:
     """Synthetic pathology biobank: slides from real tissue + reports + case table → slide metadata."""
     from biofm.datasets.slides import prepare_slides, print_summary
+    from biofm.platform.writing import writing
     folder = Path(args.slides_dir or str(args.out).rstrip("/") + ".slides")
-    manifest = write_biobank(folder, n=args.n, seed=args.seed, size=args.size, progress=True)
-    result = prepare_slides(str(manifest), args.out, label_columns=BIOBANK_LABELS, case_columns=CASE_COLUMNS,
-                            seed=args.seed, overwrite=args.overwrite, progress=True)
+    with writing(args.out):  # an --out that is not a store is refused before any slide is written
+        manifest = write_biobank(folder, n=args.n, seed=args.seed, size=args.size, progress=True)
+        result = prepare_slides(str(manifest), args.out, label_columns=BIOBANK_LABELS, case_columns=CASE_COLUMNS,
+                                seed=args.seed, overwrite=args.overwrite, progress=True)
     print_summary(result, args.out)

@@ -7,6 +7,7 @@ Every checkpoint biofm writes holds only tensors and plain values (the schema is
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -15,21 +16,79 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
+from biofm.platform.errors import CheckpointError
 
-class UnsafeCheckpointError(RuntimeError):
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6
+PICKLE_MAGIC = b"\x80"  # the legacy format starts with a pickle protocol opcode
+
+
+class UnsafeCheckpointError(CheckpointError):
     """A checkpoint holds objects that only unpickling arbitrary code could rebuild."""
 
 
+def _what_is_wrong(path: str, fs) -> str | None:
+    """Why a file cannot be a checkpoint, from its first and last bytes, or None when it may be one."""
+    size = fs.size(path)
+    if not size:
+        return "the file is empty (0 bytes), not a checkpoint"
+    with fs.open(path, "rb") as handle:
+        head = handle.read(4096)
+        if head.startswith(ZIP_MAGIC):
+            try:
+                with zipfile.ZipFile(handle) as archive:
+                    names = archive.namelist()
+            except (zipfile.BadZipFile, OSError, EOFError):
+                return (f"the checkpoint is truncated or damaged ({size} bytes; its zip archive has no end, as when "
+                        "a save or a copy is cut short): use another checkpoint, e.g. best-*.ckpt, or copy it again")
+            if not any(name.endswith("data.pkl") for name in names):
+                return "the file is a zip archive but not a PyTorch checkpoint (no data.pkl in it)"
+            return None
+    if head.startswith(PICKLE_MAGIC):
+        return None
+    try:
+        head.decode("utf-8")
+        return "the file is text, not a checkpoint (checkpoints are binary files written by `biofm fit`)"
+    except UnicodeDecodeError:
+        return "the file is not a checkpoint (its bytes are neither a PyTorch zip archive nor a pickle)"
+
+
 def safe_load(path: str | Path, map_location: Any = "cpu") -> dict:
-    """Load a checkpoint with `weights_only=True`; refuse, with a clear error, what needs more."""
+    """Load a checkpoint with `weights_only=True`; refuse, with one clear error, a file that is not a
+    checkpoint (empty, truncated, text, random bytes) and one that needs more than plain values."""
     fs = get_filesystem(str(path))
     if not fs.exists(str(path)):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if fs.isdir(str(path)):
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file (biofm.load and predict-cohort take a "
+                              "run directory; --ckpt_path and init_from take a .ckpt file)")
+    wrong = _what_is_wrong(str(path), fs)
+    if wrong:
+        raise CheckpointError(f"{path}: {wrong}")
     try:
         with fs.open(str(path), "rb") as f:
-            return torch.load(f, map_location=map_location, weights_only=True)
+            checkpoint = torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise UnsafeCheckpointError(unsafe_message(path, err)) from None
+        if "GLOBAL" in str(err) or "Unsupported global" in str(err):
+            raise UnsafeCheckpointError(unsafe_message(path, err)) from None
+        raise CheckpointError(f"{path}: the file cannot be read as a checkpoint ({str(err).splitlines()[0][:120]}); "
+                              "it is damaged or was not written by torch.save") from None
+    except Exception as err:  # noqa: BLE001 — torch raises RuntimeError, EOFError, KeyError, IndexError, …
+        raise CheckpointError(f"{path}: the checkpoint is truncated or damaged ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:120] if str(err) else 'no detail'}); use another "
+                              "checkpoint or copy it again") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint (a mapping with "
+                              "state_dict and hyper_parameters)")
+    return checkpoint
+
+
+def biofm_schema(checkpoint: dict, path) -> dict:
+    """The schema a biofm checkpoint carries; another program's checkpoint is a CheckpointError."""
+    schema = (checkpoint.get("hyper_parameters") or {}).get("schema")
+    if not isinstance(schema, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path} is not a biofm checkpoint (no schema in its hyper-parameters); use one "
+                              "written by `biofm fit`")
+    return schema
 
 
 def unsafe_message(path, err: Exception) -> str:
@@ -53,9 +112,7 @@ def load_pretrained(model: nn.Module, path: str | Path, fresh_heads: bool = Fals
     checkpoint keep their heads and query tokens unless `fresh_heads`; new tasks start fresh.
     The modality settings (e.g. tokenizer) must be those the checkpoint was trained with."""
     checkpoint = safe_load(path)
-    schema = checkpoint.get("hyper_parameters", {}).get("schema")
-    if schema is None:
-        raise ValueError(f"{path} is not a biofm checkpoint (no schema in its hyper-parameters)")
+    schema = biofm_schema(checkpoint, path)
     for name, config in model.schema["modalities"].items():
         if name in schema["modalities"] and schema["modalities"][name] != config:
             raise ValueError(f"modality '{name}' of {path} was prepared with other settings (e.g. another "

@@ -70,10 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     cohort.add_argument("--meds", default=None, help="MEDS folder or parquet file: the manifest then holds "
                                                      "subject_id, prediction_time (a MEDS label file)")
     cohort.add_argument("--codes", default=None, help="codes.parquet, when --meds is not a MEDS folder")
+    cohort.add_argument("--encoding", default="utf-8", help="text encoding of a CSV manifest (default utf-8)")
     cohort.set_defaults(run=_predict_cohort)
     info = commands.add_parser("info", help="describe a store")
     info.add_argument("store")
     info.set_defaults(run=_info)
+    verify = commands.add_parser("verify", help="check every file of a store against the checksums written "
+                                                "when it was prepared")
+    verify.add_argument("store", help="store path or fsspec URL")
+    verify.set_defaults(run=_verify)
     demo = commands.add_parser("demo", help="prepare, train, evaluate and predict end to end")
     demo.add_argument("--out", default="biofm-demo", help="folder for the demo's stores and run")
     demo.add_argument("--n", type=int, default=2000, help="samples in the synthetic cohort")
@@ -89,11 +94,26 @@ def _info(args: argparse.Namespace) -> None:
     print(Store(args.store).describe())
 
 
+def _verify(args: argparse.Namespace) -> None:
+    from biofm.platform.integrity import verify
+    from biofm.platform.store import Store
+    result = verify(args.store, progress=sys.stderr.isatty())
+    if not result["problems"]:
+        Store(args.store)  # and the store's own checks: attributes, arrays, shapes, offsets
+    for line in result["problems"]:
+        print(f"biofm: error: {line}", file=sys.stderr)
+    if result["problems"]:
+        raise SystemExit(2)
+    print(f"{args.store}: {result['files']} files ({result['bytes'] / (1 << 20):.1f} MiB) match the checksums "
+          "written when the store was prepared")
+
+
 def _predict_cohort(args: argparse.Namespace) -> None:
     from biofm.platform.cohort import predict_cohort
     summary = predict_cohort(args.checkpoint, args.manifest, args.out, batch_size=args.batch_size,
                              num_workers=args.num_workers, devices=args.devices, num_nodes=args.num_nodes,
-                             accelerator=args.accelerator, meds=args.meds, codes=args.codes)
+                             accelerator=args.accelerator, meds=args.meds, codes=args.codes,
+                             encoding=args.encoding)
     if summary:
         print(f"{summary['predicted']} of {summary['samples']} samples predicted, {summary['errors']} errors "
               f"(listed in {args.out}/errors.csv); {summary['samples_per_s']} samples/s; "
@@ -111,11 +131,12 @@ def main(argv: list[str] | None = None) -> None:
         from biofm.platform.lightning_cli import run_lightning_cli
         run_lightning_cli(argv)
         return
-    from biofm.platform.store import StoreError
+    from biofm.platform.errors import CheckpointError, ConfigError, StoreError
+    from biofm.platform.registry import RegistryError
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except StoreError as err:
+    except (StoreError, CheckpointError, ConfigError, RegistryError, FileNotFoundError) as err:
         print(f"biofm: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

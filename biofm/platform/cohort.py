@@ -20,6 +20,7 @@ import ctypes
 import gc
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -32,22 +33,29 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
+from biofm.platform.tables import read_table
+from biofm.platform.errors import StoreError
 from biofm.platform.sdk import Model, find_checkpoint, load_module
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 COLUMNS = {"smiles": "molecule", "slide_path": "wsi", "oct_path": "oct", "report": "text"}
 
 
-def read_cohort(path: str) -> pd.DataFrame:
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{path}: manifest does not exist")
-    frame = pd.read_parquet(path) if str(path).endswith(".parquet") else \
-        pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+def read_cohort(path: str, encoding: str = "utf-8") -> pd.DataFrame:
+    """The cohort manifest (CSV, TSV or parquet); without a `sample_id` column rows are named `row-<n>`
+    (said on stderr, with the columns it has, in case the ids are in a column of another name)."""
+    frame = read_table(path, "cohort manifest", encoding)
     if "sample_id" not in frame.columns:
+        print(f"biofm: note: {path} has no sample_id column, so its rows are named row-1 … row-{len(frame)} "
+              f"in the predictions (its columns: {list(frame.columns)}); add a sample_id column to name them",
+              file=sys.stderr)
         frame.insert(0, "sample_id", [f"row-{i + 1}" for i in range(len(frame))])
+    missing = np.flatnonzero(frame["sample_id"].isna().to_numpy())
+    if len(missing):
+        raise StoreError(f"{path}: row {int(missing[0]) + 1}: sample_id is empty; every row needs one")
     repeated = frame["sample_id"].duplicated().to_numpy()
     if repeated.any():
-        raise ValueError(f"{path}: row {int(np.flatnonzero(repeated)[0]) + 1} repeats a sample_id")
+        raise StoreError(f"{path}: row {int(np.flatnonzero(repeated)[0]) + 1} repeats a sample_id")
     return frame.reset_index(drop=True)
 
 
@@ -66,7 +74,7 @@ def raw_inputs(model: Model, frame: pd.DataFrame, where: str) -> dict[str, objec
             raw["tabular"] = [r if p else None for r, p in zip(frame[known].to_dict("records"), present)]
     if not raw:
         wanted = [c for c, m in COLUMNS.items() if m in model.modalities]
-        raise ValueError(f"{where}: no column for the model's modalities {model.modalities}; expected "
+        raise StoreError(f"{where}: no column for the model's modalities {model.modalities}; expected "
                          f"{wanted}" + (" or case columns" if "tabular" in model.modalities else ""))
     return raw
 
@@ -156,24 +164,28 @@ def _predicting_worker(worker: int) -> None:
 
 def predict_cohort(checkpoint: str, manifest: str, out: str, *, batch_size: int = 256, num_workers: int = 0,
                    devices: int = 1, num_nodes: int = 1, accelerator: str = "auto", progress: bool = True,
-                   meds: str | None = None, codes: str | None = None) -> dict:
+                   meds: str | None = None, codes: str | None = None, encoding: str = "utf-8") -> dict:
     """Predict every row of `manifest` (see the module's doc); returns the summary. With `meds` (a MEDS
     folder or parquet file), the manifest holds prediction times (subject_id, prediction_time, as a MEDS
     label file does), the EHR input is each subject's events up to that time, and
     `<out>/predictions_meds.parquet` is written in the MEDS prediction format too."""
     start = time.perf_counter()
     out_dir = Path(out)
-    (out_dir / "shards").mkdir(parents=True, exist_ok=True)
-    model = Model(load_module(find_checkpoint(checkpoint)), torch.device("cpu"))
+    # the manifest first: a table that cannot be read is named before the model is loaded
+    table = read_table(manifest, "prediction-time manifest", encoding) if meds else read_cohort(manifest, encoding)
+    checkpoint = find_checkpoint(checkpoint)
+    model = Model(load_module(checkpoint), torch.device("cpu"))
     if meds:
         from biofm.datasets.ehr import meds_sequences
-        times = pd.read_parquet(manifest) if str(manifest).endswith(".parquet") else pd.read_csv(manifest)
         settings = model.schema["modalities"].get("ehr", {})
-        rows, sequences = meds_sequences(meds, times, int(settings.get("max_events", 128)), codes)
+        rows, sequences = meds_sequences(meds, table, int(settings.get("max_events", 128)), codes)
         frame, raw = rows.to_pandas(), {"ehr": sequences}
     else:
-        frame = read_cohort(manifest)
+        frame = table
         raw = raw_inputs(model, frame, manifest)
+    (out_dir / "shards").mkdir(parents=True, exist_ok=True)  # once the manifest and the model are read
+    _same_run(out_dir, {"manifest": _sha256(manifest), "checkpoint": _sha256(checkpoint), "batch_size": batch_size,
+                        "meds": None if meds is None else str(meds)})
     n_batches = -(-len(frame) // batch_size)
     done = {int(p.name[5:13]) for p in (out_dir / "shards").glob("part-*.parquet")}
     todo = [b for b in range(n_batches) if b not in done]
@@ -213,6 +225,33 @@ def predict_cohort(checkpoint: str, manifest: str, out: str, *, batch_size: int 
         predictions[[c for c in columns if c in predictions]].to_parquet(out_dir / "predictions_meds.parquet",
                                                                          index=False)
     return summary
+
+
+def _sha256(path) -> str:
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _same_run(out_dir: Path, key: dict) -> None:
+    """Shards are resumed only by the run that wrote them: `shards/run.json` records its manifest, checkpoint
+    and batch size, and a folder holding another run's shards is refused (its shards would be taken as
+    this run's batches)."""
+    record = out_dir / "shards" / "run.json"
+    shards = list((out_dir / "shards").glob("part-*.parquet"))
+    if record.exists():
+        if json.loads(record.read_text()) != key:
+            raise StoreError(f"{out_dir} holds the shards of another predict-cohort run (another manifest, checkpoint "
+                             f"or batch size); a rerun resumes only the same run: write to another --out, or delete "
+                             f"{out_dir / 'shards'} to start over")
+    elif shards:
+        raise StoreError(f"{out_dir / 'shards'} holds shards that no run recorded; write to another --out, or delete "
+                         "it to start over")
+    else:
+        record.write_text(json.dumps(key))
 
 
 def merge(out_dir: Path, frame: pd.DataFrame, n_batches: int, ran: int, seconds: float,

@@ -17,6 +17,7 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 
 from biofm.platform.balancing import make_balancer, mean_over_ranks
 from biofm.platform.checkpoint import load_pretrained
+from biofm.platform.errors import ConfigError
 from biofm.platform.mixing import ChainLoader, MixedLoader
 from biofm.platform.modality import MODALITIES, Modality
 from biofm.platform.model import BiofmModel
@@ -27,8 +28,47 @@ from biofm.tasks.kinds import LabelError, task_kind
 from biofm.tasks.metrics import TaskMetrics
 
 
-class ConfigError(ValueError):
-    """A training config that cannot work with its stores; raised before any training starts."""
+def _number_rule(value, rule: str) -> bool:
+    """Whether `value` keeps `rule`: "int>=1", "int>=0", ">0", ">=0", "[0,1)", "(0,1]"."""
+    if rule.startswith("int"):  # "int>=1": a whole number of at least 1
+        return isinstance(value, int) and not isinstance(value, bool) and value >= int(rule[len("int>="):])
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return False
+    return {">0": value > 0, ">=0": value >= 0, "[0,1)": 0 <= value < 1, "(0,1]": 0 < value <= 1}[rule]
+
+
+DATA_RULES = {"batch_size": "int>=1", "eval_batch_size": "int>=1", "num_workers": "int>=0",
+              "buffer_size": "int>=0", "temperature": ">0", "train_fraction": "(0,1]", "steps_per_epoch": "int>=1"}
+MODEL_RULES = {"d_model": "int>=1", "depth": "int>=0", "heads": "int>=1", "latents": "int>=1",
+               "dropout": "[0,1)", "lr": ">0", "weight_decay": ">=0", "warmup_steps": "int>=0",
+               "layer_decay": "(0,1]"}
+RULE_WORDS = {"int>=1": "a whole number of at least 1", "int>=0": "a whole number of at least 0",
+              ">0": "a number above 0", ">=0": "a number of at least 0", "[0,1)": "in [0, 1)", "(0,1]": "in (0, 1]"}
+
+
+def check_settings(group: str, values: dict) -> None:
+    """Refuse settings that cannot work, before any data is read: `group` is "data" or "model"."""
+    rules = DATA_RULES if group == "data" else MODEL_RULES
+    for name, rule in rules.items():
+        value = values.get(name)
+        if value is not None and not _number_rule(value, rule):
+            raise ConfigError(f"{group}.{name} must be {RULE_WORDS[rule]}, got {value!r}")
+    if group == "model":
+        d_model, heads = values.get("d_model"), values.get("heads")
+        if isinstance(d_model, int) and isinstance(heads, int) and heads and d_model % heads:
+            raise ConfigError(f"model.d_model ({d_model}) must be divisible by model.heads ({heads}): each "
+                              f"attention head takes d_model / heads features (e.g. --model.d_model "
+                              f"{max(heads, d_model // heads * heads)})")
+        if values.get("schedule", "constant") not in ("constant", "cosine"):
+            raise ConfigError(f"model.schedule must be constant or cosine, got {values.get('schedule')!r}")
+    else:
+        weights = values.get("weights")
+        if weights is not None and (not isinstance(weights, dict) or any(
+                not _number_rule(w, ">=0") for w in weights.values()) or not sum(weights.values()) > 0):
+            raise ConfigError(f"data.weights must map source names to numbers of at least 0 with a positive sum, "
+                              f"got {weights!r}")
+        if values.get("predict_split", "test") not in ("train", "val", "test", "all"):
+            raise ConfigError(f"predict_split must be train, val, test or all, got {values.get('predict_split')!r}")
 
 
 # ------------------------------------------------------------------------------------------- schema
@@ -76,7 +116,7 @@ def build_schema(stores: list[Store], tasks: list[str] | dict[str, str] | None =
         train_labels = []
         for store in stores:
             if name in store.tasks:
-                labels = np.asarray(store.root[f"labels/{name}"][...])
+                labels = store.labels(name)
                 try:
                     kind.check_labels(labels, f"{store.url} labels/{name}")
                 except LabelError as err:
@@ -143,8 +183,9 @@ class BiofmDataModule(LightningDataModule):
                  steps_per_epoch: int | None = None, predict_split: str = "test",
                  storage_options: dict | None = None, train_fraction: float = 1.0):
         super().__init__()
-        if not 0.0 < train_fraction <= 1.0:
-            raise ConfigError(f"data.train_fraction must be in (0, 1], got {train_fraction}")
+        check_settings("data", dict(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                                    buffer_size=buffer_size, temperature=temperature, train_fraction=train_fraction,
+                                    steps_per_epoch=steps_per_epoch, weights=weights, predict_split=predict_split))
         if not stores:
             raise ConfigError("data.stores is empty: name at least one store (biofm prepare … writes one)")
         self.stores: dict[str, Store] = {}
@@ -157,8 +198,6 @@ class BiofmDataModule(LightningDataModule):
         self.num_workers, self.buffer_size, self.seed = num_workers, buffer_size, seed
         self.weights, self.temperature, self.steps_per_epoch = weights, temperature, steps_per_epoch
         self.train_fraction = train_fraction
-        if predict_split not in ("train", "val", "test", "all"):
-            raise ConfigError(f"predict_split must be train, val, test or all, got {predict_split!r}")
         self.predict_split = predict_split
 
     def _stream(self, store: Store, split: str | None, shuffle: bool, with_ids: bool = False) -> StoreStream:
@@ -233,6 +272,9 @@ class BiofmModule(LightningModule):
                  pretext: dict[str, dict] | None = None, linear_probe: bool = False,
                  layer_decay: float | None = None):
         super().__init__()
+        check_settings("model", dict(d_model=d_model, depth=depth, heads=heads, latents=latents, dropout=dropout,
+                                     lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                                     layer_decay=layer_decay, schedule=schedule))
         if schema is None:
             raise ConfigError("model.schema is missing: it comes from the data module (biofm fit links it); "
                               "in Python pass BiofmDataModule(...).schema")

@@ -3,19 +3,20 @@
 
 from __future__ import annotations
 
+import inspect
 import os
-import pickle
 import sys
+from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from biofm.platform.checkpoint import SafeCheckpointIO, UnsafeCheckpointError, unsafe_message
-from biofm.platform.lightning import (BiofmDataModule, BiofmModule, ConfigError, PredictionWriter,
+from biofm.platform.checkpoint import SafeCheckpointIO, safe_load
+from biofm.platform.errors import CheckpointError, StoreError
+from biofm.platform.lightning import (BiofmDataModule, BiofmModule, ConfigError, PredictionWriter, check_settings,
                                       write_test_metrics)
 from biofm.platform.registry import RegistryError
-from biofm.platform.store import StoreError
 from biofm.platform.tracking import CheckpointArtifact, default_loggers, log_run_settings
 
 def default_checkpoint(run_dir: str) -> ModelCheckpoint:
@@ -24,7 +25,7 @@ def default_checkpoint(run_dir: str) -> ModelCheckpoint:
                            save_last=True, save_top_k=1, filename="best-{epoch}")
 
 
-USER_ERRORS = (ConfigError, StoreError, RegistryError, UnsafeCheckpointError, FileNotFoundError)
+USER_ERRORS = (ConfigError, StoreError, RegistryError, CheckpointError, FileNotFoundError)
 
 
 class BiofmCLI(LightningCLI):
@@ -57,12 +58,34 @@ class BiofmCLI(LightningCLI):
         return super()._instantiate_trainer(config, extra)
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads --ckpt_path itself (weights_only) for its hyper-parameters: refuse clearly
-        try:
-            super()._parse_ckpt_path()
-        except pickle.UnpicklingError as err:
-            path = self.config[self.config.subcommand].get("ckpt_path")
-            raise UnsafeCheckpointError(unsafe_message(path, err)) from None
+        """The model settings saved in `--ckpt_path` replace the config's (as in LightningCLI), read with
+        `safe_load`; a value given on the command line or in a config that the checkpoint replaces is named."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not path or not Path(path).is_file():
+            return
+        hparams = dict(safe_load(path).get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        given = self.config[subcommand]["model"]
+        given = given.as_dict() if hasattr(given, "as_dict") else dict(given)
+        defaults = {k: p.default for k, p in inspect.signature(BiofmModule.__init__).parameters.items()}
+        replaced = [f"model.{k} {given[k]!r} → {v!r}" for k, v in hparams.items()
+                    if k != "schema" and k in given and given[k] != v and given[k] != defaults.get(k)]
+        if replaced:
+            print(f"biofm: warning: --ckpt_path {path} restores the model settings it was trained with, so these "
+                  f"values of the command line or config are not used (given → checkpoint's): "
+                  f"{'; '.join(replaced)}", file=sys.stderr)
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
+    def before_instantiate_classes(self) -> None:
+        """Settings that cannot work are refused here, before any store is opened."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        for group in ("data", "model"):
+            values = config.get(group)
+            if values is not None:
+                check_settings(group, values.as_dict() if hasattr(values, "as_dict") else dict(values))
 
     def before_fit(self) -> None:
         log_run_settings(self.model, self.trainer.loggers)

@@ -44,12 +44,11 @@ def find_checkpoint(path: str | Path) -> Path:
 
 def load_module(checkpoint: str | Path, device: str | torch.device = "cpu"):
     """A BiofmModule rebuilt from a checkpoint (read with `weights_only=True`), in eval mode."""
-    from biofm.platform.checkpoint import safe_load
+    from biofm.platform.checkpoint import biofm_schema, safe_load
     from biofm.platform.lightning import BiofmModule
     state = safe_load(checkpoint)
+    biofm_schema(state, checkpoint)
     hparams = dict(state.get("hyper_parameters", {}))
-    if "schema" not in hparams:
-        raise ValueError(f"{checkpoint} is not a biofm checkpoint (no schema in its hyper-parameters)")
     accepted = inspect.signature(BiofmModule.__init__).parameters  # LightningCLI adds `_instantiator`
     hparams = {k: v for k, v in hparams.items() if k in accepted}
     hparams["init_from"] = None
@@ -100,11 +99,13 @@ class Model:
         for argument, values in given.items():
             if values is None:
                 continue
+            if argument not in INPUTS:
+                raise ValueError(f"unknown input {argument}=; inputs are " + ", ".join(f"{a}=" for a in INPUTS))
             name = INPUTS[argument]
             if name not in self.schema["modalities"]:
                 raise ValueError(f"the model was not trained with {name} inputs ({argument}=); it takes "
                                  f"{', '.join(a for a, m in INPUTS.items() if m in self.schema['modalities'])}")
-            values = values if isinstance(values, pd.DataFrame) else list(values)
+            values = values if isinstance(values, pd.DataFrame) else _as_list(argument, values)
             if n is not None and len(values) != n:
                 raise ValueError(f"{argument}= has {len(values)} inputs but another argument has {n}")
             n = len(values)
@@ -137,6 +138,11 @@ class Model:
         """One row per input: `sample_id`, per task the prediction (class name, or value in original units)
         and, for classification, `<task>/prob/<class>`; `error` says why a row has no prediction."""
         raw, n = self._raw(dict(smiles=smiles, slides=slides, oct=oct, reports=reports, case=case, ehr=ehr))
+        if ids is not None:
+            ids = _as_list("ids", ids)
+            if len(ids) != n:
+                raise ValueError(f"ids= has {len(ids)} values but the inputs have {n} samples; give one id per "
+                                 "sample, in the same order")
         frames = []
         for out, errors in self._run(raw, n, batch_size):
             frames.append(self.frame(out, errors))
@@ -198,6 +204,23 @@ class Model:
             cls[[e is not None for e in errors]] = np.nan
             out.append(cls)
         return np.concatenate(out)
+
+
+def _as_list(argument: str, values) -> list:
+    """An input argument as a list of samples; a bare string (or a single volume) would be read as a sequence
+    of samples (`smiles="CCO"` as "C", "C", "O"), so it is refused."""
+    if isinstance(values, (str, bytes, Path)):
+        raise ValueError(f"{argument}= takes a list, one entry per sample; got a single "
+                         f"{type(values).__name__} — pass {argument}=[{str(values)[:30]!r}] for one sample")
+    if isinstance(values, np.ndarray) and values.ndim > 1:
+        raise ValueError(f"{argument}= takes a list, one entry per sample; got one array of shape "
+                         f"{values.shape} — pass {argument}=[volume] for one sample, or a list of arrays")
+    if isinstance(values, dict):
+        raise ValueError(f"{argument}= takes a list, one entry per sample; got a dict")
+    try:
+        return list(values)
+    except TypeError:
+        raise ValueError(f"{argument}= takes a list, one entry per sample; got a {type(values).__name__}") from None
 
 
 def add_meds_columns(frame: pd.DataFrame, rows: pd.DataFrame, tasks: dict, task: str | None) -> pd.DataFrame:

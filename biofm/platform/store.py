@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,13 @@ from typing import Any
 import numpy as np
 import zarr
 
-FORMAT_VERSION = 1
+from biofm.platform import integrity
+from biofm.platform.errors import StoreError
+from biofm.platform.integrity import is_local
+from biofm.platform.integrity import local_path as _local_path
+from biofm.platform.writing import check_target, hold
+
+FORMAT_VERSION = 2  # 2: every chunk written, checksums of every file (integrity.py), labels filled with NaN
 SPLITS = ("train", "val", "test")
 TASK_KINDS = ("binary", "multiclass", "multilabel", "regression", "ordinal")
 INDEX_ARRAYS = ("index/sample_id", "index/subject_id", "index/split")
@@ -41,24 +48,16 @@ MIB = 1 << 20
 # Variable-length strings are not yet in the Zarr v3 core spec; zarr warns on every string array.
 warnings.filterwarnings("ignore", message=".*(vlen-utf8|variable-length|VariableLengthUTF8|string).*",
                         module="zarr.*")
-
-
-class StoreError(ValueError):
-    """A store (or what is about to be written to one) does not follow the contract."""
+# the checksums file sits beside zarr's metadata; zarr names every file it does not know when it lists members
+warnings.filterwarnings("ignore", message=f".*{integrity.MANIFEST}.*not recognized", module="zarr.*")
 
 
 # --------------------------------------------------------------------------------------------- paths
 
-def is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def _local_path(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
-
-
-def open_root(url: str, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
-    """Open the store's root group; any fsspec URL works as a path (`memory://`, `s3://`, `file://`)."""
+def open_root(url: str, mode: str = "r", storage_options: dict | None = None,
+              attributes: dict | None = None) -> zarr.Group:
+    """Open the store's root group; any fsspec URL works as a path (`memory://`, `s3://`, `file://`).
+    With mode "w", `attributes` are written with the group's metadata, in one file."""
     url = str(url)
     if is_local(url):
         store = zarr.storage.LocalStore(_local_path(url), read_only=(mode == "r"))
@@ -66,8 +65,13 @@ def open_root(url: str, mode: str = "r", storage_options: dict | None = None) ->
         store = zarr.storage.FsspecStore.from_url(url, storage_options=storage_options,
                                                   read_only=(mode == "r"))
     try:
+        if attributes is not None:
+            return zarr.open_group(store, mode=mode, zarr_format=3, attributes=attributes)
         return zarr.open_group(store, mode=mode, zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
+        if is_local(url) and os.path.exists(_local_path(url)):
+            raise StoreError(f"{url}: not a biofm store (no zarr group metadata, zarr.json, in it). Check the "
+                             "path, or run `biofm prepare …` to write a store there.") from None
         raise StoreError(f"{url}: no store at this path (it does not exist). Check the path, or run "
                          f"`biofm prepare …` to write it.") from err
 
@@ -234,40 +238,55 @@ class StoreWriter:
         tasks = {name: _check_task(name, dict(spec), self.url) for name, spec in tasks.items()}
         self.pending = {"source": source, "modalities": dict(modalities), "tasks": tasks, "seed": seed}
         _check_json(self.pending, self.url)
-        if _exists(self.url, storage_options):
-            root = open_root(self.url, "r+", storage_options)
-            attrs = dict(root.attrs)
+        # one writer per store, and never a folder that is not a biofm store (see writing.py)
+        self._finalizer = weakref.finalize(self, hold(self.url, storage_options))
+        try:
+            self.root = self._open_root(overwrite)
+        except BaseException:
+            self._finalizer()  # a writer that cannot start gives the lock back at once
+            raise
+
+    def _open_root(self, overwrite: bool) -> zarr.Group:
+        storage_options = self.storage_options
+        kind = check_target(self.url, storage_options)
+        fresh = {"biofm_store": FORMAT_VERSION, "complete": False, "pending": self.pending}
+        if kind == "store":
+            attrs = dict(open_root(self.url, "r", storage_options).attrs)
             if overwrite:
-                root = open_root(self.url, "w", storage_options)
+                root = open_root(self.url, "w", storage_options, attributes=fresh)
             elif attrs.get("complete"):
                 raise StoreError(f"{self.url} is already a complete store; pass overwrite=True "
                                  "(--overwrite) to write it again")
+            elif attrs.get("biofm_store") != FORMAT_VERSION:
+                raise StoreError(f"{self.url} holds an unfinished prepare of store format version "
+                                 f"{attrs.get('biofm_store')}; pass overwrite=True (--overwrite) to start over")
             elif _normalise(attrs.get("pending")) != _normalise(self.pending):
                 raise StoreError(f"{self.url} holds an unfinished prepare with other settings (source, "
                                  "modalities, tasks or seed); pass overwrite=True (--overwrite) to start over")
-        else:
-            root = open_root(self.url, "w", storage_options)
-        self.root = root
-        if "pending" not in root.attrs:
-            root.attrs.update({"biofm_store": FORMAT_VERSION, "complete": False, "pending": self.pending})
+            else:
+                root = open_root(self.url, "r+", storage_options)
+        else:  # absent or an empty folder; the metadata and the attributes that make it a store in one write
+            root = open_root(self.url, "w", storage_options, attributes=fresh)
+        return root
 
     # -- parts
     def _parts(self) -> zarr.Group:
         return self.root.require_group("_parts")
 
+    def _committed_parts(self) -> list[tuple[int, zarr.Group]]:
+        """(key, group) of the parts whose commit mark is written and whose arrays are all there."""
+        if "_parts" not in self.root:
+            return []
+        return sorted((int(k), g) for k, g in self._parts().groups() if _part_is_whole(g))
+
     def committed(self) -> set[int]:
         """Keys of the batches already committed (a rerun skips them)."""
-        if "_parts" not in self.root:
-            return set()
-        return {int(k) for k, g in self._parts().groups() if g.attrs.get("committed")}
+        return {key for key, _ in self._committed_parts()}
 
     def committed_sample_ids(self) -> set[str]:
         """Sample ids in the committed batches: a rerun that groups its samples into batches differently
         (e.g. by work done, as slides are) skips the samples already written."""
-        if "_parts" not in self.root:
-            return set()
-        return {str(v) for _, g in self._parts().groups() if g.attrs.get("committed")
-                for v in _plain(g["index/sample_id"][...])}
+        return {str(v) for _, g in self._committed_parts() for v in _plain(g["index/sample_id"][...])}
 
     def write_batch(self, key: int, *, sample_id: Iterable, subject_id: Iterable,
                     labels: Mapping[str, Any] | None = None, arrays: Mapping[str, Column] | None = None,
@@ -344,8 +363,7 @@ class StoreWriter:
         Holds one array of the whole store in memory at a time, except ragged arrays larger than
         `memory_bytes` (tile features, raw tiles), which stream sample by sample in permuted order.
         Rerunning after an interruption (here or earlier) gives the same store."""
-        parts = sorted((int(k), g) for k, g in self._parts().groups() if g.attrs.get("committed")) \
-            if "_parts" in self.root else []
+        parts = self._committed_parts()
         if not parts:
             raise StoreError(f"{self.url}: nothing was written; no sample to finalize")
         layouts = [dict(g.attrs["layout"]) for _, g in parts]
@@ -412,8 +430,11 @@ class StoreWriter:
                 _write_chunked(root, name, col, rows, self.codecs.get(name, self.codec))
             if not name.startswith("labels/"):
                 arrays[name] = {"ragged": info["ragged"], "dtype": info["dtype"], "shape": info["shape"]}
+        # the checksums of every file, then the attributes that mark the store complete, in one write: a
+        # complete store always has its checksums; the parts go last (a leftover is ignored by readers)
+        integrity.write_manifest(self.url, self.storage_options)
         pending = self.pending
-        root.attrs.update({
+        root.attrs.put({
             "biofm_store": FORMAT_VERSION, "source": pending["source"],
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "n_samples": int(n), "rows_per_chunk": int(rows), "seed": pending["seed"],
@@ -421,21 +442,51 @@ class StoreWriter:
             "complete": True,
         })
         del root["_parts"]
-        attrs = dict(root.attrs)
-        attrs.pop("pending", None)
-        root.attrs.put(attrs)
-        return Store(self.url, storage_options=self.storage_options)
+        store = Store(self.url, storage_options=self.storage_options)
+        self._finalizer()  # the lock goes back once the store is complete
+        return store
+
+
+def _part_is_whole(group: zarr.Group) -> bool:
+    """A part counts as committed when its commit mark is written (last) and every array its layout names
+    is there with its rows: whatever happened to the writer, a committed part is never missing an array."""
+    attrs = group.attrs
+    if not attrs.get("committed"):
+        return False
+    n = int(attrs.get("n", -1))
+    for name, info in dict(attrs.get("layout", {})).items():
+        try:
+            array = group[name]
+            if info.get("ragged"):
+                offsets = group[name + ".offsets"]
+                if offsets.shape != (n + 1,) or int(offsets[-1]) != array.shape[0]:
+                    return False
+            elif array.shape[0] != n:
+                return False
+        except (KeyError, IndexError, ValueError, OSError, RuntimeError):
+            return False
+    return True
 
 
 def _fault_injection() -> None:
     """Fault-injection for tests: with BIOFM_KILL_AFTER_PARTS=N the process kills itself (SIGKILL) right
-    after committing its N-th part, as a node dying mid-prepare would."""
-    limit = os.environ.get("BIOFM_KILL_AFTER_PARTS")
-    if limit:
-        global _COMMITTED
-        _COMMITTED += 1
-        if _COMMITTED >= int(limit):
-            os.kill(os.getpid(), signal.SIGKILL)
+    after committing its N-th part, as a node dying mid-prepare would. With BIOFM_PAUSE_AFTER_PARTS=N:FILE it
+    writes FILE.paused after its N-th part and waits (at most 5 minutes) until FILE exists: a prepare caught
+    in the middle, for tests of a second writer."""
+    global _COMMITTED
+    kill, pause = os.environ.get("BIOFM_KILL_AFTER_PARTS"), os.environ.get("BIOFM_PAUSE_AFTER_PARTS")
+    if not (kill or pause):
+        return
+    _COMMITTED += 1
+    if kill and _COMMITTED >= int(kill):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if pause and _COMMITTED == int(pause.split(":", 1)[0]):
+        import time
+        release = pause.split(":", 1)[1]
+        open(release + ".paused", "w").close()
+        deadline = time.monotonic() + 300
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 _COMMITTED = 0
@@ -455,9 +506,8 @@ def _write_ragged_streaming(root: zarr.Group, name: str, parts: list[zarr.Group]
     first = sources[0]
     row_bytes = max(int(np.prod(first.shape[1:], dtype=np.int64)) * first.dtype.itemsize, 1)
     value_rows = _chunk_rows(row_bytes, int(offsets[-1]), chunk_bytes, 1)
-    out = root.create_array(name, shape=(int(offsets[-1]), *first.shape[1:]), dtype=first.dtype,
-                            compressors=compressors_for(first.dtype, codec),
-                            chunks=(value_rows, *first.shape[1:]), overwrite=True)
+    out = _create_array(root, name, (int(offsets[-1]), *first.shape[1:]), first.dtype,
+                        (value_rows, *first.shape[1:]), codec)
     buffer, buffered, written = [], 0, 0
     for sample in perm:
         p, j = part_of[sample], local[sample]
@@ -505,20 +555,30 @@ CODECS = ("auto", "zstd", "none")
 def compressors_for(dtype: np.dtype, codec: str = "auto"):
     """`auto`: floats (features, volumes) barely compress and zstd decodes them at a third of memcpy
     speed, so they are stored raw; integers, booleans and strings (tokens, codes, ids) get zstd.
-    `zstd` compresses everything (smaller stores, slower streams); `none` nothing."""
+    `zstd` compresses everything (smaller stores, slower streams); `none` nothing. zstd frames carry their
+    content checksum, so a corrupt chunk fails when it is decoded instead of reading back as other values."""
     if codec not in CODECS:
         raise StoreError(f"codec must be one of {CODECS}, got {codec!r}")
     kind = np.dtype(dtype).kind if not isinstance(dtype, type) else "U"
     if kind in "UTO" or codec == "zstd" or (codec == "auto" and kind != "f"):
-        return "auto"  # zarr's default: zstd
+        from zarr.codecs import ZstdCodec
+        return ZstdCodec(level=0, checksum=True)
     return None
+
+
+def _create_array(group: zarr.Group, name: str, shape: tuple, dtype, chunks: tuple, codec: str) -> zarr.Array:
+    """Every chunk is written, even one that holds only the fill value, so a missing chunk file is damage
+    (integrity.py); floats are filled with NaN, so a label that was never written reads as missing, not 0."""
+    kind = np.dtype(dtype).kind if not isinstance(dtype, type) else "U"
+    return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, overwrite=True,
+                              compressors=compressors_for(dtype if kind not in "UTO" else str, codec),
+                              fill_value=np.nan if kind == "f" else None,
+                              config={"write_empty_chunks": True})
 
 
 def _write_chunked(group: zarr.Group, name: str, values: np.ndarray, rows: int, codec: str = "auto") -> None:
     dtype = str if values.dtype.kind in "UTO" else values.dtype
-    compressors = compressors_for(values.dtype, codec)
-    arr = group.create_array(name, shape=values.shape, dtype=dtype, compressors=compressors,
-                             chunks=(max(1, rows), *values.shape[1:]), overwrite=True)
+    arr = _create_array(group, name, values.shape, dtype, (max(1, rows), *values.shape[1:]), codec)
     if values.size:
         arr[...] = values
 
@@ -567,7 +627,6 @@ class RawChunks:
         self.dtype = np.dtype(array.dtype)
         self.shape, self.rows = tuple(array.shape), int(array.chunks[0])
         self.row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
-        self.fill = array.metadata.fill_value
 
     @classmethod
     def of(cls, array: zarr.Array) -> RawChunks | None:
@@ -589,8 +648,8 @@ class RawChunks:
         key = self.array.metadata.encode_chunk_key((chunk,) + (0,) * (len(self.shape) - 1))
         return os.path.join(self.root, *key.split("/"))
 
-    def view(self, chunk: int) -> np.ndarray | None:
-        """The rows of one chunk as a read-only memory map of its file (None where zarr left it out)."""
+    def view(self, chunk: int) -> np.ndarray:
+        """The rows of one chunk as a read-only memory map of its file."""
         path = self.chunk_path(chunk)
         rows = min(self.rows, self.shape[0] - chunk * self.rows)
         try:
@@ -601,7 +660,7 @@ class RawChunks:
                 mapped = mmap.mmap(f.fileno(), rows * self.row_bytes, prot=mmap.PROT_READ,
                                    flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
         except FileNotFoundError:
-            return None
+            raise _missing_chunk(path, self.array, chunk) from None
         return np.frombuffer(mapped, dtype=self.dtype).reshape(rows, *self.shape[1:])
 
     def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -617,12 +676,16 @@ class RawChunks:
                 with open(path, "rb", buffering=0) as f:
                     f.seek((lo - chunk * self.rows) * self.row_bytes)
                     got = f.readinto(want)
-            except FileNotFoundError:  # zarr leaves out chunks that hold only the fill value
-                out[lo - start:hi - start] = self.fill
-                continue
+            except FileNotFoundError:  # every chunk is written: a missing one is damage
+                raise _missing_chunk(path, self.array, chunk) from None
             if got != len(want):
                 raise _short_chunk(path, len(want) - got)
         return out
+
+
+def _missing_chunk(path: str, array: zarr.Array, chunk: int) -> StoreError:
+    return StoreError(f"{path}: chunk {chunk} of array '{array.path}' is missing; the store is damaged, "
+                      "prepare it again")
 
 
 def _short_chunk(path: str, missing: int) -> StoreError:
@@ -631,9 +694,10 @@ def _short_chunk(path: str, missing: int) -> StoreError:
 
 
 class Store:
-    """A complete store, validated on open: every declared array exists and has the right length."""
+    """A complete store, validated on open: every declared array exists and has the right length, and every
+    file it was written with is there at its size (`integrity.check_files`)."""
 
-    def __init__(self, url: str, storage_options: dict | None = None):
+    def __init__(self, url: str, storage_options: dict | None = None, check_files: bool = True):
         self.url, self.storage_options = str(url), storage_options
         self.root = open_root(self.url, "r", storage_options)
         self._arrays: dict[str, zarr.Array] = {}
@@ -667,7 +731,8 @@ class Store:
         for name, info in self.array_info.items():
             if info["ragged"]:
                 values = self._array(name)
-                offsets = self._check_fixed(name + ".offsets", (n + 1,))[...]
+                self._check_fixed(name + ".offsets", (n + 1,))
+                offsets = self._zarr_read(name + ".offsets")
                 if (offsets[0] != 0 or np.any(np.diff(offsets) < 0)
                         or offsets[-1] != values.shape[0]):
                     raise StoreError(f"{where}: {name}.offsets do not match the rows of {name} (they must "
@@ -676,6 +741,8 @@ class Store:
                 self.offsets[name] = offsets.astype(np.int64)
             else:
                 self._check_fixed(name, (n, *info["shape"]))
+        if check_files:  # a missing or truncated chunk, named (a loader worker reopening a checked store skips it)
+            integrity.check_files(self.url, storage_options)
 
     def _array(self, name: str) -> zarr.Array:
         # opening an array reads and parses its metadata: once per store object, not once per read
@@ -707,7 +774,22 @@ class Store:
 
     def index(self, name: str) -> np.ndarray:
         """`sample_id`, `subject_id` or `split` for every sample, as a numpy str array."""
-        return _plain(self._array(f"index/{name}")[...])
+        return _plain(self._zarr_read(f"index/{name}"))
+
+    def labels(self, task: str) -> np.ndarray:
+        """The labels of `task` for every sample ([N] or [N, C] float32, NaN = missing)."""
+        return self.read_rows(0, self.n, [f"labels/{task}"])[f"labels/{task}"]
+
+    def _zarr_read(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """Rows of an array through zarr; a chunk that cannot be decoded is a StoreError naming it."""
+        array = self._array(name)
+        try:
+            return array[start:stop] if start is not None or stop is not None else array[...]
+        except Exception as err:  # noqa: BLE001 — zstd and zarr raise RuntimeError, ValueError, …
+            rows = f"rows {start or 0}–{array.shape[0] if stop is None else stop}" if array.ndim else "its value"
+            raise StoreError(f"{self.url}: array '{name}' ({rows}) cannot be decoded ({type(err).__name__}: "
+                             f"{str(err)[:120]}); a chunk is corrupt — the store is damaged, prepare it again "
+                             f"(`biofm verify {self.url}` names the file)") from None
 
     def arrays_of(self, modality: str) -> list[str]:
         return [name for name in self.array_info if name.split("/")[0] == modality]
@@ -723,15 +805,14 @@ class Store:
             if name in self.offsets:
                 offsets = self.offsets[name]
                 lo, hi = int(offsets[start]), int(offsets[stop])
-                values = raw.read(lo, hi) if raw is not None else self._array(name)[lo:hi]
+                values = raw.read(lo, hi) if raw is not None else self._zarr_read(name, lo, hi)
                 out[name] = Ragged(values, offsets[start:stop + 1] - lo)
             elif raw is None:
-                out[name] = _plain(self._array(name)[start:stop])
+                out[name] = _plain(self._zarr_read(name, start, stop))
             elif mapped and stop > start and start // raw.rows == (stop - 1) // raw.rows:
                 chunk = start // raw.rows
-                view = raw.view(chunk)
                 offset = chunk * raw.rows
-                out[name] = view[start - offset:stop - offset] if view is not None else raw.read(start, stop)
+                out[name] = raw.view(chunk)[start - offset:stop - offset]
             else:
                 out[name] = raw.read(start, stop)
         return out

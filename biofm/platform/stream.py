@@ -136,8 +136,8 @@ class StoreStream(IterableDataset):
 
     @property
     def store(self) -> Store:
-        if self._store is None:
-            self._store = Store(self.url, storage_options=self.storage_options)
+        if self._store is None:  # in a loader worker: the store's files were checked when it was first opened
+            self._store = Store(self.url, storage_options=self.storage_options, check_files=False)
         return self._store
 
     # -- the plan
