@@ -192,12 +192,40 @@ def test_a_corrupt_chunk_of_the_same_size_fails_verify_and_a_compressed_one_fail
         store.read_rows(0, store.n, ["tabular/categorical"])
 
 
-def test_every_chunk_is_written_and_unwritten_labels_read_as_missing(cohort):
-    for name in ("labels/event", "labels/risk_score", "tabular/numeric"):
-        array = cohort.root[name]
+def test_every_chunk_is_written_and_unwritten_labels_read_as_missing(tmp_path):
+    writer = StoreWriter(tmp_path / "s.zarr", source="fill", modalities={"m": {}}, tasks={"y": {"kind": "binary"}},
+                         chunk_bytes=1024, min_chunks=4)
+    n = 400
+    writer.write_batch(0, sample_id=[str(i) for i in range(n)], subject_id=[str(i) for i in range(n)],
+                       labels={"y": np.full(n, np.nan, np.float32)},  # every chunk only the fill value
+                       arrays={"m/zeros": np.zeros((n, 8), np.int32), "m/x": np.ones((n, 8), np.float32)})
+    store = writer.finalize()
+    for name in ("labels/y", "m/zeros", "m/x"):
+        array = store.root[name]
         chunks = int(np.prod([-(-s // c) for s, c in zip(array.shape, array.chunks)]))
-        assert len([p for p in (Path(cohort.url) / name / "c").rglob("*") if p.is_file()]) == chunks
-    assert np.isnan(cohort.root["labels/event"].metadata.fill_value)  # never a false 0
+        assert chunks > 1
+        assert len([p for p in (Path(store.url) / name / "c").rglob("*") if p.is_file()]) == chunks, name
+    assert np.isnan(store.root["labels/y"].metadata.fill_value)  # a label never written is missing, never 0
+
+
+def test_no_flipped_byte_of_a_compressed_chunk_reads_back_as_other_values(cohort):
+    path = _chunk(cohort, "tabular/categorical")
+    good = path.read_bytes()
+    want = cohort.read_rows(0, cohort.n, ["tabular/categorical"])["tabular/categorical"]
+    silent = []
+    for position in range(len(good)):
+        flipped = bytearray(good)
+        flipped[position] ^= 0x55
+        path.write_bytes(bytes(flipped))
+        try:
+            got = Store(cohort.url).read_rows(0, cohort.n, ["tabular/categorical"])["tabular/categorical"]
+        except StoreError as err:
+            assert "cannot be decoded" in str(err)
+            continue
+        if not np.array_equal(got, want):
+            silent.append(position)
+    path.write_bytes(good)
+    assert not silent, f"{len(silent)} of {len(good)} flipped bytes read back as other values"
 
 
 # ---------------------------------------------------------------------------------- 3. one writer a store
