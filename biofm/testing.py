@@ -166,6 +166,9 @@ def tiny_patch_network():
     return nn.Sequential(nn.Conv2d(3, 8, 8, stride=8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
+FAKE_FLAG = "fake label: the sample's row index is odd"  # the same task in every fake store: one head
+
+
 def write_fake_modality_store(url: str, modality: str, n: int = 120, seed: int = 0,
                               settings: dict | None = None) -> Store:
     """A store with one modality built from `fake_raw` (with the modality's `settings`), and one binary task."""
@@ -174,7 +177,7 @@ def write_fake_modality_store(url: str, modality: str, n: int = 120, seed: int =
     mod = MODALITIES.resolve(modality)(**(settings or {}))
     mod.fit(raw)
     writer = StoreWriter(url, source=f"fake-{modality}", modalities={modality: mod.config()},
-                         tasks={"flag": {"kind": "binary"}}, seed=seed)
+                         tasks={"flag": {"kind": "binary", "definition": FAKE_FLAG}}, seed=seed)
     writer.write_batch(0, sample_id=[f"F{i}" for i in range(n)], subject_id=[f"FP{i}" for i in range(n)],
                        labels={"flag": (np.arange(n) % 2).astype(np.float32)}, arrays=mod.featurise(raw))
     return writer.finalize()
@@ -206,3 +209,40 @@ class RowLog(Callback):
             f.write(" ".join(map(str, [trainer.global_step, *batch["row"].tolist()])) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def wandb_summary(run_file: str | os.PathLike) -> dict:
+    """The summary of an offline W&B run (`offline-run-*/run-*.wandb`): the last value of each logged key,
+    then explicit summary updates, read from the file's records (the LevelDB log format W&B writes: a 7-byte
+    header, 32 KiB blocks of records `crc32c(4) length(2) type(1) data`, a record split across blocks as
+    first / middle / last). Offline runs write no `wandb-summary.json`; this is how a test reads what
+    `wandb sync` would upload."""
+    import json
+
+    from wandb.proto import wandb_internal_pb2
+    data = Path(run_file).read_bytes()
+    block, position, pending, records = 32768, 7, b"", []
+    while position + 7 <= len(data):
+        left = block - position % block
+        if left < 7:  # the block's tail is padding
+            position += left
+            continue
+        length = int.from_bytes(data[position + 4:position + 6], "little")
+        kind = data[position + 6]
+        payload = data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind == 0 and length == 0:
+            continue
+        pending = payload if kind in (1, 2) else pending + payload
+        if kind in (1, 4):
+            records.append(pending)
+            pending = b""
+    summary: dict = {}
+    for raw in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        which = record.WhichOneof("record_type")
+        items = record.history.item if which == "history" else record.summary.update if which == "summary" else ()
+        for item in items:
+            summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return summary

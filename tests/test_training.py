@@ -151,17 +151,24 @@ def _identifiers(store) -> list[bytes]:
     return [v.encode() for v in values]
 
 
+def _vocabulary(store) -> list[bytes]:
+    """Words of the tokenizer vocabulary learned from the cohort's reports (long ones, not metric names)."""
+    vocab = json.loads(store.modalities["text"]["tokenizer"])["model"]["vocab"]
+    names = " ".join(list(store.tasks) + ["auroc", "auprc", "accuracy", "score", "macro", "pretext"])
+    return [w.encode() for w in vocab if len(w) >= 6 and w.isalpha() and w not in names]
+
+
 def test_a_run_directory_holds_no_sample_or_subject_id_or_report_text(cohort_store, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")  # the real tracker, writing its files in the run dir
     run = tmp_path / "run"
     fit_and_test([cohort_store.url], run, epochs=1, model={"d_model": 16, "depth": 1, "heads": 2, "latents": 2})
     files = [p for p in run.rglob("*") if p.is_file()]
     assert any(p.name == "metrics.csv" for p in files)
-    # W&B (offline) recorded the per-task metrics and the checkpoint
+    # W&B (offline) recorded the per-task metrics, but no checkpoint unless asked
     wandb_runs = list((run / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 1, f"expected one offline W&B run, found {wandb_runs}"
     recorded = sorted(p.name for p in (wandb_runs[0] / "files").iterdir())
-    assert any(name.endswith(".ckpt") for name in recorded), f"no checkpoint in the W&B run files: {recorded}"
+    assert not any(name.endswith(".ckpt") for name in recorded), f"a checkpoint in the W&B run files: {recorded}"
     assert b"val/event/auroc" in next(wandb_runs[0].glob("*.wandb")).read_bytes(), "metrics not in the W&B run"
     needles = _identifiers(cohort_store)
     assert len(needles) > 1000
@@ -169,11 +176,44 @@ def test_a_run_directory_holds_no_sample_or_subject_id_or_report_text(cohort_sto
         content = path.read_bytes()
         leaked = [n for n in needles if n in content]
         assert not leaked, f"{path} holds {len(leaked)} identifiers or report texts"
+    # no tokenizer vocabulary outside the checkpoints, and no store path in what W&B would upload
+    vocabulary = _vocabulary(cohort_store)
+    assert len(vocabulary) > 20
+    for path in files:
+        if path.suffix == ".ckpt":
+            assert sum(w in path.read_bytes() for w in vocabulary) > len(vocabulary) // 2  # the scan can find them
+            continue
+        content = path.read_bytes()
+        found = [w for w in vocabulary if w in content]
+        assert len(found) <= len(vocabulary) // 20, f"{path} holds {len(found)} vocabulary words, e.g. {found[:5]}"
+        if "wandb" in path.parts:
+            assert cohort_store.url.encode() not in content, f"{path} names the store's path"
     # the scan finds ids where they are meant to be (predictions), so it can fail
     fit_and_test([cohort_store.url], tmp_path / "with-predictions", epochs=1, loggers=False, predict=True,
                  model={"d_model": 16, "depth": 1, "heads": 2, "latents": 2})
     content = (tmp_path / "with-predictions" / "predictions.parquet").read_bytes()
     assert any(n in content for n in needles)
+
+
+def test_the_tracker_files_of_a_cli_run_name_no_store_path(cohort_store, tmp_path):
+    """W&B records the command line (with the store paths) and the program in its run metadata, which
+    `wandb sync` uploads: biofm turns that collection off."""
+    run = tmp_path / "run"
+    done = subprocess.run([BIOFM, "fit", *_base(cohort_store.url, run), "--trainer.max_epochs", "1"],
+                          capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    files = [p for p in (run / "wandb").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files)
+    for path in files:
+        assert cohort_store.url.encode() not in path.read_bytes(), f"{path} names the store's path"
+
+
+def test_the_checkpoint_reaches_the_tracker_only_when_asked(cohort_store, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    fit_and_test([cohort_store.url], tmp_path / "run", epochs=1, checkpoint_artifact=True,
+                 model={"d_model": 16, "depth": 1, "heads": 2, "latents": 2})
+    wandb_run = next((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert any(p.suffix == ".ckpt" for p in (wandb_run / "files").iterdir())
 
 
 def _bad_label_store(path: str) -> str:

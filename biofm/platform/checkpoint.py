@@ -7,12 +7,14 @@ Every checkpoint biofm writes holds only tensors and plain values (the schema is
 from __future__ import annotations
 
 import pickle
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
@@ -134,3 +136,76 @@ def load_pretrained(model: nn.Module, path: str | Path, fresh_heads: bool = Fals
     model.load_state_dict(loaded, strict=False)
     fresh = [t for t in model.schema["tasks"] if t not in shared_tasks]
     return {"loaded": sorted(loaded), "fresh_tasks": fresh}
+
+
+class BiofmCheckpoint(ModelCheckpoint):
+    """`best-epoch=N.ckpt` by the monitored validation metric, and `last.ckpt`: the state at the end of every
+    training epoch (after its validation) and every `every_minutes` minutes or `every_n_steps` steps within
+    one, so a killed run loses minutes, not an epoch, and a resume from `last.ckpt` trains nothing twice.
+
+    Lightning's `save_last` refreshes `last.ckpt` only when a top-k checkpoint is saved (after epochs whose
+    validation did not improve it kept an older epoch). A NaN monitor (no metric could be computed) never
+    selects a checkpoint."""
+
+    def __init__(self, dirpath: str, monitor: str = "val/macro/score", mode: str = "max",
+                 every_minutes: float | None = 10.0, every_n_steps: int | None = None, **kwargs):
+        super().__init__(dirpath=dirpath, monitor=monitor, mode=mode, save_last=True, save_top_k=1,
+                         filename="best-{epoch}", enable_version_counter=False, **kwargs)
+        if every_minutes is not None and every_minutes <= 0:
+            raise ValueError(f"checkpoint every_minutes must be above 0, got {every_minutes}")
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"checkpoint every_n_steps must be at least 1, got {every_n_steps}")
+        self.every_seconds = None if every_minutes is None else 60.0 * every_minutes
+        self.every_n_steps = every_n_steps
+        self._last_at_step: int | None = None
+        self._last_at_time = time.monotonic()
+
+    def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
+        saved_before = self._last_global_step_saved
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        # `last.ckpt` never stands in for the best checkpoint's save at this step (Lightning skips saving
+        # twice at one step, which would skip the epoch's top-k check after a mid-epoch save)
+        self._last_global_step_saved = saved_before
+        self._last_at_step, self._last_at_time = trainer.global_step, time.monotonic()
+
+    def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
+        current = monitor_candidates.get(self.monitor)
+        if torch.is_tensor(current) and torch.isnan(current):
+            return  # no metric could be computed: nothing to choose by
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    def _fitting(self, trainer) -> bool:
+        from lightning.pytorch.trainer.states import TrainerFn
+        return not trainer.fast_dev_run and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+
+    def _refresh_last(self, trainer) -> None:
+        if self._fitting(trainer) and self._last_at_step != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        due = (self.every_n_steps is not None and trainer.global_step % self.every_n_steps == 0) or (
+            self.every_seconds is not None and time.monotonic() - self._last_at_time >= self.every_seconds)
+        if trainer.world_size > 1:  # every rank takes the same decision (ranks' clocks differ)
+            due = trainer.strategy.broadcast(due)
+        if due:
+            self._refresh_last(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+
+def default_checkpoint(run_dir: str, every_minutes: float | None = 10.0,
+                       every_n_steps: int | None = None) -> BiofmCheckpoint:
+    """`<run_dir>/checkpoints/`: the best epoch by validation macro score, and `last.ckpt` (see
+    `BiofmCheckpoint`)."""
+    import os
+    return BiofmCheckpoint(os.path.join(run_dir, "checkpoints"), every_minutes=every_minutes,
+                           every_n_steps=every_n_steps)

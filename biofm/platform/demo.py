@@ -27,17 +27,19 @@ DEMO_MODEL = {"d_model": 64, "depth": 2, "heads": 4, "latents": 8, "dropout": 0.
 def fit_and_test(stores: list[str], run_dir: str | Path, *, modalities: list[str] | None = None,
                  epochs: int = 12, batch_size: int = 64,
                  model: dict | None = None, seed: int = 0, progress: bool = False, loggers=None,
-                 predict: bool = False, test_without: list[str] = (), data_options: dict | None = None) -> dict:
-    """Train on `stores` (optionally only some modalities), test, and return the test metrics; with
-    `test_without`, also test the same model with each of those modalities left out (under
-    `without:<modality>`); with `predict`, also write `<run_dir>/predictions.parquet`. `data_options` holds
-    further data-module options (tasks, train_fraction, …); checkpoints land in `<run_dir>/checkpoints`."""
+                 predict: bool = False, test_without: list[str] = (), data_options: dict | None = None,
+                 checkpoint_artifact: bool = False) -> dict:
+    """Train on `stores` (optionally only some modalities), test the best checkpoint, and return the test
+    metrics (also in `<run_dir>/test_metrics.json`); with `test_without`, also test the same model with each
+    of those modalities left out (returned under `without:<modality>`, logged as `test/without:<modality>/…`);
+    with `predict`, also write `<run_dir>/predictions.parquet`. `data_options` holds further data-module
+    options (tasks, train_fraction, …); checkpoints land in `<run_dir>/checkpoints`."""
     from lightning.pytorch import Trainer, seed_everything
     from lightning.pytorch.callbacks import RichProgressBar
 
-    from biofm.platform.checkpoint import SafeCheckpointIO
-    from biofm.platform.lightning import BiofmDataModule, BiofmModule, PredictionWriter, write_test_metrics
-    from biofm.platform.lightning_cli import default_checkpoint
+    from biofm.platform.checkpoint import SafeCheckpointIO, default_checkpoint
+    from biofm.platform.lightning import (BiofmDataModule, BiofmModule, PredictionWriter, metrics_of,
+                                          write_test_metrics)
     from biofm.platform.tracking import CheckpointArtifact, default_loggers, log_run_settings
 
     seed_everything(seed, verbose=False)
@@ -45,7 +47,8 @@ def fit_and_test(stores: list[str], run_dir: str | Path, *, modalities: list[str
     data = BiofmDataModule(stores, modalities=modalities, batch_size=batch_size, seed=seed, **(data_options or {}))
     module = BiofmModule(data.schema, **{**DEMO_MODEL, **(model or {})})
     loggers = default_loggers(run_dir) if loggers is None else loggers
-    callbacks = [default_checkpoint(run_dir), CheckpointArtifact()] + ([RichProgressBar()] if progress else [])
+    callbacks = [default_checkpoint(run_dir), CheckpointArtifact(checkpoint_artifact)] + \
+        ([RichProgressBar()] if progress else [])
     if predict:
         callbacks.append(PredictionWriter(run_dir))
     trainer = Trainer(max_epochs=epochs, accelerator="cpu", devices=1, default_root_dir=run_dir,
@@ -56,12 +59,15 @@ def fit_and_test(stores: list[str], run_dir: str | Path, *, modalities: list[str
     best = trainer.checkpoint_callback.best_model_path or None
     trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)
     write_test_metrics(trainer)
-    metrics = _test_metrics(trainer)
+    metrics = metrics_of(trainer, "test")
     for dropped in test_without:
         kept = [m for m in data.schema["modalities"] if m != dropped]
-        reduced = BiofmDataModule(stores, modalities=kept, batch_size=batch_size, seed=seed)
+        reduced = BiofmDataModule(stores, modalities=kept, batch_size=batch_size, seed=seed,
+                                  **(data_options or {}))
+        module.test_name = f"test/without:{dropped}"  # its own keys: the tracker keeps the full model's
         trainer.test(module, datamodule=reduced, ckpt_path=best, verbose=False)
-        metrics[f"without:{dropped}"] = _test_metrics(trainer)
+        metrics[f"without:{dropped}"] = metrics_of(trainer, module.test_name)
+    module.test_name = "test"
     if predict:
         trainer.predict(module, datamodule=data, ckpt_path=best, return_predictions=False)
     for logger in trainer.loggers:
@@ -72,10 +78,6 @@ def fit_and_test(stores: list[str], run_dir: str | Path, *, modalities: list[str
             # finish() returns before W&B's service has written the run's records to disk; teardown waits
             wandb.teardown()
     return metrics
-
-
-def _test_metrics(trainer) -> dict:
-    return {k[len("test/"):]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
 
 
 def plot_curves(metrics_csv: Path, out_png: Path) -> None:
@@ -153,7 +155,8 @@ def run_biobank(out_dir: Path, seed: int, console: Console, n_slides: int = 80, 
     console.print(table)
     frame = __import__("pandas").read_csv(manifest)
     test_slide = frame[frame["split"] == "test"]["slide_path"].iloc[0]
-    checkpoint = folder / "runs" / "slides-report-case" / "checkpoints" / "last.ckpt"
+    from biofm.platform.sdk import find_checkpoint
+    checkpoint = find_checkpoint(folder / "runs" / "slides-report-case")  # the model the table above tested
     slide_heatmap(str(checkpoint), str(manifest.parent / test_slide), folder / "heatmap.png")
     console.print(f"attention heatmap of a test slide: {folder / 'heatmap.png'}")
     return results

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -74,13 +75,21 @@ def check_settings(group: str, values: dict) -> None:
 # ------------------------------------------------------------------------------------------- schema
 
 def build_schema(stores: list[Store], tasks: list[str] | dict[str, str] | None = None,
-                 modalities: list[str] | None = None, train_fraction: float = 1.0, seed: int = 0) -> dict:
+                 modalities: list[str] | None = None, train_fraction: float = 1.0, seed: int = 0,
+                 shared_tasks: list[str] | None = None) -> dict:
     """Modalities and tasks of the run, checked against the stores: every requested task and modality
     exists, settings agree across stores, and labels fit the kind of their task's head. Regression scalers
-    come from the training labels the run will see (`train_fraction`)."""
+    come from the training labels the run will see (`train_fraction`).
+
+    A task name in two or more stores trains one head only when the stores mean the same by it: their specs
+    state the same `definition`, or the run names the task in `shared_tasks`; otherwise the run stops here
+    (a unit-discharge death and a death within 30 days are both called `mortality` somewhere).
+    Each task records where it applies: the modalities its training samples had and the sources they came
+    from; a sample with none of those modalities gets no prediction for it."""
     all_modalities: dict[str, dict] = {}
     all_tasks: dict[str, dict] = {}
     where: dict[str, str] = {}
+    holders: dict[str, list[Store]] = {}
     for store in stores:
         for name, config in store.modalities.items():
             if name in all_modalities and all_modalities[name] != config:
@@ -90,11 +99,12 @@ def build_schema(stores: list[Store], tasks: list[str] | dict[str, str] | None =
             all_modalities[name], where[name] = config, store.url
         for name, spec in store.tasks.items():
             known = all_tasks.get(name)
-            if known is not None and {k: v for k, v in known.items() if k != "unit"} != \
-                    {k: v for k, v in spec.items() if k != "unit"}:
+            if known is not None and {k: v for k, v in known.items() if k not in ("unit", "definition")} != \
+                    {k: v for k, v in spec.items() if k not in ("unit", "definition")}:
                 raise ConfigError(f"task '{name}' is {known['kind']} in {where['task:' + name]} but "
                                   f"{spec['kind']} (or has other classes) in {store.url}")
             all_tasks[name], where["task:" + name] = dict(spec), store.url
+            holders.setdefault(name, []).append(store)
     wanted_modalities = list(all_modalities) if modalities is None else list(modalities)
     for name in wanted_modalities:
         MODALITIES.resolve(name)  # unregistered → "could not resolve modality 'x' among choices [...]"
@@ -104,6 +114,12 @@ def build_schema(stores: list[Store], tasks: list[str] | dict[str, str] | None =
     for name in wanted_tasks:
         if name not in all_tasks:
             raise ConfigError(f"task '{name}' is in no store; the stores have {sorted(all_tasks)}")
+    unknown_shared = sorted(set(shared_tasks or ()) - set(all_tasks))
+    if unknown_shared:
+        raise ConfigError(f"data.shared_tasks names {unknown_shared}, which no store has; the stores have "
+                          f"{sorted(all_tasks)}")
+    for name in wanted_tasks:
+        _check_shared(name, holders[name], shared_tasks or ())
     if isinstance(tasks, dict):
         for name, kind in tasks.items():
             if kind and kind != all_tasks[name]["kind"]:
@@ -113,22 +129,64 @@ def build_schema(stores: list[Store], tasks: list[str] | dict[str, str] | None =
     for name in wanted_tasks:
         spec = dict(all_tasks[name])
         kind = task_kind(name, spec)
-        train_labels = []
-        for store in stores:
-            if name in store.tasks:
-                labels = store.labels(name)
-                try:
-                    kind.check_labels(labels, f"{store.url} labels/{name}")
-                except LabelError as err:
-                    raise ConfigError(str(err)) from None
-                train_labels.append(labels[keep_fraction(store.index("split") == "train", train_fraction, seed)])
+        train_labels, applies = [], set()
+        for store in holders[name]:
+            labels = store.labels(name)
+            try:
+                kind.check_labels(labels, f"{store.url} labels/{name}")
+            except LabelError as err:
+                raise ConfigError(str(err)) from None
+            train = keep_fraction(store.index("split") == "train", train_fraction, seed)
+            train_labels.append(labels[train])
+            labelled = train & ~np.isnan(labels.reshape(len(labels), -1)).all(axis=1)
+            for modality in store.modalities:
+                if modality in wanted_modalities and labelled.any() and np.asarray(
+                        store.read_rows(0, store.n, [f"{modality}/present"])[f"{modality}/present"],
+                        dtype=bool)[labelled].any():
+                    applies.add(modality)
         if spec["kind"] == "regression":
             values = np.concatenate(train_labels)
             values = values[~np.isnan(values)]
             std = float(values.std()) if len(values) > 1 else 1.0
             spec["scaler"] = [float(values.mean()) if len(values) else 0.0, std if std > 0 else 1.0]
+        spec["applies"] = {"modalities": sorted(applies), "sources": sorted({s.source for s in holders[name]})}
         schema_tasks[name] = spec
     return {"modalities": {n: all_modalities[n] for n in wanted_modalities}, "tasks": schema_tasks}
+
+
+def _check_shared(task: str, stores: list[Store], shared: list[str] | tuple) -> None:
+    """Stores that both have `task` share its head only when they say they mean the same (see build_schema)."""
+    if len(stores) < 2 or task in shared:
+        return
+    definitions = [store.tasks[task].get("definition") for store in stores]
+    if definitions[0] is not None and all(d == definitions[0] for d in definitions):
+        return
+    first = stores[0]
+    other = next((s for s, d in zip(stores[1:], definitions[1:]) if d is None or d != definitions[0]), stores[1])
+    raise ConfigError(f"task '{task}' is in stores {first.url} (source {first.source}) and {other.url} (source "
+                      f"{other.source}), which do not state the same definition of it, so they would train one "
+                      f"head for what may be two things. If it means the same in both, say so: "
+                      f"--data.shared_tasks '[{task}]'; otherwise prepare one of them with another task name "
+                      f"(e.g. --label-columns COLUMN={task}_{other.source})")
+
+
+def task_applies(schema: dict, inputs: dict[str, dict], n: int) -> dict[str, np.ndarray]:
+    """Per task, whether each of the `n` samples has one of the modalities its training samples had
+    (`spec["applies"]`; a checkpoint from before it was recorded: everywhere)."""
+    present = {name: np.asarray(batch["present"].cpu() if torch.is_tensor(batch["present"]) else batch["present"],
+                                dtype=bool) for name, batch in inputs.items()}
+    out = {}
+    for task, spec in schema["tasks"].items():
+        modalities = (spec.get("applies") or {}).get("modalities")
+        if modalities is None:
+            out[task] = np.ones(n, dtype=bool)
+            continue
+        mask = np.zeros(n, dtype=bool)
+        for modality in modalities:
+            if modality in present:
+                mask |= present[modality]
+        out[task] = mask
+    return out
 
 
 class Collator:
@@ -174,6 +232,8 @@ class BiofmDataModule(LightningDataModule):
             given seed): fine-tuning with few labels.
         steps_per_epoch: steps of one training epoch (default: the sum of the sources' batches).
         predict_split: split that `biofm predict` runs on ("train", "val", "test" or "all").
+        shared_tasks: tasks that two or more stores have and that mean the same in each, so they train one
+            head (a task in several stores whose specs state no common `definition` stops the run otherwise).
     """
 
     def __init__(self, stores: list[str], tasks: list[str] | dict[str, str] | None = None,
@@ -181,7 +241,8 @@ class BiofmDataModule(LightningDataModule):
                  num_workers: int = 0, buffer_size: int = 1024, seed: int = 0,
                  weights: dict[str, float] | None = None, temperature: float = 1.0,
                  steps_per_epoch: int | None = None, predict_split: str = "test",
-                 storage_options: dict | None = None, train_fraction: float = 1.0):
+                 storage_options: dict | None = None, train_fraction: float = 1.0,
+                 shared_tasks: list[str] | None = None):
         super().__init__()
         check_settings("data", dict(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
                                     buffer_size=buffer_size, temperature=temperature, train_fraction=train_fraction,
@@ -193,7 +254,7 @@ class BiofmDataModule(LightningDataModule):
             store = Store(url, storage_options=storage_options)
             name = store.source if store.source not in self.stores else f"{store.source}:{len(self.stores)}"
             self.stores[name] = store
-        self.schema = build_schema(list(self.stores.values()), tasks, modalities, train_fraction, seed)
+        self.schema = build_schema(list(self.stores.values()), tasks, modalities, train_fraction, seed, shared_tasks)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.buffer_size, self.seed = num_workers, buffer_size, seed
         self.weights, self.temperature, self.steps_per_epoch = weights, temperature, steps_per_epoch
@@ -290,7 +351,8 @@ class BiofmModule(LightningModule):
                               "(model.pretext)")
         self.balancer = make_balancer(balancing, self._balanced_tasks(schema), balancing_options)
         self.automatic_optimization = not self.balancer.gradient_based
-        self.metrics = torch.nn.ModuleDict({stage: TaskMetrics(self.model.kinds) for stage in ("val", "test")})
+        self._new_metrics()
+        self.test_name = "test"  # the key prefix of test metrics; another for an extra evaluation (test/without:x)
         if init_from:
             try:
                 load_pretrained(self.model, init_from, fresh_heads=fresh_heads)
@@ -317,6 +379,13 @@ class BiofmModule(LightningModule):
             module.eval()
         return self
 
+    def _new_metrics(self, device=None) -> None:
+        """Pooled metrics per stage, and per source for test (made as sources appear: every rank sees each)."""
+        self.metrics = torch.nn.ModuleDict({stage: TaskMetrics(self.model.kinds, stage) for stage in ("val", "test")})
+        if device is not None:
+            self.metrics.to(device)
+        self._source_metrics: dict[str, TaskMetrics] = {}
+
     def _balanced_tasks(self, schema: dict) -> list[str]:
         return list(schema["tasks"]) + [f"pretext/{name}" for name in self.pretexts]
 
@@ -342,7 +411,7 @@ class BiofmModule(LightningModule):
         self.model = BiofmModel(saved, hp["d_model"], hp["depth"], hp["heads"], hp["latents"], hp["dropout"],
                                 hp["encoders"]).to(device)
         self.balancer = make_balancer(hp["balancing"], self._balanced_tasks(saved), hp["balancing_options"])
-        self.metrics = torch.nn.ModuleDict({stage: TaskMetrics(self.model.kinds) for stage in ("val", "test")}).to(device)
+        self._new_metrics(device)
         self.hparams["schema"] = saved
 
     def _task_losses(self, batch: dict, out: dict) -> dict[str, torch.Tensor]:
@@ -486,20 +555,29 @@ class BiofmModule(LightningModule):
 
     def _evaluate(self, batch: dict, stage: str) -> None:
         size = len(batch["row"])
+        name = self.test_name if stage == "test" else stage
         embedded: dict = {}
         if self.model.kinds:
             out = self.model(batch["inputs"], embedded)
             losses = self._task_losses(batch, out)
             if losses:
-                self.log(f"{stage}/loss", sum(losses.values()), batch_size=size, sync_dist=True)
+                self.log(f"{name}/loss", sum(losses.values()), batch_size=size, sync_dist=True)
+            by_source = self._metrics_of_source(batch["source"]) if stage == "test" else None
             for task, target in batch["labels"].items():
                 self.metrics[stage].update(task, out["logits"][task], target)
+                if by_source is not None:
+                    by_source.update(task, out["logits"][task], target)
         if self.pretexts:
             pretext = sum(self._pretext_losses(batch["inputs"], embedded).values())
             if torch.is_tensor(pretext):
-                self.log(f"{stage}/pretext/loss", pretext, batch_size=size, sync_dist=True)
+                self.log(f"{name}/pretext/loss", pretext, batch_size=size, sync_dist=True)
                 if not self.model.kinds:  # pretraining only: checkpoints keep the lowest pretext loss
-                    self.log(f"{stage}/macro/score", -pretext, batch_size=size, sync_dist=True)
+                    self.log(f"{name}/macro/score", -pretext, batch_size=size, sync_dist=True)
+
+    def _metrics_of_source(self, source: str) -> TaskMetrics:
+        if source not in self._source_metrics:
+            self._source_metrics[source] = TaskMetrics(self.model.kinds, f"test ({source})").to(self.device)
+        return self._source_metrics[source]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -508,9 +586,23 @@ class BiofmModule(LightningModule):
         self._evaluate(batch, "test")
 
     def _log_metrics(self, stage: str) -> None:
-        results = self.metrics[stage].compute()
-        self.log_dict({f"{stage}/{k}": v for k, v in results.items()})
+        """Pooled metrics (NaN where undefined); for test with several sources, each source's too, under
+        `test/<source>/…`. Sanity-check batches neither warn nor count."""
+        quiet = self._trainer is not None and self.trainer.sanity_checking
+        name = self.test_name if stage == "test" else stage
+        with warnings.catch_warnings():
+            if quiet:
+                warnings.simplefilter("ignore")
+            results = {f"{name}/{k}": v for k, v in self.metrics[stage].compute().items()}
+            if stage == "test" and len(self._source_metrics) > 1:
+                for source, metrics in sorted(self._source_metrics.items()):
+                    results.update({f"{name}/{source}/{k}": v for k, v in metrics.compute().items()})
+        if quiet:
+            self.metrics[stage]._warned.clear()
+        self.log_dict(results)
         self.metrics[stage].reset()
+        if stage == "test":
+            self._source_metrics = {}
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
@@ -520,7 +612,8 @@ class BiofmModule(LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         out = self.model(batch["inputs"])
-        result = {"source": [batch["source"]] * len(batch["row"]), "sample_id": batch.get("sample_id")}
+        result = {"source": [batch["source"]] * len(batch["row"]), "sample_id": batch.get("sample_id"),
+                  "applies": task_applies(self.model.schema, batch["inputs"], len(batch["row"]))}
         for task, kind in self.model.kinds.items():
             result[task] = {k: v.cpu() for k, v in kind.predict(out["logits"][task]).items()}
         return result
@@ -573,25 +666,40 @@ def _flat(grads: tuple, params: list[torch.nn.Parameter]) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------- predictions
 
-def prediction_columns(kinds: dict, out: dict) -> dict[str, np.ndarray]:
+def prediction_columns(kinds: dict, out: dict, applies: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Per task of one batch's `TaskKind.predict` outputs: the prediction (class name or value in original
-    units) and, for classification, one probability column per class name."""
+    units) and, for classification, one probability column per class name; with `applies` (`task_applies`),
+    `<task>/applies` and no prediction (NaN, or None for class names and flags) where it is False."""
     columns: dict[str, np.ndarray] = {}
     for task, kind in kinds.items():
         pred = out[task]["prediction"].numpy()
         classes = kind.classes or ["0", "1"]
+        own: dict[str, np.ndarray] = {}
         if kind.name == "regression":
-            columns[task] = pred.astype(np.float64)
+            own[task] = pred.astype(np.float64)
         elif kind.name == "multilabel":
             for j, c in enumerate(classes):
-                columns[f"{task}/{c}"] = pred[:, j].astype(bool)
+                own[f"{task}/{c}"] = pred[:, j].astype(bool)
         else:
-            columns[task] = np.asarray(classes, dtype=object)[pred]
+            own[task] = np.asarray(classes, dtype=object)[pred]
         if "probs" in out[task]:
             probs = out[task]["probs"].numpy()
             for j, c in enumerate(classes):
-                columns[f"{task}/prob/{c}"] = probs[:, j].astype(np.float64)
+                own[f"{task}/prob/{c}"] = probs[:, j].astype(np.float64)
+        if applies is not None:
+            mask = np.asarray(applies[task], dtype=bool)
+            if not mask.all():
+                own = {name: _without(values, ~mask) for name, values in own.items()}
+            own[f"{task}/applies"] = mask
+        columns.update(own)
     return columns
+
+
+def _without(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """`values` with `rows` emptied: floats NaN, class names and flags None."""
+    values = values.astype(np.float64 if values.dtype.kind == "f" else object)
+    values[rows] = np.nan if values.dtype.kind == "f" else None
+    return values
 
 
 def predictions_frame(kinds: dict, outputs: list[dict]) -> pd.DataFrame:
@@ -601,7 +709,7 @@ def predictions_frame(kinds: dict, outputs: list[dict]) -> pd.DataFrame:
         columns: dict[str, object] = {"source": out["source"]}
         if out.get("sample_id") is not None:
             columns["sample_id"] = out["sample_id"]
-        columns.update(prediction_columns(kinds, out))
+        columns.update(prediction_columns(kinds, out, out.get("applies")))
         frames.append(pd.DataFrame(columns))
     if len(frames) == 1:
         return frames[0]
@@ -646,15 +754,52 @@ class PredictionWriter(Callback):
                 s.unlink()
 
 
-def write_test_metrics(trainer: Trainer, path: str | Path | None = None) -> Path | None:
-    """Test metrics as JSON (`<run dir>/test_metrics.json`), from rank 0."""
+def metrics_of(trainer: Trainer, prefix: str = "test") -> dict[str, float]:
+    """The metrics a run logged under `prefix/` (the prefix removed); extra evaluations logged under a longer
+    prefix (`test/without:<modality>/…`) are not among them."""
+    out = {}
+    for key, value in trainer.callback_metrics.items():
+        if key.startswith(prefix + "/") and not key[len(prefix) + 1:].startswith("without:"):
+            out[key[len(prefix) + 1:]] = float(value)
+    return out
+
+
+def write_test_metrics(trainer: Trainer, path: str | Path | None = None, prefix: str = "test") -> Path | None:
+    """Test metrics as JSON (`<run dir>/test_metrics.json`), from rank 0: `<task>/<metric>` pooled over the
+    sources and, with several sources, `<source>/<task>/<metric>`; a metric that could not be computed is
+    null."""
     if not trainer.is_global_zero:
         return None
     path = Path(path or Path(trainer.default_root_dir) / "test_metrics.json")
-    metrics = {k[len("test/"):]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    metrics = {k: (v if math.isfinite(v) else None) for k, v in metrics_of(trainer, prefix).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return path
+
+
+def print_metrics(metrics: dict[str, float], title: str, file=None) -> None:
+    """A table of `metrics_of`'s output: a row per `<task>/<metric>`, a column for the pooled value and one per
+    source (when the run had several); NaN is shown as "–" (undefined)."""
+    from rich.console import Console
+    from rich.table import Table
+    pooled, by_source = {}, defaultdict(dict)
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if len(parts) >= 3 and parts[0] not in ("macro", "pretext") and key.split("/", 1)[1] in metrics:
+            by_source[parts[0]]["/".join(parts[1:])] = value  # `<source>/<task>/<metric>`
+        else:
+            pooled[key] = value
+    table = Table(title=f"{title} metrics" + (" (pooled over sources, and per source)" if by_source else ""))
+    table.add_column("task / metric", no_wrap=True)
+    table.add_column("all sources" if by_source else "value", justify="right")
+    for source in sorted(by_source):
+        table.add_column(source, justify="right")
+
+    def shown(value) -> str:
+        return "–" if value is None or not math.isfinite(value) else f"{value:.4g}"
+    for key in sorted(pooled, key=lambda k: (k.startswith("macro/"), k)):
+        table.add_row(key, shown(pooled[key]), *[shown(by_source[s].get(key)) for s in sorted(by_source)])
+    Console(file=file).print(table)
 
 
 __all__ = ["BiofmDataModule", "BiofmModule", "Collator", "ConfigError", "PredictionWriter", "StoreError",

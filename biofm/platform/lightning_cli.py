@@ -7,22 +7,18 @@ import inspect
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from biofm.platform.checkpoint import SafeCheckpointIO, safe_load
+from biofm.platform.checkpoint import SafeCheckpointIO, default_checkpoint, safe_load
 from biofm.platform.errors import CheckpointError, StoreError
 from biofm.platform.lightning import (BiofmDataModule, BiofmModule, ConfigError, PredictionWriter, check_settings,
-                                      write_test_metrics)
+                                      metrics_of, print_metrics, write_test_metrics)
 from biofm.platform.registry import RegistryError
 from biofm.platform.tracking import CheckpointArtifact, default_loggers, log_run_settings
-
-def default_checkpoint(run_dir: str) -> ModelCheckpoint:
-    """`<run_dir>/checkpoints/`: the best epoch by validation macro score, and `last.ckpt`."""
-    return ModelCheckpoint(dirpath=os.path.join(run_dir, "checkpoints"), monitor="val/macro/score", mode="max",
-                           save_last=True, save_top_k=1, filename="best-{epoch}")
 
 
 USER_ERRORS = (ConfigError, StoreError, RegistryError, CheckpointError, FileNotFoundError)
@@ -32,12 +28,21 @@ class BiofmCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # modalities and tasks come from the stores: the model is built for what the data holds
         parser.link_arguments("data.schema", "model.schema", apply_on="instantiate")
+        parser.add_argument("--checkpoint.every_minutes", type=Optional[float], default=10.0,
+                            help="also write last.ckpt within an epoch every this many minutes of training "
+                                 "(null: only at the end of each epoch)")
+        parser.add_argument("--checkpoint.every_n_steps", type=Optional[int], default=None,
+                            help="also write last.ckpt within an epoch every this many steps")
+        parser.add_argument("--tracking.checkpoint_artifact", type=bool, default=False,
+                            help="record the best checkpoint in the W&B run (it is uploaded by `wandb sync`; a "
+                                 "checkpoint carries tokenizer vocabularies learned from the training data)")
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> object:
         run_dir = config.get("default_root_dir") or os.getcwd()
         config["default_root_dir"] = run_dir
+        resuming = self.subcommand == "fit" and bool(self.config[self.subcommand].get("ckpt_path"))
         if config.get("logger") in (None, True):
-            config["logger"] = default_loggers(run_dir, stage=self.subcommand or "fit")
+            config["logger"] = default_loggers(run_dir, stage=self.subcommand or "fit", resume=resuming)
         plugins = config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -50,11 +55,14 @@ class BiofmCLI(LightningCLI):
             extra.append(RichProgressBar())
         if config.get("enable_checkpointing", True) is not False and \
                 not any(isinstance(c, ModelCheckpoint) for c in configured + extra):
-            extra.append(default_checkpoint(run_dir))
+            cadence = self._get(self.config_init, "checkpoint", default=None) or {}
+            extra.append(default_checkpoint(run_dir, every_minutes=cadence.get("every_minutes", 10.0),
+                                            every_n_steps=cadence.get("every_n_steps")))
         if self.subcommand == "predict":
             extra.append(PredictionWriter())
         if self.subcommand == "fit":
-            extra.append(CheckpointArtifact())
+            tracking = self._get(self.config_init, "tracking", default=None) or {}
+            extra.append(CheckpointArtifact(enabled=bool(tracking.get("checkpoint_artifact", False))))
         return super()._instantiate_trainer(config, extra)
 
     def _parse_ckpt_path(self) -> None:
@@ -62,6 +70,9 @@ class BiofmCLI(LightningCLI):
         `safe_load`; a value given on the command line or in a config that the checkpoint replaces is named."""
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path in ("last", "best"):
+            path = self._run_checkpoint(subcommand, path)
+            self.config[subcommand]["ckpt_path"] = path
         if not path or not Path(path).is_file():
             return
         hparams = dict(safe_load(path).get("hyper_parameters") or {})
@@ -79,6 +90,28 @@ class BiofmCLI(LightningCLI):
                   f"{'; '.join(replaced)}", file=sys.stderr)
         self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
+    def _run_checkpoint(self, subcommand: str, which: str) -> str:
+        """`--ckpt_path last`: the newest of `<run dir>/checkpoints/last*.ckpt` and a SLURM requeue's
+        `hpc_ckpt_*.ckpt`; `--ckpt_path best`: the newest `best-*.ckpt`. None is an error (Lightning would start
+        afresh, or fail later, with a warning)."""
+        run_dir = Path(self.config[subcommand]["trainer"].get("default_root_dir") or os.getcwd())
+        if which == "last":
+            found = [*(run_dir / "checkpoints").glob("last*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+        else:
+            found = list((run_dir / "checkpoints").glob("best-*.ckpt"))
+        if not found:
+            kind = "no last.ckpt (nor does the run directory a hpc_ckpt_*.ckpt)" if which == "last" else \
+                "no best-*.ckpt (no validation score could be computed, or the run was not validated)"
+            raise ConfigError(f"--ckpt_path {which}: {run_dir / 'checkpoints'} holds {kind}; run without "
+                              "--ckpt_path to start afresh, or name the checkpoint file")
+        return str(max(found, key=lambda p: p.stat().st_mtime))
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if subcommand in ("test", "validate"):
+            kwargs["verbose"] = False  # after_test prints the table, with a column per source
+        return kwargs
+
     def before_instantiate_classes(self) -> None:
         """Settings that cannot work are refused here, before any store is opened."""
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -93,7 +126,12 @@ class BiofmCLI(LightningCLI):
     def after_test(self) -> None:
         path = write_test_metrics(self.trainer)
         if path is not None:
+            print_metrics(metrics_of(self.trainer, "test"), "test")
             print(f"test metrics written to {path}")
+
+    def after_validate(self) -> None:
+        if self.trainer.is_global_zero:
+            print_metrics(metrics_of(self.trainer, "val"), "validation")
 
 
 def run_lightning_cli(argv: list[str]) -> None:

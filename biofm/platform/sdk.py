@@ -15,6 +15,7 @@ input that cannot be featurised (an invalid SMILES, a missing slide, a corrupt v
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,15 +28,19 @@ import torch
 INPUTS = {"smiles": "molecule", "slides": "wsi", "oct": "oct", "reports": "text", "case": "tabular", "ehr": "ehr"}
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """`path` itself when it is a file; in a folder (a run directory or a W&B artifact), `last.ckpt`, else
-    the newest `best-*.ckpt`, else the newest `*.ckpt` anywhere below it."""
+def find_checkpoint(path: str | Path, which: str = "best") -> Path:
+    """`path` itself when it is a file. In a folder (a run directory or a W&B artifact): with `which="best"`
+    the newest `best-*.ckpt` (the best epoch by the validation monitor), else `last.ckpt`; with
+    `which="last"`, `last.ckpt` (the state at the end of training); else the newest `*.ckpt` below it."""
+    if which not in ("best", "last"):
+        raise ValueError(f"which= must be 'best' or 'last', got {which!r}")
     path = Path(path)
     if path.is_file():
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint file or run directory")
-    for pattern in ("**/last.ckpt", "**/best-*.ckpt", "**/*.ckpt"):
+    order = ("**/best-*.ckpt", "**/last.ckpt") if which == "best" else ("**/last.ckpt", "**/best-*.ckpt")
+    for pattern in (*order, "**/*.ckpt"):
         found = sorted(path.glob(pattern), key=lambda p: p.stat().st_mtime)
         if found:
             return found[-1]
@@ -63,6 +68,7 @@ class Model:
     def __init__(self, module, device: torch.device):
         self.module, self.device = module, device
         self.schema = module.model.schema
+        self.checkpoint: Path | None = None  # the file it was loaded from (biofm.load)
 
     @property
     def tasks(self) -> dict[str, dict]:
@@ -128,15 +134,22 @@ class Model:
             yield self.forward(inputs), errors
 
     def forward(self, inputs: dict) -> dict | None:
-        """The model's outputs, or None for a batch in which no sample has any input."""
-        return self.module.model(inputs) if inputs else None
+        """The model's outputs and, under `applies`, per task the samples it applies to (`task_applies`); None
+        for a batch in which no sample has any input."""
+        from biofm.platform.lightning import task_applies
+        if not inputs:
+            return None
+        out = self.module.model(inputs)
+        out["applies"] = task_applies(self.schema, inputs, len(next(iter(inputs.values()))["present"]))
+        return out
 
     # ---- outputs
     def predict(self, *, ids: Sequence | None = None, batch_size: int = 64, smiles: Sequence[str] | None = None,
                 slides: Sequence[str] | None = None, oct: Sequence | None = None, reports: Sequence[str] | None = None,
                 case: pd.DataFrame | None = None, ehr: Sequence | None = None) -> pd.DataFrame:
-        """One row per input: `sample_id`, per task the prediction (class name, or value in original units)
-        and, for classification, `<task>/prob/<class>`; `error` says why a row has no prediction."""
+        """One row per input: `sample_id`, per task the prediction (class name, or value in original units),
+        for classification `<task>/prob/<class>`, and `<task>/applies` (False where the sample has none of the
+        modalities the task was trained on: no prediction); `error` says why a row has no prediction."""
         raw, n = self._raw(dict(smiles=smiles, slides=slides, oct=oct, reports=reports, case=case, ehr=ehr))
         if ids is not None:
             ids = _as_list("ids", ids)
@@ -154,24 +167,24 @@ class Model:
         """Model outputs of one batch → prediction columns (empty where `errors` names a reason), then `error`."""
         return pd.DataFrame(self.columns(out, errors))
 
-    def columns(self, out: dict, errors: list[str | None], sample_ids: list[str] | None = None) -> dict[str, Any]:
-        """`frame`'s columns as arrays, after `sample_id` when given."""
+    def columns(self, out: dict | None, errors: list[str | None], sample_ids: list[str] | None = None
+                ) -> dict[str, Any]:
+        """`frame`'s columns as arrays, after `sample_id` when given: a task is predicted only for the samples
+        it applies to (`<task>/applies`, see `forward`), and none for a failed row."""
         from biofm.platform.lightning import prediction_columns
         kinds = self.module.model.kinds
+        n = len(errors)
         result = {}
         for task, kind in kinds.items():
             logits = out["logits"][task] if out is not None else \
-                torch.zeros(len(errors), kind.out_dim)  # nothing to predict from: every row is an error
+                torch.zeros(n, kind.out_dim)  # nothing to predict from: every row is an error
             result[task] = {k: (v.float() if v.is_floating_point() else v).cpu()
                             for k, v in kind.predict(logits).items()}
+        usable = np.array([e is None for e in errors], dtype=bool)
+        where = (out or {}).get("applies") or {}
+        applies = {task: usable & where.get(task, np.ones(n, dtype=bool)) for task in kinds}
         columns = {} if sample_ids is None else {"sample_id": sample_ids}
-        failed = np.array([e is not None for e in errors])
-        any_failed = failed.any()
-        for name, values in prediction_columns(kinds, result).items():
-            if any_failed:  # floats become NaN, class names and flags None
-                values = values.astype(np.float64 if values.dtype.kind == "f" else object)
-                values[failed] = np.nan if values.dtype.kind == "f" else None
-            columns[name] = values
+        columns.update(prediction_columns(kinds, result, applies))
         columns["error"] = errors
         return columns
 
@@ -239,8 +252,17 @@ def add_meds_columns(frame: pd.DataFrame, rows: pd.DataFrame, tasks: dict, task:
     return out
 
 
-def load(path: str | Path, device: str | None = None) -> Model:
-    """A trained model from a checkpoint file or a folder holding one (run directory, W&B artifact); on
-    CUDA when available unless `device` says otherwise."""
+def load(path: str | Path, device: str | None = None, which: str = "best", quiet: bool = False) -> Model:
+    """A trained model from a checkpoint file or a folder holding one (run directory, W&B artifact): in a
+    folder the best checkpoint by validation (`which="last"`: the last state); says on stderr which file it
+    loaded unless `quiet`. On CUDA when available unless `device` says otherwise."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return Model(load_module(find_checkpoint(path), device), device)
+    checkpoint = find_checkpoint(path, which)
+    if not quiet and Path(path).is_dir():
+        kind = "the best checkpoint by validation" if checkpoint.name.startswith("best-") else \
+            "the last checkpoint" if checkpoint.name.startswith("last") else "the newest checkpoint"
+        other = "which='last' loads the last state" if which == "best" else "which='best' loads the best by validation"
+        print(f"biofm: loaded {checkpoint} ({kind}; {other})", file=sys.stderr)
+    model = Model(load_module(checkpoint, device), device)
+    model.checkpoint = checkpoint
+    return model
