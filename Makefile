@@ -17,4 +17,4 @@ demo: $(STAMP)
 	$(VENV)/bin/biofm demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -n 2 --durations=15 tests
+	$(VENV)/bin/python -m pytest -n 2 -rs --durations=15 tests

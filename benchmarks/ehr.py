@@ -25,7 +25,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_INPUT = ROOT.parent / "shared" / "data" / "ehr" / "mimic-iv-demo-2.2"
+# biofm.testing.SHARED_DATA's rule, spelled here: importing biofm.testing would load Lightning before the
+# memory figures are taken
+DEFAULT_INPUT = Path(os.environ.get("BIOFM_SHARED_DATA") or ROOT.parent / "shared" / "data") / "ehr" / "mimic-iv-demo-2.2"
 SCHEMA = ROOT / "configs" / "ehr" / "mimic-iv.yaml"
 EVENT_TABLES = ["hosp/labevents", "hosp/prescriptions", "icu/inputevents"]
 COPIED = EVENT_TABLES + ["icu/icustays", "hosp/patients", "hosp/admissions", "icu/procedureevents"]

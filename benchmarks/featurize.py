@@ -23,9 +23,10 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from biofm.testing import SHARED_DATA  # noqa: E402 — ../shared/data, or BIOFM_SHARED_DATA
 from biofm.modalities.molecule.featurise import featurise_smiles  # noqa: E402
 
-DEFAULT_INPUT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mol" / "tox21.csv"
+DEFAULT_INPUT = SHARED_DATA / "mol" / "tox21.csv"
 
 
 def _ours(smiles):

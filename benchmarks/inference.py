@@ -27,7 +27,8 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-TOX21 = Path(__file__).resolve().parents[2] / "shared" / "data" / "mol" / "tox21.csv"
+from biofm.testing import SHARED_DATA  # noqa: E402 — ../shared/data, or BIOFM_SHARED_DATA
+TOX21 = SHARED_DATA / "mol" / "tox21.csv"
 
 
 def train_model(folder: Path) -> tuple[str, list[str]]:

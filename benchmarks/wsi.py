@@ -27,8 +27,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from biofm.testing import SHARED_DATA  # noqa: E402 — ../shared/data, or BIOFM_SHARED_DATA
 
-CMU = Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi" / "cmu-1-small-region.svs"
+CMU = SHARED_DATA / "wsi" / "cmu-1-small-region.svs"
 
 
 def make_slides(folder: Path, count: int, size: int) -> Path:

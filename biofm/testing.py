@@ -10,7 +10,9 @@ from lightning.pytorch import Callback
 
 from biofm.platform.store import Ragged, Store, StoreWriter
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# the shared real data (../shared/data beside the repository, or wherever BIOFM_SHARED_DATA points): tests that
+# need it skip with a reason when it is absent
+SHARED_DATA = Path(os.environ.get("BIOFM_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 TOY_TASKS = {
     "flag": {"kind": "binary"},
@@ -199,14 +201,16 @@ class WeightChecksum(Callback):
 
 class RowLog(Callback):
     """A Lightning callback for resume tests: after each training step appends `<global step> <rows…>` (the
-    store rows of the batch just trained on) to `path`, flushed, so a SIGKILL loses nothing logged."""
+    store rows of the batch just trained on) to `path`, flushed, so a SIGKILL loses nothing logged. `{rank}`
+    in `path` becomes the process's rank; with `epoch`, each line starts with the epoch."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, epoch: bool = False):
+        self.path, self.epoch = path, epoch
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        with open(self.path, "a") as f:
-            f.write(" ".join(map(str, [trainer.global_step, *batch["row"].tolist()])) + "\n")
+        fields = [trainer.current_epoch] * self.epoch + [trainer.global_step, *batch["row"].tolist()]
+        with open(self.path.format(rank=trainer.global_rank), "a") as f:
+            f.write(" ".join(map(str, fields)) + "\n")
             f.flush()
             os.fsync(f.fileno())
 

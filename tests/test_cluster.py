@@ -55,19 +55,27 @@ def test_the_sbatch_scripts_build_the_fit_command_from_slurm_variables(tmp_path)
 
 
 @pytest.mark.slow
+def _trained(rows: Path) -> list[list[int]]:
+    """RowLog(epoch=True) lines: [epoch, global step, rows…]."""
+    return [list(map(int, line.split())) for line in rows.read_text().splitlines()] if rows.exists() else []
+
+
 def test_sigusr1_checkpoints_requeues_and_the_requeued_job_resumes(cohort_store, tmp_path):
-    run_dir = tmp_path / "run"
+    import numpy as np
+    run_dir, rows = tmp_path / "run", tmp_path / "rows.txt"
     env = _fake_slurm(tmp_path, RUN_DIR=str(run_dir), TRAINER="configs/trainer/cpu.yaml")
     args = ["bash", "scripts/slurm/pretrain.sbatch", "configs/experiment/synthetic.yaml",
             "--model", "configs/model/tiny.yaml", "--data.stores", f"[{cohort_store.url}]",
-            "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
+            "--data.batch_size", "8", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+            "--trainer.callbacks", f'[{{class_path: biofm.testing.RowLog, init_args: {{path: {rows}, epoch: true}}}}]']
     job = subprocess.Popen(args + ["--trainer.max_epochs", "200"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.time() + 300
-        while not (run_dir / "checkpoints" / "last.ckpt").exists():  # training has started: the handler is set
-            assert job.poll() is None and time.time() < deadline, "the job ended before its first epoch"
-            time.sleep(0.5)
+        # training has started (the handler is set) and is inside the second epoch
+        while not (_trained(rows) and _trained(rows)[-1][0] >= 1 and len(_trained(rows)) % 20 > 5):
+            assert job.poll() is None and time.time() < deadline, "the job ended before its second epoch"
+            time.sleep(0.05)
         job.send_signal(signal.SIGUSR1)
         while not ((run_dir / "hpc_ckpt_1.ckpt").exists() and (tmp_path / "scontrol.log").exists()):
             assert job.poll() is None and time.time() < deadline, "no HPC checkpoint after SIGUSR1"
@@ -80,11 +88,22 @@ def test_sigusr1_checkpoints_requeues_and_the_requeued_job_resumes(cohort_store,
 
     from biofm.platform.checkpoint import safe_load
     saved = safe_load(run_dir / "hpc_ckpt_1.ckpt")
-    epochs = saved["epoch"] + 2  # the requeued job trains on from where the signal stopped it
+    step, epoch = saved["global_step"], saved["epoch"]
+    first = _trained(rows)
+    rows.unlink()
+    epochs = epoch + 2  # the requeued job trains on from where the signal stopped it
     resumed = subprocess.run(args + ["--trainer.max_epochs", str(epochs)], env=env, cwd=ROOT, capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Restoring states from the checkpoint path at {run_dir / 'hpc_ckpt_1.ckpt'}" in resumed.stdout + resumed.stderr
+    second = _trained(rows)
+    # the requeued job's first batch is the one after the checkpoint's step, in the interrupted epoch …
+    assert second[0][:2] == [epoch, step + 1]
+    # … and over both jobs that epoch trained each training sample once: nothing skipped, nothing twice
+    interrupted = [r for line in first if line[0] == epoch and line[1] <= step for r in line[2:]] + \
+        [r for line in second if line[0] == epoch for r in line[2:]]
+    train_rows = set(np.flatnonzero(cohort_store.index("split") == "train").tolist())
+    assert len(interrupted) == len(set(interrupted)) == len(train_rows) and set(interrupted) == train_rows
     last = safe_load(run_dir / "checkpoints" / "last.ckpt")
     assert last["epoch"] == epochs - 1 and last["global_step"] > saved["global_step"]
 

@@ -165,8 +165,12 @@ def test_meds_demo_and_aces_labels_to_meds_predictions_one_row_per_label(tmp_pat
     cohort = pl.read_parquet(tmp_path / "cohort" / "predictions_meds.parquet")
     assert cohort.columns == ["subject_id", "prediction_time", "predicted_boolean_value",
                               "predicted_boolean_probability"] and len(cohort) == len(labels)
-    np.testing.assert_allclose(np.sort(cohort["predicted_boolean_probability"].to_numpy()),
-                               np.sort(frame["predicted_boolean_probability"].to_numpy()), rtol=1e-4, atol=1e-5)
+    # row by row: each (subject, time) gets the probability `biofm predict` gave that label row
+    paired = cohort.with_columns(pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us"))
+                                 ).join(frame, on=["subject_id", "prediction_time"], how="inner", suffix="_predict")
+    assert len(paired) == len(labels)
+    np.testing.assert_allclose(paired["predicted_boolean_probability"].to_numpy(),
+                               paired["predicted_boolean_probability_predict"].to_numpy(), rtol=1e-4, atol=1e-5)
 
 
 @needs_ehr_data

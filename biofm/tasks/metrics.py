@@ -158,10 +158,20 @@ class TaskMetrics(nn.Module):
                 per = [f"{int(c)} of class {name}" for name, c in zip(classes, count)]
                 few = min(count) < FEW
             described = ", ".join(per)
-        if undefined or few:
+        partial = ""
+        if kind.name in ("multiclass", "multilabel") and "auroc" not in undefined:
+            n = len(kind.classes)
+            positives = count[n:] if kind.name == "multilabel" else count
+            negatives = count[:n] if kind.name == "multilabel" else [sum(count) - c for c in count]
+            both = sum(1 for p, q in zip(positives, negatives) if p > 0 and q > 0)
+            if both < n:
+                partial = (f"; its AUROC is the mean over the {both} of {n} "
+                           f"{'labels' if kind.name == 'multilabel' else 'classes'} that have both positives and "
+                           "negatives")
+        if undefined or few or partial:
             self._warned.add(task)
             what = (f"its {', '.join(undefined)} {'is' if len(undefined) == 1 else 'are'} undefined (NaN) and left "
-                    "out of the macro means" if undefined else "its metrics rest on few labels")
+                    "out of the macro means" if undefined else "its metrics rest on few labels") + partial
             warnings.warn(f"{self.name} split: task '{task}' has {described}: {what}", UserWarning, stacklevel=2)
 
     def reset(self) -> None:
