@@ -17,4 +17,5 @@ demo: $(STAMP)
 	$(VENV)/bin/biofm demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check biofm tests benchmarks scripts
 	$(VENV)/bin/python -m pytest -n 2 -rs --durations=15 tests

@@ -23,8 +23,8 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from biofm.testing import SHARED_DATA  # noqa: E402 — ../shared/data, or BIOFM_SHARED_DATA
 from biofm.modalities.molecule.featurise import featurise_smiles  # noqa: E402
+from biofm.testing import SHARED_DATA  # noqa: E402 — ../shared/data, or BIOFM_SHARED_DATA
 
 DEFAULT_INPUT = SHARED_DATA / "mol" / "tox21.csv"
 

@@ -28,12 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from biofm.testing import SHARED_DATA  # noqa: E402 — ../shared/data, or BIOFM_SHARED_DATA
+
 TOX21 = SHARED_DATA / "mol" / "tox21.csv"
 
 
 def train_model(folder: Path) -> tuple[str, list[str]]:
     from biofm.datasets.molecules import prepare_molecules
-    from biofm.platform.demo import fit_and_test
+    from biofm.recipes.runs import fit_and_test
     if TOX21.exists():
         source, labels = str(TOX21), None
         smiles = pd.read_csv(TOX21)["smiles"].dropna().tolist()

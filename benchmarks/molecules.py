@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from biofm.datasets.molecules import prepare_molecules  # noqa: E402
-from biofm.platform.demo import fit_and_test  # noqa: E402
+from biofm.recipes.runs import fit_and_test  # noqa: E402
 
 # chemprop D-MPNN, random split, test set (README of ../shared/data/mol)
 REFERENCES = {"esol": ("rmse", 0.555), "freesolv": ("rmse", 1.075), "tox21": ("auroc", 0.851)}

@@ -48,7 +48,7 @@ def train_rate(model: torch.nn.Module, forward, batch: torch.Tensor, steps: int,
 def encoder_figures(size: int, batch_size: int, steps: int) -> dict:
     from monai.networks.nets import DenseNet121
 
-    from biofm.modalities.oct import OctEncoder
+    from biofm.modalities.oct.encoder import OctEncoder
     torch.manual_seed(0)
     volume = torch.rand(batch_size, 1, size, size, size)
     ours = OctEncoder((size, size, size), (size, size), d_model=64)

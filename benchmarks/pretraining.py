@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from biofm.testing import SHARED_DATA  # noqa: E402 — ../shared/data, or BIOFM_SHARED_DATA
 from biofm.datasets.molecules import prepare_molecules  # noqa: E402
 from biofm.datasets.synthetic import prepare_synthetic  # noqa: E402
-from biofm.platform.demo import fit_and_test  # noqa: E402
 from biofm.platform.store import Store  # noqa: E402
+from biofm.recipes.runs import fit_and_test  # noqa: E402
+from biofm.testing import SHARED_DATA  # noqa: E402 — ../shared/data, or BIOFM_SHARED_DATA
 
 MOL = SHARED_DATA / "mol"
 POOL = {"qm9": ("graphium/micro_qm9.csv", "smiles"), "zinc": ("graphium/micro_ZINC.csv", "SMILES"),

@@ -89,55 +89,10 @@ def free_port() -> int:
 
 
 def fake_raw(modality: str, n: int, seed: int = 0) -> list:
-    """Raw inputs for a registered modality (None marks a sample without it). A new modality adds its
-    builder here, and the registry-wide tests cover it."""
-    import pandas as pd
-    rng = np.random.default_rng(seed)
-    if modality == "tabular":
-        frame = pd.DataFrame({"age": rng.normal(60, 10, n).round(1), "dose": rng.random(n),
-                              "stage": rng.choice(["I", "II", "III"], n), "smoker": rng.choice([True, False], n)})
-        frame.loc[frame.index % 4 == 1, "age"] = np.nan
-        rows = frame.to_dict("records")
-        return [r if i % 5 != 2 else None for i, r in enumerate(rows)]
-    if modality == "text":
-        words = ["mild", "severe", "atypia", "margins", "clear", "involved", "biopsy", "tissue", "nodes"]
-        return [" ".join(rng.choice(words, size=rng.integers(3, 12))) if i % 5 != 3 else None for i in range(n)]
-    if modality == "molecule":
-        pool = ["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "C[C@H](N)C(=O)O", "c1ccncc1", "C/C=C/C", "O=C(O)CCl",
-                "CN1CCC[C@H]1c1cccnc1", "C", "[NH4+]", "c1ccc2[nH]ccc2c1", "FC(F)(F)c1ccccc1"]
-        return [pool[int(rng.integers(len(pool)))] if i % 5 != 4 else None for i in range(n)]
-    if modality == "ehr":
-        from biofm.modalities.ehr import EventSequence
-        items = [("labevents", "glucose", "mg/dL"), ("labevents", "creatinine", "mg/dL"),
-                 ("prescriptions", "heparin", "unit"), ("inputevents", "norepinephrine", "mcg/kg/min")]
-        out = []
-        for i in range(n):
-            if i % 5 == 1:
-                out.append(None)
-                continue
-            k = int(rng.integers(1, 9))
-            picks = [items[j] for j in rng.integers(0, len(items), k)]
-            times = np.sort(-rng.random(k) * 12).astype(np.float32)
-            times[0] = np.nan if i % 3 == 0 else times[0]  # a static fact now and then
-            fields = [[("item", name), ("value", f"{rng.random() * 200:.2f}"), ("unit", unit)]
-                      for _, name, unit in picks]
-            out.append(EventSequence(times, [t for t, _, _ in picks], fields))
-        return out
-    if modality == "wsi":
-        paths = fake_slides(seed)
-        return [paths[i % len(paths)] if i % 5 != 0 else None for i in range(n)]
-    if modality == "oct":
-        from biofm.datasets.oct import synthetic_eye
-        from biofm.modalities.oct import OctRecord
-        out = []
-        for i in range(n):
-            volume, thickness = synthetic_eye(rng, (8, 16, 16), glaucoma=bool(i % 2))
-            # every third has only its en-face map, some only their volume, every seventh nothing
-            has_volume, has_enface = i % 3 != 0, i % 5 != 4 or i % 3 == 0
-            out.append(None if i % 7 == 6 else OctRecord(volume if has_volume else None,
-                                                         thickness if has_enface else None))
-        return out
-    raise KeyError(f"biofm.testing.fake_raw has no builder for modality '{modality}'; add one")
+    """Raw inputs for a registered modality (None marks a sample without it): the modality's own
+    `example_raw`, so a new modality's registry-wide tests need nothing here."""
+    from biofm.platform.modality import MODALITIES
+    return MODALITIES.resolve(modality).example_raw(n, seed)
 
 
 def fake_slides(seed: int = 0, count: int = 6, size: int = 672) -> list[str]:

@@ -7,7 +7,6 @@ import io
 import numpy as np
 import pandas as pd
 import polars as pl
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -89,7 +88,7 @@ _yaml_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), s
 def test_an_ehr_schema_yaml_loads_or_gives_a_store_error(tmp_path_factory, document):
     import yaml
 
-    from biofm.datasets.ehr import Schema
+    from biofm.datasets.ehr.schema import Schema
     path = tmp_path_factory.mktemp("schema") / "schema.yaml"
     path.write_text(document if isinstance(document, str) else yaml.safe_dump(document))
     try:

@@ -8,7 +8,7 @@ from lightning.pytorch import Trainer
 
 from biofm.platform.balancing import BALANCERS, make_balancer
 from biofm.platform.lightning import BiofmDataModule, BiofmModule
-from biofm.platform.registry import RegistryError
+from biofm.registry import RegistryError
 
 
 @pytest.mark.parametrize("name", BALANCERS.names())

@@ -9,11 +9,12 @@ import polars as pl
 import pytest
 
 from biofm.datasets.ehr import meds_predictions, prepare_ehr_tables, prepare_meds
-from biofm.modalities.ehr import EHR, EventSequence, digit_places
+from biofm.modalities.ehr import EHR, EventSequence
+from biofm.modalities.ehr.tokenizer import digit_places
 from biofm.platform.cli import main
-from biofm.platform.demo import fit_and_test
 from biofm.platform.lightning import BiofmDataModule, ConfigError
-from biofm.platform.store import Store, StoreError
+from biofm.platform.store import StoreError
+from biofm.recipes.runs import fit_and_test
 from biofm.testing import SHARED_DATA
 
 EHR_DATA = SHARED_DATA / "ehr"
@@ -151,16 +152,17 @@ def test_meds_demo_and_aces_labels_to_meds_predictions_one_row_per_label(tmp_pat
     assert frame["predicted_boolean_probability"].is_between(0, 1).all()
     # the SDK from the raw MEDS events gives the same MEDS predictions
     import biofm
-    sdk = biofm.load(run).predict_meds(str(MEDS_ALL), labels.select("subject_id", "prediction_time"),
-                                       codes=str(MEDS_DIR / "metadata" / "codes.parquet"))
+    from biofm.datasets.ehr import predict_meds
+    sdk = predict_meds(biofm.load(run), str(MEDS_ALL), labels.select("subject_id", "prediction_time"),
+                       codes=str(MEDS_DIR / "metadata" / "codes.parquet"))
     assert len(sdk) == len(labels) and sdk["error"].isna().all()
     ours = pl.from_pandas(sdk[["subject_id", "prediction_time", "predicted_boolean_probability"]]).with_columns(
         pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us"))).sort(
         ["subject_id", "prediction_time"])
     np.testing.assert_allclose(ours["predicted_boolean_probability"].to_numpy(),
                                frame["predicted_boolean_probability"].to_numpy(), rtol=1e-4, atol=1e-5)
-    # and `biofm predict-cohort --meds` writes the MEDS prediction format for the label file's rows
-    main(["predict-cohort", "--checkpoint", str(run), "--manifest", str(ACES), "--meds", str(MEDS_ALL),
+    # and `biofm predict-meds` writes the MEDS prediction format for the label file's rows
+    main(["predict-meds", "--checkpoint", str(run), "--manifest", str(ACES), "--meds", str(MEDS_ALL),
           "--codes", str(MEDS_DIR / "metadata" / "codes.parquet"), "--out", str(tmp_path / "cohort")])
     cohort = pl.read_parquet(tmp_path / "cohort" / "predictions_meds.parquet")
     assert cohort.columns == ["subject_id", "prediction_time", "predicted_boolean_value",

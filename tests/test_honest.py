@@ -249,7 +249,7 @@ def test_a_task_two_stores_define_differently_stops_the_run_unless_declared_shar
 
 def test_the_tracker_summary_holds_the_full_model_test_and_extra_evaluations_apart(cohort_store, tmp_path,
                                                                                  monkeypatch):
-    from biofm.platform.demo import fit_and_test
+    from biofm.recipes.runs import fit_and_test
     monkeypatch.setenv("WANDB_MODE", "offline")
     run = tmp_path / "run"
     results = fit_and_test([cohort_store.url], run, epochs=1, test_without=["text"],

@@ -161,8 +161,8 @@ def test_tox21_missing_cells_stay_missing(tmp_path):
 
 @needs_mol_data
 def test_a_short_fit_on_tox21_subset_and_the_same_molecule_gets_the_same_prediction(tmp_path):
-    from biofm.platform.demo import fit_and_test
     from biofm.platform.lightning import BiofmDataModule, BiofmModule, Collator
+    from biofm.recipes.runs import fit_and_test
     store, _ = prepare_molecules(str(MOL_DATA / "tox21_subset.csv"), str(tmp_path / "t.zarr"), workers=1,
                                  fragments="keep", seed=0)
     metrics = fit_and_test([store.url], tmp_path / "run", epochs=15, batch_size=32, loggers=False,

@@ -105,7 +105,7 @@ def test_an_object_storage_folder_that_is_not_a_store_is_refused_and_kept(tmp_pa
 
 
 def test_the_ehr_work_folder_is_emptied_only_when_biofm_made_it(tmp_path):
-    from biofm.datasets.ehr import _work_dir
+    from biofm.datasets.ehr.common import work_dir as _work_dir
     theirs = tmp_path / "a.zarr.work"
     theirs.mkdir()
     (theirs / "notes.txt").write_text("mine")

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from biofm.datasets.oct import SYNTHETIC_LABELS, prepare_oct, write_synthetic_oct
-from biofm.modalities.oct import Oct, OctError, read_oct
-from biofm.platform.store import Store
+from biofm.modalities.oct import Oct, read_oct
 from biofm.testing import SHARED_DATA
 
 OCT = SHARED_DATA / "oct"
@@ -141,7 +140,7 @@ def synthetic_store(tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_short_fit_beats_chance_on_detection_and_sparse_progression(synthetic_store):
-    from biofm.platform.demo import fit_and_test
+    from biofm.recipes.runs import fit_and_test
     folder, store = synthetic_store
     metrics = fit_and_test([store.url], folder / "run", epochs=5, batch_size=16, loggers=False,
                            model={"lr": 2e-3, "encoders": {"oct": {"grid": 4, "layers": 1}}})
@@ -153,7 +152,7 @@ def test_a_short_fit_beats_chance_on_detection_and_sparse_progression(synthetic_
 
 @pytest.mark.slow
 def test_pseudo_labelling_adds_unlabeled_samples_and_training_stays_finite(synthetic_store, monkeypatch):
-    from biofm.platform.demo import fit_and_test
+    from biofm.recipes.runs import fit_and_test
     monkeypatch.setenv("WANDB_MODE", "disabled")
     folder, store = synthetic_store
     assert np.isnan(store.root["labels/glaucoma"][...]).any()  # unlabeled eyes exist

@@ -16,11 +16,22 @@ from biofm.testing import write_fake_modality_store
 
 TINY = {"d_model": 16, "depth": 1, "heads": 2, "latents": 2, "dropout": 0.0}
 ENCODERS = {"oct": {"oct": {"grid": 4, "layers": 1}}}
-CASES = [("molecule", "masked_atoms"), ("molecule", "masked_bonds"), ("molecule", "two_view"),
-         ("molecule", "descriptors"),
-         ("ehr", "masked_tokens"), ("ehr", "masked_events"), ("ehr", "two_view"),
-         ("wsi", "masked_tiles"), ("wsi", "two_view"), ("oct", "masked_patches"), ("oct", "two_view"),
-         ("tabular", "two_view")]
+
+
+def _cases() -> list[tuple[str, str]]:
+    """Every registered pretext with the modality it corrupts, and those that take any modality (two views of
+    one input) with every registered modality; cross_modal needs two modalities and has its own test."""
+    from biofm.platform.modality import MODALITIES
+    from biofm.platform.pretext import PRETEXTS
+    cases = []
+    for name in PRETEXTS.names():
+        modality = PRETEXTS.resolve(name).modality
+        if name != "cross_modal":
+            cases += [(modality, name)] if modality else [(m, name) for m in MODALITIES.names()]
+    return cases
+
+
+CASES = _cases()
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ TINY = {"d_model": 16, "depth": 1, "heads": 2, "latents": 2}
 def trained(tmp_path_factory):
     """A model trained briefly on molecule, slide and OCT stores, with `biofm predict`'s output."""
     os.environ.setdefault("WANDB_MODE", "disabled")
-    from biofm.platform.demo import fit_and_test
+    from biofm.recipes.runs import fit_and_test
     folder = tmp_path_factory.mktemp("sdk")
     stores = [write_fake_modality_store(str(folder / f"{m}.zarr"), m, n=60).url for m in ("molecule", "wsi", "oct")]
     fit_and_test(stores, folder / "run", epochs=1, batch_size=16, loggers=False, predict=True, model=TINY)
@@ -136,7 +136,7 @@ def test_a_two_process_run_writes_every_sample_exactly_once(trained, tmp_path):
 
 def test_the_readme_example_runs(tmp_path, monkeypatch):
     os.environ.setdefault("WANDB_MODE", "disabled")
-    from biofm.platform.demo import fit_and_test
+    from biofm.recipes.runs import fit_and_test
     block = re.search(r"## Python SDK and cohort inference\s+```python\n(.*?)```", README.read_text(), re.S)
     assert block, "the README has no Python SDK example"
     store = write_fake_modality_store(str(tmp_path / "m.zarr"), "molecule", n=40)
@@ -179,7 +179,7 @@ def test_a_cohort_manifest_without_sample_id_says_so(trained, tmp_path, capsys):
 NOT_CHECKPOINTS = {
     "empty": (lambda good: b"", "the file is empty (0 bytes), not a checkpoint"),
     "truncated": (lambda good: good[: len(good) // 2], "the checkpoint is truncated or damaged"),
-    "text": (lambda good: b"model:\n  d_model: 64\n", "the file is text, not a checkpoint"),
+    "text": (lambda good: b"model:\n  d_model: 64\n", "the file is readable characters, not a checkpoint"),
     "random": (lambda good: bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)),
                "the file is not a checkpoint"),
     "another zip": (lambda good: _zip_bytes(), "a zip archive but not a PyTorch checkpoint"),

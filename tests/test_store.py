@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 import zarr
 
-from biofm.platform.store import (FORMAT_VERSION, Ragged, Store, StoreError, StoreWriter, check_subject_splits,
-                                  open_root, subject_splits)
+from biofm.platform.store import (
+    FORMAT_VERSION,
+    Ragged,
+    Store,
+    StoreError,
+    StoreWriter,
+    check_subject_splits,
+    open_root,
+    subject_splits,
+)
 from biofm.testing import TOY_TASKS, store_arrays, toy_batch, write_toy_store
 
 DTYPES = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",

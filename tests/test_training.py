@@ -16,9 +16,9 @@ import torch
 from biofm.datasets.synthetic import cohort, prepare_synthetic
 from biofm.platform.checkpoint import UnsafeCheckpointError, load_pretrained, safe_load
 from biofm.platform.cli import main
-from biofm.platform.demo import fit_and_test
 from biofm.platform.lightning import BiofmDataModule, BiofmModule, ConfigError
 from biofm.platform.store import StoreWriter
+from biofm.recipes.runs import fit_and_test
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -300,7 +300,7 @@ def test_ckpt_path_names_the_model_settings_of_the_command_line_it_replaces(coho
 
 
 @pytest.mark.parametrize("kind, words", [("truncated", "the checkpoint is truncated or damaged"),
-                                         ("text", "the file is text, not a checkpoint")])
+                                         ("text", "the file is readable characters, not a checkpoint")])
 def test_a_file_that_is_not_a_checkpoint_stops_test_and_fine_tuning_with_one_error(cohort_store, tmp_path,
                                                                                  capsys, kind, words):
     good = tmp_path / "good.ckpt"
@@ -356,7 +356,7 @@ def test_a_two_process_ddp_fit_on_cpu(cohort_store, tmp_path):
 
 @pytest.mark.slow
 def test_the_demo_runs_end_to_end(tmp_path, monkeypatch):
-    from biofm.platform.demo import run_demo
+    from biofm.recipes.demo import run_demo
     summary = run_demo(str(tmp_path / "demo"), n=300, epochs=1, slides=20)
     fused = summary["test"]["fused"]
     assert "event/auroc" in fused and "without:text" in fused
@@ -398,6 +398,7 @@ def test_batches_without_any_label_train_through(tmp_path, balancing):
     """Sparse labels: some batches carry no label at all (a source with missing cells); the step has nothing
     to learn from them but must not fail, and the labelled batches still train."""
     from lightning.pytorch import Trainer
+
     from biofm.platform.modality import MODALITIES
     from biofm.testing import fake_raw
     raw = fake_raw("tabular", 64)

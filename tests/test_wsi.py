@@ -15,7 +15,8 @@ import torch
 
 from biofm.datasets.slides import prepare_slides, slides_path, status_dir
 from biofm.datasets.synthetic_slides import BIOBANK_LABELS, CASE_COLUMNS, write_biobank
-from biofm.modalities.wsi import SlideEncoder, SlideRef, Wsi
+from biofm.modalities.wsi import SlideRef, Wsi
+from biofm.modalities.wsi.encoder import SlideEncoder
 from biofm.modalities.wsi.slide import best_level, open_slide, plan_tiles, read_rgb, read_tile, resolve_mpp
 from biofm.platform.cli import main
 from biofm.platform.store import Store
@@ -223,7 +224,7 @@ def biobank(tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_short_multitask_fit_on_the_synthetic_biobank_learns_every_metadata_task(biobank):
-    from biofm.platform.demo import fit_and_test
+    from biofm.recipes.runs import fit_and_test
     folder, _, store = biobank
     assert set(store.modalities) == {"wsi", "text", "tabular"}
     metrics = fit_and_test([store.url], folder / "run", epochs=30, batch_size=16, loggers=False,
@@ -238,7 +239,7 @@ def test_the_heatmap_png_is_written_and_shows_the_slide(biobank, tmp_path):
     from PIL import Image
 
     from biofm.modalities.wsi.slide import thumbnail
-    from biofm.platform.demo import fit_and_test
+    from biofm.recipes.runs import fit_and_test
     folder, manifest, store = biobank
     fit_and_test([store.url], tmp_path / "run", modalities=["wsi"], epochs=2, batch_size=16, loggers=False)
     checkpoint = str(tmp_path / "run" / "checkpoints" / "last.ckpt")

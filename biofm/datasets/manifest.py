@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from biofm.platform.tables import missing_as_nan, read_table
 from biofm.platform.errors import StoreError
+from biofm.platform.tables import missing_as_nan, read_table
 
 MAX_CLASSES = 50
 

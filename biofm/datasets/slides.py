@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from biofm.commands import comma_list, preparer
 from biofm.datasets.manifest import label_tasks, read_manifest
 from biofm.datasets.outputs import rejects_path, track, write_atomically, write_rejects
-from biofm.platform.cli import comma_list, command, preparer
 from biofm.platform.modality import MODALITIES
 from biofm.platform.store import Store, StoreError, StoreWriter, unfinished_settings
 from biofm.platform.writing import prepares
@@ -276,19 +276,3 @@ def _run(args: argparse.Namespace) -> None:
     print_summary(result, args.out)
     if result.store is None:
         raise StoreError(f"no slide could be prepared; see {rejects_path(args.out)}")
-
-
-def _heatmap_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="a biofm checkpoint trained with the wsi modality")
-    p.add_argument("--slide", required=True, help="the slide to explain")
-    p.add_argument("--out", required=True, help="PNG to write")
-    p.add_argument("--mpp", type=float, default=None, help="µm/px when the slide's metadata has none")
-    p.add_argument("--max-side", type=int, default=1024, help="longest side of the PNG in pixels")
-
-
-@command("heatmap", _heatmap_arguments)
-def _heatmap(args: argparse.Namespace) -> None:
-    """Per-tile attention of a trained model overlaid on a slide's thumbnail, as a PNG."""
-    from biofm.modalities.wsi.heatmap import slide_heatmap
-    result = slide_heatmap(args.checkpoint, args.slide, args.out, mpp=args.mpp, max_side=args.max_side)
-    print(f"heatmap of {result['tiles']} tiles written to {args.out}")

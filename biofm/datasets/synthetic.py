@@ -9,12 +9,12 @@ modality issue adds its own generator here (molecules, EHR, slides, OCT) driven 
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import pandas as pd
 
-import argparse
-
-from biofm.platform.cli import preparer
+from biofm.commands import preparer
 from biofm.platform.modality import MODALITIES
 from biofm.platform.store import Store, StoreWriter
 from biofm.platform.writing import prepares

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from biofm.platform.cli import preparer
+from biofm.commands import preparer
 
 STAINS = ["H&E", "IHC"]
 SPECIMENS = ["biopsy", "resection"]
@@ -58,7 +58,7 @@ class TissueSource:
 
 def _cmu_crops(path, seed: int, size: int = 256, n: int = 48) -> list[np.ndarray] | None:
     """Crops of the CMU slide where it is (nearly) all tissue."""
-    from biofm.modalities.wsi.slide import open_slide, read_rgb, tissue_mask, thumbnail
+    from biofm.modalities.wsi.slide import open_slide, read_rgb, thumbnail, tissue_mask
     slide = open_slide(str(path))
     try:
         ds = 16.0

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from biofm.platform.registry import Registry
+from biofm.registry import Registry
 
 BALANCERS: Registry[Balancer] = Registry("balancing strategy", plugins="biofm.platform.balancing")
 

@@ -49,7 +49,7 @@ def _what_is_wrong(path: str, fs) -> str | None:
         return None
     try:
         head.decode("utf-8")
-        return "the file is text, not a checkpoint (checkpoints are binary files written by `biofm fit`)"
+        return "the file is readable characters, not a checkpoint (a checkpoint is a file of bytes written by `biofm fit`)"
     except UnicodeDecodeError:
         return "the file is not a checkpoint (its bytes are neither a PyTorch zip archive nor a pickle)"
 

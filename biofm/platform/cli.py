@@ -5,36 +5,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+
+from biofm.commands import COMMANDS, EXPORTERS, PREPARERS, load_plugins
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-
-Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]
-# `biofm prepare <name>`: each source adds a parser builder and a runner here
-PREPARERS: dict[str, Command] = {}
-# `biofm export <format>`: predictions → another format (e.g. MEDS evaluation files)
-EXPORTERS: dict[str, Command] = {}
-# `biofm <command>`: top-level commands a modality or source adds (e.g. `heatmap`)
-COMMANDS: dict[str, Command] = {}
-
-
-def _registrar(registry: dict[str, Command]):
-    def decorate(name: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
-        def register(run: Callable[[argparse.Namespace], None]):
-            registry[name] = (add_arguments, run)
-            return run
-        return register
-    return decorate
-
-
-preparer = _registrar(PREPARERS)
-exporter = _registrar(EXPORTERS)
-command = _registrar(COMMANDS)
-
-
-def comma_list(value: str | None) -> list[str] | None:
-    """A comma-separated command-line value as a list (None when not given)."""
-    return [x.strip() for x in value.split(",") if x.strip()] if value else None
 
 
 def _subcommands(parent, registry: dict, dest: str) -> None:
@@ -49,7 +23,7 @@ def _add_commands(subs, registry: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import biofm.datasets  # noqa: F401 — sources register their `prepare` subcommands
+    load_plugins()  # sources, modalities and recipes register their commands
     parser = argparse.ArgumentParser(prog="biofm", description=__doc__,
                                      epilog="Lightning subcommands: biofm {fit,validate,test,predict} --help")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -59,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     cohort = commands.add_parser("predict-cohort", help="predict a manifest of raw inputs with a checkpoint")
     cohort.add_argument("--checkpoint", required=True, help="a .ckpt file or a run directory holding one")
     cohort.add_argument("--manifest", required=True, help="CSV or parquet: sample_id and a column per input "
-                                                          "(smiles, slide_path, oct_path, report, case columns)")
+                                                          "(the column each modality reads, case columns)")
     cohort.add_argument("--out", required=True, help="folder for shards, predictions.parquet, errors.csv, "
                                                      "summary.json")
     cohort.add_argument("--batch-size", type=int, default=256)
@@ -67,10 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     cohort.add_argument("--devices", type=int, default=1, help="processes (GPUs, or CPU processes with gloo)")
     cohort.add_argument("--num-nodes", type=int, default=1)
     cohort.add_argument("--accelerator", default="auto")
-    cohort.add_argument("--meds", default=None, help="MEDS folder or parquet file: the manifest then holds "
-                                                     "subject_id, prediction_time (a MEDS label file)")
-    cohort.add_argument("--codes", default=None, help="codes.parquet, when --meds is not a MEDS folder")
-    cohort.add_argument("--encoding", default="utf-8", help="text encoding of a CSV manifest (default utf-8)")
+    cohort.add_argument("--encoding", default="utf-8", help="character encoding of a CSV manifest (default utf-8)")
     cohort.set_defaults(run=_predict_cohort)
     info = commands.add_parser("info", help="describe a store")
     info.add_argument("store")
@@ -79,13 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "when it was prepared")
     verify.add_argument("store", help="store path or fsspec URL")
     verify.set_defaults(run=_verify)
-    demo = commands.add_parser("demo", help="prepare, train, evaluate and predict end to end")
-    demo.add_argument("--out", default="biofm-demo", help="folder for the demo's stores and run")
-    demo.add_argument("--n", type=int, default=2000, help="samples in the synthetic cohort")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--epochs", type=int, default=15)
-    demo.add_argument("--slides", type=int, default=80, help="slides in the synthetic pathology biobank")
-    demo.set_defaults(run=_demo)
     return parser
 
 
@@ -112,17 +76,11 @@ def _predict_cohort(args: argparse.Namespace) -> None:
     from biofm.platform.cohort import predict_cohort
     summary = predict_cohort(args.checkpoint, args.manifest, args.out, batch_size=args.batch_size,
                              num_workers=args.num_workers, devices=args.devices, num_nodes=args.num_nodes,
-                             accelerator=args.accelerator, meds=args.meds, codes=args.codes,
-                             encoding=args.encoding)
+                             accelerator=args.accelerator, encoding=args.encoding)
     if summary:
         print(f"{summary['predicted']} of {summary['samples']} samples predicted, {summary['errors']} errors "
               f"(listed in {args.out}/errors.csv); {summary['samples_per_s']} samples/s; "
               f"predictions in {args.out}/predictions.parquet")
-
-
-def _demo(args: argparse.Namespace) -> None:
-    from biofm.platform.demo import run_demo
-    run_demo(args.out, n=args.n, seed=args.seed, epochs=args.epochs, slides=args.slides)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         run_lightning_cli(argv)
         return
     from biofm.platform.errors import CheckpointError, ConfigError, StoreError
-    from biofm.platform.registry import RegistryError
+    from biofm.registry import RegistryError
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

@@ -2,7 +2,9 @@
 predict on one or more processes.
 
 The manifest (CSV or parquet) holds one row per sample: `sample_id` (default: the row number) and a column
-per modality input — `smiles`, `slide_path`, `oct_path`, `report`, and the case columns the model knows.
+per modality input (`Modality.column`, e.g. a SMILES, a slide's path, a report) and the case columns the
+model knows. A source with inputs that no manifest cell holds gives `predict_cohort` its own `rows` (the
+EHR side's `biofm predict-meds` reads MEDS events up to each prediction time).
 Rows are cut into batches of `batch_size`; loader workers featurise them (the same featurisers and
 settings as training). On a GPU, or with fewer than two workers, the main process runs the model (with the
 cores the workers leave); on CPU with two or more workers each worker also runs the model on its own batches
@@ -22,6 +24,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +36,11 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
-from biofm.platform.tables import read_table
 from biofm.platform.errors import StoreError
 from biofm.platform.sdk import Model, find_checkpoint, load_module
+from biofm.platform.tables import read_table
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-COLUMNS = {"smiles": "molecule", "slide_path": "wsi", "oct_path": "oct", "report": "text"}
 
 
 def read_cohort(path: str, encoding: str = "utf-8") -> pd.DataFrame:
@@ -60,22 +62,17 @@ def read_cohort(path: str, encoding: str = "utf-8") -> pd.DataFrame:
 
 
 def raw_inputs(model: Model, frame: pd.DataFrame, where: str) -> dict[str, object]:
-    """The manifest's columns as raw inputs per modality of the model (None cells = no input)."""
+    """The manifest's columns as raw inputs per modality of the model (`Modality.raw_from_table`; an empty
+    cell is no input)."""
     raw = {}
-    for column, name in COLUMNS.items():
-        if column in frame.columns and name in model.modalities:
-            raw[name] = [None if pd.isna(v) or v == "" else str(v) for v in frame[column]]
-    if "tabular" in model.modalities:
-        settings = model.schema["modalities"]["tabular"]
-        known = [c for c in list(settings.get("numeric", {})) + list(settings.get("categorical", {}))
-                 if c in frame.columns]
-        if known:  # text cells of numeric columns are read as numbers by the tabular featuriser
-            present = frame[known].notna().any(axis=1).to_numpy()
-            raw["tabular"] = [r if p else None for r, p in zip(frame[known].to_dict("records"), present)]
+    for name, modality in model.module.model.modalities.items():
+        values = modality.raw_from_table(frame)
+        if values is not None:
+            raw[name] = values
     if not raw:
-        wanted = [c for c, m in COLUMNS.items() if m in model.modalities]
-        raise StoreError(f"{where}: no column for the model's modalities {model.modalities}; expected "
-                         f"{wanted}" + (" or case columns" if "tabular" in model.modalities else ""))
+        wanted = [c for m in model.module.model.modalities.values() for c in m.table_columns()]
+        raise StoreError(f"{where}: no column for the model's modalities {model.modalities}; expected one of "
+                         f"{wanted}")
     return raw
 
 
@@ -164,28 +161,22 @@ def _predicting_worker(worker: int) -> None:
 
 def predict_cohort(checkpoint: str, manifest: str, out: str, *, batch_size: int = 256, num_workers: int = 0,
                    devices: int = 1, num_nodes: int = 1, accelerator: str = "auto", progress: bool = True,
-                   meds: str | None = None, codes: str | None = None, encoding: str = "utf-8") -> dict:
-    """Predict every row of `manifest` (see the module's doc); returns the summary. With `meds` (a MEDS
-    folder or parquet file), the manifest holds prediction times (subject_id, prediction_time, as a MEDS
-    label file does), the EHR input is each subject's events up to that time, and
-    `<out>/predictions_meds.parquet` is written in the MEDS prediction format too."""
+                   encoding: str = "utf-8", rows: Callable[[Model, str], tuple[pd.DataFrame, dict]] | None = None,
+                   run: dict | None = None) -> dict:
+    """Predict every row of `manifest` (see the module's doc); returns the summary. `rows(model, manifest)`
+    gives the rows (a frame with `sample_id`, in output order) and the raw inputs per modality when the
+    manifest's cells are not the inputs themselves (default: `read_cohort` and `raw_inputs`); `run` adds what
+    else identifies the run for resuming (e.g. the events' folder)."""
     start = time.perf_counter()
     out_dir = Path(out)
     # the manifest first: a table that cannot be read is named before the model is loaded
-    table = read_table(manifest, "prediction-time manifest", encoding) if meds else read_cohort(manifest, encoding)
+    table = None if rows else read_cohort(manifest, encoding)
     checkpoint = find_checkpoint(checkpoint)
     model = Model(load_module(checkpoint), torch.device("cpu"))
-    if meds:
-        from biofm.datasets.ehr import meds_sequences
-        settings = model.schema["modalities"].get("ehr", {})
-        rows, sequences = meds_sequences(meds, table, int(settings.get("max_events", 128)), codes)
-        frame, raw = rows.to_pandas(), {"ehr": sequences}
-    else:
-        frame = table
-        raw = raw_inputs(model, frame, manifest)
+    frame, raw = rows(model, manifest) if rows else (table, raw_inputs(model, table, manifest))
     (out_dir / "shards").mkdir(parents=True, exist_ok=True)  # once the manifest and the model are read
     _same_run(out_dir, {"manifest": _sha256(manifest), "checkpoint": _sha256(checkpoint), "batch_size": batch_size,
-                        "meds": None if meds is None else str(meds)})
+                        **(run or {})})
     n_batches = -(-len(frame) // batch_size)
     done = {int(p.name[5:13]) for p in (out_dir / "shards").glob("part-*.parquet")}
     todo = [b for b in range(n_batches) if b not in done]
@@ -217,14 +208,7 @@ def predict_cohort(checkpoint: str, manifest: str, out: str, *, batch_size: int 
         kept = writer.kept
     else:
         kept = None
-    summary = merge(out_dir, frame, n_batches, len(todo), time.perf_counter() - start, kept)
-    if meds:
-        from biofm.platform.sdk import add_meds_columns
-        predictions = add_meds_columns(pd.read_parquet(out_dir / "predictions.parquet"), frame, model.tasks, None)
-        columns = ["subject_id", "prediction_time", "predicted_boolean_value", "predicted_boolean_probability"]
-        predictions[[c for c in columns if c in predictions]].to_parquet(out_dir / "predictions_meds.parquet",
-                                                                         index=False)
-    return summary
+    return merge(out_dir, frame, n_batches, len(todo), time.perf_counter() - start, kept)
 
 
 def _sha256(path) -> str:

@@ -100,15 +100,15 @@ def write_manifest(url: str, storage_options: dict | None = None) -> dict[str, l
     """Size and SHA-256 of every file of the store (see `_own`), written to `MANIFEST` atomically."""
     files = {key: size for key, size in sorted(list_files(url, storage_options).items()) if _own(key)}
     entries = {key: [size, _sha256(url, key, storage_options)] for key, size in files.items()}
-    text = json.dumps({"algorithm": "sha256", "files": entries}, separators=(",", ":"))
+    written = json.dumps({"algorithm": "sha256", "files": entries}, separators=(",", ":"))
     if is_local(url):
         path = os.path.join(local_path(url), MANIFEST)
         with open(path + ".tmp", "w") as handle:
-            handle.write(text)
+            handle.write(written)
         os.replace(path + ".tmp", path)
     else:
         fs, root = _remote(url, storage_options)
-        fs.pipe(f"{root}/{MANIFEST}", text.encode())
+        fs.pipe(f"{root}/{MANIFEST}", written.encode())
     return entries
 
 

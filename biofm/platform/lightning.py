@@ -144,11 +144,7 @@ def build_schema(stores: list[Store], tasks: list[str] | dict[str, str] | None =
                         store.read_rows(0, store.n, [f"{modality}/present"])[f"{modality}/present"],
                         dtype=bool)[labelled].any():
                     applies.add(modality)
-        if spec["kind"] == "regression":
-            values = np.concatenate(train_labels)
-            values = values[~np.isnan(values)]
-            std = float(values.std()) if len(values) > 1 else 1.0
-            spec["scaler"] = [float(values.mean()) if len(values) else 0.0, std if std > 0 else 1.0]
+        spec = type(kind).fit_spec(spec, np.concatenate(train_labels))  # e.g. a regression's scaler
         spec["applies"] = {"modalities": sorted(applies), "sources": sorted({s.source for s in holders[name]})}
         schema_tasks[name] = spec
     return {"modalities": {n: all_modalities[n] for n in wanted_modalities}, "tasks": schema_tasks}
@@ -318,9 +314,10 @@ class BiofmModule(LightningModule):
             block i of n at lr·decay^(n - i), encoders, resamplers and the [CLS] token at lr·decay^(n + 1).
         encoders: architecture options per modality, e.g. {"molecule": {"layers": 5, "global_attention": true}}.
         pseudo_labels: semi-supervised training, e.g. {"threshold": 0.9, "start_epoch": 2, "tasks": ["glaucoma"]}:
-            from `start_epoch` on, a training sample without a label for a classification task (binary,
-            multiclass, multilabel) takes the model's own prediction as its label where the predicted
-            probability is at least `threshold` (default tasks: every classification task).
+            from `start_epoch` on, a training sample without a label for a task whose kind takes
+            pseudo-labels (`TaskKind.can_pseudo_label`: the classification kinds) takes the model's own
+            prediction as its label where the predicted probability is at least `threshold` (default tasks:
+            every such task).
         schedule: "constant" or "cosine" (linear warm-up over `warmup_steps`, then cosine decay to zero over
             the run's total steps).
     """
@@ -428,23 +425,13 @@ class BiofmModule(LightningModule):
         if not options or self.current_epoch < int(options.get("start_epoch", 1)):
             return batch
         threshold = float(options.get("threshold", 0.9))
-        wanted = options.get("tasks") or [t for t, k in self.model.kinds.items()
-                                         if k.name in ("binary", "multiclass", "multilabel")]
+        wanted = options.get("tasks") or [t for t, k in self.model.kinds.items() if k.can_pseudo_label]
         labels, added = dict(batch["labels"]), 0
         for task in wanted:
             if task not in labels:
                 continue
-            target, kind = labels[task], self.model.kinds[task]
-            probs = kind.predict(out["logits"][task].detach().float())["probs"]
-            if kind.name == "multilabel":
-                confident = torch.isnan(target) & ((probs >= threshold) | (probs <= 1 - threshold))
-                guess = (probs >= 0.5).to(target.dtype)
-            else:
-                top, index = probs.max(dim=1)
-                confident = torch.isnan(target) & (top >= threshold)
-                guess = index.to(target.dtype)
-            labels[task] = torch.where(confident, guess, target)
-            added += int(confident.sum())
+            labels[task], filled = self.model.kinds[task].pseudo_label(out["logits"][task], labels[task], threshold)
+            added += filled
         self.log("train/pseudo_labels", float(added), batch_size=len(batch["row"]), reduce_fx="sum")
         return {**batch, "labels": labels}
 
@@ -672,20 +659,7 @@ def prediction_columns(kinds: dict, out: dict, applies: dict[str, np.ndarray] | 
     `<task>/applies` and no prediction (NaN, or None for class names and flags) where it is False."""
     columns: dict[str, np.ndarray] = {}
     for task, kind in kinds.items():
-        pred = out[task]["prediction"].numpy()
-        classes = kind.classes or ["0", "1"]
-        own: dict[str, np.ndarray] = {}
-        if kind.name == "regression":
-            own[task] = pred.astype(np.float64)
-        elif kind.name == "multilabel":
-            for j, c in enumerate(classes):
-                own[f"{task}/{c}"] = pred[:, j].astype(bool)
-        else:
-            own[task] = np.asarray(classes, dtype=object)[pred]
-        if "probs" in out[task]:
-            probs = out[task]["probs"].numpy()
-            for j, c in enumerate(classes):
-                own[f"{task}/prob/{c}"] = probs[:, j].astype(np.float64)
+        own = kind.columns(out[task])
         if applies is not None:
             mask = np.asarray(applies[task], dtype=bool)
             if not mask.all():

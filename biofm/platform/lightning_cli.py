@@ -15,11 +15,18 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from biofm.platform.checkpoint import SafeCheckpointIO, default_checkpoint, safe_load
 from biofm.platform.errors import CheckpointError, StoreError
-from biofm.platform.lightning import (BiofmDataModule, BiofmModule, ConfigError, PredictionWriter, check_settings,
-                                      metrics_of, print_metrics, write_test_metrics)
-from biofm.platform.registry import RegistryError
+from biofm.platform.lightning import (
+    BiofmDataModule,
+    BiofmModule,
+    ConfigError,
+    PredictionWriter,
+    check_settings,
+    metrics_of,
+    print_metrics,
+    write_test_metrics,
+)
 from biofm.platform.tracking import CheckpointArtifact, default_loggers, log_run_settings
-
+from biofm.registry import RegistryError
 
 USER_ERRORS = (ConfigError, StoreError, RegistryError, CheckpointError, FileNotFoundError)
 

@@ -4,19 +4,27 @@ Subclasses live in `biofm/modalities/<name>/` and register with `@MODALITIES.reg
 nothing in `platform/` names one. Settings learned at prepare time (vocabularies, scalers) are plain
 JSON in `config()`: they go into the store's attributes and the checkpoint, so inference prepares raw
 input exactly as training did.
+
+To override (as PyG's `MessagePassing`): `featurise` and `collate` and `encoder` (required), `fit`,
+`featurise_with_reasons`, `augment`, `views` (optional); and for users' inputs the class attributes
+`argument` (the keyword of `Model.predict`) and `column` (the cohort manifest's column), with
+`raw_from_table` where a manifest row gives the input otherwise, and `example_raw` (raw inputs for the
+registry-wide tests). None of the defaults calls another overridable method.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
-from biofm.platform.registry import Registry
 from biofm.platform.store import Column
+from biofm.registry import Registry
 
 MODALITIES: Registry[Modality] = Registry("modality", plugins="biofm.modalities")
 
@@ -24,6 +32,8 @@ MODALITIES: Registry[Modality] = Registry("modality", plugins="biofm.modalities"
 class Modality:
     name: ClassVar[str]
     version: ClassVar[int] = 1
+    argument: ClassVar[str | None] = None  # `Model.predict(<argument>=[…])`; None: the modality's name
+    column: ClassVar[str | None] = None  # the cohort manifest's column (a cell per sample); None: no column
 
     def __init__(self, **settings: Any):
         self.settings = dict(settings)
@@ -70,6 +80,34 @@ class Modality:
         tokens instead."""
         return None
 
+    # ---- inputs from users: the SDK and predict-cohort
+    @classmethod
+    def keyword(cls) -> str:
+        """The keyword of `Model.predict` and `Model.embed` that takes this modality's raw inputs."""
+        return cls.argument or cls.name
+
+    def raw_from_argument(self, values: Any) -> Sequence[Any]:
+        """`Model.predict`'s argument as raw inputs, one per sample (None: the sample has none). Default: a
+        list, refusing a bare string or array (which would be read as one sample per character or row)."""
+        return as_samples(self.keyword(), values)
+
+    def raw_from_table(self, frame: pd.DataFrame) -> list | None:
+        """Raw inputs from the rows of a cohort manifest, or None when it has no column for this modality.
+        Default: the `column` cells as strings (an empty or missing cell: no input)."""
+        if self.column is None or self.column not in frame.columns:
+            return None
+        return [None if pd.isna(v) or v == "" else str(v) for v in frame[self.column]]
+
+    def table_columns(self) -> list[str]:
+        """The manifest columns `raw_from_table` reads (for an error naming what a manifest lacks)."""
+        return [self.column] if self.column else []
+
+    @classmethod
+    def example_raw(cls, n: int, seed: int = 0) -> list:
+        """`n` raw inputs for tests (None marks a sample without one, and at least one sample has none): the
+        registry-wide tests run every modality from these."""
+        raise NotImplementedError(f"modality '{cls.name}' gives no example inputs; add example_raw")
+
     def encoder(self, d_model: int, **options) -> nn.Module:
         """A module whose forward(batch) returns tokens [B, L, d] and a validity mask [B, L]; `options` are
         the encoder's architecture settings from the model config (`--model.encoders`). It may keep
@@ -105,3 +143,20 @@ class FileModality(Modality):
 
     def featurise(self, raw: Sequence[Any]) -> dict[str, Column]:
         return self.featurise_with_reasons(raw)[0]
+
+
+def as_samples(argument: str, values: Any) -> list:
+    """An input argument as a list of samples; a bare string (or a single volume) would be read as a sequence
+    of samples (`smiles="CCO"` as "C", "C", "O"), so it is refused."""
+    if isinstance(values, (str, bytes, Path)):
+        raise ValueError(f"{argument}= takes a list, one entry per sample; got a single "
+                         f"{type(values).__name__} — pass {argument}=[{str(values)[:30]!r}] for one sample")
+    if isinstance(values, np.ndarray) and values.ndim > 1:
+        raise ValueError(f"{argument}= takes a list, one entry per sample; got one array of shape "
+                         f"{values.shape} — pass {argument}=[volume] for one sample, or a list of arrays")
+    if isinstance(values, dict):
+        raise ValueError(f"{argument}= takes a list, one entry per sample; got a dict")
+    try:
+        return list(values)
+    except TypeError:
+        raise ValueError(f"{argument}= takes a list, one entry per sample; got a {type(values).__name__}") from None

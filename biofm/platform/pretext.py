@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from biofm.platform.model import BiofmModel, Block
-from biofm.platform.registry import Registry
+from biofm.registry import Registry
 
 PRETEXTS: Registry[Pretext] = Registry("pretext task", plugins="biofm.modalities")
 

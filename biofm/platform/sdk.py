@@ -5,7 +5,9 @@
     >>> model.tasks, model.modalities
     >>> model.predict(smiles=["CCO", "c1ccccc1O"], ids=["ethanol", "phenol"])   # pandas DataFrame
     >>> model.embed(smiles=["CCO"])                   # numpy [n, d_model]
-    >>> model.predict_meds("MEDS_DIR", times)          # times: subject_id, prediction_time
+
+Each modality names its keyword (`Modality.argument`: smiles=, slides=, oct=, reports=, case=, ehr= for the
+registered ones); `model.inputs` lists the model's.
 
 Raw inputs go through the same featurisers as training, with the settings stored in the checkpoint. An
 input that cannot be featurised (an invalid SMILES, a missing slide, a corrupt volume) gives a row whose
@@ -24,8 +26,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-# SDK argument → modality; `case` is a DataFrame of case columns
-INPUTS = {"smiles": "molecule", "slides": "wsi", "oct": "oct", "reports": "text", "case": "tabular", "ehr": "ehr"}
+from biofm.platform.modality import MODALITIES, as_samples
+
+
+def keywords() -> dict[str, str]:
+    """`Model.predict`'s keyword → modality, over every registered modality."""
+    return {MODALITIES.resolve(name).keyword(): name for name in MODALITIES.names()}
 
 
 def find_checkpoint(path: str | Path, which: str = "best") -> Path:
@@ -78,6 +84,11 @@ class Model:
     def modalities(self) -> list[str]:
         return list(self.schema["modalities"])
 
+    @property
+    def inputs(self) -> dict[str, str]:
+        """The keywords `predict` and `embed` take for this model → their modality."""
+        return {k: m for k, m in keywords().items() if m in self.schema["modalities"]}
+
     # ---- featurisation
     def featurise(self, raw: dict[str, Any], n: int) -> tuple[dict[str, dict], list[str | None]]:
         """Raw inputs per modality (lists of n, or a DataFrame for tabular) → model inputs, and per sample
@@ -101,24 +112,23 @@ class Model:
         return inputs, errors
 
     def _raw(self, given: dict[str, Any]) -> tuple[dict[str, Any], int]:
-        raw, n = {}, None
+        raw, n, known = {}, None, keywords()
         for argument, values in given.items():
             if values is None:
                 continue
-            if argument not in INPUTS:
-                raise ValueError(f"unknown input {argument}=; inputs are " + ", ".join(f"{a}=" for a in INPUTS))
-            name = INPUTS[argument]
+            if argument not in known:
+                raise ValueError(f"unknown input {argument}=; inputs are " + ", ".join(f"{a}=" for a in known))
+            name = known[argument]
             if name not in self.schema["modalities"]:
                 raise ValueError(f"the model was not trained with {name} inputs ({argument}=); it takes "
-                                 f"{', '.join(a for a, m in INPUTS.items() if m in self.schema['modalities'])}")
-            values = values if isinstance(values, pd.DataFrame) else _as_list(argument, values)
+                                 f"{', '.join(f'{a}=' for a in self.inputs)}")
+            values = self.module.model.modalities[name].raw_from_argument(values)
             if n is not None and len(values) != n:
                 raise ValueError(f"{argument}= has {len(values)} inputs but another argument has {n}")
             n = len(values)
             raw[name] = values
         if n is None:
-            raise ValueError("no input given: pass at least one of " + ", ".join(
-                f"{a}=" for a, m in INPUTS.items() if m in self.schema["modalities"]))
+            raise ValueError("no input given: pass at least one of " + ", ".join(f"{a}=" for a in self.inputs))
         return raw, n
 
     @staticmethod
@@ -144,15 +154,14 @@ class Model:
         return out
 
     # ---- outputs
-    def predict(self, *, ids: Sequence | None = None, batch_size: int = 64, smiles: Sequence[str] | None = None,
-                slides: Sequence[str] | None = None, oct: Sequence | None = None, reports: Sequence[str] | None = None,
-                case: pd.DataFrame | None = None, ehr: Sequence | None = None) -> pd.DataFrame:
+    def predict(self, *, ids: Sequence | None = None, batch_size: int = 64, **inputs) -> pd.DataFrame:
         """One row per input: `sample_id`, per task the prediction (class name, or value in original units),
         for classification `<task>/prob/<class>`, and `<task>/applies` (False where the sample has none of the
-        modalities the task was trained on: no prediction); `error` says why a row has no prediction."""
-        raw, n = self._raw(dict(smiles=smiles, slides=slides, oct=oct, reports=reports, case=case, ehr=ehr))
+        modalities the task was trained on: no prediction); `error` says why a row has no prediction. Inputs
+        are keywords of the model's modalities (`inputs`), a list per keyword with one entry per sample."""
+        raw, n = self._raw(inputs)
         if ids is not None:
-            ids = _as_list("ids", ids)
+            ids = as_samples("ids", ids)
             if len(ids) != n:
                 raise ValueError(f"ids= has {len(ids)} values but the inputs have {n} samples; give one id per "
                                  "sample, in the same order")
@@ -188,23 +197,6 @@ class Model:
         columns["error"] = errors
         return columns
 
-    def predict_meds(self, meds, prediction_times, *, task: str | None = None, codes: str | None = None,
-                     batch_size: int = 64) -> pd.DataFrame:
-        """MEDS events (a folder, a parquet file or a frame) at the given prediction times (a frame with
-        subject_id and prediction_time) → `predict`'s columns plus the MEDS prediction format:
-        `subject_id`, `prediction_time`, `predicted_boolean_value`, `predicted_boolean_probability` (for
-        `task`, default the model's only binary task). Only events at or before each time are used; `codes`
-        names the codes.parquet the store was prepared with when `meds` is not a MEDS folder."""
-        from biofm.datasets.ehr import meds_sequences
-        if "ehr" not in self.schema["modalities"]:
-            raise ValueError(f"the model was not trained with EHR inputs (it has {self.modalities})")
-        max_events = int(self.schema["modalities"]["ehr"].get("max_events", 128))
-        rows, sequences = meds_sequences(meds, prediction_times, max_events, codes)
-        frame = self.predict(ehr=sequences, ids=rows["sample_id"].to_list(), batch_size=batch_size)
-        missing = [s is None for s in sequences]
-        frame.loc[missing, "error"] = "no event at or before its prediction_time"
-        return add_meds_columns(frame, rows.to_pandas(), self.tasks, task)
-
     def embed(self, *, batch_size: int = 64, **inputs) -> np.ndarray:
         """The trunk's CLS representation [n, d_model] (NaN rows where the input could not be used)."""
         raw, n = self._raw(inputs)
@@ -217,39 +209,6 @@ class Model:
             cls[[e is not None for e in errors]] = np.nan
             out.append(cls)
         return np.concatenate(out)
-
-
-def _as_list(argument: str, values) -> list:
-    """An input argument as a list of samples; a bare string (or a single volume) would be read as a sequence
-    of samples (`smiles="CCO"` as "C", "C", "O"), so it is refused."""
-    if isinstance(values, (str, bytes, Path)):
-        raise ValueError(f"{argument}= takes a list, one entry per sample; got a single "
-                         f"{type(values).__name__} — pass {argument}=[{str(values)[:30]!r}] for one sample")
-    if isinstance(values, np.ndarray) and values.ndim > 1:
-        raise ValueError(f"{argument}= takes a list, one entry per sample; got one array of shape "
-                         f"{values.shape} — pass {argument}=[volume] for one sample, or a list of arrays")
-    if isinstance(values, dict):
-        raise ValueError(f"{argument}= takes a list, one entry per sample; got a dict")
-    try:
-        return list(values)
-    except TypeError:
-        raise ValueError(f"{argument}= takes a list, one entry per sample; got a {type(values).__name__}") from None
-
-
-def add_meds_columns(frame: pd.DataFrame, rows: pd.DataFrame, tasks: dict, task: str | None) -> pd.DataFrame:
-    """`subject_id`, `prediction_time` and, for a binary task, MEDS's predicted boolean value and probability."""
-    binary = [t for t, spec in tasks.items() if spec["kind"] == "binary"]
-    task = task or (binary[0] if len(binary) == 1 else None)
-    out = frame.copy()
-    out.insert(1, "subject_id", rows["subject_id"].to_numpy())
-    out.insert(2, "prediction_time", rows["prediction_time"].to_numpy())
-    if task is not None:
-        if task not in binary:
-            raise ValueError(f"MEDS predictions need a binary task; binary tasks are {binary}")
-        probability = out[f"{task}/prob/1"].astype(float)
-        out["predicted_boolean_probability"] = probability
-        out["predicted_boolean_value"] = (probability >= 0.5).where(probability.notna())
-    return out
 
 
 def load(path: str | Path, device: str | None = None, which: str = "best", quiet: bool = False) -> Model:

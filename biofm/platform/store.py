@@ -38,10 +38,10 @@ from biofm.platform.errors import StoreError
 from biofm.platform.integrity import is_local
 from biofm.platform.integrity import local_path as _local_path
 from biofm.platform.writing import check_target, hold
+from biofm.tasks.kinds import SpecError, check_spec, label_width
 
 FORMAT_VERSION = 2  # 2: every chunk written, checksums of every file (integrity.py), labels filled with NaN
 SPLITS = ("train", "val", "test")
-TASK_KINDS = ("binary", "multiclass", "multilabel", "regression", "ordinal")
 INDEX_ARRAYS = ("index/sample_id", "index/subject_id", "index/split")
 MIB = 1 << 20
 
@@ -325,7 +325,7 @@ class StoreWriter:
         if unknown:
             raise StoreError(f"{where}: labels for undeclared tasks {unknown}; declare them in tasks=")
         for task, spec in tasks.items():
-            width = _label_width(spec)
+            width = label_width(spec)
             if task not in labels:
                 values = np.full((n, width) if width else (n,), np.nan, dtype=np.float32)
             else:
@@ -589,20 +589,10 @@ def _write_chunked(group: zarr.Group, name: str, values: np.ndarray, rows: int, 
 
 
 def _check_task(name: str, spec: dict, where: str) -> dict:
-    kind = spec.get("kind")
-    if kind not in TASK_KINDS:
-        raise StoreError(f"{where}: task '{name}' has kind {kind!r}; expected one of {TASK_KINDS}")
-    if kind in ("multiclass", "multilabel", "ordinal"):
-        classes = spec.get("classes")
-        if not classes or len(classes) < 2:
-            raise StoreError(f"{where}: {kind} task '{name}' needs 'classes' (at least two names)")
-        spec["classes"] = [str(c) for c in classes]
-        spec["n_classes"] = len(classes)
-    return spec
-
-
-def _label_width(spec: dict) -> int:
-    return int(spec["n_classes"]) if spec["kind"] == "multilabel" else 0
+    try:
+        return check_spec(name, spec)
+    except SpecError as err:
+        raise StoreError(f"{where}: {err}") from None
 
 
 def _check_json(value: Any, where: str) -> None:
@@ -731,7 +721,7 @@ class Store:
         for name in INDEX_ARRAYS:
             self._check_fixed(name, (n,))
         for task, spec in self.tasks.items():
-            width = _label_width(spec)
+            width = label_width(spec)
             self._check_fixed(f"labels/{task}", (n, width) if width else (n,))
         for name, info in self.array_info.items():
             if info["ragged"]:
@@ -837,12 +827,12 @@ class Store:
         arrays = sorted((path, member) for path, member in self.root.members(max_depth=None)
                         if isinstance(member, zarr.Array))
         for name, array in arrays:
-            text = np.dtype(array.dtype).kind in "OTU"  # strings: their text, whatever width they were stored at
-            digest.update(f"{name}:{'str' if text else np.dtype(array.dtype).str}:{array.shape}".encode())
+            strings = np.dtype(array.dtype).kind in "OTU"  # strings: their text, whatever width they were stored at
+            digest.update(f"{name}:{'str' if strings else np.dtype(array.dtype).str}:{array.shape}".encode())
             rows = max(1, array.chunks[0]) if array.ndim else 1
             for start in range(0, max(array.shape[0] if array.ndim else 1, 1), rows):  # a chunk of rows at a time
                 values = np.asarray(array[start:start + rows] if array.ndim else array[...])
-                digest.update("".join(f"{v}\x00" for v in values.ravel().tolist()).encode() if text
+                digest.update("".join(f"{v}\x00" for v in values.ravel().tolist()).encode() if strings
                               else np.ascontiguousarray(values).tobytes())
         return digest.hexdigest()
 

@@ -475,7 +475,7 @@ class Ring:
             nonlocal end, rest
             if isinstance(x, _Packed):
                 end = max(end, x.start + x.nbytes)
-                values = memory[x.start:x.start + x.nbytes]
+                values = memory[x.start:x.start + x.nbytes]  # noqa: F821 (deleted after the last call, below)
                 if isinstance(x.dtype, np.dtype):
                     return values.view(x.dtype).reshape(x.shape)
                 return torch.from_numpy(values).view(x.dtype).view(x.shape)

@@ -42,8 +42,8 @@ def is_missing(value) -> bool:
 def missing_as_nan(column: pd.Series) -> pd.Series:
     """A label column with every missing-value spelling replaced by NaN (text cells are also stripped)."""
     if column.dtype == object or pd.api.types.is_string_dtype(column):
-        text = column.astype(object).map(lambda v: v.strip() if isinstance(v, str) else v)
-        return text.where(~text.map(is_missing), np.nan)
+        cells = column.astype(object).map(lambda v: v.strip() if isinstance(v, str) else v)
+        return cells.where(~cells.map(is_missing), np.nan)
     return column
 
 
@@ -74,7 +74,7 @@ def diagnose(path: str, encoding: str = "utf-8") -> str | None:
     except (gzip.BadGzipFile, zlib.error, OSError) as err:
         return f"the file is not a valid gzip file though its name ends in .gz ({err})"
     if not data.strip():
-        return "the file holds no text (only whitespace); it needs a header row and at least one data row"
+        return "the file holds nothing but whitespace; it needs a header row and at least one data row"
     try:
         decoder = codecs.getincrementaldecoder(encoding)()
     except LookupError:

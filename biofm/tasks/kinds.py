@@ -1,7 +1,10 @@
 """Task kinds: what a head outputs, how its loss masks missing labels, how predictions read.
 
 A task's spec is plain JSON (`{"kind": ..., "classes": [...], "unit": ..., "scaler": [mean, std]}`),
-stored in the store's attributes and the checkpoint. Labels are float32 with NaN for missing.
+stored in the store's attributes and the checkpoint. Labels are float32 with NaN for missing. Everything
+that depends on the kind lives on its class — the spec's checks, the label width in a store, what is
+learned from training labels, the prediction columns, pseudo-labelling — so the store, the training module
+and the SDK name no kind.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from biofm.platform.registry import Registry
+from biofm.registry import Registry
 
 TASK_KINDS: Registry[TaskKind] = Registry("task kind", plugins="biofm.tasks.kinds")
 
@@ -21,8 +24,14 @@ class LabelError(ValueError):
     """Labels do not fit the kind of their task's head."""
 
 
+class SpecError(ValueError):
+    """A task spec that no head of its kind can be built from."""
+
+
 class TaskKind:
     name: ClassVar[str]
+    needs_classes: ClassVar[bool] = False  # the spec names its classes (at least two)
+    multilabel: ClassVar[bool] = False  # labels are [N, n_classes] (one 0/1 per class) instead of [N]
 
     def __init__(self, task: str, spec: dict):
         self.task, self.spec = task, dict(spec)
@@ -31,6 +40,29 @@ class TaskKind:
     @property
     def out_dim(self) -> int:
         return 1
+
+    # ---- the spec, as a store declares it
+    @classmethod
+    def check_spec(cls, task: str, spec: dict) -> dict:
+        """The spec, normalised (class names as strings, `n_classes`); SpecError when it cannot work."""
+        if cls.needs_classes:
+            classes = spec.get("classes")
+            if not classes or len(classes) < 2:
+                raise SpecError(f"{cls.name} task '{task}' needs 'classes' (at least two names)")
+            spec["classes"] = [str(c) for c in classes]
+            spec["n_classes"] = len(classes)
+        return spec
+
+    @classmethod
+    def label_width(cls, spec: dict) -> int:
+        """Labels per sample in the store: 0 for one value ([N]), else the width of [N, width]."""
+        return int(spec["n_classes"]) if cls.multilabel else 0
+
+    @classmethod
+    def fit_spec(cls, spec: dict, train_labels: np.ndarray) -> dict:
+        """The spec with what is learned from the run's training labels (a regression's scaler). Default:
+        nothing to learn."""
+        return spec
 
     def check_labels(self, labels: np.ndarray, where: str) -> None:
         """Raise LabelError when present labels cannot be targets of this head."""
@@ -43,8 +75,42 @@ class TaskKind:
         """`prediction` (class index or value in original units) and, for classification, `probs`."""
         raise NotImplementedError
 
+    # ---- predictions as columns
+    def columns(self, predicted: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """`predict`'s output of one batch as named columns: `<task>` (the class name) and per class
+        `<task>/prob/<class>`."""
+        classes = self.classes or ["0", "1"]
+        own = {self.task: np.asarray(classes, dtype=object)[predicted["prediction"].numpy()]}
+        return {**own, **self._prob_columns(predicted, classes)}
+
+    def _prob_columns(self, predicted: dict, classes: list[str]) -> dict[str, np.ndarray]:
+        if "probs" not in predicted:
+            return {}
+        probs = predicted["probs"].numpy()
+        return {f"{self.task}/prob/{c}": probs[:, j].astype(np.float64) for j, c in enumerate(classes)}
+
+    # ---- semi-supervised training
+    can_pseudo_label: ClassVar[bool] = False
+
+    def pseudo_label(self, logits: torch.Tensor, target: torch.Tensor, threshold: float
+                     ) -> tuple[torch.Tensor, int]:
+        """`target` with its missing labels filled by the model's predictions where their probability is at
+        least `threshold`, and how many were filled (kinds with `can_pseudo_label`)."""
+        raise NotImplementedError(f"{self.name} tasks take no pseudo-labels")
+
     def _bad(self, where: str, what: str) -> LabelError:
         return LabelError(f"{where}: labels of task '{self.task}' do not fit a {self.name} head: {what}")
+
+
+class _SingleLabel(TaskKind):
+    """One class per sample: pseudo-labels are the most probable class where it is probable enough."""
+
+    can_pseudo_label = True
+
+    def pseudo_label(self, logits, target, threshold):
+        top, index = self.predict(logits.detach().float())["probs"].max(dim=1)
+        confident = torch.isnan(target) & (top >= threshold)
+        return torch.where(confident, index.to(target.dtype), target), int(confident.sum())
 
 
 def _masked(loss_fn, logits, target):
@@ -70,7 +136,7 @@ def _check_values(kind: TaskKind, labels: np.ndarray, allowed: set[float] | None
 
 
 @TASK_KINDS.register("binary")
-class Binary(TaskKind):
+class Binary(_SingleLabel):
     def check_labels(self, labels, where):
         if labels.ndim != 1:
             raise self._bad(where, f"expected one label per sample, got shape {labels.shape}")
@@ -85,7 +151,9 @@ class Binary(TaskKind):
 
 
 @TASK_KINDS.register("multiclass")
-class Multiclass(TaskKind):
+class Multiclass(_SingleLabel):
+    needs_classes = True
+
     @property
     def out_dim(self):
         return len(self.classes)
@@ -105,6 +173,8 @@ class Multiclass(TaskKind):
 
 @TASK_KINDS.register("multilabel")
 class Multilabel(TaskKind):
+    needs_classes = multilabel = can_pseudo_label = True
+
     @property
     def out_dim(self):
         return len(self.classes)
@@ -120,6 +190,18 @@ class Multilabel(TaskKind):
     def predict(self, logits):
         probs = torch.sigmoid(logits)
         return {"prediction": (probs > 0.5).long(), "probs": probs}
+
+    def columns(self, predicted):
+        """A flag per class `<task>/<class>` and its probability `<task>/prob/<class>`."""
+        pred = predicted["prediction"].numpy()
+        own = {f"{self.task}/{c}": pred[:, j].astype(bool) for j, c in enumerate(self.classes)}
+        return {**own, **self._prob_columns(predicted, self.classes)}
+
+    def pseudo_label(self, logits, target, threshold):
+        """Per class: a confident flag (probability ≥ threshold, or ≤ 1 − threshold) fills a missing one."""
+        probs = self.predict(logits.detach().float())["probs"]
+        confident = torch.isnan(target) & ((probs >= threshold) | (probs <= 1 - threshold))
+        return torch.where(confident, (probs >= 0.5).to(target.dtype), target), int(confident.sum())
 
 
 @TASK_KINDS.register("regression")
@@ -138,6 +220,13 @@ class Regression(TaskKind):
         if np.isinf(labels).any():
             raise self._bad(where, "found infinite values")
 
+    @classmethod
+    def fit_spec(cls, spec, train_labels):
+        """`scaler`: the mean and standard deviation of the present training labels (1 when they do not vary)."""
+        values = train_labels[~np.isnan(train_labels)]
+        std = float(values.std()) if len(values) > 1 else 1.0
+        return {**spec, "scaler": [float(values.mean()) if len(values) else 0.0, std if std > 0 else 1.0]}
+
     def loss(self, logits, target):
         mean, std = self.scaler
         return _masked(F.mse_loss, logits[:, 0], (target - mean) / std)
@@ -146,10 +235,15 @@ class Regression(TaskKind):
         mean, std = self.scaler
         return {"prediction": logits[:, 0] * std + mean}
 
+    def columns(self, predicted):
+        return {self.task: predicted["prediction"].numpy().astype(np.float64)}
+
 
 @TASK_KINDS.register("ordinal")
 class Ordinal(TaskKind):
     """Cumulative logits: output k is P(y > k); the predicted level counts outputs above 1/2."""
+
+    needs_classes = True
 
     @property
     def out_dim(self):
@@ -178,3 +272,16 @@ class Ordinal(TaskKind):
 
 def task_kind(task: str, spec: dict) -> TaskKind:
     return TASK_KINDS.resolve(spec["kind"])(task, spec)
+
+
+def check_spec(task: str, spec: dict) -> dict:
+    """`spec` checked and normalised by its kind; SpecError naming the task when the kind is unknown."""
+    kind = spec.get("kind")
+    if kind not in TASK_KINDS.names():
+        raise SpecError(f"task '{task}' has kind {kind!r}; expected one of {TASK_KINDS.names()}")
+    return TASK_KINDS.resolve(kind).check_spec(task, spec)
+
+
+def label_width(spec: dict) -> int:
+    """Labels per sample of a task in a store (see `TaskKind.label_width`)."""
+    return TASK_KINDS.resolve(spec["kind"]).label_width(spec)

@@ -20,9 +20,17 @@ import warnings
 import torch
 from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
-from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryAveragePrecision, MulticlassAccuracy,
-                                         MulticlassAUROC, MulticlassAveragePrecision, MultilabelAccuracy,
-                                         MultilabelAUROC, MultilabelAveragePrecision)
+from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryAUROC,
+    BinaryAveragePrecision,
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassAveragePrecision,
+    MultilabelAccuracy,
+    MultilabelAUROC,
+    MultilabelAveragePrecision,
+)
 
 from biofm.tasks.kinds import TaskKind
 

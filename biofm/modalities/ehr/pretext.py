@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from biofm.modalities.ehr import CLS
-from biofm.modalities.text import SPECIAL_TOKENS
+from biofm.modalities.ehr.tokenizer import CLS
+from biofm.modalities.text.tokenizer import SPECIAL_TOKENS
 from biofm.platform.pretext import PRETEXTS, Decoder, MaskingPretext, mask_fraction
 
 

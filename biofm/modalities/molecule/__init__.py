@@ -11,7 +11,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from biofm.modalities.molecule.featurise import ATOM_CARDINALITIES, BOND_CARDINALITIES, featurise_smiles
+from biofm.modalities.molecule.encoder import MoleculeEncoder
+from biofm.modalities.molecule.featurise import (
+    featurise_smiles,
+)
 from biofm.platform.modality import MODALITIES, Modality
 from biofm.platform.store import Column, Ragged
 
@@ -23,6 +26,8 @@ class Molecule(Modality):
     `lap_dim` (positional encodings, 0 = off), `descriptors` (store RDKit descriptors per molecule, the
     targets of the `descriptors` pretext task). Encoder options (model config): `layers`,
     `global_attention`, `dropout`."""
+
+    argument = column = "smiles"
 
     def __init__(self, max_atoms: int = 150, fragments: str = "reject", rw_steps: int = 0, lap_dim: int = 0,
                  descriptors: bool = False, **settings):
@@ -72,57 +77,12 @@ class Molecule(Modality):
         return MoleculeEncoder(d_model, layers, global_attention, dropout,
                                pe_dim=self.settings["rw_steps"] + self.settings["lap_dim"])
 
-
-class MoleculeEncoder(nn.Module):
-    """Atom and bond embeddings → `layers` × (GINE + norm + residual [+ global attention]) → atom tokens,
-    preceded by one token of the summed atom states (which keeps the molecule's size). A batch may carry
-    `atom_mask` / `bond_mask` (pretext tasks): those atoms and bonds get a learned mask vector in place of
-    their attributes."""
-
-    def __init__(self, d_model: int, layers: int = 4, global_attention: bool = False, dropout: float = 0.0,
-                 pe_dim: int = 0, heads: int = 4):
-        super().__init__()
-        from torch_geometric.nn import GINEConv
-        self.atom_embeddings = nn.ModuleList([nn.Embedding(n, d_model) for n in ATOM_CARDINALITIES])
-        self.bond_embeddings = nn.ModuleList([nn.Embedding(n, d_model) for n in BOND_CARDINALITIES])
-        self.mass = nn.Linear(1, d_model)
-        self.positional = nn.Linear(pe_dim, d_model) if pe_dim else None
-        self.convs = nn.ModuleList([
-            GINEConv(nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.ReLU(), nn.Linear(2 * d_model, d_model)),
-                     train_eps=True, edge_dim=d_model) for _ in range(layers)])
-        self.norms = nn.ModuleList([nn.BatchNorm1d(d_model) for _ in range(layers)])
-        self.attention = nn.ModuleList([nn.MultiheadAttention(d_model, heads, dropout=dropout, batch_first=True)
-                                        for _ in range(layers)]) if global_attention else None
-        self.dropout = nn.Dropout(dropout)
-        self.pool = nn.Linear(d_model, d_model)  # no norm: the sum's magnitude carries the molecule's size
-        self.mask_atom, self.mask_bond = nn.Parameter(torch.zeros(d_model)), nn.Parameter(torch.zeros(d_model))
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        from torch_geometric.utils import scatter, to_dense_batch
-        atoms, bonds = batch["atoms"], batch["bonds"]
-        h = sum(emb(atoms[:, i]) for i, emb in enumerate(self.atom_embeddings)) + self.mass(batch["mass"][:, None])
-        if "atom_mask" in batch:
-            h = torch.where(batch["atom_mask"][:, None], self.mask_atom.to(h.dtype), h)
-        if self.positional is not None:
-            pe = torch.cat([batch[k] for k in ("rwse", "lap") if k in batch], dim=1)
-            h = h + self.positional(pe)
-        e = sum(emb(bonds[:, i]) for i, emb in enumerate(self.bond_embeddings))
-        if "bond_mask" in batch:
-            e = torch.where(batch["bond_mask"][:, None], self.mask_bond.to(e.dtype), e)
-        index, size = batch["batch"], len(batch["n_atoms"])
-        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-            update = torch.relu(norm(conv(h, batch["edge_index"], e))) if len(h) > 1 else \
-                torch.relu(conv(h, batch["edge_index"], e))
-            h = h + self.dropout(update)
-            if self.attention is not None:  # every atom attends to every atom of its molecule
-                dense, mask = to_dense_batch(h, index, batch_size=size)
-                attended, _ = self.attention[i](dense, dense, dense, key_padding_mask=~mask, need_weights=False)
-                h = h + self.dropout(torch.nan_to_num(attended)[mask])
-        tokens, mask = to_dense_batch(h, index, batch_size=size)  # [B, max atoms, d]
-        pooled = self.pool(0.1 * scatter(h, index, dim=0, dim_size=size, reduce="sum"))[:, None]
-        x = torch.cat([pooled, tokens], dim=1)
-        mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
-        return x, mask
+    @classmethod
+    def example_raw(cls, n: int, seed: int = 0) -> list:
+        pool = ["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "C[C@H](N)C(=O)O", "c1ccncc1", "C/C=C/C", "O=C(O)CCl",
+                "CN1CCC[C@H]1c1cccnc1", "C", "[NH4+]", "c1ccc2[nH]ccc2c1", "FC(F)(F)c1ccccc1"]
+        rng = np.random.default_rng(seed)
+        return [pool[int(rng.integers(len(pool)))] if i % 5 != 4 else None for i in range(n)]
 
 
 from biofm.modalities.molecule import pretext  # noqa: E402,F401  (registers its pretext tasks)

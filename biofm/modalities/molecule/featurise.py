@@ -14,6 +14,7 @@ targets of the `descriptors` pretext task, never inputs of the encoder.
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import numpy as np
 
 # element code: the common elements of drug-like and QM sets get their own code, the rest share one
@@ -133,7 +134,8 @@ def encode_rows(columns: GraphColumns, atom_counts: np.ndarray, bond_counts: np.
     ints = np.array(columns.atoms[:3] + [columns.chirality] + columns.atoms[3:], dtype=np.int64).reshape(8, -1).T
     codes = np.empty((len(ints), 8), dtype=np.int8)
     codes[:, 0] = ELEMENT_CODE[np.clip(ints[:, 0], 0, 127)]
-    lo = np.array([0, -3, 0, 0, 0, 0, 0]); hi = np.array([6, 3, 3, 7, 1, 4, 1])
+    lo = np.array([0, -3, 0, 0, 0, 0, 0])
+    hi = np.array([6, 3, 3, 7, 1, 4, 1])
     codes[:, 1:] = np.clip(ints[:, 1:], lo, hi) - np.array([0, -3, 0, 0, 0, 0, 0])
     mass = (atomic_masses()[np.clip(ints[:, 0], 0, 118)] / 100.0).astype(np.float32)
     atom_offset = np.concatenate([[0], np.cumsum(atom_counts)[:-1]])

@@ -6,7 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from biofm.modalities.molecule.featurise import ATOM_CARDINALITIES, BOND_CARDINALITIES, DESCRIPTORS
+from biofm.modalities.molecule.featurise import (
+    ATOM_CARDINALITIES,
+    BOND_CARDINALITIES,
+    DESCRIPTORS,
+)
 from biofm.platform.pretext import PRETEXTS, Decoder, MaskingPretext, mask_fraction
 
 

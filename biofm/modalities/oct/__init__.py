@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from biofm.modalities.oct.encoder import OctEncoder
 from biofm.modalities.oct.readers import OctError, OctRecord, check_record, read_oct
 from biofm.platform.modality import MODALITIES, FileModality
 from biofm.platform.store import Column
 
-__all__ = ["Oct", "OctError", "OctRecord", "read_oct", "OctEncoder"]
+__all__ = ["Oct", "OctError", "OctRecord", "read_oct"]
 
 
 def resample(array: np.ndarray, shape: Sequence[int], mode: str) -> np.ndarray:
@@ -42,6 +43,8 @@ class Oct(FileModality):
     """Settings: `shape` of the stored volumes (default 128³), `enface_shape` (default 128²), `keys`
     (npz key map: {"volume": "oct_bscans", "enface": "rnflt"}). Encoder options: `grid` (tokens per axis,
     8), `layers`, `heads`, `dropout`."""
+
+    argument, column = "oct", "oct_path"
 
     input_error = OctError
 
@@ -127,63 +130,32 @@ class Oct(FileModality):
         return OctEncoder(self.settings["shape"], self.settings["enface_shape"], d_model, grid, layers, heads,
                           dropout)
 
+    @classmethod
+    def example_raw(cls, n: int, seed: int = 0) -> list:
+        """Synthetic eyes: every third has only its en-face map, some only their volume, every seventh nothing."""
+        from biofm.modalities.oct.synthetic import synthetic_eye
+        rng = np.random.default_rng(seed)
+        out = []
+        for i in range(n):
+            volume, thickness = synthetic_eye(rng, (8, 16, 16), glaucoma=bool(i % 2))
+            has_volume, has_enface = i % 3 != 0, i % 5 != 4 or i % 3 == 0
+            out.append(None if i % 7 == 6 else OctRecord(volume if has_volume else None,
+                                                         thickness if has_enface else None))
+        return out
+
 
 def _augmentation():
-    from monai.transforms import Compose, RandAffine, RandFlip, RandScaleIntensity, RandShiftIntensity
+    from monai.transforms import (
+        Compose,
+        RandAffine,
+        RandFlip,
+        RandScaleIntensity,
+        RandShiftIntensity,
+    )
     return Compose([RandFlip(prob=0.5, spatial_axis=2), RandScaleIntensity(factors=0.1, prob=0.5),
                     RandShiftIntensity(offsets=0.05, prob=0.5),
                     RandAffine(prob=0.3, rotate_range=(0.05, 0.05, 0.05), translate_range=(1, 1, 1),
                                padding_mode="border")])
-
-
-def _stem(dims: int, size: Sequence[int], grid: int, d_model: int) -> nn.Sequential:
-    """Two strided convolutions that cut each axis to about `grid` patches (a patch embedding with a
-    little locality learned before it)."""
-    conv = nn.Conv3d if dims == 3 else nn.Conv2d
-    patch = [max(1, s // grid) for s in size]
-    first = tuple(1 if p == 1 else 2 if p <= 4 else 4 for p in patch)
-    second = tuple(max(1, p // f) for p, f in zip(patch, first))
-    return nn.Sequential(conv(1, d_model // 4, first, stride=first), nn.GELU(),
-                         conv(d_model // 4, d_model, second, stride=second))
-
-
-class OctEncoder(nn.Module):
-    """Volume [B, 1, D, H, W] → ~grid³ tokens; en-face map [B, 1, h, w] → ~grid² tokens; each with a learned
-    position embedding, then `layers` transformer layers over the tokens a sample has. A batch may carry
-    `patch_mask` [B, Nv] (pretext tasks): those volume patches (`patch` voxels each, on a `patch_grid`)
-    show a learned mask vector instead of their voxels."""
-
-    def __init__(self, shape, enface_shape, d_model: int, grid: int = 8, layers: int = 2, heads: int = 4,
-                 dropout: float = 0.1):
-        super().__init__()
-        self.volume_stem = _stem(3, shape, grid, d_model)
-        self.enface_norm = nn.BatchNorm2d(1)  # thickness maps come in µm
-        self.enface_stem = _stem(2, enface_shape, grid, d_model)
-        with torch.no_grad():
-            n_volume = self.volume_stem(torch.zeros(1, 1, *shape)).flatten(2).shape[2]
-            n_enface = self.enface_stem(torch.zeros(1, 1, *enface_shape)).flatten(2).shape[2]
-        self.volume_position = nn.Parameter(torch.randn(n_volume, d_model) * 0.02)
-        self.patch = tuple(a * b for a, b in zip(self.volume_stem[0].stride, self.volume_stem[2].stride))
-        self.patch_grid = tuple(s // p for s, p in zip(shape, self.patch))
-        self.mask_patch = nn.Parameter(torch.zeros(d_model))
-        self.enface_position = nn.Parameter(torch.randn(n_enface, d_model) * 0.02)
-        layer = nn.TransformerEncoderLayer(d_model, heads, 2 * d_model, dropout=dropout, batch_first=True,
-                                           norm_first=True)
-        self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        volume = self.volume_stem(batch["volume"]).flatten(2).transpose(1, 2)
-        if "patch_mask" in batch:
-            volume = torch.where(batch["patch_mask"][..., None], self.mask_patch.to(volume.dtype), volume)
-        volume = volume + self.volume_position
-        enface = self.enface_stem(self.enface_norm(batch["enface"])).flatten(2).transpose(1, 2) \
-            + self.enface_position
-        x = torch.cat([volume, enface], dim=1)  # [B, Nv + Ne, d]
-        mask = torch.cat([batch["has_volume"][:, None].expand(-1, volume.shape[1]),
-                          batch["has_enface"][:, None].expand(-1, enface.shape[1])], dim=1)
-        padding = ~mask
-        padding[~mask.any(dim=1), 0] = False  # a sample with neither keeps one key; the trunk masks it out
-        return self.layers(x, src_key_padding_mask=padding), mask
 
 
 from biofm.modalities.oct import pretext  # noqa: E402,F401  (registers its pretext tasks)

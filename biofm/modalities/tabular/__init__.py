@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from biofm.modalities.tabular.encoder import TabularEncoder
 from biofm.platform.modality import MODALITIES, Modality
 from biofm.platform.store import Column
 
@@ -27,6 +28,8 @@ class Tabular(Modality):
     """Settings: `numeric` {column: [mean, std]} and `categorical` {column: [categories]}, learned by
     `fit` when not given. Missing cells are NaN (numeric) or code 0 (categorical); each has a learned
     'missing' embedding. Unknown categories at inference also map to code 0."""
+
+    argument = "case"  # a DataFrame, or a list of dicts; a manifest's case columns are the settings' columns
 
     def __init__(self, numeric: dict | None = None, categorical: dict | None = None, **settings):
         super().__init__(numeric=dict(numeric or {}), categorical=dict(categorical or {}), **settings)
@@ -78,30 +81,26 @@ class Tabular(Modality):
         return TabularEncoder(len(self.settings["numeric"]),
                               [len(c) for c in self.settings["categorical"].values()], d_model)
 
+    @classmethod
+    def example_raw(cls, n: int, seed: int = 0) -> list:
+        rng = np.random.default_rng(seed)
+        frame = pd.DataFrame({"age": rng.normal(60, 10, n).round(1), "dose": rng.random(n),
+                              "stage": rng.choice(["I", "II", "III"], n), "smoker": rng.choice([True, False], n)})
+        frame.loc[frame.index % 4 == 1, "age"] = np.nan
+        return [r if i % 5 != 2 else None for i, r in enumerate(frame.to_dict("records"))]
 
-class TabularEncoder(nn.Module):
-    """One token per column: value · w_j + b_j for numbers, an embedding per category otherwise."""
+    def raw_from_argument(self, values):
+        """A DataFrame (a row per sample) as it is, or a list of dicts (None: no case data)."""
+        return values.reset_index(drop=True) if isinstance(values, pd.DataFrame) else super().raw_from_argument(values)
 
-    def __init__(self, n_numeric: int, cardinalities: list[int], d_model: int):
-        super().__init__()
-        self.n_numeric = n_numeric
-        self.weight = nn.Parameter(torch.randn(n_numeric, d_model) * 0.1)
-        self.bias = nn.Parameter(torch.randn(n_numeric, d_model) * 0.1)
-        self.missing = nn.Parameter(torch.randn(n_numeric, d_model) * 0.1)
-        sizes = [c + 1 for c in cardinalities]  # code 0 = missing or unknown, per column
-        self.register_buffer("cat_offsets", torch.tensor([0] + sizes[:-1], dtype=torch.long).cumsum(0),
-                             persistent=False)
-        self.categories = nn.Embedding(max(sum(sizes), 1), d_model)
-        nn.init.normal_(self.categories.weight, std=0.1)
+    def table_columns(self) -> list[str]:
+        return list(self.settings.get("numeric", {})) + list(self.settings.get("categorical", {}))
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = []
-        if self.n_numeric:
-            x = batch["numeric"]  # [B, C]
-            missing = torch.isnan(x)
-            value = torch.nan_to_num(x).unsqueeze(-1) * self.weight + self.bias
-            tokens.append(torch.where(missing.unsqueeze(-1), self.missing.expand_as(value), value))
-        if len(self.cat_offsets):
-            tokens.append(self.categories(batch["categorical"] + self.cat_offsets))
-        x = torch.cat(tokens, dim=1)  # [B, columns, d]
-        return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    def raw_from_table(self, frame):
+        """The manifest's columns that the settings know; a row with none of them has no case data (text cells
+        of numeric columns are read as numbers by `featurise`)."""
+        known = [c for c in self.table_columns() if c in frame.columns]
+        if not known:
+            return None
+        present = frame[known].notna().any(axis=1).to_numpy()
+        return [r if p else None for r, p in zip(frame[known].to_dict("records"), present)]

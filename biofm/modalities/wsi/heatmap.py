@@ -6,10 +6,13 @@ wash out the rest; glass and tiles without tissue keep the thumbnail's own pixel
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from biofm.commands import command
 
 
 def render_heatmap(thumb: np.ndarray, downsample: tuple[float, float], coords: np.ndarray, extent: float,
@@ -68,3 +71,18 @@ def slide_heatmap(checkpoint: str, slide: str, out: str | Path, mpp: float | Non
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(out)
     return {**result, "thumbnail": thumb, "png": str(out)}
+
+
+def _heatmap_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a biofm checkpoint trained with the wsi modality")
+    p.add_argument("--slide", required=True, help="the slide to explain")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--mpp", type=float, default=None, help="µm/px when the slide's metadata has none")
+    p.add_argument("--max-side", type=int, default=1024, help="longest side of the PNG in pixels")
+
+
+@command("heatmap", _heatmap_arguments)
+def _heatmap(args: argparse.Namespace) -> None:
+    """Per-tile attention of a trained model overlaid on a slide's thumbnail, as a PNG."""
+    result = slide_heatmap(args.checkpoint, args.slide, args.out, mpp=args.mpp, max_side=args.max_side)
+    print(f"heatmap of {result['tiles']} tiles written to {args.out}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from biofm.modalities.wsi import grid_embedding
+from biofm.modalities.wsi.encoder import grid_embedding
 from biofm.platform.pretext import PRETEXTS, Decoder, MaskingPretext, mask_fraction
 
 

@@ -1,4 +1,6 @@
-"""Name → class registries (modalities, task kinds, balancing strategies), resolved like PyG's `resolver`."""
+"""Name → class registries (modalities, task kinds, pretexts, balancing strategies), resolved like PyG's `resolver`.
+
+A low module: `tasks/`, `platform/` and the modalities all import it, and it imports none of them."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from biofm.datasets.ehr import read_small, stream_table
+from biofm.datasets.ehr.schema import read_small, stream_table
 from biofm.platform.store import StoreError
 
 DISCHARGE = {"ACUTE HOSPITAL": "Other", "AGAINST ADVICE": "Other", "ASSISTED LIVING": "Other",

@@ -1,0 +1,101 @@
+"""Train on stores, test the best checkpoint, and plot the curves: the job the demo, the benchmarks and the
+tests run. Model settings start from `configs/model/small.yaml`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from biofm.recipes.config import read_config
+
+
+def fit_and_test(stores: list[str], run_dir: str | Path, *, modalities: list[str] | None = None,
+                 epochs: int = 12, batch_size: int = 64,
+                 model: dict | None = None, seed: int = 0, progress: bool = False, loggers=None,
+                 predict: bool = False, test_without: list[str] = (), data_options: dict | None = None,
+                 checkpoint_artifact: bool = False) -> dict:
+    """Train on `stores` (optionally only some modalities), test the best checkpoint, and return the test
+    metrics (also in `<run_dir>/test_metrics.json`); `model` adds to (or replaces) the settings of
+    `configs/model/small.yaml`; with `test_without`, also test the same model with each
+    of those modalities left out (returned under `without:<modality>`, logged as `test/without:<modality>/…`);
+    with `predict`, also write `<run_dir>/predictions.parquet`. `data_options` holds further data-module
+    options (tasks, train_fraction, …); checkpoints land in `<run_dir>/checkpoints`."""
+    from lightning.pytorch import Trainer, seed_everything
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from biofm.platform.checkpoint import SafeCheckpointIO, default_checkpoint
+    from biofm.platform.lightning import (
+        BiofmDataModule,
+        BiofmModule,
+        PredictionWriter,
+        metrics_of,
+        write_test_metrics,
+    )
+    from biofm.platform.tracking import (
+        CheckpointArtifact,
+        default_loggers,
+        log_run_settings,
+    )
+
+    seed_everything(seed, verbose=False)
+    run_dir = str(run_dir)
+    data = BiofmDataModule(stores, modalities=modalities, batch_size=batch_size, seed=seed, **(data_options or {}))
+    module = BiofmModule(data.schema, **{**read_config("model/small.yaml"), **(model or {})})
+    loggers = default_loggers(run_dir) if loggers is None else loggers
+    callbacks = [default_checkpoint(run_dir), CheckpointArtifact(checkpoint_artifact)] + \
+        ([RichProgressBar()] if progress else [])
+    if predict:
+        callbacks.append(PredictionWriter(run_dir))
+    trainer = Trainer(max_epochs=epochs, accelerator="cpu", devices=1, default_root_dir=run_dir,
+                      logger=loggers, callbacks=callbacks, plugins=[SafeCheckpointIO()],
+                      enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=5)
+    log_run_settings(module, trainer.loggers)
+    trainer.fit(module, datamodule=data)
+    best = trainer.checkpoint_callback.best_model_path or None
+    trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)
+    write_test_metrics(trainer)
+    metrics = metrics_of(trainer, "test")
+    for dropped in test_without:
+        kept = [m for m in data.schema["modalities"] if m != dropped]
+        reduced = BiofmDataModule(stores, modalities=kept, batch_size=batch_size, seed=seed,
+                                  **(data_options or {}))
+        module.test_name = f"test/without:{dropped}"  # its own keys: the tracker keeps the full model's
+        trainer.test(module, datamodule=reduced, ckpt_path=best, verbose=False)
+        metrics[f"without:{dropped}"] = metrics_of(trainer, module.test_name)
+    module.test_name = "test"
+    if predict:
+        trainer.predict(module, datamodule=data, ckpt_path=best, return_predictions=False)
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger":
+            logger.experiment.finish()  # the next run gets its own W&B run
+            import wandb
+
+            # finish() returns before W&B's service has written the run's records to disk; teardown waits
+            wandb.teardown()
+    return metrics
+
+
+def plot_curves(metrics_csv: Path, out_png: Path) -> None:
+    """Training loss per step and validation macro score per epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    log = pd.read_csv(metrics_csv)
+    fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 4))
+    train = log.dropna(subset=["train/loss"])
+    ax_loss.plot(train["step"], train["train/loss"], label="total")
+    for column in [c for c in log.columns if c.startswith("train/") and c.endswith("/loss") and c != "train/loss"]:
+        rows = log.dropna(subset=[column])
+        ax_loss.plot(rows["step"], rows[column], alpha=0.6, label=column.split("/")[1])
+    ax_loss.set(xlabel="step", ylabel="training loss", title="Training losses")
+    ax_loss.legend(fontsize=7)
+    val = log.dropna(subset=["val/macro/score"]) if "val/macro/score" in log else log.iloc[:0]
+    for column in ("val/macro/score", "val/macro/auroc", "val/macro/r2"):
+        if column in val:
+            ax_score.plot(val["epoch"], val[column], marker="o", label=column[4:])
+    ax_score.set(xlabel="epoch", ylabel="validation", title="Validation")
+    ax_score.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
