@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's (on linear and conv weights)")
     parser.add_argument("--fragments", default="keep", help="salts: keep (as chemprop), largest or reject")
     parser.add_argument("--dropout", type=float, default=0.0, help="in the trunk and the GNN")
     parser.add_argument("--rw-steps", type=int, default=0, help="random-walk positional encoding (0 = off)")
@@ -48,7 +49,7 @@ def main() -> None:
     os.environ.setdefault("WANDB_MODE", "disabled")
     split = lambda v: v.split(",") if v else None  # noqa: E731
     model = {"d_model": args.d_model, "depth": 2, "latents": 8, "dropout": args.dropout, "lr": args.lr,
-             "weight_decay": 0.0, "schedule": "cosine",
+             "weight_decay": args.weight_decay, "schedule": "cosine",
              "encoders": {"molecule": {"layers": args.layers, "dropout": args.dropout,
                                        "global_attention": args.global_attention}}}
     runs, seconds = [], []

@@ -169,7 +169,7 @@ def test_a_new_modality_defined_in_one_file_runs_end_to_end(tmp_path):
         def featurise(self, raw):
             rows = [np.array(r.split() if isinstance(r, str) else r, dtype=np.float32) if r is not None else
                     np.zeros(0, np.float32) for r in raw]
-            return {"signal/values": Ragged.from_list(rows, dtype=np.float32), "signal/present": self.present_mask(raw)}
+            return self.prefixed({"values": Ragged.from_list(rows, dtype=np.float32), "present": self.present_mask(raw)})
 
         def collate(self, arrays):
             values: Ragged = arrays["values"]

@@ -301,7 +301,7 @@ def test_a_step_encodes_each_modality_once_for_the_supervised_and_contrastive_lo
     calls = {name: 0 for name in module.model.encoders}
     for name, encoder in module.model.encoders.items():
         encoder.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
-    losses, _ = module._losses(batch)
+    losses = module._losses(batch).terms()
     assert {"event", "pretext/cross_modal", "pretext/two_view"} <= set(losses)
     # the supervised pass's encoder outputs serve cross-modal contrast and the token-subset views
     assert calls == {"tabular": 1, "text": 1}, calls

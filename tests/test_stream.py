@@ -8,8 +8,9 @@ import torch
 import torch.multiprocessing as mp
 
 from biofm.platform.mixing import ChainLoader, MixedLoader, source_at, source_probabilities
+from biofm.platform.ring import _Lease
 from biofm.platform.store import Ragged, Store, StoreError, StoreWriter
-from biofm.platform.stream import StoreStream, StreamLoader, _Lease
+from biofm.platform.stream import StoreStream, StreamLoader
 from biofm.testing import ddp_stream_worker, free_port, write_toy_store
 
 

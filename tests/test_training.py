@@ -382,15 +382,18 @@ def test_pseudo_labels_fill_only_missing_labels_the_model_is_confident_about_and
                                                 "grade": torch.tensor([nan, nan, 0.0, 1.0])}}
     out = {"logits": {"flag": torch.tensor([[-5.0], [5.0], [-5.0], [0.1]]),  # p = .007, .993, .007, .52
                       "grade": torch.tensor([[9.0, 0, 0]] * 4)}}
-    filled = module._pseudo_label(batch, out)["labels"]
+    from biofm.platform.losses import pseudo_label, task_losses
+    options = module._pseudo_options()
+    filled, added = pseudo_label(module.model.kinds, batch["labels"], out["logits"], options["tasks"],
+                                 options["threshold"])
     # kept, confident 1, confident 0, unsure (left missing); grade is not a pseudo-labelled task
-    assert filled["flag"][:3].tolist() == [1.0, 1.0, 0.0] and torch.isnan(filled["flag"][3])
+    assert filled["flag"][:3].tolist() == [1.0, 1.0, 0.0] and torch.isnan(filled["flag"][3]) and added == 2
     assert torch.equal(torch.isnan(filled["grade"]), torch.isnan(batch["labels"]["grade"]))
-    plain = module._task_losses(batch, out)["flag"]
-    pseudo = module._task_losses({**batch, "labels": filled}, out)["flag"]
+    plain = task_losses(module.model.kinds, batch["labels"], out["logits"])["flag"].loss
+    pseudo = task_losses(module.model.kinds, filled, out["logits"])["flag"].loss
     assert not torch.isclose(plain, pseudo)
     module.hparams.pseudo_labels["start_epoch"] = 1  # before start_epoch nothing is filled
-    assert module._pseudo_label(batch, out) is batch
+    assert module._pseudo_options() is None
 
 
 @pytest.mark.parametrize("balancing", ["equal", "pcgrad"])
@@ -416,3 +419,29 @@ def test_batches_without_any_label_train_through(tmp_path, balancing):
     Trainer(max_epochs=1, limit_val_batches=0, logger=False, enable_progress_bar=False, accelerator="cpu",
             enable_checkpointing=False, enable_model_summary=False).fit(module, datamodule=data)
     assert not torch.equal(module.model.heads["flag"].weight, before)
+
+
+def test_weight_decay_spares_norms_biases_embeddings_and_learned_tokens(cohort_store):
+    """One AdamW step with zero gradients moves only what weight decay applies to: the weights of linear
+    layers shrink by lr · weight_decay, and norms, biases, embeddings, [CLS], task queries and resampler
+    latents stay where they were (AdamW decayed every parameter before)."""
+    data = BiofmDataModule([cohort_store.url], batch_size=16)
+    module = BiofmModule(data.schema, d_model=16, depth=1, heads=2, latents=2, lr=0.1, weight_decay=0.5)
+    optimiser = module.configure_optimizers()
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    for p in module.parameters():
+        p.grad = torch.zeros_like(p)
+    optimiser.step()
+    moved = {n for n, p in module.named_parameters() if not torch.equal(p.detach(), before[n])}
+    embeddings = {f"model.{n}.weight" for n, m in module.model.named_modules() if isinstance(m, torch.nn.Embedding)}
+    norms = {f"model.{n}.{w}" for n, m in module.model.named_modules() if isinstance(m, torch.nn.LayerNorm)
+             for w in ("weight", "bias")}
+    tokens = {"model.cls", *(f"model.queries.{t}" for t in module.model.queries),
+              *(f"model.resamplers.{m}.latents" for m in module.model.resamplers)}
+    biases = {n for n in before if n.endswith(".bias")}
+    linear = {f"model.{n}.weight" for n, m in module.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert embeddings and norms and linear
+    assert not moved & (embeddings | norms | tokens | biases)
+    assert linear <= moved
+    name = sorted(linear)[0]
+    torch.testing.assert_close(dict(module.named_parameters())[name].detach(), before[name] * (1 - 0.1 * 0.5))

@@ -200,14 +200,15 @@ def test_mil_attention_covers_only_real_tiles_and_follows_subsampling(kind):
     mask = torch.arange(5)[None, :] < lengths[:, None]
     batch = {"features": torch.randn(3, 5, 6), "mask": mask, "tissue": torch.rand(3, 5),
              "grid": torch.rand(3, 5, 2) * 4, "n_tiles": lengths.float()}
-    x, valid = encoder(batch)
+    out = encoder(batch)
+    x, valid = out
     assert x.shape == (3, 4, 16) and valid.tolist() == [[True] * 4, [True] * 4, [False] * 4]
-    weights = encoder.attention  # [B, K, T]
+    weights = out.states["attention"]  # [B, K, T]
     torch.testing.assert_close(weights[:2].sum(-1), torch.ones(2, 3))
     assert (weights[~mask[:, None, :].expand_as(weights)] == 0).all()
     encoder.train()
-    x, _ = encoder(batch)  # at most 4 tiles per slide in training
-    assert encoder.attention.shape[-1] == 4 and torch.isfinite(x).all()
+    out = encoder(batch)  # at most 4 tiles per slide in training
+    assert out.states["attention"].shape[-1] == 4 and torch.isfinite(out.tokens).all()
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import pandas as pd
 
 from biofm.commands import comma_list, preparer
 from biofm.datasets.outputs import rejects_path, track, write_rejects
+from biofm.modalities.molecule.featurise import MAX_ATOMS
 from biofm.platform import tables
 from biofm.platform.modality import MODALITIES
 from biofm.platform.store import Ragged, Store, StoreError, StoreWriter
@@ -114,7 +115,7 @@ def _featurise(args):
 def prepare_molecules(input: str, out: str, smiles_column: str = "smiles", label_columns: list[str] | None = None,
                       task_types: list[str] | None = None, split: str = "random", seed: int = 0,
                       id_column: str | None = None, source: str | None = None, fragments: str = "reject",
-                      max_atoms: int = 150, rw_steps: int = 0, lap_dim: int = 0, descriptors: bool = False,
+                      max_atoms: int = MAX_ATOMS, rw_steps: int = 0, lap_dim: int = 0, descriptors: bool = False,
                       batch_size: int = 2000, encoding: str = "utf-8",
                       workers: int | None = None, overwrite: bool = False, progress: bool = False
                       ) -> tuple[Store, int]:
@@ -263,7 +264,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="store to write (path or fsspec URL)")
     p.add_argument("--fragments", default="reject", choices=["reject", "largest", "keep"],
                    help="salts and mixtures: reject the row (default), keep the largest fragment, or keep all")
-    p.add_argument("--max-atoms", type=int, default=150)
+    p.add_argument("--max-atoms", type=int, default=MAX_ATOMS, help="larger molecules are rejected")
     p.add_argument("--rw-steps", type=int, default=0, help="random-walk positional encoding length (0 = off)")
     p.add_argument("--lap-dim", type=int, default=0, help="Laplacian eigenvector encoding size (0 = off)")
     p.add_argument("--descriptors", action="store_true", help="also store RDKit descriptors per molecule "

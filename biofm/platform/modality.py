@@ -29,6 +29,28 @@ from biofm.registry import Registry
 MODALITIES: Registry[Modality] = Registry("modality", plugins="biofm.modalities")
 
 
+class Tokens(tuple):
+    """What an encoder gives the trunk: `tokens` [B, L, d] and their validity `mask` [B, L] (it unpacks as
+    that pair), and `states`: per-element states of this pass that its modality's pretext tasks and tools
+    read (e.g. the EHR encoder's token states, the slide encoder's tile states and attention). An encoder
+    may return a plain (tokens, mask) pair instead; the model makes it a `Tokens` with no states."""
+
+    states: dict
+
+    def __new__(cls, tokens: torch.Tensor, mask: torch.Tensor, states: dict | None = None) -> Tokens:
+        record = super().__new__(cls, (tokens, mask))
+        record.states = dict(states or {})
+        return record
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self[0]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self[1]
+
+
 class Modality:
     name: ClassVar[str]
     version: ClassVar[int] = 1
@@ -63,6 +85,25 @@ class Modality:
     @staticmethod
     def present_mask(raw: Sequence[Any]) -> np.ndarray:
         return np.array([r is not None for r in raw], dtype=bool)
+
+    def prefixed(self, arrays: dict[str, Column]) -> dict[str, Column]:
+        """A featuriser's arrays (`present` and the others, by their own names) under their store names,
+        `<modality>/<array>`, with `present` as bool: the one place the prefix is written."""
+        out = {f"{self.name}/{key}": value for key, value in arrays.items()}
+        out[f"{self.name}/present"] = np.asarray(arrays["present"], dtype=bool)
+        return out
+
+    def inputs_of(self, columns: dict[str, Column], augment: bool = False) -> dict[str, torch.Tensor] | None:
+        """This modality's store columns among `columns` → its model inputs: `present` (a bool tensor) and
+        `collate`'s tensors (`augment`ed for training); None when `columns` has none of them. The one place
+        the prefix is taken off."""
+        prefix = self.name + "/"
+        arrays = {key[len(prefix):]: value for key, value in columns.items() if key.startswith(prefix)}
+        if not arrays:
+            return None
+        present = torch.from_numpy(np.asarray(arrays.pop("present"), dtype=bool))
+        inputs = self.collate(arrays)
+        return {"present": present, **(self.augment(inputs) if augment else inputs)}
 
     # ---- train side
     def collate(self, arrays: dict[str, Column]) -> dict[str, torch.Tensor]:
@@ -109,9 +150,9 @@ class Modality:
         raise NotImplementedError(f"modality '{cls.name}' gives no example inputs; add example_raw")
 
     def encoder(self, d_model: int, **options) -> nn.Module:
-        """A module whose forward(batch) returns tokens [B, L, d] and a validity mask [B, L]; `options` are
-        the encoder's architecture settings from the model config (`--model.encoders`). It may keep
-        per-element states of its last forward in a `states` dict for its modality's pretext tasks."""
+        """A module whose forward(batch) returns tokens [B, L, d] and a validity mask [B, L], or a `Tokens`
+        record with the states of the pass its modality's pretext tasks need; `options` are the encoder's
+        architecture settings from the model config (`--model.encoders`)."""
         raise NotImplementedError
 
 

@@ -8,11 +8,15 @@ A modality a sample lacks contributes no tokens: its latents are masked out of e
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from biofm.platform.modality import MODALITIES, Modality
+from biofm.platform.modality import MODALITIES, Modality, Tokens
 from biofm.tasks.kinds import TaskKind, task_kind
 
 
@@ -71,13 +75,37 @@ class Resampler(nn.Module):
         return self.block(x, mask, context=tokens, context_norm=self.context_norm)  # [B, K, d]
 
 
+@dataclass(frozen=True)
+class TrunkConfig:
+    """The model's architecture: the trunk (width, depth, heads, latents per modality, dropout) and the
+    encoders' options per modality (`{"molecule": {"layers": 5}}`). Built once from the module's settings
+    (`of`), and again from a checkpoint's, by the same builder (`build`)."""
+
+    d_model: int = 64
+    depth: int = 2
+    heads: int = 4
+    latents: int = 8
+    dropout: float = 0.1
+    encoders: dict[str, dict] | None = None
+
+    @classmethod
+    def of(cls, settings: Mapping[str, Any]) -> TrunkConfig:
+        """The architecture among `settings` (e.g. a module's hyper-parameters); other keys are ignored."""
+        return cls(**{f.name: settings[f.name] for f in fields(cls) if f.name in settings})
+
+    def build(self, schema: dict) -> BiofmModel:
+        return BiofmModel(schema, self)
+
+
 class BiofmModel(nn.Module):
     """Encoders, resamplers, trunk and heads for a schema `{"modalities": {...}, "tasks": {...}}`."""
 
-    def __init__(self, schema: dict, d_model: int = 64, depth: int = 2, heads: int = 4, latents: int = 8,
-                 dropout: float = 0.1, encoders: dict[str, dict] | None = None):
+    def __init__(self, schema: dict, config: TrunkConfig | None = None):
         super().__init__()
-        self.schema = schema
+        config = config or TrunkConfig()
+        d_model, depth, heads, latents, dropout, encoders = (config.d_model, config.depth, config.heads,
+                                                             config.latents, config.dropout, config.encoders)
+        self.schema, self.config = schema, config
         self.modalities: dict[str, Modality] = {
             name: MODALITIES.resolve(name).from_config(config) for name, config in schema["modalities"].items()}
         self.kinds: dict[str, TaskKind] = {t: task_kind(t, spec) for t, spec in schema["tasks"].items()}
@@ -99,12 +127,14 @@ class BiofmModel(nn.Module):
         self.d_model, self.n_heads = d_model, heads
 
     def embed(self, name: str, batch: dict[str, torch.Tensor], keep: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """One modality → its K latents [B, K, d], their validity [B, K] and the encoder's tokens and mask;
+              ) -> tuple[torch.Tensor, torch.Tensor, Tokens]:
+        """One modality → its K latents [B, K, d], their validity [B, K] and the encoder's `Tokens`;
         `keep` [B, L] drops encoder tokens (a view for contrastive pretext tasks)."""
-        x, mask = self.encoders[name](batch)
-        latent, valid = self.resample(name, x, mask if keep is None else mask & keep, batch["present"])
-        return latent, valid, (x, mask)
+        out = self.encoders[name](batch)
+        out = out if isinstance(out, Tokens) else Tokens(*out)
+        mask = out.mask if keep is None else out.mask & keep
+        latent, valid = self.resample(name, out.tokens, mask, batch["present"])
+        return latent, valid, out
 
     def embed_once(self, name: str, batch: dict[str, torch.Tensor], embedded: dict | None) -> tuple:
         """`embed` of a modality's clean inputs, computed once per step: kept in `embedded` (when given) for

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from biofm.platform.modality import Tokens
 from biofm.platform.model import BiofmModel, Block
 from biofm.registry import Registry
 
@@ -33,11 +34,11 @@ PRETEXTS: Registry[Pretext] = Registry("pretext task", plugins="biofm.modalities
 @dataclass
 class Encoded:
     """The model's pass over the corrupted inputs: trunk output and mask, and per modality the encoder's
-    tokens and mask (the encoder may also keep per-element states of that pass in its `states`)."""
+    `Tokens` (with the states of that pass)."""
 
     trunk: torch.Tensor
     mask: torch.Tensor
-    tokens: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    tokens: dict[str, Tokens]
 
 
 class Pretext(nn.Module):
@@ -177,7 +178,8 @@ class TwoView(Pretext):
             if views is not None:
                 z = [self._cls(model, *model.embed(name, view)[:2]) for view in views]
             else:  # the clean encoder pass, two random token subsets
-                x, mask = model.embed_once(name, inputs[name], embedded)[2]
+                tokens = model.embed_once(name, inputs[name], embedded)[2]
+                x, mask = tokens.tokens, tokens.mask
                 z = []
                 for _ in range(2):
                     keep = torch.rand(mask.shape, device=mask.device) < self.keep

@@ -101,11 +101,10 @@ class Model:
             for i, reason in enumerate(why):
                 if reason:
                     reasons[i].append(f"{name}: {reason}")
-            local = {k.split("/", 1)[1]: v for k, v in columns.items()}
-            present = np.asarray(local.pop("present"), dtype=bool)
+            present = np.asarray(columns[f"{name}/present"], dtype=bool)
             present_any |= present
             if present.any():  # a modality no sample of the batch has contributes nothing
-                inputs[name] = {"present": torch.from_numpy(present), **modality.collate(local)}
+                inputs[name] = modality.inputs_of(columns)
         # a sample is predicted from the modalities it has; it fails only when it has none
         missing = f"no input for any of the model's modalities ({', '.join(self.modalities)})"
         errors = [None if present_any[i] else ("; ".join(reasons[i]) or missing) for i in range(n)]

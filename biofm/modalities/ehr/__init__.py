@@ -93,11 +93,11 @@ class EHR(Modality):
             rows_places.append(places)
             rows_time.append(np.zeros(0, np.float32) if sample is None else
                              np.asarray(sample.times, np.float32)[start:n])
-        return {"ehr/tokens": Ragged.from_list(rows_ids, np.int32, (cap,)),
-                "ehr/types": Ragged.from_list(rows_types, np.uint8, (cap,)),
-                "ehr/places": Ragged.from_list(rows_places, np.uint8, (cap,)),
-                "ehr/time": Ragged.from_list(rows_time, np.float32),
-                "ehr/present": np.array([r is not None and len(r) > 0 for r in raw], dtype=bool)}
+        return self.prefixed({"tokens": Ragged.from_list(rows_ids, np.int32, (cap,)),
+                              "types": Ragged.from_list(rows_types, np.uint8, (cap,)),
+                              "places": Ragged.from_list(rows_places, np.uint8, (cap,)),
+                              "time": Ragged.from_list(rows_time, np.float32),
+                              "present": [r is not None and len(r) > 0 for r in raw]})
 
     def collate(self, arrays: dict[str, Column]) -> dict[str, torch.Tensor]:
         tokens: Ragged = arrays["tokens"]

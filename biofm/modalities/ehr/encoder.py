@@ -12,6 +12,7 @@ from biofm.modalities.ehr.tokenizer import (
     N_DPE,
     N_TYPES,
 )
+from biofm.platform.modality import Tokens
 
 
 class TimeEmbedding(nn.Module):
@@ -35,8 +36,8 @@ class EventEncoder(nn.Module):
     """Per event: token + type + digit-place + position embeddings → transformer → mean over its tokens.
     Then event vectors + time embedding → a small transformer across events → tokens for the trunk.
     A batch may carry `event_mask` [B, E] (pretext tasks): those events show a learned mask vector (and
-    their time) instead of their content. `states["tokens"]` keeps the last pass's token states of the
-    real events [N, T, d]."""
+    their time) instead of their content. Its `Tokens` carry the token states of the pass (`states["tokens"]`),
+    real events only [N, T, d]."""
 
     def __init__(self, vocab_size: int, max_event_tokens: int, d_model: int, layers: int = 2, heads: int = 4,
                  aggregator_layers: int = 1):
@@ -53,11 +54,11 @@ class EventEncoder(nn.Module):
         self.aggregator = (nn.TransformerEncoder(layer(), aggregator_layers, enable_nested_tensor=False)
                            if aggregator_layers else None)
         self.mask_event = nn.Parameter(torch.zeros(d_model))
-        self.states: dict[str, torch.Tensor] = {}
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor]) -> Tokens:
         ids, mask = batch["tokens"], batch["mask"]  # [B, E, T], [B, E]
         b, e, t = ids.shape
+        states: dict[str, torch.Tensor] = {}
         flat = ids[mask]  # only real events go through the event encoder
         vectors = ids.new_zeros((b, e, self.tokens.embedding_dim), dtype=self.positions.weight.dtype)
         if len(flat):
@@ -66,7 +67,7 @@ class EventEncoder(nn.Module):
                  + self.positions(positions))
             token_mask = flat != 0
             x = self.event_layers(x, src_key_padding_mask=~token_mask)
-            self.states = {"tokens": x}
+            states = {"tokens": x}
             weights = token_mask.to(x.dtype)[..., None]
             pooled = (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
             vectors = vectors.to(pooled.dtype)
@@ -78,4 +79,4 @@ class EventEncoder(nn.Module):
             key_padding = ~mask
             key_padding[:, 0] = False  # a sample without events keeps one (masked by the trunk)
             x = self.aggregator(x, src_key_padding_mask=key_padding)
-        return x, mask
+        return Tokens(x, mask, states)

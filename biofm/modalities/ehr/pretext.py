@@ -33,7 +33,7 @@ class MaskedTokens(MaskingPretext):
 
     def loss_from(self, model, encoded, state):
         chosen, ids = state  # [N real events, T]
-        states = model.encoders[self.modality].states.get("tokens")
+        states = encoded.tokens[self.modality].states.get("tokens")
         if states is None or not chosen.any():
             return None
         return F.cross_entropy(self.head(states[chosen]).float(), ids[chosen])

@@ -13,6 +13,7 @@ from torch import nn
 
 from biofm.modalities.molecule.encoder import MoleculeEncoder
 from biofm.modalities.molecule.featurise import (
+    MAX_ATOMS,
     featurise_smiles,
 )
 from biofm.platform.modality import MODALITIES, Modality
@@ -29,7 +30,7 @@ class Molecule(Modality):
 
     argument = column = "smiles"
 
-    def __init__(self, max_atoms: int = 150, fragments: str = "reject", rw_steps: int = 0, lap_dim: int = 0,
+    def __init__(self, max_atoms: int = MAX_ATOMS, fragments: str = "reject", rw_steps: int = 0, lap_dim: int = 0,
                  descriptors: bool = False, **settings):
         if fragments not in ("reject", "largest", "keep"):
             raise ValueError(f"fragments must be reject, largest or keep, got {fragments!r}")
@@ -40,9 +41,8 @@ class Molecule(Modality):
         s = self.settings
         arrays, reasons = featurise_smiles(raw, s["max_atoms"], s["fragments"], s["rw_steps"], s["lap_dim"],
                                            s.get("descriptors", False))
-        out: dict[str, Column] = {f"molecule/{k}": v for k, v in arrays.items()}
-        out["molecule/present"] = np.array([r is not None and why is None for r, why in zip(raw, reasons)])
-        return out, reasons
+        present = np.array([r is not None and why is None for r, why in zip(raw, reasons)])
+        return self.prefixed({**arrays, "present": present}), reasons
 
     def featurise(self, raw: Sequence[str | None]) -> dict[str, Column]:
         return self.featurise_with_reasons(raw)[0]

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 # element code: the common elements of drug-like and QM sets get their own code, the rest share one
+MAX_ATOMS = 150  # heavy atoms: a larger molecule is rejected (the featuriser's one default)
 ELEMENTS = [1, 5, 6, 7, 8, 9, 11, 12, 14, 15, 16, 17, 19, 20, 26, 29, 30, 33, 34, 35, 50, 53]
 ELEMENT_CODE = np.full(128, len(ELEMENTS) + 1, dtype=np.int8)
 ELEMENT_CODE[ELEMENTS] = np.arange(1, len(ELEMENTS) + 1)
@@ -51,7 +52,7 @@ def _quiet_rdkit() -> None:
         _QUIET = True
 
 
-def parse(smiles: str, max_atoms: int = 150, fragments: str = "reject"):
+def parse(smiles: str, max_atoms: int = MAX_ATOMS, fragments: str = "reject"):
     """A sanitised RDKit molecule, or MoleculeError with the reason."""
     from rdkit import Chem
     _quiet_rdkit()
@@ -194,7 +195,7 @@ def laplacian_encoding(n: int, edges: np.ndarray, dim: int) -> np.ndarray:
     return out
 
 
-def featurise_smiles(smiles: Sequence[str | None], max_atoms: int = 150, fragments: str = "reject",
+def featurise_smiles(smiles: Sequence[str | None], max_atoms: int = MAX_ATOMS, fragments: str = "reject",
                      rw_steps: int = 0, lap_dim: int = 0, descriptors: bool = False) -> tuple[dict, list[str | None]]:
     """Graphs of a batch as ragged store arrays (a rejected or missing SMILES gives zero rows), and the
     rejection reason of each input (None where it was accepted or missing)."""

@@ -84,9 +84,8 @@ class Oct(FileModality):
         empty = {"volume": np.zeros(s["shape"], np.uint8), "has_volume": np.bool_(False),
                  "enface": np.zeros(s["enface_shape"], np.float16), "has_enface": np.bool_(False)}
         full = [r if r is not None else empty for r in rows]
-        out = {f"oct/{name}": np.stack([np.asarray(r[name]) for r in full]) for name in empty}
-        out["oct/present"] = np.array([r is not None for r in rows], dtype=bool)
-        return out
+        out = {name: np.stack([np.asarray(r[name]) for r in full]) for name in empty}
+        return self.prefixed({**out, "present": [r is not None for r in rows]})
 
     # ---- train side
     def collate(self, arrays: dict[str, Column]) -> dict[str, torch.Tensor]:

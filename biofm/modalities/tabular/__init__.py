@@ -52,22 +52,22 @@ class Tabular(Modality):
         frame, present = as_frame(raw)
         n = len(present)
         numeric, categorical = self.settings["numeric"], self.settings["categorical"]
-        out: dict[str, Column] = {"tabular/present": present}
+        out: dict[str, Column] = {"present": present}
         if numeric:
             cols = []
             for column, (mean, std) in numeric.items():
                 values = pd.to_numeric(frame[column], errors="coerce") if column in frame else \
                     pd.Series(np.nan, index=range(n))
                 cols.append(((values.to_numpy(dtype=float) - mean) / std).astype(np.float32))
-            out["tabular/numeric"] = np.stack(cols, axis=1)
+            out["numeric"] = np.stack(cols, axis=1)
         if categorical:
             codes = np.zeros((n, len(categorical)), dtype=np.int32)
             for j, (column, categories) in enumerate(categorical.items()):
                 if column in frame:
                     lookup = {c: i + 1 for i, c in enumerate(categories)}
                     codes[:, j] = [lookup.get(str(v), 0) if pd.notna(v) else 0 for v in frame[column]]
-            out["tabular/categorical"] = codes
-        return out
+            out["categorical"] = codes
+        return self.prefixed(out)
 
     def collate(self, arrays: dict[str, Column]) -> dict[str, torch.Tensor]:
         out = {}

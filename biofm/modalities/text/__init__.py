@@ -43,7 +43,7 @@ class Text(Modality):
         encoded = self.tokenizer.encode_batch(texts, add_special_tokens=False)
         limit = self.settings["max_length"]
         rows = [np.asarray(e.ids[:limit], dtype=np.int32) for e in encoded]
-        return {"text/token_ids": Ragged.from_list(rows, dtype=np.int32), "text/present": self.present_mask(raw)}
+        return self.prefixed({"token_ids": Ragged.from_list(rows, dtype=np.int32), "present": self.present_mask(raw)})
 
     def collate(self, arrays: dict[str, Column]) -> dict[str, torch.Tensor]:
         tokens: Ragged = arrays["token_ids"]

@@ -109,14 +109,13 @@ class Wsi(FileModality):
                  "tissue": np.zeros(0, np.float16), "tile_extent": np.float32(0), "mpp": np.float32(0),
                  "dimensions": np.zeros(2, np.int64), "tiles": np.zeros((0, size, size, 3), np.uint8)}
         full = [r if r is not None else empty for r in rows]
-        out: dict[str, Column] = {"wsi/present": np.array([r is not None for r in rows], dtype=bool)}
+        out: dict[str, Column] = {"present": np.array([r is not None for r in rows], dtype=bool)}
         for name in ("features", "coords", "tissue") + (("tiles",) if self.settings["store_tiles"] else ()):
             trailing = empty[name].shape[1:]
-            out[f"wsi/{name}"] = Ragged.from_list([r[name] for r in full], dtype=empty[name].dtype,
-                                                  trailing=trailing)
+            out[name] = Ragged.from_list([r[name] for r in full], dtype=empty[name].dtype, trailing=trailing)
         for name in ("tile_extent", "mpp", "dimensions"):
-            out[f"wsi/{name}"] = np.stack([np.asarray(r[name]) for r in full])
-        return out
+            out[name] = np.stack([np.asarray(r[name]) for r in full])
+        return self.prefixed(out)
 
     # ---- train side
     def collate(self, arrays: dict[str, Column]) -> dict[str, torch.Tensor]:

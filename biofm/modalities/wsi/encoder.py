@@ -8,6 +8,8 @@ import math
 import torch
 from torch import nn
 
+from biofm.platform.modality import Tokens
+
 
 class GatedAttention(nn.Module):
     """Gated attention pooling (Ilse et al. 2018) with K branches: K weighted means of the tiles."""
@@ -41,7 +43,7 @@ class SlideEncoder(nn.Module):
     gated attention to `tokens` slide tokens, plus one token for the slide's size (tiles, tissue area).
     `attention` keeps the last forward's weights per tile [B, K, T] for heatmaps. A batch may carry
     `tile_mask` [B, T] (pretext tasks): those tiles show a learned mask vector instead of their features
-    and are left out of the pooling; `states` keeps the last pass's tile states and (subsampled) batch."""
+    and are left out of the pooling; its `Tokens` carry the pass's tile states, (subsampled) batch and attention."""
 
     def __init__(self, feature_dim: int, d_model: int, kind: str = "abmil", tokens: int = 4, layers: int = 1,
                  heads: int = 4, max_tiles: int = 4096, dropout: float = 0.1):
@@ -60,9 +62,7 @@ class SlideEncoder(nn.Module):
             self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.pool = GatedAttention(d_model, d_model, tokens)
         self.size = nn.Linear(2 * 2 * len(SIZE_FREQUENCIES), d_model)
-        self.attention: torch.Tensor | None = None
         self.mask_tile = nn.Parameter(torch.zeros(d_model))
-        self.states: dict = {}
 
     def _subsample(self, batch: dict) -> dict:
         """In training, at most `max_tiles` random tiles per slide (all of them in evaluation)."""
@@ -76,7 +76,7 @@ class SlideEncoder(nn.Module):
                                             keep[..., None].expand(-1, -1, batch[k].shape[-1]))
                             for k in ("features", "mask", "tissue", "grid", "tile_mask") if k in batch}}
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor]) -> Tokens:
         batch = self._subsample(batch)
         mask = batch["mask"]  # [B, T]
         x = torch.cat([batch["features"], batch["tissue"][..., None]], dim=-1)  # [B, T, D + 1]
@@ -93,9 +93,7 @@ class SlideEncoder(nn.Module):
             padding = ~mask
             padding[:, 0] = False  # a slide without tiles keeps one key; its tokens are masked anyway
             h = self.layers(h, src_key_padding_mask=padding)
-        self.states = {"tiles": h, "batch": batch}
         tokens, weights = self.pool(h, pooled)  # [B, K, d], [B, K, T]
-        self.attention = weights.detach()
         # the slide's size: log tile count and log tissue area (in tiles), from every tile even when subsampled
         area = batch["tissue_area"] if "tissue_area" in batch else (batch["tissue"] * mask).sum(1)
         logs = torch.stack([torch.log1p(batch["n_tiles"]), torch.log1p(area)], dim=-1)[..., None]  # [B, 2, 1]
@@ -103,4 +101,4 @@ class SlideEncoder(nn.Module):
         size = self.size(torch.cat([angles.sin(), angles.cos()], dim=-1))[:, None]  # [B, 1, d]
         x = torch.cat([size, tokens], dim=1)
         valid = (batch["n_tiles"] > 0)[:, None].expand(-1, x.shape[1])
-        return x, valid
+        return Tokens(x, valid, {"tiles": h, "batch": batch, "attention": weights.detach()})

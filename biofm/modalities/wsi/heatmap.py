@@ -45,9 +45,10 @@ def slide_attention(module, slide: str, mpp: float | None = None) -> dict:
     arrays, facts = wsi.process(SlideRef(slide, mpp=mpp))
     columns = {k.split("/", 1)[1]: v for k, v in wsi.stack([arrays]).items()}
     present = torch.from_numpy(columns.pop("present"))
+    batch = {"present": present, **wsi.collate(columns)}
     with torch.no_grad():
-        out = module({"wsi": {"present": present, **wsi.collate(columns)}})
-    attention = module.model.encoders["wsi"].attention[0].mean(0).cpu().numpy()  # [T]
+        out = module({"wsi": batch})
+        attention = module.model.encoders["wsi"](batch).states["attention"][0].mean(0).cpu().numpy()  # [T]
     return {"coords": arrays["coords"], "extent": float(arrays["tile_extent"]), "attention": attention,
             "logits": {t: v[0].cpu().numpy() for t, v in out["logits"].items()}, **facts}
 

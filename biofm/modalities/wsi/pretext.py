@@ -27,8 +27,8 @@ class MaskedTiles(MaskingPretext):
         return {**batch, "tile_mask": mask_fraction(batch["mask"], self.ratio)}, None
 
     def loss_from(self, model, encoded, state):
-        encoder = model.encoders[self.modality]
-        tiles, batch = encoder.states["tiles"], encoder.states["batch"]  # after any subsampling
+        states = encoded.tokens[self.modality].states
+        tiles, batch = states["tiles"], states["batch"]  # after any subsampling
         chosen = batch["tile_mask"] & batch["mask"]
         if not chosen.any():
             return None

@@ -1,0 +1,324 @@
+"""The training module: the model, masked per-task losses, pretext tasks, balancing, metrics and the optimiser."""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule
+
+from biofm.platform.balancing import make_balancer, mean_over_ranks
+from biofm.platform.checkpoint import load_pretrained
+from biofm.platform.errors import ConfigError
+from biofm.platform.losses import StepLosses, pretext_losses, step_losses, task_losses
+from biofm.platform.model import TrunkConfig
+from biofm.platform.optim import decayed, parameter_groups, warmup_cosine
+from biofm.platform.pretext import make_pretexts
+from biofm.platform.schema import task_applies
+from biofm.platform.settings import check_settings
+from biofm.tasks.metrics import TaskMetrics
+
+
+class BiofmModule(LightningModule):
+    """The multimodal multi-task model in training.
+
+    Args:
+        schema: modalities and tasks; linked from the data module by `biofm fit`.
+        balancing: "equal", "uncertainty", "dwa", "famo" or "pcgrad" (gradient surgery, with manual
+            optimisation); `balancing_options` are its keyword options.
+        pretext: self-supervised tasks and their options, trained beside (or instead of) the supervised
+            ones, e.g. {"masked_atoms": {"ratio": 0.15}, "two_view": {"temperature": 0.1}}; each is balanced
+            as the task `pretext/<name>` (see `biofm.platform.pretext`).
+        init_from: a checkpoint to start from (fine-tuning): encoders, resamplers, trunk and the heads of
+            tasks it shares with this run are loaded; new tasks get fresh heads.
+        fresh_heads: start every head fresh, even for shared tasks.
+        freeze_encoders: train only the trunk and heads.
+        linear_probe: train only the task heads and their query tokens (encoders and trunk frozen).
+        layer_decay: layer-wise learning-rate decay (e.g. 0.75): heads and the final norm train at `lr`, trunk
+            block i of n at lr·decay^(n - i), encoders, resamplers and the [CLS] token at lr·decay^(n + 1).
+        encoders: architecture options per modality, e.g. {"molecule": {"layers": 5, "global_attention": true}}.
+        pseudo_labels: semi-supervised training, e.g. {"threshold": 0.9, "start_epoch": 2, "tasks": ["glaucoma"]}:
+            from `start_epoch` on, a training sample without a label for a task whose kind takes
+            pseudo-labels (`TaskKind.can_pseudo_label`: the classification kinds) takes the model's own
+            prediction as its label where the predicted probability is at least `threshold` (default tasks:
+            every such task).
+        schedule: "constant" or "cosine" (linear warm-up over `warmup_steps`, then cosine decay to zero over
+            the run's total steps).
+    """
+
+    def __init__(self, schema: dict | None = None, d_model: int = 64, depth: int = 2, heads: int = 4,
+                 latents: int = 8, dropout: float = 0.1, lr: float = 1e-3, weight_decay: float = 0.01,
+                 balancing: str = "equal", balancing_options: dict | None = None, init_from: str | None = None,
+                 fresh_heads: bool = False, freeze_encoders: bool = False, encoders: dict | None = None,
+                 schedule: str = "constant", warmup_steps: int = 100, pseudo_labels: dict | None = None,
+                 pretext: dict[str, dict] | None = None, linear_probe: bool = False,
+                 layer_decay: float | None = None):
+        super().__init__()
+        check_settings("model", dict(d_model=d_model, depth=depth, heads=heads, latents=latents, dropout=dropout,
+                                     lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                                     layer_decay=layer_decay, schedule=schedule))
+        if schema is None:
+            raise ConfigError("model.schema is missing: it comes from the data module (biofm fit links it); "
+                              "in Python pass BiofmDataModule(...).schema")
+        # the schema (with tokenizer vocabularies) goes into checkpoints, never to a logger
+        self.save_hyperparameters(logger=False)
+        self.trunk_config = TrunkConfig.of(self.hparams)  # the architecture, read once from the settings
+        self.model = self.trunk_config.build(schema)
+        try:
+            self.pretexts = make_pretexts(self.model, pretext)
+        except ValueError as err:
+            raise ConfigError(f"model.pretext: {err}") from None
+        if not schema["tasks"] and not self.pretexts:
+            raise ConfigError("nothing to train: the run has no tasks (data.tasks) and no pretext tasks "
+                              "(model.pretext)")
+        self._for_schema(schema)
+        self.test_name = "test"  # the key prefix of test metrics; another for an extra evaluation (test/without:x)
+        if init_from:
+            try:
+                load_pretrained(self.model, init_from, fresh_heads=fresh_heads)
+            except ValueError as err:
+                raise ConfigError(f"model.init_from: {err}") from None
+        self._frozen: list[torch.nn.Module] = []
+        if freeze_encoders or linear_probe:
+            self._frozen = [self.model.encoders, self.model.resamplers]
+        if linear_probe:
+            self._frozen += [self.model.trunk, self.model.norm]
+        for module in self._frozen:
+            module.requires_grad_(False)
+            module.eval()
+        if linear_probe:
+            for name, param in self.model.named_parameters():
+                param.requires_grad_(name.startswith(("heads.", "queries.")))
+        self._epoch_losses: dict[str, list[float]] = defaultdict(list)
+        self._step_losses: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True):
+        """Frozen parts stay in evaluation mode (batch-norm statistics and dropout included)."""
+        super().train(mode)
+        for module in self._frozen:
+            module.eval()
+        return self
+
+    def _for_schema(self, schema: dict, device=None) -> None:
+        """What depends on the schema's tasks besides the model: the balancer (with the pretext tasks), and
+        pooled metrics per stage and per source for test (made as sources appear: every rank sees each)."""
+        hp = self.hparams
+        self.balancer = make_balancer(hp["balancing"], self._balanced_tasks(schema), hp["balancing_options"])
+        self.automatic_optimization = not self.balancer.gradient_based
+        self.metrics = torch.nn.ModuleDict({stage: TaskMetrics(self.model.kinds, stage) for stage in ("val", "test")})
+        if device is not None:
+            self.metrics.to(device)
+        self._source_metrics: dict[str, TaskMetrics] = {}
+
+    def _balanced_tasks(self, schema: dict) -> list[str]:
+        return list(schema["tasks"]) + [f"pretext/{name}" for name in self.pretexts]
+
+    def forward(self, inputs: dict) -> dict:
+        return self.model(inputs)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Testing or predicting on stores with fewer (or other) tasks than the checkpoint was trained on:
+        the model takes the checkpoint's schema, so its weights load whole and it predicts every task it
+        knows. Modalities shared with the stores must have the same settings (the same tokenizer)."""
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        saved = (checkpoint.get("hyper_parameters") or {}).get("schema")
+        current = self.hparams["schema"]
+        if saved is None or saved == current or self._trainer is None or self.trainer.state.fn == TrainerFn.FITTING:
+            return
+        for name, config in current["modalities"].items():
+            if name in saved["modalities"] and saved["modalities"][name] != config:
+                raise ConfigError(f"the checkpoint's modality '{name}' has other settings (e.g. another tokenizer) "
+                                  "than the stores given; prepare them with the checkpoint's settings")
+        device = next(self.parameters()).device
+        self.model = self.trunk_config.build(saved).to(device)  # the same architecture, the checkpoint's schema
+        self._for_schema(saved, device)
+        self.hparams["schema"] = saved
+
+    def _pseudo_options(self) -> dict | None:
+        """The pseudo-labelling settings in force at this epoch (None before `start_epoch`, or without them)."""
+        options = self.hparams.pseudo_labels
+        if not options or self.current_epoch < int(options.get("start_epoch", 1)):
+            return None
+        return options
+
+    def _pretext_losses(self, inputs: dict, embedded: dict | None = None) -> dict[str, torch.Tensor]:
+        return pretext_losses(self.model, self.pretexts, inputs, embedded)
+
+    def _losses(self, batch: dict) -> StepLosses:
+        return step_losses(self.model, self.pretexts, batch, self._pseudo_options())
+
+    def configure_callbacks(self) -> list[Callback]:
+        return [ConfirmTrained()]
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        step = self._losses(batch)
+        losses = step.terms()
+        total, weights = self.balancer.combine(losses) if losses else (torch.zeros((), device=self.device), {})
+        if not self.automatic_optimization:
+            self._gradient_step(losses)
+        else:  # a batch without any label still needs a loss with a graph for the optimiser
+            total = total + self._every_parameter(needed=not losses)
+        for task, record in step.tasks.items():
+            record.weight = float(weights[task])
+        size = len(batch["row"])
+        self.log("train/loss", total, batch_size=size, prog_bar=True)
+        if self._pseudo_options() is not None and batch["labels"]:
+            self.log("train/pseudo_labels", float(step.pseudo_labels), batch_size=size, reduce_fx="sum")
+        for task, loss in losses.items():
+            self.log(f"train/{task}/loss", loss, batch_size=size)
+            self.log(f"train/{task}/weight", float(weights[task]), batch_size=size)
+            self._epoch_losses[task].append(float(loss.detach()))
+        self._step_losses = {t: l.detach() for t, l in losses.items()}
+        return total
+
+    def _every_parameter(self, needed: bool = False) -> torch.Tensor | float:
+        """Under DDP (or when `needed`), 0 · Σ every trainable parameter: heads of tasks absent from the
+        batch, encoders of modalities it lacks, pretext heads and mask vectors all get a (zero) gradient, so
+        DDP's reducer finds one for each without `find_unused_parameters`. Nothing in a single process."""
+        if not needed and (self._trainer is None or self.trainer.world_size == 1):
+            return 0.0
+        return 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)
+
+    def _gradient_step(self, losses: dict[str, torch.Tensor]) -> None:
+        """Manual optimisation for gradient-based balancing: per-task gradients of the shared parameters
+        (encoders, resamplers, trunk) are combined by the balancer; task-specific parameters (heads, query
+        tokens, pretext heads) take the plain sum. The combined gradient is back-propagated as a surrogate
+        (Σ p·g), so DDP averages it over ranks as usual."""
+        optimiser = self.optimizers()
+        optimiser.zero_grad()
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        specific = {id(p) for n, p in self.model.named_parameters() if n.startswith(("heads.", "queries."))}
+        specific |= {id(p) for p in self.pretexts.parameters()}
+        shared = [p for p in trainable if id(p) not in specific]
+        own = [p for p in trainable if id(p) in specific]
+        surrogate = self._every_parameter()
+        if losses:
+            per_task = [_flat(torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True), shared)
+                        for loss in losses.values()]
+            combined = self.balancer.combine_gradients(per_task)
+            own_grads = torch.autograd.grad(sum(losses.values()), own, allow_unused=True) if own else []
+            offset = 0
+            for p in shared:
+                surrogate = surrogate + (p * combined[offset:offset + p.numel()].view_as(p)).sum()
+                offset += p.numel()
+            for p, g in zip(own, own_grads):
+                if g is not None:
+                    surrogate = surrogate + (p * g.detach()).sum()
+        if torch.is_tensor(surrogate):  # else: one process, nothing to learn from this batch
+            self.manual_backward(surrogate)
+            optimiser.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.balancer.after_step(self._step_losses)
+
+    def on_train_epoch_end(self) -> None:
+        means = {t: float(np.mean(v)) for t, v in self._epoch_losses.items() if v}
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            means = mean_over_ranks(means, self.balancer.tasks)
+        self.balancer.epoch_end(means)
+        self._epoch_losses.clear()
+
+    def _evaluate(self, batch: dict, stage: str) -> None:
+        size = len(batch["row"])
+        name = self.test_name if stage == "test" else stage
+        embedded: dict = {}
+        if self.model.kinds:
+            out = self.model(batch["inputs"], embedded)
+            losses = task_losses(self.model.kinds, batch["labels"], out["logits"])
+            if losses:
+                self.log(f"{name}/loss", sum(t.loss for t in losses.values()), batch_size=size, sync_dist=True)
+            by_source = self._metrics_of_source(batch["source"]) if stage == "test" else None
+            for task, target in batch["labels"].items():
+                self.metrics[stage].update(task, out["logits"][task], target)
+                if by_source is not None:
+                    by_source.update(task, out["logits"][task], target)
+        if self.pretexts:
+            pretext = sum(self._pretext_losses(batch["inputs"], embedded).values())
+            if torch.is_tensor(pretext):
+                self.log(f"{name}/pretext/loss", pretext, batch_size=size, sync_dist=True)
+                if not self.model.kinds:  # pretraining only: checkpoints keep the lowest pretext loss
+                    self.log(f"{name}/macro/score", -pretext, batch_size=size, sync_dist=True)
+
+    def _metrics_of_source(self, source: str) -> TaskMetrics:
+        if source not in self._source_metrics:
+            self._source_metrics[source] = TaskMetrics(self.model.kinds, f"test ({source})").to(self.device)
+        return self._source_metrics[source]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _log_metrics(self, stage: str) -> None:
+        """Pooled metrics (NaN where undefined); for test with several sources, each source's too, under
+        `test/<source>/…`. Sanity-check batches neither warn nor count."""
+        quiet = self._trainer is not None and self.trainer.sanity_checking
+        name = self.test_name if stage == "test" else stage
+        with warnings.catch_warnings():
+            if quiet:
+                warnings.simplefilter("ignore")
+            results = {f"{name}/{k}": v for k, v in self.metrics[stage].compute().items()}
+            if stage == "test" and len(self._source_metrics) > 1:
+                for source, metrics in sorted(self._source_metrics.items()):
+                    results.update({f"{name}/{source}/{k}": v for k, v in metrics.compute().items()})
+        if quiet:
+            self.metrics[stage]._warned.clear()
+        self.log_dict(results)
+        self.metrics[stage].reset()
+        if stage == "test":
+            self._source_metrics = {}
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        out = self.model(batch["inputs"])
+        result = {"source": [batch["source"]] * len(batch["row"]), "sample_id": batch.get("sample_id"),
+                  "applies": task_applies(self.model.schema, batch["inputs"], len(batch["row"]))}
+        for task, kind in self.model.kinds.items():
+            result[task] = {k: v.cpu() for k, v in kind.predict(out["logits"][task]).items()}
+        return result
+
+    def _parameter_groups(self) -> list[dict]:
+        """AdamW's parameter groups (`optim.parameter_groups`): the model's, then the pretext heads' and the
+        balancer's own parameters with the heads."""
+        extra = [p for p in self.pretexts.parameters() if p.requires_grad] + self.balancer.optimised_parameters()
+        return parameter_groups(self.model, extra, self.hparams.lr, self.hparams.weight_decay,
+                                self.hparams.layer_decay, decayed_ids={id(p) for p in decayed(self)})
+
+    def configure_optimizers(self):
+        optimiser = torch.optim.AdamW(self._parameter_groups(), lr=self.hparams.lr,
+                                      weight_decay=self.hparams.weight_decay)
+        if self.hparams.schedule == "constant":
+            return optimiser
+        if self.hparams.schedule != "cosine":
+            raise ConfigError(f"model.schedule must be constant or cosine, got {self.hparams.schedule!r}")
+        scheduler = warmup_cosine(optimiser, int(self.trainer.estimated_stepping_batches), self.hparams.warmup_steps)
+        return {"optimizer": optimiser, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _flat(grads: tuple, params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """Gradients of `params` (None = unused) as one vector."""
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+
+
+class ConfirmTrained(Callback):
+    """Tells the training loader that a batch has been trained once Lightning counts it as processed, so
+    the loader position saved in a checkpoint matches Lightning's own: a checkpoint saved inside a step (a
+    SIGUSR1 handler's) trains that batch again on resume, one saved at a step's end (ModelCheckpoint, which
+    Lightning runs after the other callbacks) does not."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loader = trainer.train_dataloader
+        if hasattr(loader, "mark_trained"):
+            loader.mark_trained()
