@@ -18,4 +18,5 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check biofm tests benchmarks scripts
+	$(VENV)/bin/ruff format --check biofm tests benchmarks scripts
 	$(VENV)/bin/python -m pytest -n 2 -rs --durations=15 tests

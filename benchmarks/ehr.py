@@ -26,7 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # biofm.testing.SHARED_DATA's rule, spelled here: importing biofm.testing would load Lightning before the
 # memory figures are taken
-DEFAULT_INPUT = Path(os.environ.get("BIOFM_SHARED_DATA") or ROOT.parent / "shared" / "data") / "ehr" / "mimic-iv-demo-2.2"
+DEFAULT_INPUT = (
+    Path(os.environ.get("BIOFM_SHARED_DATA") or ROOT.parent / "shared" / "data") / "ehr" / "mimic-iv-demo-2.2"
+)
 SCHEMA = ROOT / "configs" / "ehr" / "mimic-iv.yaml"
 EVENT_TABLES = ["hosp/labevents", "hosp/prescriptions", "icu/inputevents"]
 COPIED = EVENT_TABLES + ["icu/icustays", "hosp/patients", "hosp/admissions", "icu/procedureevents"]
@@ -62,10 +64,13 @@ def repeat_database(source: Path, out: Path, copies: int) -> None:
     """The demo `copies` times: copy k prefixes every subject, admission and stay id with k (so ids stay
     numbers and never collide); dictionaries are shared."""
     import polars as pl
+
     for table in COPIED:
         frame = pl.read_csv(source / f"{table}.csv.gz", infer_schema=False)
-        parts = [frame.with_columns([(pl.lit(str(k)) + pl.col(c)).alias(c) for c in IDS if c in frame.columns])
-                 for k in range(1, copies + 1)]
+        parts = [
+            frame.with_columns([(pl.lit(str(k)) + pl.col(c)).alias(c) for c in IDS if c in frame.columns])
+            for k in range(1, copies + 1)
+        ]
         (out / table).parent.mkdir(parents=True, exist_ok=True)
         with gzip.open(out / f"{table}.csv.gz", "wb", compresslevel=1) as handle:
             pl.concat(parts).write_csv(handle)
@@ -103,20 +108,29 @@ def main() -> None:
                 repeat_database(source, root, copies)
             files = [str(root / f"{t}.csv.gz") for t in EVENT_TABLES]
             rows, read_s, read_kib = run(READ, *files)
-            p_rows, prep_s, prep_kib, samples = run(PREPARE, str(root), str(SCHEMA), str(Path(tmp) / f"s{copies}.zarr"),
-                                                    str(args.shard_subjects))
+            p_rows, prep_s, prep_kib, samples = run(
+                PREPARE, str(root), str(SCHEMA), str(Path(tmp) / f"s{copies}.zarr"), str(args.shard_subjects)
+            )
             assert int(rows) == int(p_rows), (rows, p_rows)
             key = f"x{copies}"
-            figures.update({
-                f"events_{key}": int(rows), f"samples_{key}": int(samples),
-                f"read_events_per_s_{key}": round(rows / read_s, 1),
-                f"prepare_events_per_s_{key}": round(rows / prep_s, 1),
-                f"vs_read_{key}": round(read_s / prep_s, 4),
-                f"read_peak_mib_{key}": round(read_kib / 1024, 1), f"prepare_peak_mib_{key}": round(prep_kib / 1024, 1),
-                f"prepare_seconds_{key}": round(prep_s, 2)})
-            print(f"{copies}× demo: {int(rows):,} event rows, {int(samples)} samples; read {rows / read_s:,.0f}/s "
-                  f"({read_kib / 1024:.0f} MiB peak), prepare {rows / prep_s:,.0f}/s ({prep_kib / 1024:.0f} MiB "
-                  f"peak, {prep_s:.1f} s): prepare/read = {read_s / prep_s:.3f}", flush=True)
+            figures.update(
+                {
+                    f"events_{key}": int(rows),
+                    f"samples_{key}": int(samples),
+                    f"read_events_per_s_{key}": round(rows / read_s, 1),
+                    f"prepare_events_per_s_{key}": round(rows / prep_s, 1),
+                    f"vs_read_{key}": round(read_s / prep_s, 4),
+                    f"read_peak_mib_{key}": round(read_kib / 1024, 1),
+                    f"prepare_peak_mib_{key}": round(prep_kib / 1024, 1),
+                    f"prepare_seconds_{key}": round(prep_s, 2),
+                }
+            )
+            print(
+                f"{copies}× demo: {int(rows):,} event rows, {int(samples)} samples; read {rows / read_s:,.0f}/s "
+                f"({read_kib / 1024:.0f} MiB peak), prepare {rows / prep_s:,.0f}/s ({prep_kib / 1024:.0f} MiB "
+                f"peak, {prep_s:.1f} s): prepare/read = {read_s / prep_s:.3f}",
+                flush=True,
+            )
     figures["prepare_seconds_demo"] = figures.get("prepare_seconds_x1", float("nan"))
     print(json.dumps(figures))
 

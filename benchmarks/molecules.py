@@ -48,25 +48,53 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
     split = lambda v: v.split(",") if v else None  # noqa: E731
-    model = {"d_model": args.d_model, "depth": 2, "latents": 8, "dropout": args.dropout, "lr": args.lr,
-             "weight_decay": args.weight_decay, "schedule": "cosine",
-             "encoders": {"molecule": {"layers": args.layers, "dropout": args.dropout,
-                                       "global_attention": args.global_attention}}}
+    model = {
+        "d_model": args.d_model,
+        "depth": 2,
+        "latents": 8,
+        "dropout": args.dropout,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "schedule": "cosine",
+        "encoders": {
+            "molecule": {"layers": args.layers, "dropout": args.dropout, "global_attention": args.global_attention}
+        },
+    }
     runs, seconds = [], []
     with tempfile.TemporaryDirectory(prefix="biofm-mol-bench-") as tmp:
         for seed in range(args.seeds):
             start = time.perf_counter()
-            store, rejected = prepare_molecules(args.input, f"{tmp}/s{seed}.zarr", smiles_column=args.smiles_column,
-                                                label_columns=split(args.label_columns),
-                                                task_types=split(args.task_types), split="random", seed=seed,
-                                                fragments=args.fragments, rw_steps=args.rw_steps)
-            metrics = fit_and_test([store.url], f"{tmp}/run{seed}", epochs=args.epochs, batch_size=args.batch_size,
-                                   model=model, seed=seed, loggers=False)
+            store, rejected = prepare_molecules(
+                args.input,
+                f"{tmp}/s{seed}.zarr",
+                smiles_column=args.smiles_column,
+                label_columns=split(args.label_columns),
+                task_types=split(args.task_types),
+                split="random",
+                seed=seed,
+                fragments=args.fragments,
+                rw_steps=args.rw_steps,
+            )
+            metrics = fit_and_test(
+                [store.url],
+                f"{tmp}/run{seed}",
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                model=model,
+                seed=seed,
+                loggers=False,
+            )
             seconds.append(time.perf_counter() - start)
             runs.append(metrics)
-            print(f"seed {seed}: {store.n} molecules ({rejected} rejected), {seconds[-1]:.0f} s: "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items()) if k.startswith("macro/")
-                              or k.endswith(("/rmse", "/auroc"))), flush=True)
+            print(
+                f"seed {seed}: {store.n} molecules ({rejected} rejected), {seconds[-1]:.0f} s: "
+                + ", ".join(
+                    f"{k} {v:.3f}"
+                    for k, v in sorted(metrics.items())
+                    if k.startswith("macro/") or k.endswith(("/rmse", "/auroc"))
+                ),
+                flush=True,
+            )
     tasks = sorted({k.split("/")[0] for k in runs[0] if "/" in k})
     result: dict = {}
     for task in tasks:
@@ -75,17 +103,27 @@ def main() -> None:
         result[task] = {m: round(float(v.mean()), 4) for m, v in values.items()}
         result[task]["sd"] = {m: round(float(v.std(ddof=1)) if len(v) > 1 else 0.0, 4) for m, v in values.items()}
         if task != "macro":
-            print(f"{task:>16}: " + "  ".join(f"{m} {result[task][m]:.3f} ± {result[task]['sd'][m]:.3f}"
-                                              for m in names))
+            print(
+                f"{task:>16}: " + "  ".join(f"{m} {result[task][m]:.3f} ± {result[task]['sd'][m]:.3f}" for m in names)
+            )
     name = Path(args.input).name.split(".")[0].lower()
     if name in REFERENCES:
         metric, value = REFERENCES[name]
-        ours = result["macro"]["auroc"] if metric == "auroc" else next(
-            result[t][metric] for t in tasks if t != "macro" and metric in result[t])
-        print(f"chemprop D-MPNN {metric} {value}: biofm {ours:.3f} ({'better' if (ours < value) == (metric == 'rmse') else 'worse'})")
+        ours = (
+            result["macro"]["auroc"]
+            if metric == "auroc"
+            else next(result[t][metric] for t in tasks if t != "macro" and metric in result[t])
+        )
+        print(
+            f"chemprop D-MPNN {metric} {value}: biofm {ours:.3f} ({'better' if (ours < value) == (metric == 'rmse') else 'worse'})"
+        )
         result["reference"] = {"chemprop": {metric: value}}
-    result["settings"] = {"seeds": args.seeds, "epochs": args.epochs, "seconds_per_seed": round(float(np.mean(seconds)), 1),
-                          **{k: v for k, v in vars(args).items() if k not in ("input",)}}
+    result["settings"] = {
+        "seeds": args.seeds,
+        "epochs": args.epochs,
+        "seconds_per_seed": round(float(np.mean(seconds)), 1),
+        **{k: v for k, v in vars(args).items() if k not in ("input",)},
+    }
     print(json.dumps(result))
 
 

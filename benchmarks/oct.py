@@ -49,32 +49,44 @@ def encoder_figures(size: int, batch_size: int, steps: int) -> dict:
     from monai.networks.nets import DenseNet121
 
     from biofm.modalities.oct.encoder import OctEncoder
+
     torch.manual_seed(0)
     volume = torch.rand(batch_size, 1, size, size, size)
     ours = OctEncoder((size, size, size), (size, size), d_model=64)
     head = torch.nn.Linear(64, 2)
     model = torch.nn.ModuleDict({"encoder": ours, "head": head})
-    inputs = {"volume": volume, "has_volume": torch.ones(batch_size, dtype=torch.bool),
-              "enface": torch.zeros(batch_size, 1, size, size), "has_enface": torch.zeros(batch_size, dtype=torch.bool)}
+    inputs = {
+        "volume": volume,
+        "has_volume": torch.ones(batch_size, dtype=torch.bool),
+        "enface": torch.zeros(batch_size, 1, size, size),
+        "has_enface": torch.zeros(batch_size, dtype=torch.bool),
+    }
 
     def forward_ours(_):
         tokens, mask = ours(inputs)
         return head((tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
+
     ours_rate = train_rate(model, forward_ours, volume, steps)
     print(f"biofm OctEncoder: {ours_rate:.3f} volumes/s (forward + backward, {size}³, batch {batch_size})")
     densenet = DenseNet121(spatial_dims=3, in_channels=1, out_channels=2)
     dense_rate = train_rate(densenet, densenet, volume, steps)
     print(f"MONAI DenseNet121-3D: {dense_rate:.3f} volumes/s")
-    return {"encoder_volumes_per_s": round(ours_rate, 3), "densenet121_volumes_per_s": round(dense_rate, 4),
-            "encoder_vs_densenet121": round(ours_rate / dense_rate, 1), "size": size, "batch": batch_size,
-            "encoder_parameters": sum(p.numel() for p in ours.parameters()),
-            "densenet121_parameters": sum(p.numel() for p in densenet.parameters())}
+    return {
+        "encoder_volumes_per_s": round(ours_rate, 3),
+        "densenet121_volumes_per_s": round(dense_rate, 4),
+        "encoder_vs_densenet121": round(ours_rate / dense_rate, 1),
+        "size": size,
+        "batch": batch_size,
+        "encoder_parameters": sum(p.numel() for p in ours.parameters()),
+        "densenet121_parameters": sum(p.numel() for p in densenet.parameters()),
+    }
 
 
 def prepare_figures(files: int, size: int) -> dict:
     import pandas as pd
 
     from biofm.datasets.oct import prepare_oct, synthetic_eye
+
     folder = Path(tempfile.mkdtemp(prefix="biofm-oct-bench-"))
     try:
         rng = np.random.default_rng(0)
@@ -91,14 +103,23 @@ def prepare_figures(files: int, size: int) -> dict:
                 data["oct_bscans"], data["rnflt"]  # noqa: B018 — the read is what is timed
         read_s = time.perf_counter() - start
         start = time.perf_counter()
-        prepare_oct(str(manifest), str(folder / "s.zarr"), npz_labels_keys=["glaucoma"], shape=(size,) * 3,
-                    enface_shape=(size, size))
+        prepare_oct(
+            str(manifest),
+            str(folder / "s.zarr"),
+            npz_labels_keys=["glaucoma"],
+            shape=(size,) * 3,
+            enface_shape=(size, size),
+        )
         prepare_s = time.perf_counter() - start
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     print(f"prepare: {files / prepare_s:.1f} volumes/s; np.load alone: {files / read_s:.1f} volumes/s")
-    return {"prepare_volumes_per_s": round(files / prepare_s, 2), "read_volumes_per_s": round(files / read_s, 2),
-            "prepare_vs_read": round(read_s / prepare_s, 3), "files": files}
+    return {
+        "prepare_volumes_per_s": round(files / prepare_s, 2),
+        "read_volumes_per_s": round(files / read_s, 2),
+        "prepare_vs_read": round(read_s / prepare_s, 3),
+        "files": files,
+    }
 
 
 def main() -> None:
@@ -111,8 +132,10 @@ def main() -> None:
     figures = encoder_figures(args.size, args.batch, args.steps)
     figures.update(prepare_figures(args.files, args.size))
     figures["threads"] = torch.get_num_threads()
-    print(f"encoder / DenseNet121-3D: {figures['encoder_vs_densenet121']}×; prepare / np.load: "
-          f"{figures['prepare_vs_read']}×")
+    print(
+        f"encoder / DenseNet121-3D: {figures['encoder_vs_densenet121']}×; prepare / np.load: "
+        f"{figures['prepare_vs_read']}×"
+    )
     print(json.dumps(figures))
 
 

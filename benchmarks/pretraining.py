@@ -35,64 +35,145 @@ from biofm.recipes.runs import fit_and_test  # noqa: E402
 from biofm.testing import SHARED_DATA  # noqa: E402 — ../shared/data, or BIOFM_SHARED_DATA
 
 MOL = SHARED_DATA / "mol"
-POOL = {"qm9": ("graphium/micro_qm9.csv", "smiles"), "zinc": ("graphium/micro_ZINC.csv", "SMILES"),
-        "pcqm4mv2": ("graphium/pcqm4mv2-2k.csv", "smiles"), "esol": ("esol.csv", "smiles"),
-        "tox21": ("tox21.csv", "smiles")}
-MOLECULE_MODEL = {"d_model": 128, "depth": 2, "heads": 4, "latents": 8, "dropout": 0.0, "lr": 1e-3,
-                  "weight_decay": 0.0, "schedule": "cosine", "warmup_steps": 50,
-                  "encoders": {"molecule": {"layers": 4}}}
-MOLECULE_PRETEXT = {"masked_atoms": {"ratio": 0.15}, "masked_bonds": {"ratio": 0.15},
-                    "two_view": {"temperature": 0.2}, "descriptors": {}}
-COHORT_MODEL = {"d_model": 64, "depth": 2, "heads": 4, "latents": 8, "dropout": 0.1, "lr": 2e-3,
-                "schedule": "cosine", "warmup_steps": 50}
+POOL = {
+    "qm9": ("graphium/micro_qm9.csv", "smiles"),
+    "zinc": ("graphium/micro_ZINC.csv", "SMILES"),
+    "pcqm4mv2": ("graphium/pcqm4mv2-2k.csv", "smiles"),
+    "esol": ("esol.csv", "smiles"),
+    "tox21": ("tox21.csv", "smiles"),
+}
+MOLECULE_MODEL = {
+    "d_model": 128,
+    "depth": 2,
+    "heads": 4,
+    "latents": 8,
+    "dropout": 0.0,
+    "lr": 1e-3,
+    "weight_decay": 0.0,
+    "schedule": "cosine",
+    "warmup_steps": 50,
+    "encoders": {"molecule": {"layers": 4}},
+}
+MOLECULE_PRETEXT = {
+    "masked_atoms": {"ratio": 0.15},
+    "masked_bonds": {"ratio": 0.15},
+    "two_view": {"temperature": 0.2},
+    "descriptors": {},
+}
+COHORT_MODEL = {
+    "d_model": 64,
+    "depth": 2,
+    "heads": 4,
+    "latents": 8,
+    "dropout": 0.1,
+    "lr": 2e-3,
+    "schedule": "cosine",
+    "warmup_steps": 50,
+}
 COHORT_PRETEXT = {"cross_modal": {"temperature": 0.2}, "two_view": {"temperature": 0.2, "keep": 0.5}}
 
 
 def summary(values: list[float]) -> dict:
     a = np.asarray(values, dtype=float)
-    return {"mean": round(float(a.mean()), 4), "sd": round(float(a.std(ddof=1)) if len(a) > 1 else 0.0, 4),
-            "runs": [round(float(v), 4) for v in a]}
+    return {
+        "mean": round(float(a.mean()), 4),
+        "sd": round(float(a.std(ddof=1)) if len(a) > 1 else 0.0, 4),
+        "runs": [round(float(v), 4) for v in a],
+    }
 
 
 def epochs_for(n_train: int, batch_size: int, steps: int) -> int:
     return max(1, math.ceil(steps / max(1, math.ceil(n_train / batch_size))))
 
 
-def pretrain(stores: list[str], run_dir: str, model: dict, pretext: dict, epochs: int, batch_size: int,
-             **data) -> None:
+def pretrain(stores: list[str], run_dir: str, model: dict, pretext: dict, epochs: int, batch_size: int, **data) -> None:
     start = time.perf_counter()
-    fit_and_test(stores, run_dir, epochs=epochs, batch_size=batch_size, model={**model, "pretext": pretext},
-                 loggers=False, data_options={"tasks": [], **data})
+    fit_and_test(
+        stores,
+        run_dir,
+        epochs=epochs,
+        batch_size=batch_size,
+        model={**model, "pretext": pretext},
+        loggers=False,
+        data_options={"tasks": [], **data},
+    )
     print(f"pretrained in {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def fine_tune(store: str, run_dir: str, model: dict, metric: str, task: str, fraction: float, seed: int,
-              steps: int, batch_size: int, n_train: int, init_from: str | None, finetune: dict) -> float:
+def fine_tune(
+    store: str,
+    run_dir: str,
+    model: dict,
+    metric: str,
+    task: str,
+    fraction: float,
+    seed: int,
+    steps: int,
+    batch_size: int,
+    n_train: int,
+    init_from: str | None,
+    finetune: dict,
+) -> float:
     options = {**model, **(finetune if init_from else {}), "init_from": init_from}
     epochs = epochs_for(round(n_train * fraction), batch_size, steps)
-    metrics = fit_and_test([store], run_dir, epochs=epochs, batch_size=batch_size, model=options, seed=seed,
-                           loggers=False, data_options={"tasks": [task], "train_fraction": fraction})
+    metrics = fit_and_test(
+        [store],
+        run_dir,
+        epochs=epochs,
+        batch_size=batch_size,
+        model=options,
+        seed=seed,
+        loggers=False,
+        data_options={"tasks": [task], "train_fraction": fraction},
+    )
     return metrics[f"{task}/{metric}"]
 
 
-def compare(label: str, store_for_seed, model: dict, metric: str, task: str, fractions: list[float],
-            seeds: int, steps: int, batch_size: int, checkpoint: str, finetune: dict, tmp: str) -> dict:
+def compare(
+    label: str,
+    store_for_seed,
+    model: dict,
+    metric: str,
+    task: str,
+    fractions: list[float],
+    seeds: int,
+    steps: int,
+    batch_size: int,
+    checkpoint: str,
+    finetune: dict,
+    tmp: str,
+) -> dict:
     results: dict = {}
     for fraction in fractions:
         runs: dict[str, list[float]] = {"pretrained": [], "scratch": []}
         for seed in range(seeds):
             store, n_train = store_for_seed(seed)
             for name, init in (("pretrained", checkpoint), ("scratch", None)):
-                value = fine_tune(store, f"{tmp}/{label}-{fraction}-{seed}-{name}", model, metric, task,
-                                  fraction, seed, steps, batch_size, n_train, init, finetune)
+                value = fine_tune(
+                    store,
+                    f"{tmp}/{label}-{fraction}-{seed}-{name}",
+                    model,
+                    metric,
+                    task,
+                    fraction,
+                    seed,
+                    steps,
+                    batch_size,
+                    n_train,
+                    init,
+                    finetune,
+                )
                 runs[name].append(value)
                 print(f"{label} {int(fraction * 100)}% labels seed {seed} {name}: {metric} {value:.3f}", flush=True)
         entry = {k: summary(v) for k, v in runs.items()}
         p, s = entry["pretrained"]["mean"], entry["scratch"]["mean"]
         entry["pretrained_vs_scratch"] = round(p / s, 4)
         results[f"{int(round(fraction * 100))}%"] = entry
-        print(f"{label} {int(fraction * 100)}% labels: pretrained {metric} {p:.3f} ± {entry['pretrained']['sd']:.3f}"
-              f"  scratch {s:.3f} ± {entry['scratch']['sd']:.3f}  ratio {p / s:.3f}", flush=True)
+        print(
+            f"{label} {int(fraction * 100)}% labels: pretrained {metric} {p:.3f} ± {entry['pretrained']['sd']:.3f}"
+            f"  scratch {s:.3f} ± {entry['scratch']['sd']:.3f}  ratio {p / s:.3f}",
+            flush=True,
+        )
     return results
 
 
@@ -107,8 +188,11 @@ def main() -> None:
     parser.add_argument("--layer-decay", type=float, default=None, help="fine-tuning: layer-wise lr decay")
     parser.add_argument("--fractions", default="0.25,1.0", help="FreeSolv: fractions of training labels")
     parser.add_argument("--skip", default="", help="molecules or cohort: leave that part out")
-    parser.add_argument("--workdir", default=None, help="keep stores and runs here (default: a temporary "
-                                                        "folder); a pretrained checkpoint found there is reused")
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="keep stores and runs here (default: a temporary folder); a pretrained checkpoint found there is reused",
+    )
     args = parser.parse_args()
     if not MOL.is_dir():
         raise SystemExit(f"{MOL} is missing: the benchmark needs ../shared/data/mol")
@@ -122,38 +206,82 @@ def main() -> None:
         if "molecules" not in args.skip:
             pool, n_pool = [], 0
             for name, (path, column) in POOL.items():
-                store, _ = prepare_molecules(str(MOL / path), f"{tmp}/pool-{name}.zarr", smiles_column=column,
-                                             label_columns=[], fragments="keep", source=name, overwrite=True,
-                                             descriptors=True)
+                store, _ = prepare_molecules(
+                    str(MOL / path),
+                    f"{tmp}/pool-{name}.zarr",
+                    smiles_column=column,
+                    label_columns=[],
+                    fragments="keep",
+                    source=name,
+                    overwrite=True,
+                    descriptors=True,
+                )
                 pool.append(store.url)
                 n_pool += store.n
             print(f"pool: {n_pool} molecules in {len(pool)} sources", flush=True)
             checkpoint = f"{tmp}/pretrain-molecules/checkpoints/last.ckpt"
             if not Path(checkpoint).exists():
-                pretrain(pool, f"{tmp}/pretrain-molecules", MOLECULE_MODEL, MOLECULE_PRETEXT, args.pretrain_epochs,
-                         64, temperature=2.0)
+                pretrain(
+                    pool,
+                    f"{tmp}/pretrain-molecules",
+                    MOLECULE_MODEL,
+                    MOLECULE_PRETEXT,
+                    args.pretrain_epochs,
+                    64,
+                    temperature=2.0,
+                )
 
             def freesolv(seed: int) -> tuple[str, int]:
-                store, _ = prepare_molecules(str(MOL / "freesolv.csv"), f"{tmp}/freesolv-{seed}.zarr",
-                                             label_columns=["freesolv"], split="random", seed=seed,
-                                             fragments="keep", descriptors=True, overwrite=True)
+                store, _ = prepare_molecules(
+                    str(MOL / "freesolv.csv"),
+                    f"{tmp}/freesolv-{seed}.zarr",
+                    label_columns=["freesolv"],
+                    split="random",
+                    seed=seed,
+                    fragments="keep",
+                    descriptors=True,
+                    overwrite=True,
+                )
                 return store.url, int((store.index("split") == "train").sum())
 
-            result["freesolv_rmse"] = compare("freesolv", freesolv, MOLECULE_MODEL, "rmse", "freesolv",
-                                              [float(f) for f in args.fractions.split(",")], args.seeds, args.steps, args.batch_size, checkpoint,
-                                              finetune, tmp)
+            result["freesolv_rmse"] = compare(
+                "freesolv",
+                freesolv,
+                MOLECULE_MODEL,
+                "rmse",
+                "freesolv",
+                [float(f) for f in args.fractions.split(",")],
+                args.seeds,
+                args.steps,
+                args.batch_size,
+                checkpoint,
+                finetune,
+                tmp,
+            )
         if "cohort" not in args.skip:
             checkpoint = f"{tmp}/pretrain-cohort/checkpoints/last.ckpt"
             if Path(checkpoint).exists():
                 cohort = Store(f"{tmp}/cohort.zarr")
             else:
                 cohort = prepare_synthetic(f"{tmp}/cohort.zarr", n=args.cohort_n, seed=0)
-                pretrain([cohort.url], f"{tmp}/pretrain-cohort", COHORT_MODEL, COHORT_PRETEXT,
-                         args.pretrain_epochs * 2, 64)
+                pretrain(
+                    [cohort.url], f"{tmp}/pretrain-cohort", COHORT_MODEL, COHORT_PRETEXT, args.pretrain_epochs * 2, 64
+                )
             n_train = int((cohort.index("split") == "train").sum())
-            result["cohort_event_auroc"] = compare("cohort-event", lambda seed: (cohort.url, n_train), COHORT_MODEL,
-                                                   "auroc", "event", [args.low_fraction], args.seeds, args.steps,
-                                                   args.batch_size, checkpoint, finetune, tmp)
+            result["cohort_event_auroc"] = compare(
+                "cohort-event",
+                lambda seed: (cohort.url, n_train),
+                COHORT_MODEL,
+                "auroc",
+                "event",
+                [args.low_fraction],
+                args.seeds,
+                args.steps,
+                args.batch_size,
+                checkpoint,
+                finetune,
+                tmp,
+            )
     result["seconds"] = round(time.perf_counter() - started)
     print(json.dumps(result))
 

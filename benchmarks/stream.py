@@ -37,15 +37,19 @@ ARRAY = "bench/x"
 def make_store(path: Path, sample_bytes: int, total_mib: int, seed: int = 0, codec: str = "auto") -> Store:
     n = max(64, (total_mib << 20) // sample_bytes)
     width = sample_bytes // 4
-    writer = StoreWriter(str(path), source=f"bench{sample_bytes}", modalities={"bench": {}}, tasks={}, seed=seed,
-                         codec=codec)
+    writer = StoreWriter(
+        str(path), source=f"bench{sample_bytes}", modalities={"bench": {}}, tasks={}, seed=seed, codec=codec
+    )
     rng = np.random.default_rng(seed)
     step = max(1, (32 << 20) // sample_bytes)
     for key, start in enumerate(range(0, n, step)):
         m = min(step, n - start)
-        writer.write_batch(key, sample_id=[str(i) for i in range(start, start + m)],
-                           subject_id=[str(i) for i in range(start, start + m)],
-                           arrays={ARRAY: rng.standard_normal((m, width), dtype=np.float32)})
+        writer.write_batch(
+            key,
+            sample_id=[str(i) for i in range(start, start + m)],
+            subject_id=[str(i) for i in range(start, start + m)],
+            arrays={ARRAY: rng.standard_normal((m, width), dtype=np.float32)},
+        )
     return writer.finalize()
 
 
@@ -61,11 +65,13 @@ class MemmapBlocks(IterableDataset):
         data = np.load(self.path, mmap_mode="r")
         rng = np.random.default_rng(worker)
         for c in self.order[worker::n_workers]:
-            block = np.array(data[c * self.rows:(c + 1) * self.rows])
+            block = np.array(data[c * self.rows : (c + 1) * self.rows])
             block = block[rng.permutation(len(block))]
             for s in range(0, len(block), self.batch_size):
-                yield {"row": torch.arange(s, s + len(block[s:s + self.batch_size])),
-                       ARRAY: torch.from_numpy(block[s:s + self.batch_size])}
+                yield {
+                    "row": torch.arange(s, s + len(block[s : s + self.batch_size])),
+                    ARRAY: torch.from_numpy(block[s : s + self.batch_size]),
+                }
 
 
 class PerSample(Dataset):
@@ -101,16 +107,26 @@ def measure(store: Store, workdir: Path, workers: int, batch_size: int, per_samp
     kwargs = {"num_workers": workers}
     if workers:
         kwargs["multiprocessing_context"] = "fork"
-    stream_rate = rate(StreamLoader(StoreStream(store, split=None, batch_size=batch_size, arrays=[ARRAY],
-                                                transform=to_tensors, seed=1), num_workers=workers))
+    stream_rate = rate(
+        StreamLoader(
+            StoreStream(store, split=None, batch_size=batch_size, arrays=[ARRAY], transform=to_tensors, seed=1),
+            num_workers=workers,
+        )
+    )
     npy = workdir / f"{store.source}.npy"
     if not npy.exists():
         np.save(npy, store.root[ARRAY][...])
     order = np.random.default_rng([1, 0]).permutation(store.n_chunks)
-    memmap_rate = rate(DataLoader(MemmapBlocks(str(npy), store.root[ARRAY].shape, store.rows_per_chunk,
-                                               batch_size, order), batch_size=None, **kwargs))
-    per_sample_rate = rate(DataLoader(PerSample(store.url), batch_size=batch_size, shuffle=True, **kwargs),
-                           limit_samples=per_sample_limit)
+    memmap_rate = rate(
+        DataLoader(
+            MemmapBlocks(str(npy), store.root[ARRAY].shape, store.rows_per_chunk, batch_size, order),
+            batch_size=None,
+            **kwargs,
+        )
+    )
+    per_sample_rate = rate(
+        DataLoader(PerSample(store.url), batch_size=batch_size, shuffle=True, **kwargs), limit_samples=per_sample_limit
+    )
     return {"stream": stream_rate, "memmap": memmap_rate, "per_sample": per_sample_rate}
 
 
@@ -119,8 +135,12 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=192, help="store size per sample size (MiB)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--codec", default="auto", choices=["auto", "zstd", "none"],
-                        help="store codec (auto: floats raw, the rest zstd)")
+    parser.add_argument(
+        "--codec",
+        default="auto",
+        choices=["auto", "zstd", "none"],
+        help="store codec (auto: floats raw, the rest zstd)",
+    )
     parser.add_argument("--per-sample-limit", type=int, default=3000, help="samples timed for the naive loader")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -129,14 +149,18 @@ def main() -> None:
         workdir = Path(tmp)
         for label, sample_bytes in (("1k", 1024), ("64k", 64 * 1024)):
             store = make_store(workdir / f"{label}.zarr", sample_bytes, args.mib, codec=args.codec)
-            print(f"{label}: {store.n} samples, {store.rows_per_chunk} per chunk "
-                  f"({store.rows_per_chunk * sample_bytes / 2**20:.1f} MiB), {store.n_chunks} chunks")
+            print(
+                f"{label}: {store.n} samples, {store.rows_per_chunk} per chunk "
+                f"({store.rows_per_chunk * sample_bytes / 2**20:.1f} MiB), {store.n_chunks} chunks"
+            )
             for workers in args.workers:
                 r = measure(store, workdir, workers, args.batch_size, args.per_sample_limit)
                 vs_memmap, vs_per_sample = r["stream"] / r["memmap"], r["stream"] / r["per_sample"]
-                print(f"  workers={workers}: stream {r['stream']:,.0f}/s  memmap {r['memmap']:,.0f}/s  "
-                      f"per-sample {r['per_sample']:,.0f}/s  →  {vs_memmap:.2f}× memmap, "
-                      f"{vs_per_sample:.1f}× per-sample")
+                print(
+                    f"  workers={workers}: stream {r['stream']:,.0f}/s  memmap {r['memmap']:,.0f}/s  "
+                    f"per-sample {r['per_sample']:,.0f}/s  →  {vs_memmap:.2f}× memmap, "
+                    f"{vs_per_sample:.1f}× per-sample"
+                )
                 for key, value in r.items():
                     results[f"{key}_{label}_w{workers}"] = round(value, 1)
                 results[f"vs_memmap_{label}_w{workers}"] = round(vs_memmap, 3)

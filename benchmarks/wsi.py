@@ -37,6 +37,7 @@ def make_slides(folder: Path, count: int, size: int) -> Path:
     import pandas as pd
 
     from biofm.datasets.synthetic_slides import TissueSource, synthetic_slide, write_pyramid_tiff
+
     source = TissueSource(seed=0)
     rows = []
     for i in range(count):
@@ -58,12 +59,14 @@ def read_only(manifest: str, threads: int = 1) -> tuple[int, float]:
 
     from biofm.modalities.wsi import SlideRef
     from biofm.modalities.wsi.slide import open_slide, plan_tiles, read_rgb
+
     plans = []
     for path in pd.read_csv(manifest)["slide_path"]:  # the tiles prepare keeps, planned outside the timing
         slide = open_slide(path)
         plans.append((path, plan_tiles(slide, SlideRef(path))))
         slide.close()
     from concurrent.futures import ThreadPoolExecutor
+
     start = time.perf_counter()
     tiles = 0
     with ThreadPoolExecutor(threads) as pool:
@@ -78,16 +81,30 @@ def read_only(manifest: str, threads: int = 1) -> tuple[int, float]:
 
 def prepare(manifest: str, patch_encoder: str, store_tiles: bool, threads: int) -> tuple[int, float]:
     from biofm.datasets.slides import prepare_slides
+
     out = tempfile.mkdtemp(prefix="biofm-wsi-bench-")
     try:
         from biofm.modalities.wsi import Wsi
+
         Wsi(patch_encoder=patch_encoder).fit()  # build (and import) the network outside the timing
         # a one-slide run first: imports, zarr's event loop and the like are not what is measured
-        prepare_slides(str(Path(manifest).parent / "warmup.csv"), out + "/warmup.zarr", label_columns=["flag"],
-                       patch_encoder=patch_encoder, store_tiles=store_tiles, read_threads=threads)
+        prepare_slides(
+            str(Path(manifest).parent / "warmup.csv"),
+            out + "/warmup.zarr",
+            label_columns=["flag"],
+            patch_encoder=patch_encoder,
+            store_tiles=store_tiles,
+            read_threads=threads,
+        )
         start = time.perf_counter()
-        result = prepare_slides(manifest, out + "/s.zarr", label_columns=["flag"], patch_encoder=patch_encoder,
-                                store_tiles=store_tiles, read_threads=threads)
+        result = prepare_slides(
+            manifest,
+            out + "/s.zarr",
+            label_columns=["flag"],
+            patch_encoder=patch_encoder,
+            store_tiles=store_tiles,
+            read_threads=threads,
+        )
         return result.tiles, time.perf_counter() - start
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -142,15 +159,17 @@ def main() -> None:
             figures[f"{mode}_tiles_per_s"] = round(tiles / seconds, 1)
             figures[f"{mode}_peak_rss_mib"] = round(rss, 1)
             figures["tiles"] = tiles
-            print(f"{mode:>10}: {tiles} tiles in {seconds:.2f} s = {tiles / seconds:.0f} tiles/s, "
-                  f"peak RSS {rss:.0f} MiB")
+            print(
+                f"{mode:>10}: {tiles} tiles in {seconds:.2f} s = {tiles / seconds:.0f} tiles/s, peak RSS {rss:.0f} MiB"
+            )
         for mode in ("coords", "tiles", "encoder"):
             for base in ("read_only", "read_only_threads"):
                 ratio = round(figures[f"{mode}_tiles_per_s"] / figures[f"{base}_tiles_per_s"], 3)
                 figures[f"{mode}_vs_{base}"] = ratio
                 print(f"{mode} / {base}: {ratio:.3f}×")
-        figures.update(slides=args.slides + CMU.exists(), size=args.size, read_threads=args.read_threads,
-                       cpus=mp.cpu_count())
+        figures.update(
+            slides=args.slides + CMU.exists(), size=args.size, read_threads=args.read_threads, cpus=mp.cpu_count()
+        )
         print(json.dumps(figures))
     finally:
         shutil.rmtree(folder, ignore_errors=True)

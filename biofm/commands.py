@@ -26,7 +26,9 @@ def _registrar(registry: dict[str, Command]):
         def register(run: Callable[[argparse.Namespace], None]):
             registry[name] = (add_arguments, run)
             return run
+
         return register
+
     return decorate
 
 

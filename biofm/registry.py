@@ -29,6 +29,7 @@ class Registry(Generic[T]):
             self._entries[name] = cls
             cls.name = name
             return cls
+
         return add
 
     def _load(self) -> None:

@@ -12,7 +12,9 @@ from biofm.platform.store import Ragged, Store, StoreWriter
 
 # the shared real data (../shared/data beside the repository, or wherever BIOFM_SHARED_DATA points): tests that
 # need it skip with a reason when it is absent
-SHARED_DATA = Path(os.environ.get("BIOFM_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+SHARED_DATA = Path(
+    os.environ.get("BIOFM_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data"
+)
 
 TOY_TASKS = {
     "flag": {"kind": "binary"},
@@ -40,12 +42,27 @@ def toy_batch(start: int, n: int, seed: int = 0, subjects_per_sample: float = 0.
     }
 
 
-def write_toy_store(url: str | os.PathLike, n: int = 240, batch: int = 60, seed: int = 0,
-                    chunk_bytes: int = 4 << 20, min_chunks: int = 16, source: str = "toy",
-                    **writer_kwargs) -> Store:
+def write_toy_store(
+    url: str | os.PathLike,
+    n: int = 240,
+    batch: int = 60,
+    seed: int = 0,
+    chunk_bytes: int = 4 << 20,
+    min_chunks: int = 16,
+    source: str = "toy",
+    **writer_kwargs,
+) -> Store:
     """A small complete store; row `i` of the input has x[:, 0] == i, so tests can track samples."""
-    writer = StoreWriter(str(url), source=source, modalities={"toy": {"version": 1}}, tasks=TOY_TASKS,
-                         seed=seed, chunk_bytes=chunk_bytes, min_chunks=min_chunks, **writer_kwargs)
+    writer = StoreWriter(
+        str(url),
+        source=source,
+        modalities={"toy": {"version": 1}},
+        tasks=TOY_TASKS,
+        seed=seed,
+        chunk_bytes=chunk_bytes,
+        min_chunks=min_chunks,
+        **writer_kwargs,
+    )
     for key, start in enumerate(range(0, n, batch)):
         if key not in writer.committed():
             writer.write_batch(key, **toy_batch(start, min(batch, n - start), seed))
@@ -83,6 +100,7 @@ def ddp_stream_worker(rank: int, world: int, url: str, port: int, num_workers: i
 
 def free_port() -> int:
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -92,6 +110,7 @@ def fake_raw(modality: str, n: int, seed: int = 0) -> list:
     """Raw inputs for a registered modality (None marks a sample without it): the modality's own
     `example_raw`, so a new modality's registry-wide tests need nothing here."""
     from biofm.platform.modality import MODALITIES
+
     return MODALITIES.resolve(modality).example_raw(n, seed)
 
 
@@ -101,6 +120,7 @@ def fake_slides(seed: int = 0, count: int = 6, size: int = 672) -> list[str]:
     import tempfile
 
     from biofm.datasets.synthetic_slides import TissueSource, synthetic_slide, write_pyramid_tiff
+
     folder = Path(tempfile.gettempdir()) / f"biofm-fake-slides-{seed}-{count}-{size}"
     paths = [folder / f"slide-{i}.tiff" for i in range(count)]
     if all(p.exists() for p in paths):
@@ -109,8 +129,7 @@ def fake_slides(seed: int = 0, count: int = 6, size: int = 672) -> list[str]:
     source = TissueSource(cmu_path=False)
     for i, path in enumerate(paths):
         rng = np.random.default_rng([seed, i])
-        rgb, _ = synthetic_slide(rng, source, ["H&E", "IHC"][i % 2], "resection",
-                                 i % 4 == 3, size)
+        rgb, _ = synthetic_slide(rng, source, ["H&E", "IHC"][i % 2], "resection", i % 4 == 3, size)
         partial = path.with_suffix(f".{os.getpid()}.tmp")
         write_pyramid_tiff(partial, rgb, mpp=0.5, levels=2)
         os.replace(partial, path)  # parallel test workers may write the same file: each replace is whole
@@ -120,25 +139,37 @@ def fake_slides(seed: int = 0, count: int = 6, size: int = 672) -> list[str]:
 def tiny_patch_network():
     """A patch encoder factory for tests (`--patch-encoder biofm.testing:tiny_patch_network`)."""
     from torch import nn
+
     return nn.Sequential(nn.Conv2d(3, 8, 8, stride=8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
 FAKE_FLAG = "fake label: the sample's row index is odd"  # the same task in every fake store: one head
 
 
-def write_fake_modality_store(url: str, modality: str, n: int = 120, seed: int = 0,
-                              settings: dict | None = None) -> Store:
+def write_fake_modality_store(
+    url: str, modality: str, n: int = 120, seed: int = 0, settings: dict | None = None
+) -> Store:
     """A store with one modality built from `fake_raw` (with the modality's `settings`), and one binary task."""
     from biofm.platform.modality import MODALITIES
+
     raw = fake_raw(modality, n, seed)
     mod = MODALITIES.resolve(modality)(**(settings or {}))
     mod.fit(raw)
-    writer = StoreWriter(url, source=f"fake-{modality}", modalities={modality: mod.config()},
-                         tasks={"flag": {"kind": "binary", "definition": FAKE_FLAG}}, seed=seed)
-    writer.write_batch(0, sample_id=[f"F{i}" for i in range(n)], subject_id=[f"FP{i}" for i in range(n)],
-                       labels={"flag": (np.arange(n) % 2).astype(np.float32)}, arrays=mod.featurise(raw))
+    writer = StoreWriter(
+        url,
+        source=f"fake-{modality}",
+        modalities={modality: mod.config()},
+        tasks={"flag": {"kind": "binary", "definition": FAKE_FLAG}},
+        seed=seed,
+    )
+    writer.write_batch(
+        0,
+        sample_id=[f"F{i}" for i in range(n)],
+        subject_id=[f"FP{i}" for i in range(n)],
+        labels={"flag": (np.arange(n) % 2).astype(np.float32)},
+        arrays=mod.featurise(raw),
+    )
     return writer.finalize()
-
 
 
 class WeightChecksum(Callback):
@@ -179,6 +210,7 @@ def wandb_summary(run_file: str | os.PathLike) -> dict:
     import json
 
     from wandb.proto import wandb_internal_pb2
+
     data = Path(run_file).read_bytes()
     block, position, pending, records = 32768, 7, b"", []
     while position + 7 <= len(data):
@@ -186,9 +218,9 @@ def wandb_summary(run_file: str | os.PathLike) -> dict:
         if left < 7:  # the block's tail is padding
             position += left
             continue
-        length = int.from_bytes(data[position + 4:position + 6], "little")
+        length = int.from_bytes(data[position + 4 : position + 6], "little")
         kind = data[position + 6]
-        payload = data[position + 7:position + 7 + length]
+        payload = data[position + 7 : position + 7 + length]
         position += 7 + length
         if kind == 0 and length == 0:
             continue

@@ -17,11 +17,17 @@ SMILES_ALPHABET = "CNOSPFIHBrcnos()[]=#@+-/\\.%0123456789Cl"
 
 
 @SETTINGS
-@given(st.lists(st.one_of(st.none(), st.text(alphabet=SMILES_ALPHABET, max_size=30), st.text(max_size=12)),
-                min_size=1, max_size=8))
+@given(
+    st.lists(
+        st.one_of(st.none(), st.text(alphabet=SMILES_ALPHABET, max_size=30), st.text(max_size=12)),
+        min_size=1,
+        max_size=8,
+    )
+)
 def test_smiles_become_graphs_or_reasons(smiles):
     from biofm.modalities.molecule import Molecule
     from biofm.modalities.molecule.featurise import ATOM_CARDINALITIES
+
     arrays, reasons = Molecule(fragments="keep").featurise_with_reasons(smiles)
     assert len(reasons) == len(smiles)
     atoms = arrays["molecule/atoms"]
@@ -38,26 +44,41 @@ def test_smiles_become_graphs_or_reasons(smiles):
         assert (atoms.values.max(axis=0) < np.array(ATOM_CARDINALITIES)).all()
     edges = arrays["molecule/edges"]
     for i in range(len(smiles)):
-        e = edges.values[edges.offsets[i]:edges.offsets[i + 1]]
+        e = edges.values[edges.offsets[i] : edges.offsets[i + 1]]
         assert e.size == 0 or (e.min() >= 0 and e.max() < counts[i])
 
 
 _times = st.one_of(st.none(), st.datetimes(min_value=dt.datetime(1990, 1, 1), max_value=dt.datetime(2030, 1, 1)))
-_meds_rows = st.lists(st.tuples(st.integers(0, 4), _times, st.one_of(st.none(), st.text(max_size=15)),
-                                st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True))),
-                      min_size=0, max_size=25)
+_meds_rows = st.lists(
+    st.tuples(
+        st.integers(0, 4),
+        _times,
+        st.one_of(st.none(), st.text(max_size=15)),
+        st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True)),
+    ),
+    min_size=0,
+    max_size=25,
+)
 
 
 @SETTINGS
 @given(_meds_rows, st.lists(st.tuples(st.integers(0, 5), _times), min_size=1, max_size=6))
 def test_meds_rows_become_event_sequences_or_a_store_error(rows, predictions):
     from biofm.datasets.ehr import meds_sequences
-    events = pl.DataFrame({"subject_id": [r[0] for r in rows], "time": [r[1] for r in rows],
-                           "code": [r[2] for r in rows], "numeric_value": [r[3] for r in rows]},
-                          schema={"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String,
-                                  "numeric_value": pl.Float64})
-    times = pl.DataFrame({"subject_id": [p[0] for p in predictions], "prediction_time": [p[1] for p in predictions]},
-                         schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us")})
+
+    events = pl.DataFrame(
+        {
+            "subject_id": [r[0] for r in rows],
+            "time": [r[1] for r in rows],
+            "code": [r[2] for r in rows],
+            "numeric_value": [r[3] for r in rows],
+        },
+        schema={"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String, "numeric_value": pl.Float64},
+    )
+    times = pl.DataFrame(
+        {"subject_id": [p[0] for p in predictions], "prediction_time": [p[1] for p in predictions]},
+        schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us")},
+    )
     try:
         out, sequences = meds_sequences(events, times, max_events=16)
     except StoreError as err:
@@ -74,13 +95,34 @@ def test_meds_rows_become_event_sequences_or_a_store_error(rows, predictions):
         assert own, "a sequence for a subject without events"
 
 
-_yaml_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8)),
-                            lambda children: st.one_of(st.lists(children, max_size=3),
-                                                       st.dictionaries(st.sampled_from(
-                                                           ["stays", "tables", "table", "id", "subject", "start",
-                                                            "time", "link", "name", "files", "observation_hours",
-                                                            "max_events", "tasks"]), children, max_size=5)),
-                            max_leaves=12)
+_yaml_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8)),
+    lambda children: st.one_of(
+        st.lists(children, max_size=3),
+        st.dictionaries(
+            st.sampled_from(
+                [
+                    "stays",
+                    "tables",
+                    "table",
+                    "id",
+                    "subject",
+                    "start",
+                    "time",
+                    "link",
+                    "name",
+                    "files",
+                    "observation_hours",
+                    "max_events",
+                    "tasks",
+                ]
+            ),
+            children,
+            max_size=5,
+        ),
+    ),
+    max_leaves=12,
+)
 
 
 @SETTINGS
@@ -89,6 +131,7 @@ def test_an_ehr_schema_yaml_loads_or_gives_a_store_error(tmp_path_factory, docum
     import yaml
 
     from biofm.datasets.ehr.schema import Schema
+
     path = tmp_path_factory.mktemp("schema") / "schema.yaml"
     path.write_text(document if isinstance(document, str) else yaml.safe_dump(document))
     try:
@@ -101,20 +144,28 @@ def test_an_ehr_schema_yaml_loads_or_gives_a_store_error(tmp_path_factory, docum
     assert {"table", "id", "subject", "start"} <= set(schema.stays)
 
 
-_cells = st.one_of(st.just(""), st.text(alphabet="abc01 ,\"\n;.-", max_size=6))
+_cells = st.one_of(st.just(""), st.text(alphabet='abc01 ,"\n;.-', max_size=6))
 
 
 @SETTINGS
-@given(st.lists(st.sampled_from(["slide_path", "sample_id", "subject_id", "label", "grade", "x"]), min_size=1,
-                max_size=5, unique=True),
-       st.lists(st.lists(_cells, min_size=5, max_size=5), max_size=6), st.booleans())
+@given(
+    st.lists(
+        st.sampled_from(["slide_path", "sample_id", "subject_id", "label", "grade", "x"]),
+        min_size=1,
+        max_size=5,
+        unique=True,
+    ),
+    st.lists(st.lists(_cells, min_size=5, max_size=5), max_size=6),
+    st.booleans(),
+)
 def test_a_slide_manifest_reads_or_gives_a_store_error(tmp_path_factory, columns, rows, raw_bytes):
     from biofm.datasets.manifest import label_tasks, read_manifest
+
     path = tmp_path_factory.mktemp("manifest") / "slides.csv"
     if raw_bytes:  # not even CSV: arbitrary bytes, a broken encoding
         path.write_bytes(b"\xff\xfe\x00" + "".join(",".join(r) for r in rows).encode())
     else:
-        frame = pd.DataFrame([r[:len(columns)] for r in rows], columns=columns)
+        frame = pd.DataFrame([r[: len(columns)] for r in rows], columns=columns)
         buffer = io.StringIO()
         frame.to_csv(buffer, index=False)
         path.write_text(buffer.getvalue())
@@ -131,18 +182,26 @@ def test_a_slide_manifest_reads_or_gives_a_store_error(tmp_path_factory, columns
 
 
 _arrays = st.one_of(
-    st.builds(lambda shape, fill: np.full(shape, fill, dtype=np.float32),
-              st.lists(st.integers(0, 5), min_size=0, max_size=4).map(tuple),
-              st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32))),
-    st.builds(lambda shape: np.zeros(shape, dtype=np.uint8), st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple)),
-    st.just(np.array(["text"])))
+    st.builds(
+        lambda shape, fill: np.full(shape, fill, dtype=np.float32),
+        st.lists(st.integers(0, 5), min_size=0, max_size=4).map(tuple),
+        st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32)),
+    ),
+    st.builds(
+        lambda shape: np.zeros(shape, dtype=np.uint8), st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple)
+    ),
+    st.just(np.array(["text"])),
+)
 
 
 @SETTINGS
-@given(st.dictionaries(st.sampled_from(["oct_bscans", "rnflt", "glaucoma", "volume", "age", "x"]), _arrays,
-                       max_size=4), st.booleans())
+@given(
+    st.dictionaries(st.sampled_from(["oct_bscans", "rnflt", "glaucoma", "volume", "age", "x"]), _arrays, max_size=4),
+    st.booleans(),
+)
 def test_an_oct_npz_reads_or_gives_an_oct_error(tmp_path_factory, contents, corrupt):
     from biofm.modalities.oct.readers import OctError, read_oct
+
     path = tmp_path_factory.mktemp("oct") / "eye.npz"
     np.savez(path, **contents)
     if corrupt:
@@ -160,19 +219,27 @@ def test_an_oct_npz_reads_or_gives_an_oct_error(tmp_path_factory, contents, corr
         assert record.enface.ndim == 2 and np.isfinite(record.enface).all()
 
 
-_missing = st.sampled_from(sorted(__import__("biofm.platform.tables", fromlist=["MISSING"]).MISSING)
-                           + [" NA ", "nan ", " "])
-_label_cells = st.one_of(_missing, st.sampled_from(["0", "1"]),
-                         st.floats(-1e3, 1e3, allow_nan=False).map(lambda x: f"{x:.3f}"),
-                         st.text(alphabet="abcé,\"; ", min_size=1, max_size=5))
+_missing = st.sampled_from(
+    sorted(__import__("biofm.platform.tables", fromlist=["MISSING"]).MISSING) + [" NA ", "nan ", " "]
+)
+_label_cells = st.one_of(
+    _missing,
+    st.sampled_from(["0", "1"]),
+    st.floats(-1e3, 1e3, allow_nan=False).map(lambda x: f"{x:.3f}"),
+    st.text(alphabet='abcé,"; ', min_size=1, max_size=5),
+)
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.tuples(_label_cells, _label_cells), max_size=8),
-       st.sampled_from(["utf-8", "utf-8", "utf-8", "latin-1", "cp1252", "utf-16"]), st.booleans(),
-       st.booleans())
-def test_a_label_table_reads_every_missing_spelling_as_missing_or_gives_one_store_error(tmp_path_factory, rows,
-                                                                                     encoding, packed, cut):
+@given(
+    st.lists(st.tuples(_label_cells, _label_cells), max_size=8),
+    st.sampled_from(["utf-8", "utf-8", "utf-8", "latin-1", "cp1252", "utf-16"]),
+    st.booleans(),
+    st.booleans(),
+)
+def test_a_label_table_reads_every_missing_spelling_as_missing_or_gives_one_store_error(
+    tmp_path_factory, rows, encoding, packed, cut
+):
     """Any table a user may save (any encoding, gzip or not, cut short or not, every missing-value spelling):
     read with the default UTF-8, it either gives labels where exactly the missing spellings are NaN, or one
     StoreError line naming the file."""
@@ -180,8 +247,10 @@ def test_a_label_table_reads_every_missing_spelling_as_missing_or_gives_one_stor
 
     from biofm.datasets.manifest import label_tasks
     from biofm.platform.tables import MISSING, read_table
-    frame = pd.DataFrame({"sample_id": [f"s{i}" for i in range(len(rows))], "y": [r[0] for r in rows],
-                          "z": [r[1] for r in rows]})
+
+    frame = pd.DataFrame(
+        {"sample_id": [f"s{i}" for i in range(len(rows))], "y": [r[0] for r in rows], "z": [r[1] for r in rows]}
+    )
     data = frame.to_csv(index=False).encode(encoding, errors="replace")
     path = tmp_path_factory.mktemp("labels") / ("labels.csv.gz" if packed else "labels.csv")
     if packed:

@@ -16,8 +16,15 @@ def test_each_strategy_trains_a_few_steps_with_finite_losses(cohort_store, tmp_p
     data = BiofmDataModule([cohort_store.url], batch_size=32)
     module = BiofmModule(data.schema, d_model=16, depth=1, heads=2, latents=2, balancing=name)
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
-    trainer = Trainer(max_steps=6, limit_val_batches=0, logger=False, enable_progress_bar=False,
-                      enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = Trainer(
+        max_steps=6,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=data)
     loss = trainer.callback_metrics["train/loss"]
     assert math.isfinite(float(loss))

@@ -17,15 +17,27 @@ SCRIPTS = sorted((ROOT / "scripts").rglob("*.sh")) + sorted((ROOT / "scripts" / 
 def _fake_slurm(tmp_path: Path, **extra) -> dict:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "srun").write_text("#!/bin/bash\nexec \"$@\"\n")
-    (bin_dir / "scontrol").write_text(f"#!/bin/bash\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (bin_dir / "srun").write_text('#!/bin/bash\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path / "scontrol.log"}\n')
     for tool in ("srun", "scontrol"):
         (bin_dir / tool).chmod(0o755)
-    return {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
-            "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "biofm-test", "SLURM_NTASKS": "1",
-            "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
-            "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost", "SLURM_CPUS_PER_TASK": "1",
-            "SLURM_SUBMIT_DIR": str(ROOT), "WANDB_MODE": "disabled", **extra}
+    return {
+        **os.environ,
+        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "biofm-test",
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_NNODES": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+        "SLURM_CPUS_PER_TASK": "1",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+        "WANDB_MODE": "disabled",
+        **extra,
+    }
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -35,22 +47,48 @@ def test_every_script_parses(script):
 
 
 def test_the_sbatch_scripts_build_the_fit_command_from_slurm_variables(tmp_path):
-    env = _fake_slurm(tmp_path, SLURM_NNODES="2", SLURM_NTASKS_PER_NODE="4", SLURM_CPUS_PER_TASK="8",
-                      BIOFM_DRY_RUN="1")
-    pre = subprocess.run(["bash", "scripts/slurm/pretrain.sbatch", "configs/pretrain/multimodal.yaml",
-                          "--data.stores", "[s3://bucket/a.zarr]"], capture_output=True, text=True, env=env, cwd=ROOT)
+    env = _fake_slurm(tmp_path, SLURM_NNODES="2", SLURM_NTASKS_PER_NODE="4", SLURM_CPUS_PER_TASK="8", BIOFM_DRY_RUN="1")
+    pre = subprocess.run(
+        [
+            "bash",
+            "scripts/slurm/pretrain.sbatch",
+            "configs/pretrain/multimodal.yaml",
+            "--data.stores",
+            "[s3://bucket/a.zarr]",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     assert pre.returncode == 0, pre.stderr
-    assert pre.stdout.startswith("srun biofm fit -c configs/pretrain/multimodal.yaml --trainer configs/trainer/gpu.yaml")
-    for part in ("--trainer.num_nodes 2", "--trainer.devices 4", "--data.num_workers 7",
-                 "--trainer.default_root_dir runs/biofm-test-4242", "s3://bucket/a.zarr"):
+    assert pre.stdout.startswith(
+        "srun biofm fit -c configs/pretrain/multimodal.yaml --trainer configs/trainer/gpu.yaml"
+    )
+    for part in (
+        "--trainer.num_nodes 2",
+        "--trainer.devices 4",
+        "--data.num_workers 7",
+        "--trainer.default_root_dir runs/biofm-test-4242",
+        "s3://bucket/a.zarr",
+    ):
         assert part in pre.stdout
-    tune = subprocess.run(["bash", "scripts/slurm/finetune.sbatch", "configs/finetune/multimodal.yaml", "pre.ckpt"],
-                          capture_output=True, text=True, env={**env, "TRAINER": "configs/trainer/fsdp-gpu.yaml"},
-                          cwd=ROOT)
+    tune = subprocess.run(
+        ["bash", "scripts/slurm/finetune.sbatch", "configs/finetune/multimodal.yaml", "pre.ckpt"],
+        capture_output=True,
+        text=True,
+        env={**env, "TRAINER": "configs/trainer/fsdp-gpu.yaml"},
+        cwd=ROOT,
+    )
     assert tune.returncode == 0 and "--model.init_from pre.ckpt" in tune.stdout
     assert "--trainer configs/trainer/fsdp-gpu.yaml" in tune.stdout
-    missing = subprocess.run(["bash", "scripts/slurm/finetune.sbatch", "configs/finetune/multimodal.yaml"],
-                             capture_output=True, text=True, env=env, cwd=ROOT)
+    missing = subprocess.run(
+        ["bash", "scripts/slurm/finetune.sbatch", "configs/finetune/multimodal.yaml"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     assert missing.returncode != 0 and "the pretrained checkpoint" in missing.stderr
 
 
@@ -62,14 +100,35 @@ def _trained(rows: Path) -> list[list[int]]:
 
 def test_sigusr1_checkpoints_requeues_and_the_requeued_job_resumes(cohort_store, tmp_path):
     import numpy as np
+
     run_dir, rows = tmp_path / "run", tmp_path / "rows.txt"
     env = _fake_slurm(tmp_path, RUN_DIR=str(run_dir), TRAINER="configs/trainer/cpu.yaml")
-    args = ["bash", "scripts/slurm/pretrain.sbatch", "configs/experiment/synthetic.yaml",
-            "--model", "configs/model/tiny.yaml", "--data.stores", f"[{cohort_store.url}]",
-            "--data.batch_size", "8", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
-            "--trainer.callbacks", f'[{{class_path: biofm.testing.RowLog, init_args: {{path: {rows}, epoch: true}}}}]']
-    job = subprocess.Popen(args + ["--trainer.max_epochs", "200"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    args = [
+        "bash",
+        "scripts/slurm/pretrain.sbatch",
+        "configs/experiment/synthetic.yaml",
+        "--model",
+        "configs/model/tiny.yaml",
+        "--data.stores",
+        f"[{cohort_store.url}]",
+        "--data.batch_size",
+        "8",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger",
+        "false",
+        "--trainer.callbacks",
+        f"[{{class_path: biofm.testing.RowLog, init_args: {{path: {rows}, epoch: true}}}}]",
+    ]
+    job = subprocess.Popen(
+        args + ["--trainer.max_epochs", "200"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 300
         # training has started (the handler is set) and is inside the second epoch
@@ -87,21 +146,26 @@ def test_sigusr1_checkpoints_requeues_and_the_requeued_job_resumes(cohort_store,
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
 
     from biofm.platform.checkpoint import safe_load
+
     saved = safe_load(run_dir / "hpc_ckpt_1.ckpt")
     step, epoch = saved["global_step"], saved["epoch"]
     first = _trained(rows)
     rows.unlink()
     epochs = epoch + 2  # the requeued job trains on from where the signal stopped it
-    resumed = subprocess.run(args + ["--trainer.max_epochs", str(epochs)], env=env, cwd=ROOT, capture_output=True,
-                             text=True, timeout=600)
+    resumed = subprocess.run(
+        args + ["--trainer.max_epochs", str(epochs)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Restoring states from the checkpoint path at {run_dir / 'hpc_ckpt_1.ckpt'}" in resumed.stdout + resumed.stderr
+    assert (
+        f"Restoring states from the checkpoint path at {run_dir / 'hpc_ckpt_1.ckpt'}" in resumed.stdout + resumed.stderr
+    )
     second = _trained(rows)
     # the requeued job's first batch is the one after the checkpoint's step, in the interrupted epoch …
     assert second[0][:2] == [epoch, step + 1]
     # … and over both jobs that epoch trained each training sample once: nothing skipped, nothing twice
-    interrupted = [r for line in first if line[0] == epoch and line[1] <= step for r in line[2:]] + \
-        [r for line in second if line[0] == epoch for r in line[2:]]
+    interrupted = [r for line in first if line[0] == epoch and line[1] <= step for r in line[2:]] + [
+        r for line in second if line[0] == epoch for r in line[2:]
+    ]
     train_rows = set(np.flatnonzero(cohort_store.index("split") == "train").tolist())
     assert len(interrupted) == len(set(interrupted)) == len(train_rows) and set(interrupted) == train_rows
     last = safe_load(run_dir / "checkpoints" / "last.ckpt")
@@ -111,9 +175,26 @@ def test_sigusr1_checkpoints_requeues_and_the_requeued_job_resumes(cohort_store,
 def test_the_fsdp_trainer_config_resolves_to_block_wise_sharding(tmp_path):
     from biofm.platform.model import Block
     from biofm.platform.strategies import BiofmFSDP
-    done = subprocess.run([sys.executable, "-m", "biofm", "fit", "--trainer", "configs/trainer/fsdp-gpu.yaml",
-                           "--model", "configs/model/tiny.yaml", "--data", "configs/data/synthetic.yaml",
-                           "--print_config"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "biofm",
+            "fit",
+            "--trainer",
+            "configs/trainer/fsdp-gpu.yaml",
+            "--model",
+            "configs/model/tiny.yaml",
+            "--data",
+            "configs/data/synthetic.yaml",
+            "--print_config",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "class_path: biofm.platform.strategies.BiofmFSDP" in done.stdout
     strategy = BiofmFSDP(activation_checkpointing=True)

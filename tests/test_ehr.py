@@ -26,8 +26,19 @@ SCHEMA = Path(__file__).resolve().parents[1] / "configs" / "ehr" / "mimic-iv.yam
 CONFIG = SCHEMA.parent / "train.yaml"
 needs_ehr_data = pytest.mark.skipif(not EHR_DATA.exists(), reason=f"shared EHR data not found at {EHR_DATA}")
 TINY = {"d_model": 32, "depth": 1, "heads": 2, "latents": 4, "encoders": {"ehr": {"layers": 1, "heads": 2}}}
-MIMIC_TASKS = ["mortality", "long_term_mortality", "los_3day", "los_7day", "readmission", "final_acuity",
-               "imminent_discharge", "creatinine", "bilirubin", "platelets", "wbc"]
+MIMIC_TASKS = [
+    "mortality",
+    "long_term_mortality",
+    "los_3day",
+    "los_7day",
+    "readmission",
+    "final_acuity",
+    "imminent_discharge",
+    "creatinine",
+    "bilirubin",
+    "platelets",
+    "wbc",
+]
 
 
 # ------------------------------------------------------------------------------------------- tokens
@@ -58,6 +69,7 @@ def test_an_event_over_the_token_cap_drops_whole_fields_and_samples_keep_their_l
 
 def test_the_encoder_reads_event_times_and_ignores_padding_events():
     import torch
+
     modality = EHR(vocab_size=200, max_event_tokens=16)
     modality.fit(["labevents", "glucose", "value"])
     fields = [[("glucose", "5.5")], [("glucose", "7.0")]]
@@ -119,9 +131,15 @@ def test_raw_mimic_demo_to_a_short_fit_with_test_metrics_for_every_task(mimic_st
 def test_meds_demo_and_aces_labels_to_meds_predictions_one_row_per_label(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     out = str(tmp_path / "meds.zarr")
-    store, report = prepare_meds(str(MEDS_ALL), str(ACES), out, task="icu_mortality",
-                                 codes=str(MEDS_DIR / "metadata" / "codes.parquet"),
-                                 splits=str(MEDS_DIR / "metadata" / "subject_splits.parquet"), max_events=64)
+    store, report = prepare_meds(
+        str(MEDS_ALL),
+        str(ACES),
+        out,
+        task="icu_mortality",
+        codes=str(MEDS_DIR / "metadata" / "codes.parquet"),
+        splits=str(MEDS_DIR / "metadata" / "subject_splits.parquet"),
+        max_events=64,
+    )
     labels = pl.read_parquet(ACES)
     assert store.n == len(labels) == 74
     assert report.counts["events whose code is not in codes.parquet (raw code used)"] > 0
@@ -134,18 +152,24 @@ def test_meds_demo_and_aces_labels_to_meds_predictions_one_row_per_label(tmp_pat
 
     run = tmp_path / "run"
     from biofm.platform.lightning import BiofmDataModule as DM
+
     original = DM.__init__
 
     def predict_everything(self, *args, **kwargs):
         original(self, *args, **{**kwargs, "predict_split": "all"})
+
     monkeypatch.setattr(DM, "__init__", predict_everything)
     fit_and_test([store.url], run, epochs=1, batch_size=16, model=TINY, predict=True)
     exported = tmp_path / "meds_predictions.parquet"
-    main(["export", "meds", "--predictions", str(run / "predictions.parquet"), "--store", out,
-          "--out", str(exported)])
+    main(["export", "meds", "--predictions", str(run / "predictions.parquet"), "--store", out, "--out", str(exported)])
     frame = pl.read_parquet(exported)
-    assert frame.columns == ["subject_id", "prediction_time", "boolean_value", "predicted_boolean_value",
-                             "predicted_boolean_probability"]
+    assert frame.columns == [
+        "subject_id",
+        "prediction_time",
+        "boolean_value",
+        "predicted_boolean_value",
+        "predicted_boolean_probability",
+    ]
     assert len(frame) == len(labels)
     expected = labels.select("subject_id", "prediction_time", "boolean_value").sort(["subject_id", "prediction_time"])
     assert frame.select("subject_id", "prediction_time", "boolean_value").equals(expected)
@@ -153,26 +177,59 @@ def test_meds_demo_and_aces_labels_to_meds_predictions_one_row_per_label(tmp_pat
     # the SDK from the raw MEDS events gives the same MEDS predictions
     import biofm
     from biofm.datasets.ehr import predict_meds
-    sdk = predict_meds(biofm.load(run), str(MEDS_ALL), labels.select("subject_id", "prediction_time"),
-                       codes=str(MEDS_DIR / "metadata" / "codes.parquet"))
+
+    sdk = predict_meds(
+        biofm.load(run),
+        str(MEDS_ALL),
+        labels.select("subject_id", "prediction_time"),
+        codes=str(MEDS_DIR / "metadata" / "codes.parquet"),
+    )
     assert len(sdk) == len(labels) and sdk["error"].isna().all()
-    ours = pl.from_pandas(sdk[["subject_id", "prediction_time", "predicted_boolean_probability"]]).with_columns(
-        pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us"))).sort(
-        ["subject_id", "prediction_time"])
-    np.testing.assert_allclose(ours["predicted_boolean_probability"].to_numpy(),
-                               frame["predicted_boolean_probability"].to_numpy(), rtol=1e-4, atol=1e-5)
+    ours = (
+        pl.from_pandas(sdk[["subject_id", "prediction_time", "predicted_boolean_probability"]])
+        .with_columns(pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us")))
+        .sort(["subject_id", "prediction_time"])
+    )
+    np.testing.assert_allclose(
+        ours["predicted_boolean_probability"].to_numpy(),
+        frame["predicted_boolean_probability"].to_numpy(),
+        rtol=1e-4,
+        atol=1e-5,
+    )
     # and `biofm predict-meds` writes the MEDS prediction format for the label file's rows
-    main(["predict-meds", "--checkpoint", str(run), "--manifest", str(ACES), "--meds", str(MEDS_ALL),
-          "--codes", str(MEDS_DIR / "metadata" / "codes.parquet"), "--out", str(tmp_path / "cohort")])
+    main(
+        [
+            "predict-meds",
+            "--checkpoint",
+            str(run),
+            "--manifest",
+            str(ACES),
+            "--meds",
+            str(MEDS_ALL),
+            "--codes",
+            str(MEDS_DIR / "metadata" / "codes.parquet"),
+            "--out",
+            str(tmp_path / "cohort"),
+        ]
+    )
     cohort = pl.read_parquet(tmp_path / "cohort" / "predictions_meds.parquet")
-    assert cohort.columns == ["subject_id", "prediction_time", "predicted_boolean_value",
-                              "predicted_boolean_probability"] and len(cohort) == len(labels)
+    assert cohort.columns == [
+        "subject_id",
+        "prediction_time",
+        "predicted_boolean_value",
+        "predicted_boolean_probability",
+    ] and len(cohort) == len(labels)
     # row by row: each (subject, time) gets the probability `biofm predict` gave that label row
-    paired = cohort.with_columns(pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us"))
-                                 ).join(frame, on=["subject_id", "prediction_time"], how="inner", suffix="_predict")
+    paired = cohort.with_columns(
+        pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us"))
+    ).join(frame, on=["subject_id", "prediction_time"], how="inner", suffix="_predict")
     assert len(paired) == len(labels)
-    np.testing.assert_allclose(paired["predicted_boolean_probability"].to_numpy(),
-                               paired["predicted_boolean_probability_predict"].to_numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        paired["predicted_boolean_probability"].to_numpy(),
+        paired["predicted_boolean_probability_predict"].to_numpy(),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 @needs_ehr_data
@@ -189,28 +246,56 @@ def test_the_meds_folder_reports_label_rows_whose_subject_has_no_data(tmp_path):
 def test_raw_tables_and_meds_train_together_as_two_sources(mimic_store, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     mimic, _ = mimic_store
-    meds_kwargs = dict(task="icu_mortality", codes=str(MEDS_DIR / "metadata" / "codes.parquet"),
-                       splits=str(MEDS_DIR / "metadata" / "subject_splits.parquet"))
+    meds_kwargs = dict(
+        task="icu_mortality",
+        codes=str(MEDS_DIR / "metadata" / "codes.parquet"),
+        splits=str(MEDS_DIR / "metadata" / "subject_splits.parquet"),
+    )
     alone = prepare_meds(str(MEDS_ALL), str(ACES), str(tmp_path / "alone.zarr"), **meds_kwargs)[0]
     with pytest.raises(ConfigError, match="different settings"):
         BiofmDataModule([mimic.url, alone.url])
-    meds = prepare_meds(str(MEDS_ALL), str(ACES), str(tmp_path / "meds.zarr"), tokenizer_from=mimic.url,
-                        **meds_kwargs)[0]
+    meds = prepare_meds(str(MEDS_ALL), str(ACES), str(tmp_path / "meds.zarr"), tokenizer_from=mimic.url, **meds_kwargs)[
+        0
+    ]
     data = BiofmDataModule([mimic.url, meds.url])
     assert set(data.schema["tasks"]) == set(MIMIC_TASKS) | {"icu_mortality"}
     # through the CLI: fit on both sources, then predict on the MEDS store alone with that checkpoint
     run = tmp_path / "run"
-    tiny = ["--model.d_model", "32", "--model.depth", "1", "--model.heads", "2", "--model.latents", "4",
-            "--model.encoders", '{"ehr": {"layers": 1, "heads": 2}}', "--trainer.default_root_dir", str(run),
-            "--trainer.logger", "false"]
-    main(["fit", "-c", str(CONFIG), "--data.stores", f"[{mimic.url}, {meds.url}]", "--trainer.max_epochs", "2",
-          *tiny])
+    tiny = [
+        "--model.d_model",
+        "32",
+        "--model.depth",
+        "1",
+        "--model.heads",
+        "2",
+        "--model.latents",
+        "4",
+        "--model.encoders",
+        '{"ehr": {"layers": 1, "heads": 2}}',
+        "--trainer.default_root_dir",
+        str(run),
+        "--trainer.logger",
+        "false",
+    ]
+    main(["fit", "-c", str(CONFIG), "--data.stores", f"[{mimic.url}, {meds.url}]", "--trainer.max_epochs", "2", *tiny])
     last = run / "checkpoints" / "last.ckpt"
     main(["test", "-c", str(CONFIG), "--data.stores", f"[{mimic.url}, {meds.url}]", "--ckpt_path", str(last), *tiny])
     metrics = json.loads((run / "test_metrics.json").read_text())
     assert any(k.startswith("icu_mortality/") for k in metrics) and any(k.startswith("los_3day/") for k in metrics)
-    main(["predict", "-c", str(CONFIG), "--data.stores", f"[{meds.url}]", "--data.predict_split", "all",
-          "--ckpt_path", str(last), *tiny])
+    main(
+        [
+            "predict",
+            "-c",
+            str(CONFIG),
+            "--data.stores",
+            f"[{meds.url}]",
+            "--data.predict_split",
+            "all",
+            "--ckpt_path",
+            str(last),
+            *tiny,
+        ]
+    )
     predictions = pl.read_parquet(run / "predictions.parquet")
     assert len(predictions) == meds.n and {"icu_mortality/prob/1", "los_3day/prob/1"} <= set(predictions.columns)
 
@@ -223,18 +308,20 @@ def _tiny_database(root: Path) -> None:
         "s1,p1,2100-01-01 00:00:00\n"
         "s2,p2,2100-01-01 00:00:00\n"
         "s3,p3,2100-01-01 00:00:00\n"  # s3 has no event in its window
-        "s4,,2100-01-01 00:00:00\n"     # no subject
-        "s5,p5,soon\n")                  # unparseable start
+        "s4,,2100-01-01 00:00:00\n"  # no subject
+        "s5,p5,soon\n"
+    )  # unparseable start
     (root / "db" / "events.csv").write_text(
         "stay,time,item,amount,note\n"
         "s1,2100-01-01 01:00:00,1,5.5,ok\n"
-        "s1,2100-01-01 01:00:00,1,5.5,ok\n"        # duplicate row
-        "s1,,1,2.0,ok\n"                           # no time
-        "s1,yesterday,1,2.0,ok\n"                  # unparseable time
-        "s1,2100-01-01 02:00:00,99,7.0,ok\n"       # unknown code
-        "s2,2100-01-01 03:00:00,2,abc,ok\n"        # unparseable number
-        "s2,2100-01-02 03:00:00,2,1.0,late\n"      # after the window
-        "s3,2099-12-31 03:00:00,2,1.0,early\n")    # before the window
+        "s1,2100-01-01 01:00:00,1,5.5,ok\n"  # duplicate row
+        "s1,,1,2.0,ok\n"  # no time
+        "s1,yesterday,1,2.0,ok\n"  # unparseable time
+        "s1,2100-01-01 02:00:00,99,7.0,ok\n"  # unknown code
+        "s2,2100-01-01 03:00:00,2,abc,ok\n"  # unparseable number
+        "s2,2100-01-02 03:00:00,2,1.0,late\n"  # after the window
+        "s3,2099-12-31 03:00:00,2,1.0,early\n"
+    )  # before the window
     (root / "db" / "items.csv").write_text("item,name\n1,glucose\n2,heparin\n")
     (root / "labels.csv").write_text("stay,outcome,grade\ns1,1,low\ns2,0,high\ns3,1,low\n")
     (root / "schema.yaml").write_text(
@@ -243,14 +330,16 @@ def _tiny_database(root: Path) -> None:
         "observation_hours: 12\n"
         "tables:\n"
         "  - {table: events, time: time, link: stay, numeric: [amount],\n"
-        "     dictionaries: [{table: items, key: item, name: name}]}\n")
+        "     dictionaries: [{table: items, key: item, name: name}]}\n"
+    )
 
 
 def test_bad_rows_of_raw_tables_are_counted_with_their_reason_and_the_rest_is_prepared(tmp_path):
     _tiny_database(tmp_path)
     out = str(tmp_path / "tiny.zarr")
-    store, report = prepare_ehr_tables(str(tmp_path / "db"), str(tmp_path / "schema.yaml"), out,
-                                       labels=str(tmp_path / "labels.csv"), shard_subjects=1)
+    store, report = prepare_ehr_tables(
+        str(tmp_path / "db"), str(tmp_path / "schema.yaml"), out, labels=str(tmp_path / "labels.csv"), shard_subjects=1
+    )
     counts = report.counts
     assert counts["events: rows with a missing or unparseable time (dropped)"] == 2
     assert counts["events: duplicate rows (dropped)"] == 1
@@ -268,38 +357,59 @@ def test_bad_rows_of_raw_tables_are_counted_with_their_reason_and_the_rest_is_pr
     assert store.read_rows(0, store.n, ["ehr/time"])["ehr/time"].lengths().tolist() in ([2, 1], [1, 2])
 
 
-@pytest.mark.parametrize("change, message", [
-    (("table: events", "table: visits"), r"table 'visits' is not in"),
-    (("time: time", "time: charted"), r"table 'events' .* has no column \['charted'\]"),
-    (("numeric: [amount]", "numeric: [dose]"), r"has no column \['dose'\]"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (("table: events", "table: visits"), r"table 'visits' is not in"),
+        (("time: time", "time: charted"), r"table 'events' .* has no column \['charted'\]"),
+        (("numeric: [amount]", "numeric: [dose]"), r"has no column \['dose'\]"),
+    ],
+)
 def test_a_schema_naming_a_missing_table_or_column_stops_with_one_clear_error(tmp_path, change, message):
     _tiny_database(tmp_path)
     schema = tmp_path / "schema.yaml"
     schema.write_text(schema.read_text().replace(*change))
     with pytest.raises(StoreError, match=message):
-        prepare_ehr_tables(str(tmp_path / "db"), str(schema), str(tmp_path / "x.zarr"),
-                           labels=str(tmp_path / "labels.csv"))
+        prepare_ehr_tables(
+            str(tmp_path / "db"), str(schema), str(tmp_path / "x.zarr"), labels=str(tmp_path / "labels.csv")
+        )
     assert not (tmp_path / "x.zarr").exists()
 
 
 def test_bad_meds_rows_are_counted_and_events_after_the_prediction_time_are_never_used(tmp_path):
     data = tmp_path / "meds" / "data" / "train"
     data.mkdir(parents=True)
-    pl.DataFrame({
-        "subject_id": [1, 1, 1, 1, 1, 1, 2, 3],
-        "time": [None, "2100-01-01 00:00:00", "2100-01-01 00:00:00", "not a time", "2100-01-01 05:00:00",
-                 "2100-01-03 00:00:00", "2100-01-01 00:00:00", "2100-02-01 00:00:00"],
-        "code": ["GENDER//F", "LAB//1", "LAB//1", "LAB//1", "NEW//CODE", "LAB//FUTURE", "LAB//1", "LAB//1"],
-        "numeric_value": [None, "1.5", "1.5", "2", "oops", "3", "4", "5"],
-        "hadm_id": [None, 7, 7, 7, 7, 7, 8, 9],
-    }).write_parquet(data / "0.parquet")
+    pl.DataFrame(
+        {
+            "subject_id": [1, 1, 1, 1, 1, 1, 2, 3],
+            "time": [
+                None,
+                "2100-01-01 00:00:00",
+                "2100-01-01 00:00:00",
+                "not a time",
+                "2100-01-01 05:00:00",
+                "2100-01-03 00:00:00",
+                "2100-01-01 00:00:00",
+                "2100-02-01 00:00:00",
+            ],
+            "code": ["GENDER//F", "LAB//1", "LAB//1", "LAB//1", "NEW//CODE", "LAB//FUTURE", "LAB//1", "LAB//1"],
+            "numeric_value": [None, "1.5", "1.5", "2", "oops", "3", "4", "5"],
+            "hadm_id": [None, 7, 7, 7, 7, 7, 8, 9],
+        }
+    ).write_parquet(data / "0.parquet")
     (tmp_path / "meds" / "metadata").mkdir()
-    pl.DataFrame({"code": ["LAB//1", "LAB//FUTURE", "GENDER//F"], "description": ["glucose", None, None]}).write_parquet(
-        tmp_path / "meds" / "metadata" / "codes.parquet")
+    pl.DataFrame(
+        {"code": ["LAB//1", "LAB//FUTURE", "GENDER//F"], "description": ["glucose", None, None]}
+    ).write_parquet(tmp_path / "meds" / "metadata" / "codes.parquet")
     import datetime as dt
-    pl.DataFrame({"subject_id": [1, 2, 3], "prediction_time": [dt.datetime(2100, 1, 2)] * 3,
-                  "boolean_value": [True, False, True]}).write_parquet(tmp_path / "labels.parquet")
+
+    pl.DataFrame(
+        {
+            "subject_id": [1, 2, 3],
+            "prediction_time": [dt.datetime(2100, 1, 2)] * 3,
+            "boolean_value": [True, False, True],
+        }
+    ).write_parquet(tmp_path / "labels.parquet")
     out = str(tmp_path / "m.zarr")
     store, report = prepare_meds(str(tmp_path / "meds"), str(tmp_path / "labels.parquet"), out)
     counts = report.counts
@@ -320,7 +430,11 @@ def test_bad_meds_rows_are_counted_and_events_after_the_prediction_time_are_neve
 def test_meds_predictions_need_the_task_named_when_the_store_has_no_single_binary_one(tmp_path):
     _tiny_database(tmp_path)
     (tmp_path / "scores.csv").write_text("stay,score\ns1,1.5\ns2,2.5\ns3,0.5\n")
-    store, _ = prepare_ehr_tables(str(tmp_path / "db"), str(tmp_path / "schema.yaml"), str(tmp_path / "r.zarr"),
-                                  labels=str(tmp_path / "scores.csv"))
+    store, _ = prepare_ehr_tables(
+        str(tmp_path / "db"),
+        str(tmp_path / "schema.yaml"),
+        str(tmp_path / "r.zarr"),
+        labels=str(tmp_path / "scores.csv"),
+    )
     with pytest.raises(StoreError, match=r"name the task with --task; binary tasks are \[\]"):
         meds_predictions(str(tmp_path / "p.parquet"), store.url)

@@ -29,10 +29,23 @@ CONFIGS = ROOT / "configs"
 
 
 def _fit_args(stores: list[str], run: Path, *extra: str) -> list[str]:
-    return ["--trainer", str(CONFIGS / "trainer" / "cpu.yaml"), "--model", str(CONFIGS / "model" / "tiny.yaml"),
-            "--data", str(CONFIGS / "data" / "synthetic.yaml"), "--data.stores", f"[{','.join(stores)}]",
-            "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", *extra]
+    return [
+        "--trainer",
+        str(CONFIGS / "trainer" / "cpu.yaml"),
+        "--model",
+        str(CONFIGS / "model" / "tiny.yaml"),
+        "--data",
+        str(CONFIGS / "data" / "synthetic.yaml"),
+        "--data.stores",
+        f"[{','.join(stores)}]",
+        "--trainer.default_root_dir",
+        str(run),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        *extra,
+    ]
 
 
 def _train_rows(run: Path) -> pd.DataFrame:
@@ -41,6 +54,7 @@ def _train_rows(run: Path) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------- 1–2. last is last
+
 
 def test_last_ckpt_is_the_final_state_and_a_resume_from_it_trains_nothing_again(cohort_store, tmp_path, capsys):
     run = tmp_path / "run"
@@ -79,6 +93,7 @@ def test_last_ckpt_is_also_written_within_an_epoch(cohort_store, tmp_path):
     from lightning.pytorch import Callback, Trainer
 
     from biofm.platform.lightning import BiofmModule
+
     seen = []
 
     class Watch(Callback):  # before each step: the step of the last.ckpt on disk
@@ -88,9 +103,14 @@ def test_last_ckpt_is_also_written_within_an_epoch(cohort_store, tmp_path):
 
     data = BiofmDataModule([cohort_store.url], batch_size=32)
     module = BiofmModule(data.schema, d_model=16, depth=1, heads=2, latents=2)
-    Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-            callbacks=[Watch(), default_checkpoint(str(tmp_path / "run"), every_minutes=None, every_n_steps=3)],
-            default_root_dir=tmp_path).fit(module, datamodule=data)
+    Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Watch(), default_checkpoint(str(tmp_path / "run"), every_minutes=None, every_n_steps=3)],
+        default_root_dir=tmp_path,
+    ).fit(module, datamodule=data)
     steps = len(seen)
     assert steps > 6
     assert [s for s in seen if s is not None][:3] == [3, 3, 3]  # saved after step 3, mid-epoch
@@ -99,23 +119,27 @@ def test_last_ckpt_is_also_written_within_an_epoch(cohort_store, tmp_path):
 
 # ---------------------------------------------------------------------------------- 3. NaN, not 0
 
+
 def _scores(values: list[float], labels: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     p = torch.tensor(values)
     return torch.log(p / (1 - p)).unsqueeze(1), torch.tensor(labels)
 
 
 def test_a_metric_that_cannot_be_computed_is_nan_and_left_out_of_the_macro_means():
-    kinds = {"one_class": task_kind("one_class", {"kind": "binary"}),
-             "fine": task_kind("fine", {"kind": "binary"}),
-             "kinds": task_kind("kinds", {"kind": "multiclass", "classes": ["a", "b", "c"]}),
-             "tags": task_kind("tags", {"kind": "multilabel", "classes": ["x", "y"]}),
-             "flat": task_kind("flat", {"kind": "regression"})}
+    kinds = {
+        "one_class": task_kind("one_class", {"kind": "binary"}),
+        "fine": task_kind("fine", {"kind": "binary"}),
+        "kinds": task_kind("kinds", {"kind": "multiclass", "classes": ["a", "b", "c"]}),
+        "tags": task_kind("tags", {"kind": "multilabel", "classes": ["x", "y"]}),
+        "flat": task_kind("flat", {"kind": "regression"}),
+    }
     metrics = TaskMetrics(kinds, "test")
     metrics.update("one_class", *_scores([0.9, 0.2, 0.6, 0.7], [1, 1, 1, 1]))  # positives only
     metrics.update("fine", *_scores([0.9, 0.2, 0.6, 0.3], [1, 0, 1, 0]))  # perfectly ranked
     # class "c" never occurs: AUROC is the mean over a and b only (both perfectly ranked)
-    metrics.update("kinds", torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [4.0, 0, 0], [0, 4.0, 0]]),
-                   torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    metrics.update(
+        "kinds", torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [4.0, 0, 0], [0, 4.0, 0]]), torch.tensor([0.0, 1.0, 0.0, 1.0])
+    )
     # label y is positive everywhere: its AUROC is undefined, x is perfectly ranked
     metrics.update("tags", torch.tensor([[3.0, 1.0], [-3.0, 2.0]]), torch.tensor([[1.0, 1.0], [0.0, 1.0]]))
     metrics.update("flat", torch.tensor([[0.1], [0.4], [0.2]]), torch.tensor([2.0, 2.0, 2.0]))  # no variance
@@ -130,8 +154,9 @@ def test_a_metric_that_cannot_be_computed_is_nan_and_left_out_of_the_macro_means
     assert results["macro/auroc"] == pytest.approx(1.0) and results["macro/auroc_n"] == 3
     assert results["macro/score"] == pytest.approx(1.0) and results["macro/score_n"] == 3
     said = [str(w.message) for w in caught]
-    assert any("test split: task 'one_class' has 0 of class 0, 4 of class 1: its auroc is undefined" in m
-               for m in said), said
+    assert any(
+        "test split: task 'one_class' has 0 of class 0, 4 of class 1: its auroc is undefined" in m for m in said
+    ), said
     assert any("task 'flat' has 3 labels: its r2 is undefined" in m for m in said)
     metrics.reset()
     metrics.update("one_class", *_scores([0.9, 0.2], [1, 1]))
@@ -149,11 +174,20 @@ def _one_class_validation_store(path: str) -> str:
     split = np.array(["train"] * 80 + ["val"] * 20 + ["test"] * 20)
     label = (x[:, 0] > 0).astype(np.float32)
     label[80:100] = 1.0
-    writer = StoreWriter(path, source="skewed", tasks={"flag": {"kind": "binary"}},
-                         modalities={"tabular": {"numeric": {"a": [0.0, 1.0], "b": [0.0, 1.0]}, "categorical": {}}})
-    writer.write_batch(0, sample_id=[f"s{i}" for i in range(n)], subject_id=[f"p{i}" for i in range(n)],
-                       labels={"flag": label}, split=split,
-                       arrays={"tabular/numeric": x, "tabular/categorical": np.zeros((n, 0), np.int32)})
+    writer = StoreWriter(
+        path,
+        source="skewed",
+        tasks={"flag": {"kind": "binary"}},
+        modalities={"tabular": {"numeric": {"a": [0.0, 1.0], "b": [0.0, 1.0]}, "categorical": {}}},
+    )
+    writer.write_batch(
+        0,
+        sample_id=[f"s{i}" for i in range(n)],
+        subject_id=[f"p{i}" for i in range(n)],
+        labels={"flag": label},
+        split=split,
+        arrays={"tabular/numeric": x, "tabular/categorical": np.zeros((n, 0), np.int32)},
+    )
     return writer.finalize().url
 
 
@@ -171,6 +205,7 @@ def test_an_undefined_validation_score_never_selects_a_checkpoint(tmp_path):
 
 
 # ------------------------------------------------------------------ 4 & 6. per source, where it applies
+
 
 @pytest.fixture(scope="module")
 def fused(cohort_store, tmp_path_factory):
@@ -195,6 +230,7 @@ def test_a_two_store_test_reports_each_source_and_pooled(fused, capsys):
 
 def test_a_task_is_predicted_only_for_samples_with_a_modality_it_was_trained_on(fused, cohort_store):
     from biofm.datasets.synthetic import cohort
+
     model = biofm.load(fused["run"], quiet=True)
     assert model.tasks["event"]["applies"] == {"modalities": ["tabular", "text"], "sources": ["synthetic"]}
     assert model.tasks["flag"]["applies"]["modalities"] == ["molecule"]
@@ -202,8 +238,10 @@ def test_a_task_is_predicted_only_for_samples_with_a_modality_it_was_trained_on(
     assert ethanol["flag/applies"].all() and ethanol["flag"].notna().all()
     for task in ("event", "subtype", "grade", "risk_score"):
         assert not ethanol[f"{task}/applies"].any() and ethanol[task].isna().all(), task
-    assert ethanol["event/prob/1"].isna().all() and ethanol[[c for c in ethanol if c.startswith("findings/")
-                                                             and "/applies" not in c]].isna().all().all()
+    assert (
+        ethanol["event/prob/1"].isna().all()
+        and ethanol[[c for c in ethanol if c.startswith("findings/") and "/applies" not in c]].isna().all().all()
+    )
     raw = cohort(4, seed=3)
     patient = model.predict(reports=[r or "no report" for r in raw["report"][:4]])
     for task in ("event", "subtype", "grade", "risk_score"):
@@ -212,32 +250,51 @@ def test_a_task_is_predicted_only_for_samples_with_a_modality_it_was_trained_on(
     # biofm predict on the stores: each source's samples get only their own tasks
     main(["predict", *_fit_args(fused["stores"], fused["run"]), "--ckpt_path", "best"])
     written = pd.read_parquet(fused["run"] / "predictions.parquet")
-    cohort_rows, molecule_rows = written[written["source"] == "synthetic"], written[written["source"] == "fake-molecule"]
+    cohort_rows, molecule_rows = (
+        written[written["source"] == "synthetic"],
+        written[written["source"] == "fake-molecule"],
+    )
     assert len(cohort_rows) and len(molecule_rows)
     assert cohort_rows["event/applies"].all() and not cohort_rows["flag/applies"].any()
     # (a fake molecule row may hold no molecule at all: then nothing applies to it)
     assert molecule_rows["flag/applies"].sum() > len(molecule_rows) / 2 and not molecule_rows["event/applies"].any()
-    assert molecule_rows["event"].isna().all() and molecule_rows.loc[~molecule_rows["flag/applies"], "flag"].isna().all()
+    assert (
+        molecule_rows["event"].isna().all() and molecule_rows.loc[~molecule_rows["flag/applies"], "flag"].isna().all()
+    )
 
 
 # ------------------------------------------------------------------------------- 5. sharing is declared
+
 
 def test_a_task_two_stores_define_differently_stops_the_run_unless_declared_shared(tmp_path):
     a = write_fake_modality_store(str(tmp_path / "a.zarr"), "molecule", n=60).url
     b = str(tmp_path / "b.zarr")
     from biofm.platform.modality import MODALITIES
     from biofm.testing import fake_raw
+
     mod = MODALITIES.resolve("tabular")()
     raw = fake_raw("tabular", 60)
     mod.fit(raw)
-    writer = StoreWriter(b, source="other-site", modalities={"tabular": mod.config()},
-                         tasks={"flag": {"kind": "binary", "definition": "death within 30 days"}})
-    writer.write_batch(0, sample_id=[f"B{i}" for i in range(60)], subject_id=[f"BP{i}" for i in range(60)],
-                       labels={"flag": (np.arange(60) % 2).astype(np.float32)}, arrays=mod.featurise(raw))
+    writer = StoreWriter(
+        b,
+        source="other-site",
+        modalities={"tabular": mod.config()},
+        tasks={"flag": {"kind": "binary", "definition": "death within 30 days"}},
+    )
+    writer.write_batch(
+        0,
+        sample_id=[f"B{i}" for i in range(60)],
+        subject_id=[f"BP{i}" for i in range(60)],
+        labels={"flag": (np.arange(60) % 2).astype(np.float32)},
+        arrays=mod.featurise(raw),
+    )
     writer.finalize()
-    with pytest.raises(ConfigError, match=r"task 'flag' is in stores .*a.zarr \(source fake-molecule\) and "
-                                          r".*b.zarr \(source other-site\), which do not state the same "
-                                          r"definition.*--data.shared_tasks '\[flag\]'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"task 'flag' is in stores .*a.zarr \(source fake-molecule\) and "
+        r".*b.zarr \(source other-site\), which do not state the same "
+        r"definition.*--data.shared_tasks '\[flag\]'",
+    ):
         BiofmDataModule([a, b])
     shared = BiofmDataModule([a, b], shared_tasks=["flag"])  # declared: one head
     assert shared.schema["tasks"]["flag"]["applies"]["sources"] == ["fake-molecule", "other-site"]
@@ -247,19 +304,25 @@ def test_a_task_two_stores_define_differently_stops_the_run_unless_declared_shar
 
 # ------------------------------------------------------------------- 7. the tracker says what files say
 
-def test_the_tracker_summary_holds_the_full_model_test_and_extra_evaluations_apart(cohort_store, tmp_path,
-                                                                                 monkeypatch):
+
+def test_the_tracker_summary_holds_the_full_model_test_and_extra_evaluations_apart(cohort_store, tmp_path, monkeypatch):
     from biofm.recipes.runs import fit_and_test
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     run = tmp_path / "run"
-    results = fit_and_test([cohort_store.url], run, epochs=1, test_without=["text"],
-                           model={"d_model": 16, "depth": 1, "heads": 2, "latents": 2})
+    results = fit_and_test(
+        [cohort_store.url],
+        run,
+        epochs=1,
+        test_without=["text"],
+        model={"d_model": 16, "depth": 1, "heads": 2, "latents": 2},
+    )
     summary = wandb_summary(next(iter(glob.glob(str(run / "wandb" / "offline-run-*" / "*.wandb")))))
     written = json.loads((run / "test_metrics.json").read_text())
-    full = {k[len("test/"):]: v for k, v in summary.items() if k.startswith("test/") and "without:" not in k}
+    full = {k[len("test/") :]: v for k, v in summary.items() if k.startswith("test/") and "without:" not in k}
     assert full.keys() == written.keys()
     for key, value in written.items():
         assert (value is None and math.isnan(full[key])) or full[key] == pytest.approx(value), key
-    without = {k[len("test/without:text/"):]: v for k, v in summary.items() if k.startswith("test/without:text/")}
+    without = {k[len("test/without:text/") :]: v for k, v in summary.items() if k.startswith("test/without:text/")}
     assert without and without["macro/score"] == pytest.approx(results["without:text"]["macro/score"])
     assert without["event/auroc"] != pytest.approx(full["event/auroc"], abs=1e-9)  # another evaluation

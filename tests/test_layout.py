@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "biofm"
-MODALITY_WORDS = ["molecule", "molecules", "smiles", "ehr", "meds", "wsi", "slide", "slides", "oct", "tabular",
-                  "text"]
+MODALITY_WORDS = ["molecule", "molecules", "smiles", "ehr", "meds", "wsi", "slide", "slides", "oct", "tabular", "text"]
 
 
 def _modules() -> dict[str, Path]:
@@ -30,9 +29,12 @@ def _code_words(path: Path) -> list[tuple[int, str]]:
     for token in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
         if token.type == tokenize.COMMENT or token.type == tokenize.NL:
             continue
-        docstring = token.type == tokenize.STRING and previous in (tokenize.NEWLINE, tokenize.INDENT,
-                                                                     tokenize.DEDENT)
-        if not docstring and token.type in (tokenize.NAME, tokenize.STRING, getattr(tokenize, "FSTRING_MIDDLE", tokenize.STRING)):
+        docstring = token.type == tokenize.STRING and previous in (tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT)
+        if not docstring and token.type in (
+            tokenize.NAME,
+            tokenize.STRING,
+            getattr(tokenize, "FSTRING_MIDDLE", tokenize.STRING),
+        ):
             words.append((token.start[0], token.string))
         previous = token.type
     return words
@@ -40,13 +42,15 @@ def _code_words(path: Path) -> list[tuple[int, str]]:
 
 def _found(words: list[str], paths) -> list[str]:
     pattern = re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE)
-    return [f"{path.name}:{line}: {text[:80]}" for path in paths
-            for line, text in _code_words(path) if pattern.search(text)]
+    return [
+        f"{path.name}:{line}: {text[:80]}" for path in paths for line, text in _code_words(path) if pattern.search(text)
+    ]
 
 
 def test_the_platform_names_no_modality_and_no_task_kind():
     from biofm.platform.modality import MODALITIES
     from biofm.tasks import TASK_KINDS
+
     platform = sorted((ROOT / "platform").rglob("*.py"))
     assert _found(sorted(set(MODALITY_WORDS) | set(MODALITIES.names())), platform) == []
     assert _found(TASK_KINDS.names(), platform) == []
@@ -54,8 +58,10 @@ def test_the_platform_names_no_modality_and_no_task_kind():
 
 def test_the_scan_finds_a_modality_or_kind_named_in_code(tmp_path):
     planted = tmp_path / "planted.py"
-    planted.write_text('"""Docstrings may say smiles and binary."""\n# so may comments: wsi\n'
-                       'KEYWORD = "smiles"\nif spec["kind"] == "binary":\n    pass\n')
+    planted.write_text(
+        '"""Docstrings may say smiles and binary."""\n# so may comments: wsi\n'
+        'KEYWORD = "smiles"\nif spec["kind"] == "binary":\n    pass\n'
+    )
     assert len(_found(["smiles"], [planted])) == 1 and len(_found(["binary"], [planted])) == 1
     assert _found(["wsi"], [planted]) == []
 
@@ -91,8 +97,11 @@ def test_the_layers_import_only_downwards():
     for name, path in modules.items():
         for layer, below in LAYERS.items():
             if name == layer or name.startswith(layer + "."):
-                broken += [f"{name} imports {m}" for m in _imports(path, modules, top_level=False)
-                           if m.startswith(below) and m != name]
+                broken += [
+                    f"{name} imports {m}"
+                    for m in _imports(path, modules, top_level=False)
+                    if m.startswith(below) and m != name
+                ]
     assert broken == []
 
 
@@ -117,6 +126,7 @@ def test_no_module_level_import_cycle():
                 on_stack.discard(component[-1])
             if len(component) > 1:
                 cycles.append(sorted(component))
+
     for v in graph:
         if v not in index:
             visit(v)
@@ -126,10 +136,12 @@ def test_no_module_level_import_cycle():
 @pytest.mark.slow
 def test_every_module_imports_on_its_own():
     """Each module imported first, in a namespace where no other biofm module is loaded yet."""
-    script = ("import importlib, sys\n"
-              f"for name in {sorted(m for m in _modules() if m != 'biofm.__main__')!r}:\n"
-              "    for loaded in [m for m in sys.modules if m == 'biofm' or m.startswith('biofm.')]:\n"
-              "        del sys.modules[loaded]\n"
-              "    importlib.import_module(name)\n")
+    script = (
+        "import importlib, sys\n"
+        f"for name in {sorted(m for m in _modules() if m != 'biofm.__main__')!r}:\n"
+        "    for loaded in [m for m in sys.modules if m == 'biofm' or m.startswith('biofm.')]:\n"
+        "        del sys.modules[loaded]\n"
+        "    importlib.import_module(name)\n"
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

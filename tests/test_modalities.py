@@ -20,8 +20,15 @@ def test_each_modality_prepares_streams_collates_and_encodes(tmp_path, name):
     raw = fake_raw(name, 60)
     present_in = {f"F{i}": r is not None for i, r in enumerate(raw)}
     schema = BiofmDataModule([store.url]).schema
-    stream = StoreStream(store, split=None, batch_size=16, shuffle=False, arrays=store.arrays_of(name),
-                         with_ids=True, transform=Collator(schema, with_ids=True))
+    stream = StoreStream(
+        store,
+        split=None,
+        batch_size=16,
+        shuffle=False,
+        arrays=store.arrays_of(name),
+        with_ids=True,
+        transform=Collator(schema, with_ids=True),
+    )
     encoder = MODALITIES.resolve(name).from_config(store.modalities[name]).encoder(16)
     seen = 0
     for batch in StreamLoader(stream):
@@ -53,8 +60,15 @@ def test_each_modality_round_trips_through_a_checkpoint(tmp_path, name):
     store = write_fake_modality_store(str(tmp_path / "s.zarr"), name, n=80)
     data = BiofmDataModule([store.url], batch_size=16)
     module = BiofmModule(data.schema, d_model=16, depth=1, heads=2, latents=2)
-    trainer = Trainer(max_steps=3, limit_val_batches=1, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=tmp_path, plugins=[SafeCheckpointIO()])
+    trainer = Trainer(
+        max_steps=3,
+        limit_val_batches=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        plugins=[SafeCheckpointIO()],
+    )
     trainer.fit(module, datamodule=data)
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
@@ -70,7 +84,9 @@ def test_each_modality_round_trips_through_a_checkpoint(tmp_path, name):
 
 
 def test_an_unknown_modality_names_the_choices():
-    with pytest.raises(RegistryError, match=r"could not resolve modality 'retina' among choices \[.*'tabular', 'text'.*\]"):
+    with pytest.raises(
+        RegistryError, match=r"could not resolve modality 'retina' among choices \[.*'tabular', 'text'.*\]"
+    ):
         MODALITIES.resolve("retina")
 
 
@@ -102,8 +118,10 @@ def test_wordpiece_vocabularies_are_deterministic_and_keep_frequent_words_whole(
     import random
 
     from biofm.modalities.text.tokenizer import SPECIAL_TOKENS, train_wordpiece
-    texts = ["margins clear", "margins involved", "nodes free", "necrosis present", "mild atypia"] * 30 + \
-        [f"specimen {w}" for w in ("alpha", "alpine", "altar", "alter")] * 3
+
+    texts = ["margins clear", "margins involved", "nodes free", "necrosis present", "mild atypia"] * 30 + [
+        f"specimen {w}" for w in ("alpha", "alpine", "altar", "alter")
+    ] * 3
     shuffled = random.Random(1).sample(texts, len(texts))
     first, again = train_wordpiece(texts, vocab_size=200), train_wordpiece(shuffled, vocab_size=200)
     # ties between equally frequent pairs abound here; the same corpus in any order gives the same ids
@@ -124,10 +142,18 @@ def test_each_modality_goes_from_raw_input_to_the_predictions_of_its_trained_mod
 
     import biofm
     from biofm.recipes.runs import fit_and_test
+
     store = write_fake_modality_store(str(tmp_path / "s.zarr"), name, n=60)
     run = tmp_path / "run"
-    fit_and_test([store.url], run, epochs=1, batch_size=16, loggers=False, predict=True,
-                 model={"d_model": 16, "depth": 1, "heads": 2, "latents": 2})
+    fit_and_test(
+        [store.url],
+        run,
+        epochs=1,
+        batch_size=16,
+        loggers=False,
+        predict=True,
+        model={"d_model": 16, "depth": 1, "heads": 2, "latents": 2},
+    )
     model = biofm.load(run, quiet=True)
     keyword = MODALITIES.resolve(name).keyword()
     assert model.inputs == {keyword: name}
@@ -139,8 +165,12 @@ def test_each_modality_goes_from_raw_input_to_the_predictions_of_its_trained_mod
     assert absent and ours.loc[absent, "error"].notna().all() and ours.loc[absent, "flag/prob/1"].isna().all()
     both = [i for i in written.index if i not in absent]
     assert len(both) >= 3
-    np.testing.assert_allclose(ours.loc[both, "flag/prob/1"].to_numpy(float),
-                               written.loc[both, "flag/prob/1"].to_numpy(float), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        ours.loc[both, "flag/prob/1"].to_numpy(float),
+        written.loc[both, "flag/prob/1"].to_numpy(float),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 def test_a_new_modality_defined_in_one_file_runs_end_to_end(tmp_path):
@@ -167,9 +197,15 @@ def test_a_new_modality_defined_in_one_file_runs_end_to_end(tmp_path):
         argument, column = "signal", "signal"
 
         def featurise(self, raw):
-            rows = [np.array(r.split() if isinstance(r, str) else r, dtype=np.float32) if r is not None else
-                    np.zeros(0, np.float32) for r in raw]
-            return self.prefixed({"values": Ragged.from_list(rows, dtype=np.float32), "present": self.present_mask(raw)})
+            rows = [
+                np.array(r.split() if isinstance(r, str) else r, dtype=np.float32)
+                if r is not None
+                else np.zeros(0, np.float32)
+                for r in raw
+            ]
+            return self.prefixed(
+                {"values": Ragged.from_list(rows, dtype=np.float32), "present": self.present_mask(raw)}
+            )
 
         def collate(self, arrays):
             values: Ragged = arrays["values"]
@@ -192,13 +228,29 @@ def test_a_new_modality_defined_in_one_file_runs_end_to_end(tmp_path):
         n = 240
         raw = Signal.example_raw(n)
         flag = (np.arange(n) % 2).astype(np.float32)  # the signal's mean is 1 for odd rows, 0 for even ones
-        writer = StoreWriter(str(tmp_path / "signal.zarr"), source="signals", modalities={"signal": Signal().config()},
-                             tasks={"flag": {"kind": "binary"}}, seed=0)
-        writer.write_batch(0, sample_id=[f"S{i}" for i in range(n)], subject_id=[f"P{i}" for i in range(n)],
-                           labels={"flag": flag}, arrays=Signal().featurise(raw))
+        writer = StoreWriter(
+            str(tmp_path / "signal.zarr"),
+            source="signals",
+            modalities={"signal": Signal().config()},
+            tasks={"flag": {"kind": "binary"}},
+            seed=0,
+        )
+        writer.write_batch(
+            0,
+            sample_id=[f"S{i}" for i in range(n)],
+            subject_id=[f"P{i}" for i in range(n)],
+            labels={"flag": flag},
+            arrays=Signal().featurise(raw),
+        )
         store = writer.finalize()
-        metrics = fit_and_test([store.url], tmp_path / "run", epochs=6, batch_size=32, loggers=False,
-                               model={"d_model": 16, "depth": 1, "heads": 2, "latents": 2, "lr": 5e-3})
+        metrics = fit_and_test(
+            [store.url],
+            tmp_path / "run",
+            epochs=6,
+            batch_size=32,
+            loggers=False,
+            model={"d_model": 16, "depth": 1, "heads": 2, "latents": 2, "lr": 5e-3},
+        )
         assert metrics["flag/auroc"] > 0.9  # it learned from the new input
         model = biofm.load(tmp_path / "run", quiet=True)
         assert model.inputs == {"signal": "signal"}
@@ -209,7 +261,8 @@ def test_a_new_modality_defined_in_one_file_runs_end_to_end(tmp_path):
         summary = predict_cohort(str(tmp_path / "run"), str(manifest), str(tmp_path / "cohort"), progress=False)
         assert summary["predicted"] == n - sum(r is None for r in raw)
         cohort = pd.read_parquet(tmp_path / "cohort" / "predictions.parquet")
-        np.testing.assert_allclose(cohort["flag/prob/1"].to_numpy(float), sdk["flag/prob/1"].to_numpy(float),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            cohort["flag/prob/1"].to_numpy(float), sdk["flag/prob/1"].to_numpy(float), rtol=1e-5, atol=1e-6
+        )
     finally:
         MODALITIES._entries.pop("signal", None)

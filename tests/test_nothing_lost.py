@@ -24,8 +24,9 @@ from biofm.testing import TOY_TASKS, toy_batch, write_toy_store
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-MOLECULES = "smiles,y,note\n" + "".join(f"{s},{i % 2},n{i}\n" for i, s in
-                                        enumerate(["CCO", "c1ccccc1", "CC(=O)O", "CCN", "c1ccncc1", "CCCl"] * 8))
+MOLECULES = "smiles,y,note\n" + "".join(
+    f"{s},{i % 2},n{i}\n" for i, s in enumerate(["CCO", "c1ccccc1", "CC(=O)O", "CCN", "c1ccncc1", "CCCl"] * 8)
+)
 
 
 def _run(argv: list[str], capsys, out: list | None = None) -> tuple[int, str]:
@@ -51,11 +52,13 @@ def _one_error(err: str, *names: str) -> str:
 
 
 def _listing(folder: Path) -> list:
-    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in folder.rglob("*") if p.is_file())
+    return sorted(
+        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()
+    )
 
 
 # -------------------------------------------------------------------------------- 1. never delete theirs
+
 
 def _user_folder(path: Path) -> Path:
     (path / "sub").mkdir(parents=True)
@@ -68,12 +71,27 @@ def _user_folder(path: Path) -> Path:
 def test_prepare_refuses_an_out_that_is_not_a_store_and_leaves_it_untouched(tmp_path, capsys, monkeypatch, where):
     folder = _user_folder(tmp_path / "mine")
     source = folder / "sub" / "data.csv"
-    out = {"folder": folder, "folder --overwrite": folder, "cwd": ".", "input's folder": source.parent,
-           "a file": folder / "thesis.txt"}[where]
+    out = {
+        "folder": folder,
+        "folder --overwrite": folder,
+        "cwd": ".",
+        "input's folder": source.parent,
+        "a file": folder / "thesis.txt",
+    }[where]
     monkeypatch.chdir(folder)
     before = _listing(folder)
-    argv = ["prepare", "molecules", "--input", str(source), "--out", str(out), "--label-columns", "y",
-            "--workers", "1"] + (["--overwrite"] if "overwrite" in where else [])
+    argv = [
+        "prepare",
+        "molecules",
+        "--input",
+        str(source),
+        "--out",
+        str(out),
+        "--label-columns",
+        "y",
+        "--workers",
+        "1",
+    ] + (["--overwrite"] if "overwrite" in where else [])
     code, err = _run(argv, capsys)
     assert code == 2
     line = _one_error(err, out)
@@ -95,17 +113,33 @@ def test_overwrite_replaces_a_biofm_store_and_an_empty_folder_is_written(tmp_pat
 
 def test_an_object_storage_folder_that_is_not_a_store_is_refused_and_kept(tmp_path, capsys):
     import fsspec
+
     fs = fsspec.filesystem("memory")
     fs.pipe(f"/biofm-user-{tmp_path.name}/results/model.bin", b"weights")
     (tmp_path / "data.csv").write_text(MOLECULES)
-    code, err = _run(["prepare", "molecules", "--input", str(tmp_path / "data.csv"), "--label-columns", "y",
-                      "--out", f"memory://biofm-user-{tmp_path.name}/results", "--workers", "1", "--overwrite"], capsys)
+    code, err = _run(
+        [
+            "prepare",
+            "molecules",
+            "--input",
+            str(tmp_path / "data.csv"),
+            "--label-columns",
+            "y",
+            "--out",
+            f"memory://biofm-user-{tmp_path.name}/results",
+            "--workers",
+            "1",
+            "--overwrite",
+        ],
+        capsys,
+    )
     assert code == 2 and "not a biofm store" in _one_error(err, "results")
     assert fs.cat(f"/biofm-user-{tmp_path.name}/results/model.bin") == b"weights"
 
 
 def test_the_ehr_work_folder_is_emptied_only_when_biofm_made_it(tmp_path):
     from biofm.datasets.ehr.common import work_dir as _work_dir
+
     theirs = tmp_path / "a.zarr.work"
     theirs.mkdir()
     (theirs / "notes.txt").write_text("mine")
@@ -118,6 +152,7 @@ def test_the_ehr_work_folder_is_emptied_only_when_biofm_made_it(tmp_path):
 
 
 # ---------------------------------------------------------------------------- 2. damage is never data
+
 
 @pytest.fixture
 def cohort(tmp_path):
@@ -158,10 +193,24 @@ def test_a_damaged_chunk_is_an_error_naming_it_from_fit_the_python_api_and_verif
     path, name = _damage(cohort, how)
     key = str(path.relative_to(cohort.url))
     # biofm fit: one error naming the chunk and its array, before any training
-    code, err = _run(["fit", "--trainer", str(CONFIGS / "trainer" / "cpu.yaml"), "--model",
-                      str(CONFIGS / "model" / "tiny.yaml"), "--data", str(CONFIGS / "data" / "synthetic.yaml"),
-                      "--data.stores", f"[{cohort.url}]", "--trainer.default_root_dir", str(tmp_path / "run"),
-                      "--trainer.max_epochs", "1"], capsys)
+    code, err = _run(
+        [
+            "fit",
+            "--trainer",
+            str(CONFIGS / "trainer" / "cpu.yaml"),
+            "--model",
+            str(CONFIGS / "model" / "tiny.yaml"),
+            "--data",
+            str(CONFIGS / "data" / "synthetic.yaml"),
+            "--data.stores",
+            f"[{cohort.url}]",
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            "--trainer.max_epochs",
+            "1",
+        ],
+        capsys,
+    )
     assert code == 2
     _one_error(err, key, f"array '{name}'")
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -193,12 +242,22 @@ def test_a_corrupt_chunk_of_the_same_size_fails_verify_and_a_compressed_one_fail
 
 
 def test_every_chunk_is_written_and_unwritten_labels_read_as_missing(tmp_path):
-    writer = StoreWriter(tmp_path / "s.zarr", source="fill", modalities={"m": {}}, tasks={"y": {"kind": "binary"}},
-                         chunk_bytes=1024, min_chunks=4)
+    writer = StoreWriter(
+        tmp_path / "s.zarr",
+        source="fill",
+        modalities={"m": {}},
+        tasks={"y": {"kind": "binary"}},
+        chunk_bytes=1024,
+        min_chunks=4,
+    )
     n = 400
-    writer.write_batch(0, sample_id=[str(i) for i in range(n)], subject_id=[str(i) for i in range(n)],
-                       labels={"y": np.full(n, np.nan, np.float32)},  # every chunk only the fill value
-                       arrays={"m/zeros": np.zeros((n, 8), np.int32), "m/x": np.ones((n, 8), np.float32)})
+    writer.write_batch(
+        0,
+        sample_id=[str(i) for i in range(n)],
+        subject_id=[str(i) for i in range(n)],
+        labels={"y": np.full(n, np.nan, np.float32)},  # every chunk only the fill value
+        arrays={"m/zeros": np.zeros((n, 8), np.int32), "m/x": np.ones((n, 8), np.float32)},
+    )
     store = writer.finalize()
     for name in ("labels/y", "m/zeros", "m/x"):
         array = store.root[name]
@@ -230,11 +289,17 @@ def test_no_flipped_byte_of_a_compressed_chunk_reads_back_as_other_values(cohort
 
 # ---------------------------------------------------------------------------------- 3. one writer a store
 
+
 def test_a_second_prepare_of_the_same_store_is_refused_while_the_first_runs_and_the_store_verifies(tmp_path):
     out, release = str(tmp_path / "cohort.zarr"), str(tmp_path / "go-on")
     command = [sys.executable, "-m", "biofm", "prepare", "synthetic", "--out", out, "--n", "1200"]
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "BIOFM_PAUSE_AFTER_PARTS": f"1:{release}"})  # caught mid-prepare
+    first = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "BIOFM_PAUSE_AFTER_PARTS": f"1:{release}"},
+    )  # caught mid-prepare
     deadline = time.time() + 120
     while not os.path.exists(release + ".paused") and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -263,14 +328,17 @@ def test_an_object_storage_lock_names_its_owner_and_a_dead_owner_of_this_host_is
     import socket
 
     import fsspec
+
     url = f"memory://biofm-lock-{tmp_path.name}/s.zarr"
     held = StoreLock(url).acquire()
     with pytest.raises(StoreError, match=rf"another biofm prepare is writing this store \(pid {os.getpid()}"):
         StoreLock(url).acquire()
     held.release()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    fsspec.filesystem("memory").pipe(f"/biofm-lock-{tmp_path.name}/s.zarr.lock", json.dumps(
-        {"pid": int(dead.stdout), "host": socket.gethostname(), "started": "then"}).encode())
+    fsspec.filesystem("memory").pipe(
+        f"/biofm-lock-{tmp_path.name}/s.zarr.lock",
+        json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "started": "then"}).encode(),
+    )
     StoreLock(url).acquire().release()  # stale: its process is gone
 
 
@@ -290,9 +358,11 @@ def test_a_part_marked_committed_without_all_its_arrays_is_written_again(tmp_pat
 
 # ----------------------------------------------------------------------------------- 4. input tables
 
+
 @pytest.mark.parametrize("missing", ["NA", "nan", "NaN", "N/A", "null", "", " NA "])
 def test_missing_label_spellings_are_masked_and_keep_the_rows_other_labels(tmp_path, missing):
     from biofm.datasets.molecules import prepare_molecules
+
     csv = tmp_path / "mols.csv"
     rows = [("CCO", missing, "1"), ("c1ccccc1", "0", missing), ("CC(=O)O", "1", "0"), ("CCN", "0", "1")] * 5
     csv.write_text("smiles,a,b\n" + "".join(",".join(r) + "\n" for r in rows))
@@ -315,39 +385,85 @@ def _ehr_layout(folder: Path) -> Path:
     events = ["stay_id,charttime,item,value"] + [f"s{i},2020-01-0{1 + i % 5} 09:00:00,hr,{60 + i}" for i in range(30)]
     (folder / "events.csv").write_text("\n".join(events) + "\n")
     schema = folder / "schema.yaml"
-    schema.write_text("name: tiny\nfiles: '{name}.csv'\nstays: {table: stays, id: stay_id, subject: subject_id, "
-                      "start: intime}\ntables:\n  - {table: events, time: charttime, link: stay_id, numeric: [value]}\n")
+    schema.write_text(
+        "name: tiny\nfiles: '{name}.csv'\nstays: {table: stays, id: stay_id, subject: subject_id, "
+        "start: intime}\ntables:\n  - {table: events, time: charttime, link: stay_id, numeric: [value]}\n"
+    )
     return schema
 
 
 def _meds_folder(folder: Path) -> Path:
     (folder / "data").mkdir(parents=True, exist_ok=True)
-    pl.DataFrame({"subject_id": [1, 1, 2], "time": [pd.Timestamp("2020-01-01")] * 3, "code": ["A", "B", "A"],
-                  "numeric_value": [1.0, None, 2.0]}).write_parquet(folder / "data" / "0.parquet")
+    pl.DataFrame(
+        {
+            "subject_id": [1, 1, 2],
+            "time": [pd.Timestamp("2020-01-01")] * 3,
+            "code": ["A", "B", "A"],
+            "numeric_value": [1.0, None, 2.0],
+        }
+    ).write_parquet(folder / "data" / "0.parquet")
     return folder
 
 
 # each reader: (valid table text, how to call it on a file)
 READERS = {
-    "molecules": (MOLECULES, lambda f, d: ["prepare", "molecules", "--input", f, "--label-columns", "y",
-                                           "--out", f"{d}/s.zarr", "--workers", "1"]),
-    "slide manifest": ("slide_path,sample_id,subject_id,y,note\n" + "".join(
-        f"a{i}.svs,s{i},p{i},{i % 2},n{i}\n" for i in range(40)),
-        lambda f, d: ["prepare", "slides", "--manifest", f, "--label-columns", "y", "--out", f"{d}/s.zarr"]),
-    "oct manifest": ("path,sample_id,subject_id,y,note\n" + "".join(f"e{i}.npz,s{i},p{i},{i % 2},n{i}\n"
-                                                                     for i in range(40)),
-                     lambda f, d: ["prepare", "oct", "--manifest", f, "--label-columns", "y", "--out", f"{d}/s.zarr"]),
-    "ehr labels": ("stay_id,y,note\n" + "".join(f"s{i},{i % 2},n{i}\n" for i in range(30)),
-                   lambda f, d: ["prepare", "ehr-tables", "--input", f"{d}/ehr", "--schema",
-                                 str(_ehr_layout(Path(d) / "ehr")), "--labels", f, "--out", f"{d}/s.zarr"]),
+    "molecules": (
+        MOLECULES,
+        lambda f, d: [
+            "prepare",
+            "molecules",
+            "--input",
+            f,
+            "--label-columns",
+            "y",
+            "--out",
+            f"{d}/s.zarr",
+            "--workers",
+            "1",
+        ],
+    ),
+    "slide manifest": (
+        "slide_path,sample_id,subject_id,y,note\n" + "".join(f"a{i}.svs,s{i},p{i},{i % 2},n{i}\n" for i in range(40)),
+        lambda f, d: ["prepare", "slides", "--manifest", f, "--label-columns", "y", "--out", f"{d}/s.zarr"],
+    ),
+    "oct manifest": (
+        "path,sample_id,subject_id,y,note\n" + "".join(f"e{i}.npz,s{i},p{i},{i % 2},n{i}\n" for i in range(40)),
+        lambda f, d: ["prepare", "oct", "--manifest", f, "--label-columns", "y", "--out", f"{d}/s.zarr"],
+    ),
+    "ehr labels": (
+        "stay_id,y,note\n" + "".join(f"s{i},{i % 2},n{i}\n" for i in range(30)),
+        lambda f, d: [
+            "prepare",
+            "ehr-tables",
+            "--input",
+            f"{d}/ehr",
+            "--schema",
+            str(_ehr_layout(Path(d) / "ehr")),
+            "--labels",
+            f,
+            "--out",
+            f"{d}/s.zarr",
+        ],
+    ),
     "ehr stays table": (None, None),  # the layout's own stays table, damaged in place
-    "meds labels": ("subject_id,prediction_time,boolean_value,note\n" + "".join(
-        f"{1 + i % 2},2020-01-02 00:00:00,{'true' if i % 2 else 'false'},n{i}\n" for i in range(40)),
-        lambda f, d: ["prepare", "meds", "--input", str(_meds_folder(Path(d) / "meds")), "--labels", f,
-                      "--out", f"{d}/s.zarr"]),
-    "cohort manifest": ("sample_id,smiles,note\n" + "".join(f"c{i},CCO,n{i}\n" for i in range(40)),
-                        lambda f, d: ["predict-cohort", "--checkpoint", f"{d}/none.ckpt", "--manifest", f,
-                                      "--out", f"{d}/preds"]),
+    "meds labels": (
+        "subject_id,prediction_time,boolean_value,note\n"
+        + "".join(f"{1 + i % 2},2020-01-02 00:00:00,{'true' if i % 2 else 'false'},n{i}\n" for i in range(40)),
+        lambda f, d: [
+            "prepare",
+            "meds",
+            "--input",
+            str(_meds_folder(Path(d) / "meds")),
+            "--labels",
+            f,
+            "--out",
+            f"{d}/s.zarr",
+        ],
+    ),
+    "cohort manifest": (
+        "sample_id,smiles,note\n" + "".join(f"c{i},CCO,n{i}\n" for i in range(40)),
+        lambda f, d: ["predict-cohort", "--checkpoint", f"{d}/none.ckpt", "--manifest", f, "--out", f"{d}/preds"],
+    ),
 }
 
 
@@ -359,8 +475,9 @@ def _faulty(text: str, fault: str) -> tuple[bytes, str]:
     if fault == "header only":
         return lines[0].encode(), ".csv"
     if fault == "duplicate columns":
-        return "".join(line.rstrip("\n") + "," + line.rstrip("\n").rsplit(",", 1)[1] + "\n"
-                       for line in lines).encode(), ".csv"
+        return "".join(
+            line.rstrip("\n") + "," + line.rstrip("\n").rsplit(",", 1)[1] + "\n" for line in lines
+        ).encode(), ".csv"
     if fault == "not utf-8":
         lines[3] = lines[3].rstrip("\n") + "é\n"
         return "".join(lines).encode("latin-1"), ".csv"
@@ -369,8 +486,13 @@ def _faulty(text: str, fault: str) -> tuple[bytes, str]:
 
 
 FAULTS = ["empty", "header only", "duplicate columns", "not utf-8", "truncated gzip"]
-WORDS = {"empty": "empty", "header only": "no data rows", "duplicate columns": "two or more columns named [",
-         "not utf-8": "line 4 is not valid utf-8", "truncated gzip": "truncated"}
+WORDS = {
+    "empty": "empty",
+    "header only": "no data rows",
+    "duplicate columns": "two or more columns named [",
+    "not utf-8": "line 4 is not valid utf-8",
+    "truncated gzip": "truncated",
+}
 
 
 @pytest.mark.parametrize("fault", FAULTS)
@@ -381,8 +503,16 @@ def test_a_bad_table_gives_one_error_line_naming_the_file_in_every_reader(tmp_pa
         data, suffix = _faulty((tmp_path / "ehr" / "stays.csv").read_text(), fault)
         (tmp_path / "ehr" / "stays.csv").unlink()
         path = tmp_path / "ehr" / f"stays{suffix}"
-        argv = ["prepare", "ehr-tables", "--input", str(tmp_path / "ehr"), "--schema", str(schema),
-                "--out", str(tmp_path / "s.zarr")]
+        argv = [
+            "prepare",
+            "ehr-tables",
+            "--input",
+            str(tmp_path / "ehr"),
+            "--schema",
+            str(schema),
+            "--out",
+            str(tmp_path / "s.zarr"),
+        ]
     else:
         text, command = READERS[reader]
         data, suffix = _faulty(text, fault)
@@ -399,8 +529,23 @@ def test_a_bad_table_gives_one_error_line_naming_the_file_in_every_reader(tmp_pa
 def test_encoding_reads_a_table_saved_in_another_one(tmp_path, capsys):
     data, _ = _faulty(MOLECULES, "not utf-8")
     (tmp_path / "latin.csv").write_bytes(data)
-    code, err = _run(["prepare", "molecules", "--input", str(tmp_path / "latin.csv"), "--label-columns", "y",
-                      "--out", str(tmp_path / "s.zarr"), "--workers", "1", "--encoding", "latin-1"], capsys)
+    code, err = _run(
+        [
+            "prepare",
+            "molecules",
+            "--input",
+            str(tmp_path / "latin.csv"),
+            "--label-columns",
+            "y",
+            "--out",
+            str(tmp_path / "s.zarr"),
+            "--workers",
+            "1",
+            "--encoding",
+            "latin-1",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert Store(str(tmp_path / "s.zarr")).n == 48
 
@@ -424,6 +569,7 @@ def test_a_shared_data_table_reads_unchanged():
     nothing for well-formed input."""
     from biofm.datasets.molecules import read_table
     from biofm.testing import SHARED_DATA
+
     path = SHARED_DATA / "mol" / "tox21.csv"
     if not path.exists():
         pytest.skip(f"{path} is missing: MoleculeNet's Tox21 lives in ../shared/data")

@@ -33,6 +33,7 @@ def test_each_written_format_reads_back_the_same_volume(tmp_path):
     import tifffile
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
     volume = ramp()
     np.savez(tmp_path / "eye.npz", oct_bscans=volume, rnflt=np.ones((5, 7), np.float32), glaucoma=np.float32(1))
     np.save(tmp_path / "eye.npy", volume)
@@ -44,9 +45,19 @@ def test_each_written_format_reads_back_the_same_volume(tmp_path):
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = pydicom.Dataset()
     ds.file_meta = meta
-    ds.update({"NumberOfFrames": volume.shape[0], "Rows": volume.shape[1], "Columns": volume.shape[2],
-               "SamplesPerPixel": 1, "PhotometricInterpretation": "MONOCHROME2", "BitsAllocated": 8,
-               "BitsStored": 8, "HighBit": 7, "PixelRepresentation": 0})
+    ds.update(
+        {
+            "NumberOfFrames": volume.shape[0],
+            "Rows": volume.shape[1],
+            "Columns": volume.shape[2],
+            "SamplesPerPixel": 1,
+            "PhotometricInterpretation": "MONOCHROME2",
+            "BitsAllocated": 8,
+            "BitsStored": 8,
+            "HighBit": 7,
+            "PixelRepresentation": 0,
+        }
+    )
     ds.PixelData = volume.tobytes()
     ds.save_as(tmp_path / "eye.dcm", enforce_file_format=True)
     for name in ("eye.npz", "eye.npy", "eye.nii.gz", "eye.tif", "eye.dcm"):
@@ -81,14 +92,28 @@ def test_bad_files_are_reported_with_a_reason_and_the_rest_is_prepared(tmp_path)
     nan = ramp().astype(np.float32)
     nan[1, 2, 3] = np.nan
     np.save(tmp_path / "nan.npy", nan)
-    bad = {"eye.xyz": "unknown volume format", "truncated.npz": "cannot be read",
-           "nokey.npz": "no 'oct_bscans'", "flat.npy": "2 dimensions", "nan.npy": "1 NaN", "gone.npz": "does not exist"}
-    rows = [{"path": str(tmp_path / name), "sample_id": f"BAD-{i}", "subject_id": f"BADP-{i}", "eye": "OD"}
-            for i, name in enumerate(bad)]
+    bad = {
+        "eye.xyz": "unknown volume format",
+        "truncated.npz": "cannot be read",
+        "nokey.npz": "no 'oct_bscans'",
+        "flat.npy": "2 dimensions",
+        "nan.npy": "1 NaN",
+        "gone.npz": "does not exist",
+    }
+    rows = [
+        {"path": str(tmp_path / name), "sample_id": f"BAD-{i}", "subject_id": f"BADP-{i}", "eye": "OD"}
+        for i, name in enumerate(bad)
+    ]
     manifest = tmp_path / "manifest.csv"
     pd.concat([frame, pd.DataFrame(rows)]).to_csv(manifest, index=False)
-    store, rejected = prepare_oct(str(manifest), str(tmp_path / "s.zarr"), npz_labels_keys=["glaucoma", "md"],
-                                  shape=(8, 16, 16), enface_shape=(8, 16), batch_size=4)
+    store, rejected = prepare_oct(
+        str(manifest),
+        str(tmp_path / "s.zarr"),
+        npz_labels_keys=["glaucoma", "md"],
+        shape=(8, 16, 16),
+        enface_shape=(8, 16),
+        batch_size=4,
+    )
     assert rejected == len(bad) and store.n == len(frame)
     rejects = pd.read_csv(str(tmp_path / "s.zarr") + ".rejects.csv").set_index("sample_id")
     for i, (name, reason) in enumerate(bad.items()):
@@ -97,8 +122,13 @@ def test_bad_files_are_reported_with_a_reason_and_the_rest_is_prepared(tmp_path)
 
 def test_both_eyes_of_a_subject_share_a_split_and_labels_come_from_the_npz(tmp_path):
     manifest = write_synthetic_oct(tmp_path / "v", n_subjects=30, seed=2, shape=(8, 16, 16))
-    store, rejected = prepare_oct(str(manifest), str(tmp_path / "s.zarr"), npz_labels_keys=SYNTHETIC_LABELS,
-                                  shape=(8, 16, 16), enface_shape=(8, 16))
+    store, rejected = prepare_oct(
+        str(manifest),
+        str(tmp_path / "s.zarr"),
+        npz_labels_keys=SYNTHETIC_LABELS,
+        shape=(8, 16, 16),
+        enface_shape=(8, 16),
+    )
     assert rejected == 0 and store.n == 60
     assert store.tasks["glaucoma"]["kind"] == "binary" and store.tasks["md"]["kind"] == "regression"
     assert store.tasks["progression"]["kind"] == "multilabel" and store.tasks["progression"]["n_classes"] == 6
@@ -112,13 +142,16 @@ def test_both_eyes_of_a_subject_share_a_split_and_labels_come_from_the_npz(tmp_p
 def test_augmentation_changes_training_batches_only():
     oct_ = Oct(shape=(8, 16, 16), enface_shape=(8, 16))
     from biofm.testing import fake_raw
-    batch = oct_.collate({k.split("/")[1]: v for k, v in oct_.featurise(fake_raw("oct", 6)).items()
-                          if k != "oct/present"})
+
+    batch = oct_.collate(
+        {k.split("/")[1]: v for k, v in oct_.featurise(fake_raw("oct", 6)).items() if k != "oct/present"}
+    )
     torch.manual_seed(0)
     augmented = [oct_.augment(batch)["volume"] for _ in range(4)]
     assert any(not torch.equal(a, batch["volume"]) for a in augmented)
     assert all(a.min() >= 0 and a.max() <= 1 for a in augmented)
     from biofm.platform.lightning import Collator
+
     schema = {"modalities": {"oct": oct_.config()}, "tasks": {}}
     raw = {k: v for k, v in oct_.featurise(fake_raw("oct", 6)).items() if k != "oct/present"}
     raw.update({"oct/present": np.ones(6, bool), "source": "s", "row": np.arange(6)})
@@ -132,8 +165,13 @@ def test_augmentation_changes_training_batches_only():
 def synthetic_store(tmp_path_factory):
     folder = tmp_path_factory.mktemp("oct")
     manifest = write_synthetic_oct(folder / "v", n_subjects=80, seed=0, shape=(24, 32, 32))
-    store, rejected = prepare_oct(str(manifest), str(folder / "s.zarr"), npz_labels_keys=SYNTHETIC_LABELS,
-                                  shape=(24, 32, 32), enface_shape=(24, 32))
+    store, rejected = prepare_oct(
+        str(manifest),
+        str(folder / "s.zarr"),
+        npz_labels_keys=SYNTHETIC_LABELS,
+        shape=(24, 32, 32),
+        enface_shape=(24, 32),
+    )
     assert rejected == 0
     return folder, store
 
@@ -141,9 +179,16 @@ def synthetic_store(tmp_path_factory):
 @pytest.mark.slow
 def test_a_short_fit_beats_chance_on_detection_and_sparse_progression(synthetic_store):
     from biofm.recipes.runs import fit_and_test
+
     folder, store = synthetic_store
-    metrics = fit_and_test([store.url], folder / "run", epochs=5, batch_size=16, loggers=False,
-                           model={"lr": 2e-3, "encoders": {"oct": {"grid": 4, "layers": 1}}})
+    metrics = fit_and_test(
+        [store.url],
+        folder / "run",
+        epochs=5,
+        batch_size=16,
+        loggers=False,
+        model={"lr": 2e-3, "encoders": {"oct": {"grid": 4, "layers": 1}}},
+    )
     print({k: round(v, 3) for k, v in metrics.items()})
     assert metrics["glaucoma/auroc"] > 0.75, metrics
     assert metrics["progression/auroc"] > 0.6, metrics
@@ -153,13 +198,22 @@ def test_a_short_fit_beats_chance_on_detection_and_sparse_progression(synthetic_
 @pytest.mark.slow
 def test_pseudo_labelling_adds_unlabeled_samples_and_training_stays_finite(synthetic_store, monkeypatch):
     from biofm.recipes.runs import fit_and_test
+
     monkeypatch.setenv("WANDB_MODE", "disabled")
     folder, store = synthetic_store
     assert np.isnan(store.root["labels/glaucoma"][...]).any()  # unlabeled eyes exist
-    metrics = fit_and_test([store.url], folder / "run-pseudo", epochs=4, batch_size=16,
-                           model={"lr": 2e-3, "encoders": {"oct": {"grid": 4, "layers": 1}},
-                                  "pseudo_labels": {"threshold": 0.6, "start_epoch": 1, "tasks": ["glaucoma"]}},
-                           loggers=None)
+    metrics = fit_and_test(
+        [store.url],
+        folder / "run-pseudo",
+        epochs=4,
+        batch_size=16,
+        model={
+            "lr": 2e-3,
+            "encoders": {"oct": {"grid": 4, "layers": 1}},
+            "pseudo_labels": {"threshold": 0.6, "start_epoch": 1, "tasks": ["glaucoma"]},
+        },
+        loggers=None,
+    )
     log = pd.read_csv(folder / "run-pseudo" / "logs" / "fit" / "metrics.csv")
     added = log["train/pseudo_labels"].dropna()
     assert added.sum() > 0  # unlabeled volumes became training samples

@@ -23,6 +23,7 @@ def _cases() -> list[tuple[str, str]]:
     one input) with every registered modality; cross_modal needs two modalities and has its own test."""
     from biofm.platform.modality import MODALITIES
     from biofm.platform.pretext import PRETEXTS
+
     cases = []
     for name in PRETEXTS.names():
         modality = PRETEXTS.resolve(name).modality
@@ -38,8 +39,10 @@ CASES = _cases()
 def fake_stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretext")
     small = {"oct": {"shape": [16, 16, 16], "enface_shape": [16, 16]}, "molecule": {"descriptors": True}}
-    return {m: write_fake_modality_store(str(root / f"{m}.zarr"), m, n=24, seed=1, settings=small.get(m)).url
-            for m in {m for m, _ in CASES}}
+    return {
+        m: write_fake_modality_store(str(root / f"{m}.zarr"), m, n=24, seed=1, settings=small.get(m)).url
+        for m in {m for m, _ in CASES}
+    }
 
 
 def _fixed_batch(url: str) -> dict:
@@ -63,8 +66,12 @@ def _train(module: BiofmModule, batch: dict, steps: int, lr: float = 3e-3) -> li
 def test_each_pretext_task_trains_with_finite_decreasing_loss(fake_stores, modality, pretext):
     torch.manual_seed(0)
     batch = _fixed_batch(fake_stores[modality])
-    module = BiofmModule(BiofmDataModule([fake_stores[modality]], tasks=[]).schema, pretext={pretext: {}},
-                         encoders=ENCODERS.get(modality), **TINY)
+    module = BiofmModule(
+        BiofmDataModule([fake_stores[modality]], tasks=[]).schema,
+        pretext={pretext: {}},
+        encoders=ENCODERS.get(modality),
+        **TINY,
+    )
     losses = _train(module, batch, 30)
     assert all(torch.isfinite(torch.tensor(losses)))
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
@@ -98,12 +105,22 @@ def test_hidden_parts_are_hidden_from_the_encoder(fake_stores):
     encoder: changing them leaves its output unchanged."""
     torch.manual_seed(0)
     for modality, pretext, ratio, change in [
-            ("molecule", "masked_atoms", 0.5, lambda b, s: {**b, "atoms": torch.where(s[0][:, None], 0, b["atoms"])}),
-            ("wsi", "masked_tiles", 0.5, lambda b, s: {**b, "features": b["features"].masked_fill(b["tile_mask"][..., None], 9.0)}),
-            ("oct", "masked_patches", 1.0, lambda b, s: {**b, "volume": torch.rand_like(b["volume"])})]:
+        ("molecule", "masked_atoms", 0.5, lambda b, s: {**b, "atoms": torch.where(s[0][:, None], 0, b["atoms"])}),
+        (
+            "wsi",
+            "masked_tiles",
+            0.5,
+            lambda b, s: {**b, "features": b["features"].masked_fill(b["tile_mask"][..., None], 9.0)},
+        ),
+        ("oct", "masked_patches", 1.0, lambda b, s: {**b, "volume": torch.rand_like(b["volume"])}),
+    ]:
         batch = _fixed_batch(fake_stores[modality])["inputs"]
-        module = BiofmModule(BiofmDataModule([fake_stores[modality]], tasks=[]).schema,
-                             pretext={pretext: {"ratio": ratio}}, encoders=ENCODERS.get(modality), **TINY).eval()
+        module = BiofmModule(
+            BiofmDataModule([fake_stores[modality]], tasks=[]).schema,
+            pretext={pretext: {"ratio": ratio}},
+            encoders=ENCODERS.get(modality),
+            **TINY,
+        ).eval()
         corrupted, state = module.pretexts[pretext].corrupt(batch[modality])
         encoder = module.model.encoders[modality]
         with torch.no_grad():
@@ -117,23 +134,64 @@ def test_hidden_parts_are_hidden_from_the_encoder(fake_stores):
 def test_pretrain_then_fine_tune_round_trip_through_the_cli(fake_stores, tmp_path):
     store = fake_stores["molecule"]
     pre_dir, tune_dir = tmp_path / "pre", tmp_path / "tune"
-    common = ["--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-              "--data.stores", json.dumps([store]), "--data.batch_size", "8",
-              "--model.d_model", "16", "--model.depth", "1", "--model.heads", "2", "--model.latents", "2",
-              "--model.encoders", '{"molecule": {"layers": 2}}']
-    run = lambda *args: subprocess.run([sys.executable, "-m", "biofm", "fit", *args], capture_output=True,  # noqa: E731
-                                       text=True, timeout=600)
-    pre = run("-c", "configs/pretrain/molecules.yaml", *common, "--trainer.max_epochs", "2",
-              "--trainer.default_root_dir", str(pre_dir))
+    common = [
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.stores",
+        json.dumps([store]),
+        "--data.batch_size",
+        "8",
+        "--model.d_model",
+        "16",
+        "--model.depth",
+        "1",
+        "--model.heads",
+        "2",
+        "--model.latents",
+        "2",
+        "--model.encoders",
+        '{"molecule": {"layers": 2}}',
+    ]
+    run = lambda *args: subprocess.run(
+        [sys.executable, "-m", "biofm", "fit", *args],
+        capture_output=True,  # noqa: E731
+        text=True,
+        timeout=600,
+    )
+    pre = run(
+        "-c",
+        "configs/pretrain/molecules.yaml",
+        *common,
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.default_root_dir",
+        str(pre_dir),
+    )
     assert pre.returncode == 0, pre.stderr[-3000:]
     checkpoint = pre_dir / "checkpoints" / "last.ckpt"
     saved = safe_load(checkpoint)
     assert saved["hyper_parameters"]["schema"]["tasks"] == {}
     assert set(saved["hyper_parameters"]["pretext"]) == {"masked_atoms", "masked_bonds", "two_view", "descriptors"}
 
-    tune = run("-c", "configs/finetune/molecules.yaml", *common, "--trainer.max_epochs", "2",
-               "--trainer.default_root_dir", str(tune_dir), "--model.init_from", str(checkpoint),
-               "--model.freeze_encoders", "true", "--data.tasks", '["flag"]')
+    tune = run(
+        "-c",
+        "configs/finetune/molecules.yaml",
+        *common,
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.default_root_dir",
+        str(tune_dir),
+        "--model.init_from",
+        str(checkpoint),
+        "--model.freeze_encoders",
+        "true",
+        "--data.tasks",
+        '["flag"]',
+    )
     assert tune.returncode == 0, tune.stderr[-3000:]
     tuned = safe_load(tune_dir / "checkpoints" / "last.ckpt")
     pretrained = saved["state_dict"]
@@ -146,19 +204,39 @@ def test_pretrain_then_fine_tune_round_trip_through_the_cli(fake_stores, tmp_pat
     assert "model.heads.flag.weight" in tuned["state_dict"]
     assert not any(k.startswith("pretexts.") for k in tuned["state_dict"])
 
-    wrong = run("-c", "configs/finetune/molecules.yaml", *common, "--model.d_model", "32",
-                "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path / "wrong"),
-                "--model.init_from", str(checkpoint), "--data.tasks", '["flag"]')
+    wrong = run(
+        "-c",
+        "configs/finetune/molecules.yaml",
+        *common,
+        "--model.d_model",
+        "32",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.default_root_dir",
+        str(tmp_path / "wrong"),
+        "--model.init_from",
+        str(checkpoint),
+        "--data.tasks",
+        '["flag"]',
+    )
     assert wrong.returncode == 2 and "another architecture" in wrong.stderr
 
 
 def _one_task_run(balancing: str, store: str, steps: int = 4) -> dict:
     from lightning.pytorch import Trainer, seed_everything
+
     seed_everything(0, verbose=False)
     data = BiofmDataModule([store], batch_size=8, seed=0)
     module = BiofmModule(data.schema, balancing=balancing, lr=1e-2, **TINY)
-    Trainer(max_steps=steps, limit_val_batches=0, logger=False, enable_progress_bar=False, accelerator="cpu",
-            enable_checkpointing=False, enable_model_summary=False).fit(module, datamodule=data)
+    Trainer(
+        max_steps=steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    ).fit(module, datamodule=data)
     return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
 
 
@@ -184,12 +262,21 @@ def test_pcgrad_removes_conflicts_between_task_gradients():
 
 def test_pcgrad_trains_pretext_and_supervised_tasks_together(fake_stores):
     from lightning.pytorch import Trainer
+
     data = BiofmDataModule([fake_stores["molecule"]], batch_size=8)
-    module = BiofmModule(data.schema, balancing="pcgrad", pretext={"masked_atoms": {}}, schedule="cosine",
-                         warmup_steps=1, **TINY)
+    module = BiofmModule(
+        data.schema, balancing="pcgrad", pretext={"masked_atoms": {}}, schedule="cosine", warmup_steps=1, **TINY
+    )
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
-    Trainer(max_steps=3, limit_val_batches=0, logger=False, enable_progress_bar=False, accelerator="cpu",
-            enable_checkpointing=False, enable_model_summary=False).fit(module, datamodule=data)
+    Trainer(
+        max_steps=3,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    ).fit(module, datamodule=data)
     after = module.model.state_dict()
     assert not torch.equal(after["heads.flag.weight"], before["heads.flag.weight"])
     assert not torch.equal(after["encoders.molecule.mask_atom"], before["encoders.molecule.mask_atom"])
@@ -233,16 +320,52 @@ def test_pcgrad_with_a_pretext_task_under_two_process_ddp_keeps_ranks_in_step(co
     with the same weights."""
     run, sums = tmp_path / "ddp", tmp_path / "sums"
     extra = tmp_path / "callbacks.yaml"
-    extra.write_text(f"trainer:\n  callbacks:\n    - class_path: biofm.testing.WeightChecksum\n"
-                     f"      init_args: {{out_dir: {sums}}}\n")
+    extra.write_text(
+        f"trainer:\n  callbacks:\n    - class_path: biofm.testing.WeightChecksum\n"
+        f"      init_args: {{out_dir: {sums}}}\n"
+    )
     done = subprocess.run(
-        [sys.executable, "-m", "biofm", "fit", "--trainer", "configs/trainer/ddp-cpu.yaml", "-c", str(extra),
-         "--trainer.default_root_dir", str(run), "--trainer.max_epochs", "1", "--trainer.logger", "false",
-         "--trainer.enable_progress_bar", "false", "--data.stores", json.dumps([cohort_store.url]),
-         "--data.tasks", '["event", "subtype", "risk_score"]', "--data.batch_size", "32",
-         "--model.d_model", "16", "--model.depth", "1", "--model.heads", "2", "--model.latents", "2",
-         "--model.balancing", "pcgrad", "--model.pretext", '{"cross_modal": {}}'],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "disabled"})
+        [
+            sys.executable,
+            "-m",
+            "biofm",
+            "fit",
+            "--trainer",
+            "configs/trainer/ddp-cpu.yaml",
+            "-c",
+            str(extra),
+            "--trainer.default_root_dir",
+            str(run),
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--data.stores",
+            json.dumps([cohort_store.url]),
+            "--data.tasks",
+            '["event", "subtype", "risk_score"]',
+            "--data.batch_size",
+            "32",
+            "--model.d_model",
+            "16",
+            "--model.depth",
+            "1",
+            "--model.heads",
+            "2",
+            "--model.latents",
+            "2",
+            "--model.balancing",
+            "pcgrad",
+            "--model.pretext",
+            '{"cross_modal": {}}',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = sorted(sums.glob("weights-rank*.txt"))
     assert len(ranks) == 2
@@ -254,25 +377,43 @@ def test_an_unlabelled_pool_stores_no_labels_and_rdkit_descriptors(tmp_path):
     from rdkit.Chem import Descriptors
 
     from biofm.datasets.molecules import prepare_molecules
+
     smiles = ["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "not a smiles", "OCC(O)CO", "C1CCCCC1N"]
     (tmp_path / "pool.csv").write_text("smiles,activity\n" + "\n".join(f"{s},{i}" for i, s in enumerate(smiles)))
-    store, rejected = prepare_molecules(str(tmp_path / "pool.csv"), str(tmp_path / "pool.zarr"), label_columns=[],
-                                        descriptors=True)
+    store, rejected = prepare_molecules(
+        str(tmp_path / "pool.csv"), str(tmp_path / "pool.zarr"), label_columns=[], descriptors=True
+    )
     assert rejected == 1 and store.n == 5 and store.tasks == {}
     assert store.modalities["molecule"]["descriptors"] is True
     logp = sorted(float(v) for v in store.root["molecule/descriptors"][:, 0])
     expected = sorted(Descriptors.MolLogP(Chem.MolFromSmiles(s)) for s in smiles if s != "not a smiles")
     assert logp == pytest.approx(expected, rel=1e-5)
     with pytest.raises(Exception, match="no label columns"):
-        prepare_molecules(str(tmp_path / "pool.csv"), str(tmp_path / "none.zarr"), label_columns=None,
-                          smiles_column="smiles", id_column="activity")
+        prepare_molecules(
+            str(tmp_path / "pool.csv"),
+            str(tmp_path / "none.zarr"),
+            label_columns=None,
+            smiles_column="smiles",
+            id_column="activity",
+        )
 
 
-@pytest.mark.parametrize("config", sorted(str(p.relative_to(p.parents[2])) for folder in ("pretrain", "finetune")
-                                          for p in (Path(__file__).resolve().parents[1] / "configs" / folder).glob("*.yaml")))
+@pytest.mark.parametrize(
+    "config",
+    sorted(
+        str(p.relative_to(p.parents[2]))
+        for folder in ("pretrain", "finetune")
+        for p in (Path(__file__).resolve().parents[1] / "configs" / folder).glob("*.yaml")
+    ),
+)
 def test_every_pretrain_and_finetune_config_parses(config):
-    done = subprocess.run([sys.executable, "-m", "biofm", "fit", "-c", config, "--print_config"], capture_output=True,
-                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, "-m", "biofm", "fit", "-c", config, "--print_config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     if "pretrain" in config:
         assert "pretext:" in done.stdout and "tasks: []" in done.stdout
@@ -284,12 +425,36 @@ def test_plain_ddp_trains_sources_whose_batches_leave_encoders_unused(fake_store
     parameter gets a zero one instead, so plain `ddp` (no find_unused_parameters) runs."""
     run = tmp_path / "ddp"
     done = subprocess.run(
-        [sys.executable, "-m", "biofm", "fit", "--trainer", "configs/trainer/ddp-cpu.yaml", "--model",
-         "configs/model/tiny.yaml", "--data.stores", json.dumps([fake_stores["molecule"], fake_stores["tabular"]]),
-         "--data.batch_size", "4", "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0",
-         "--trainer.default_root_dir", str(run), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "disabled"},
-        cwd=Path(__file__).resolve().parents[1])
+        [
+            sys.executable,
+            "-m",
+            "biofm",
+            "fit",
+            "--trainer",
+            "configs/trainer/ddp-cpu.yaml",
+            "--model",
+            "configs/model/tiny.yaml",
+            "--data.stores",
+            json.dumps([fake_stores["molecule"], fake_stores["tabular"]]),
+            "--data.batch_size",
+            "4",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_val_batches",
+            "0",
+            "--trainer.default_root_dir",
+            str(run),
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (run / "checkpoints" / "last.ckpt").exists()
 

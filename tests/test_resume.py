@@ -20,27 +20,41 @@ class RowRecorder(Callback):
 def _fit(store, root, recorder, ckpt_path=None, **trainer_kwargs):
     data = BiofmDataModule([store.url], batch_size=32, num_workers=trainer_kwargs.pop("num_workers", 0))
     module = BiofmModule(data.schema, d_model=16, depth=1, heads=2, latents=2)
-    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                      default_root_dir=root, plugins=[SafeCheckpointIO()], callbacks=[recorder, *trainer_kwargs.pop(
-                          "callbacks", [])], **trainer_kwargs)
+    trainer = Trainer(
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=root,
+        plugins=[SafeCheckpointIO()],
+        callbacks=[recorder, *trainer_kwargs.pop("callbacks", [])],
+        **trainer_kwargs,
+    )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return data
 
 
 @pytest.mark.parametrize("num_workers, stop_at", [(0, 7), (2, 5)])
-def test_a_fit_resumed_mid_epoch_sees_each_sample_of_the_epoch_exactly_once(cohort_store, tmp_path, num_workers,
-                                                                             stop_at):
+def test_a_fit_resumed_mid_epoch_sees_each_sample_of_the_epoch_exactly_once(
+    cohort_store, tmp_path, num_workers, stop_at
+):
     full = RowRecorder()
     _fit(cohort_store, tmp_path / "full", full, max_epochs=1, enable_checkpointing=False, num_workers=num_workers)
 
     first = RowRecorder()
-    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=stop_at, save_top_k=-1,
-                            filename="{step}")
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=stop_at, save_top_k=-1, filename="{step}")
     _fit(cohort_store, tmp_path / "a", first, max_steps=stop_at, callbacks=[saver], num_workers=num_workers)
     assert len(first.batches) == stop_at
     second = RowRecorder()
-    _fit(cohort_store, tmp_path / "b", second, max_epochs=1, enable_checkpointing=False, num_workers=num_workers,
-         ckpt_path=str(tmp_path / "ckpt" / f"step={stop_at}.ckpt"))
+    _fit(
+        cohort_store,
+        tmp_path / "b",
+        second,
+        max_epochs=1,
+        enable_checkpointing=False,
+        num_workers=num_workers,
+        ckpt_path=str(tmp_path / "ckpt" / f"step={stop_at}.ckpt"),
+    )
 
     train_rows = set(np.flatnonzero(cohort_store.index("split") == "train"))
     seen = np.concatenate(first.batches + second.batches)
@@ -74,8 +88,14 @@ def test_a_checkpoint_saved_inside_a_step_resumes_with_that_batch(cohort_store, 
     saver = SaveInsideStep(tmp_path / "inside.ckpt", at)
     _fit(cohort_store, tmp_path / "a", first, max_steps=at + 1, enable_checkpointing=False, callbacks=[saver])
     second = RowRecorder()
-    _fit(cohort_store, tmp_path / "b", second, max_epochs=2, enable_checkpointing=False,
-         ckpt_path=str(tmp_path / "inside.ckpt"))
+    _fit(
+        cohort_store,
+        tmp_path / "b",
+        second,
+        max_epochs=2,
+        enable_checkpointing=False,
+        ckpt_path=str(tmp_path / "inside.ckpt"),
+    )
     # the interrupted step is trained again, then the rest of the epoch, then the whole second epoch
     resumed = first.batches[:at] + second.batches
     assert len(resumed) == len(full.batches)
@@ -93,6 +113,7 @@ def test_a_fit_killed_with_sigkill_mid_epoch_and_resumed_trains_on_each_sample_o
     from pathlib import Path
 
     from biofm.platform.checkpoint import safe_load
+
     root = Path(__file__).resolve().parents[1]
     run, rows = tmp_path / "run", tmp_path / "rows.txt"
     callbacks = tmp_path / "callbacks.yaml"
@@ -100,11 +121,34 @@ def test_a_fit_killed_with_sigkill_mid_epoch_and_resumed_trains_on_each_sample_o
         "trainer:\n  callbacks:\n"
         f"    - class_path: biofm.testing.RowLog\n      init_args: {{path: {rows}}}\n"
         "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
-        f"      init_args: {{dirpath: {tmp_path / 'steps'}, every_n_train_steps: 5, save_top_k: -1, filename: '{{step}}'}}\n")
-    args = [sys.executable, "-m", "biofm", "fit", "--trainer", str(root / "configs/trainer/cpu.yaml"), "-c", str(callbacks),
-            "--model", str(root / "configs/model/tiny.yaml"), "--data.stores", f"[{cohort_store.url}]",
-            "--data.batch_size", "4", "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0",
-            "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
+        f"      init_args: {{dirpath: {tmp_path / 'steps'}, every_n_train_steps: 5, save_top_k: -1, filename: '{{step}}'}}\n"
+    )
+    args = [
+        sys.executable,
+        "-m",
+        "biofm",
+        "fit",
+        "--trainer",
+        str(root / "configs/trainer/cpu.yaml"),
+        "-c",
+        str(callbacks),
+        "--model",
+        str(root / "configs/model/tiny.yaml"),
+        "--data.stores",
+        f"[{cohort_store.url}]",
+        "--data.batch_size",
+        "4",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.default_root_dir",
+        str(run),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger",
+        "false",
+    ]
     env = {**os.environ, "WANDB_MODE": "disabled"}
     job = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300

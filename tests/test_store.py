@@ -22,8 +22,20 @@ from biofm.platform.store import (
 )
 from biofm.testing import TOY_TASKS, store_arrays, toy_batch, write_toy_store
 
-DTYPES = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-          "float16", "float32", "float64"]
+DTYPES = [
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "float32",
+    "float64",
+]
 
 
 def _values(dtype: str, n: int, seed: int) -> np.ndarray:
@@ -49,11 +61,17 @@ def test_round_trip_every_dtype_fixed_ragged_nan_labels_and_string_ids(tmp_path)
         arrays["m/ragged"] = Ragged.from_list(rows, dtype=np.float32, trailing=(2,))
         y = np.array([0, 1, np.nan, 1, np.nan, 0, 1], dtype=np.float32)
         tags = np.where(np.arange(n * 3).reshape(n, 3) % 4 == 0, np.nan, 1.0).astype(np.float32)
-        writer.write_batch(key, sample_id=ids, subject_id=[f"subj{key}{i // 2}" for i in range(n)],
-                           labels={"y": y, "tags": tags}, arrays=arrays)
+        writer.write_batch(
+            key,
+            sample_id=ids,
+            subject_id=[f"subj{key}{i // 2}" for i in range(n)],
+            labels={"y": y, "tags": tags},
+            arrays=arrays,
+        )
         for i, sid in enumerate(ids):
-            expected[sid] = {name: (col.row(i) if isinstance(col, Ragged) else col[i])
-                             for name, col in arrays.items()} | {"y": y[i], "tags": tags[i]}
+            expected[sid] = {
+                name: (col.row(i) if isinstance(col, Ragged) else col[i]) for name, col in arrays.items()
+            } | {"y": y[i], "tags": tags[i]}
     store = writer.finalize()
 
     assert store.n == 21 and store.tasks["tags"]["n_classes"] == 3
@@ -85,8 +103,12 @@ def test_rows_are_written_in_one_seeded_permutation(tmp_path):
 def test_chunks_are_sized_by_bytes_and_hold_whole_rows(tmp_path):
     writer = StoreWriter(tmp_path / "s.zarr", source="big", modalities={"m": {}}, tasks={}, seed=0)
     n = 600
-    writer.write_batch(0, sample_id=[str(i) for i in range(n)], subject_id=[str(i) for i in range(n)],
-                       arrays={"m/x": np.zeros((n, 4096), dtype=np.float32)})  # 16 KiB a sample
+    writer.write_batch(
+        0,
+        sample_id=[str(i) for i in range(n)],
+        subject_id=[str(i) for i in range(n)],
+        arrays={"m/x": np.zeros((n, 4096), dtype=np.float32)},
+    )  # 16 KiB a sample
     store = writer.finalize()
     chunk_bytes = store.rows_per_chunk * 4096 * 4
     assert 1 << 20 <= chunk_bytes <= 8 << 20
@@ -123,8 +145,9 @@ def test_given_splits_are_kept_and_checked_by_subject(tmp_path):
     writer = StoreWriter(tmp_path / "s.zarr", source="t", modalities={"toy": {}}, tasks={})
     batch = toy_batch(0, 10)
     split = ["test" if i < 4 else "train" for i in range(10)]
-    writer.write_batch(0, sample_id=batch["sample_id"], subject_id=batch["subject_id"], split=split,
-                       arrays=batch["arrays"])
+    writer.write_batch(
+        0, sample_id=batch["sample_id"], subject_id=batch["subject_id"], split=split, arrays=batch["arrays"]
+    )
     store = writer.finalize()
     by_id = dict(zip(store.index("sample_id"), store.index("split")))
     assert [by_id[s] for s in batch["sample_id"]] == split
@@ -179,14 +202,26 @@ def test_a_complete_store_is_not_overwritten_by_accident(tmp_path):
 def test_uncompressed_arrays_read_from_chunk_files_give_what_zarr_gives(tmp_path):
     """Raw arrays bypass zarr's read path (`RawChunks`): every dtype, ranges across chunk borders, the
     memory-mapped view of one chunk, a chunk of only zeros (written like any other), ragged values."""
-    writer = StoreWriter(tmp_path / "s.zarr", source="raw", modalities={"m": {}}, tasks={}, seed=1,
-                         codec="none", chunk_bytes=2048, min_chunks=4)
+    writer = StoreWriter(
+        tmp_path / "s.zarr",
+        source="raw",
+        modalities={"m": {}},
+        tasks={},
+        seed=1,
+        codec="none",
+        chunk_bytes=2048,
+        min_chunks=4,
+    )
     for key in range(2):
         arrays = {f"m/{d}": _values(d, 50, key) for d in DTYPES}
         arrays["m/zeros"] = np.zeros((50, 4), dtype=np.float32)
         arrays["m/ragged"] = Ragged.from_list([np.full((i % 4, 3), i + key, dtype=np.int16) for i in range(50)])
-        writer.write_batch(key, sample_id=[f"{key}-{i}" for i in range(50)],
-                           subject_id=[f"{key}-{i}" for i in range(50)], arrays=arrays)
+        writer.write_batch(
+            key,
+            sample_id=[f"{key}-{i}" for i in range(50)],
+            subject_id=[f"{key}-{i}" for i in range(50)],
+            arrays=arrays,
+        )
     store = writer.finalize()
     rows = store.rows_per_chunk
     assert 1 < rows < store.n
@@ -222,6 +257,7 @@ def test_a_truncated_chunk_file_is_named(tmp_path):
 
 # ------------------------------------------------------------------------------------------ bad input
 
+
 def _listing(path):
     return sorted((p, os.path.getsize(os.path.join(d, p))) for d, _, files in os.walk(path) for p in files)
 
@@ -242,12 +278,15 @@ def _damage(url, how):
         arr.resize((arr.shape[0] - 1,))
 
 
-@pytest.mark.parametrize("how, message", [
-    ("version", rf"format version {FORMAT_VERSION + 1}, but this biofm reads version {FORMAT_VERSION}"),
-    ("missing", r"array 'toy/x' is missing"),
-    ("offsets", r"toy/tokens.offsets do not match the rows of toy/tokens"),
-    ("labels", r"'labels/flag' has shape \(239,\) but the store has 240 samples"),
-])
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("version", rf"format version {FORMAT_VERSION + 1}, but this biofm reads version {FORMAT_VERSION}"),
+        ("missing", r"array 'toy/x' is missing"),
+        ("offsets", r"toy/tokens.offsets do not match the rows of toy/tokens"),
+        ("labels", r"'labels/flag' has shape \(239,\) but the store has 240 samples"),
+    ],
+)
 def test_a_damaged_store_gives_one_clear_error_naming_store_and_field(tmp_path, how, message):
     url = str(tmp_path / "s.zarr")
     write_toy_store(url, n=240)
@@ -267,18 +306,24 @@ def test_a_path_that_does_not_exist_is_named_and_nothing_is_created(tmp_path):
 
 
 def test_a_bad_batch_is_refused_whole_before_anything_is_written(tmp_path):
-    writer = StoreWriter(tmp_path / "s.zarr", source="toy", modalities={"toy": {}},
-                         tasks={"flag": {"kind": "binary"}})
+    writer = StoreWriter(tmp_path / "s.zarr", source="toy", modalities={"toy": {}}, tasks={"flag": {"kind": "binary"}})
     batch = toy_batch(0, 10)
     with pytest.raises(StoreError, match=r"labels/flag has shape \(9,\), expected \(10,\)"):
-        writer.write_batch(0, sample_id=batch["sample_id"], subject_id=batch["subject_id"],
-                           labels={"flag": np.zeros(9)}, arrays=batch["arrays"])
+        writer.write_batch(
+            0,
+            sample_id=batch["sample_id"],
+            subject_id=batch["subject_id"],
+            labels={"flag": np.zeros(9)},
+            arrays=batch["arrays"],
+        )
     with pytest.raises(StoreError, match="undeclared tasks"):
-        writer.write_batch(0, sample_id=batch["sample_id"], subject_id=batch["subject_id"],
-                           labels={"other": np.zeros(10)})
+        writer.write_batch(
+            0, sample_id=batch["sample_id"], subject_id=batch["subject_id"], labels={"other": np.zeros(10)}
+        )
     with pytest.raises(StoreError, match="has 3 rows but the batch has 10"):
-        writer.write_batch(0, sample_id=batch["sample_id"], subject_id=batch["subject_id"],
-                           arrays={"toy/x": np.zeros((3, 2))})
+        writer.write_batch(
+            0, sample_id=batch["sample_id"], subject_id=batch["subject_id"], arrays={"toy/x": np.zeros((3, 2))}
+        )
     assert writer.committed() == set()
     root = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
     assert "_parts" not in root or not list(root["_parts"].groups())  # no part, not even a partial one
@@ -286,8 +331,7 @@ def test_a_bad_batch_is_refused_whole_before_anything_is_written(tmp_path):
 
 def test_resuming_with_other_settings_is_refused(tmp_path):
     url = tmp_path / "s.zarr"
-    StoreWriter(url, source="toy", modalities={"toy": {}}, tasks={}).write_batch(
-        0, sample_id=["a"], subject_id=["p"])
+    StoreWriter(url, source="toy", modalities={"toy": {}}, tasks={}).write_batch(0, sample_id=["a"], subject_id=["p"])
     with pytest.raises(StoreError, match="other settings"):
         StoreWriter(url, source="toy", modalities={"toy": {"changed": True}}, tasks={})
 
@@ -309,9 +353,17 @@ def test_committed_sample_ids_let_a_rerun_regroup_its_batches(tmp_path):
     url = str(tmp_path / "s.zarr")
     first = StoreWriter(url, source="toy", modalities={"toy": {"version": 1}}, tasks=TOY_TASKS)
     batch = toy_batch(0, 90)
-    pick = lambda rows: {k: ({t: v[rows] for t, v in val.items()} if k == "labels" else  # noqa: E731
-                             {a: (v.take(rows) if isinstance(v, Ragged) else v[rows]) for a, v in val.items()}
-                             if k == "arrays" else [val[i] for i in rows]) for k, val in batch.items()}
+    pick = lambda rows: {
+        k: (
+            {t: v[rows] for t, v in val.items()}
+            if k == "labels"
+            # noqa: E731
+            else {a: (v.take(rows) if isinstance(v, Ragged) else v[rows]) for a, v in val.items()}
+            if k == "arrays"
+            else [val[i] for i in rows]
+        )
+        for k, val in batch.items()
+    }
     first.write_batch(0, **pick(np.arange(0, 25)))
     first.write_batch(1, **pick(np.arange(25, 40)))
     del first  # the run stops here
@@ -325,14 +377,14 @@ def test_committed_sample_ids_let_a_rerun_regroup_its_batches(tmp_path):
         key += 1
     store = rerun.finalize()
     assert sorted(store.index("sample_id")) == sorted(batch["sample_id"])  # each sample once
-    whole = StoreWriter(str(tmp_path / "whole.zarr"), source="toy", modalities={"toy": {"version": 1}},
-                        tasks=TOY_TASKS)
+    whole = StoreWriter(str(tmp_path / "whole.zarr"), source="toy", modalities={"toy": {"version": 1}}, tasks=TOY_TASKS)
     whole.write_batch(0, **batch)
     assert store.checksum() == whole.finalize().checksum()
 
 
 def test_the_checksum_follows_content_not_how_or_when_it_was_written(tmp_path):
     from biofm.platform.store import open_root
+
     first = write_toy_store(tmp_path / "a.zarr", batch=60)
     writer = StoreWriter(str(tmp_path / "b.zarr"), source="toy", modalities={"toy": {"version": 1}}, tasks=TOY_TASKS)
     for key in (3, 1, 0, 2):  # the same parts in another order, at another time

@@ -33,8 +33,7 @@ def test_two_ranks_two_workers_see_every_training_sample_once_with_equal_steps(s
     assert store.n_chunks > 8
     per_rank = []
     for rank in range(2):
-        loader = StreamLoader(StoreStream(store, batch_size=16, seed=1), num_workers=num_workers,
-                              rank=rank, world=2)
+        loader = StreamLoader(StoreStream(store, batch_size=16, seed=1), num_workers=num_workers, rank=rank, world=2)
         batches = _rows(loader)
         assert len(batches) == len(loader)
         assert max(len(b) for b in batches) - min(len(b) for b in batches) <= 1
@@ -108,16 +107,21 @@ def test_a_state_saved_mid_epoch_and_restored_yields_exactly_the_unseen_samples(
     state2 = again.state_dict()
     third = make()
     third.load_state_dict(state2)
-    np.testing.assert_array_equal(np.concatenate(_rows(third)), np.concatenate(full[stop_after + 1:]))
+    np.testing.assert_array_equal(np.concatenate(_rows(third)), np.concatenate(full[stop_after + 1 :]))
 
 
 def _nested(batch: dict) -> dict:
     """A transform like a modality's collate: new tensors, nested containers, a ragged pair, text."""
     tokens = batch["toy/tokens"]
-    return {"row": torch.from_numpy(batch["row"]), "source": batch["source"],
-            "inputs": {"x": torch.from_numpy(batch["toy/x"]) * 2,
-                       "tokens": (torch.from_numpy(tokens.values), torch.from_numpy(tokens.offsets))},
-            "labels": [torch.from_numpy(batch["labels/flag"]), batch["labels/grade"]]}
+    return {
+        "row": torch.from_numpy(batch["row"]),
+        "source": batch["source"],
+        "inputs": {
+            "x": torch.from_numpy(batch["toy/x"]) * 2,
+            "tokens": (torch.from_numpy(tokens.values), torch.from_numpy(tokens.offsets)),
+        },
+        "labels": [torch.from_numpy(batch["labels/flag"]), batch["labels/grade"]],
+    }
 
 
 def _flat(batch) -> list:
@@ -146,8 +150,9 @@ def _same(a: list, b: list) -> None:
 @pytest.mark.parametrize("transform", [None, _nested])
 def test_workers_hand_batches_over_through_the_shared_ring_unchanged(store, transform):
     def epoch(ring_bytes: int, keep: bool):
-        loader = StreamLoader(StoreStream(store, batch_size=16, seed=4, transform=transform), num_workers=2,
-                              ring_bytes=ring_bytes)
+        loader = StreamLoader(
+            StoreStream(store, batch_size=16, seed=4, transform=transform), num_workers=2, ring_bytes=ring_bytes
+        )
         out, kept = [], []
         for batch in loader:
             out.append(_flat(batch))
@@ -178,12 +183,14 @@ def _in_a_slot(values: np.ndarray) -> bool:
 def test_large_samples_are_gathered_into_ring_slots_and_a_resumed_epoch_frees_every_slot(tmp_path):
     """Samples over 16 KiB are gathered per batch straight into a slot; batches skipped on resume give
     their slot back; what arrives equals the stored rows."""
-    writer = StoreWriter(tmp_path / "big.zarr", source="big", modalities={"m": {}}, tasks={}, seed=2,
-                         chunk_bytes=1 << 20)
+    writer = StoreWriter(
+        tmp_path / "big.zarr", source="big", modalities={"m": {}}, tasks={}, seed=2, chunk_bytes=1 << 20
+    )
     rng = np.random.default_rng(0)
     values = rng.standard_normal((240, 8192), dtype=np.float32)  # 32 KiB per sample
-    writer.write_batch(0, sample_id=[str(i) for i in range(240)], subject_id=[str(i) for i in range(240)],
-                       arrays={"m/x": values})
+    writer.write_batch(
+        0, sample_id=[str(i) for i in range(240)], subject_id=[str(i) for i in range(240)], arrays={"m/x": values}
+    )
     big = writer.finalize()
     stored = big.read_rows(0, big.n, ["m/x"])["m/x"]
 
@@ -214,8 +221,9 @@ def test_large_samples_are_gathered_into_ring_slots_and_a_resumed_epoch_frees_ev
 
 def test_the_stream_runs_under_a_real_ddp_process_group(store, tmp_path):
     world = 2
-    mp.start_processes(ddp_stream_worker, args=(world, store.url, free_port(), 2, str(tmp_path)),
-                       nprocs=world, start_method="spawn")
+    mp.start_processes(
+        ddp_stream_worker, args=(world, store.url, free_port(), 2, str(tmp_path)), nprocs=world, start_method="spawn"
+    )
     rows = [np.load(tmp_path / f"rank{r}.npy") for r in range(world)]
     counts = [tuple(np.load(tmp_path / f"rank{r}_batches.npy")) for r in range(world)]
     assert counts[0] == counts[1] and counts[0][0] == counts[0][1]
@@ -239,16 +247,20 @@ def test_asking_for_a_task_or_array_the_store_lacks_names_it(store):
 
 # --------------------------------------------------------------------------------------------- mixing
 
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("mix")
-    return {"big": write_toy_store(root / "big.zarr", n=900, seed=1, source="big"),
-            "small": write_toy_store(root / "small.zarr", n=300, seed=2, source="small")}
+    return {
+        "big": write_toy_store(root / "big.zarr", n=900, seed=1, source="big"),
+        "small": write_toy_store(root / "small.zarr", n=300, seed=2, source="small"),
+    }
 
 
 def _mixed(sources, rank=0, world=1, **kwargs):
-    loaders = {name: StreamLoader(StoreStream(s, batch_size=10, seed=4), rank=rank, world=world)
-               for name, s in sources.items()}
+    loaders = {
+        name: StreamLoader(StoreStream(s, batch_size=10, seed=4), rank=rank, world=world) for name, s in sources.items()
+    }
     return MixedLoader(loaders, seed=7, **kwargs)
 
 
@@ -304,8 +316,15 @@ def test_chain_loader_gives_every_batch_of_every_source(sources):
 def test_a_batch_spanning_chunks_keeps_sample_ids_of_different_widths(tmp_path):
     from biofm.platform.store import StoreWriter
     from biofm.testing import TOY_TASKS, toy_batch
-    writer = StoreWriter(str(tmp_path / "s.zarr"), source="toy", modalities={"toy": {"version": 1}}, tasks=TOY_TASKS,
-                         chunk_bytes=64, min_chunks=16)
+
+    writer = StoreWriter(
+        str(tmp_path / "s.zarr"),
+        source="toy",
+        modalities={"toy": {"version": 1}},
+        tasks=TOY_TASKS,
+        chunk_bytes=64,
+        min_chunks=16,
+    )
     batch = toy_batch(0, 64)
     batch["sample_id"] = [f"{'x' * (1 + i % 7)}{i}" for i in range(64)]  # ids of 2 to 9 characters
     writer.write_batch(0, **batch)

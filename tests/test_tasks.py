@@ -21,8 +21,12 @@ def _targets(kind, n=6):
         t = torch.tensor(np.eye(3)[np.arange(n) % 3], dtype=torch.float32)
         t[1, 2] = float("nan")
         return t
-    values = {"binary": [0, 1, 0, 1, 1, 0], "multiclass": [0, 1, 2, 1, 0, 2], "regression": [8, 9, 10, 11, 12, 13],
-              "ordinal": [0, 1, 2, 3, 2, 1]}[kind]
+    values = {
+        "binary": [0, 1, 0, 1, 1, 0],
+        "multiclass": [0, 1, 2, 1, 0, 2],
+        "regression": [8, 9, 10, 11, 12, 13],
+        "ordinal": [0, 1, 2, 3, 2, 1],
+    }[kind]
     t = torch.tensor(values[:n], dtype=torch.float32)
     t[2] = float("nan")
     return t
@@ -77,13 +81,16 @@ def test_ordinal_predicts_levels_and_probabilities_that_sum_to_one():
     torch.testing.assert_close(out["probs"].sum(dim=1), torch.ones(3))
 
 
-@pytest.mark.parametrize("kind, labels, message", [
-    ("binary", np.array([0, 1, 2.0]), r"found values \[2.0\], expected \[0.0, 1.0\]"),
-    ("multiclass", np.array([0, 3.0, np.nan]), r"expected class indices 0..2"),
-    ("ordinal", np.array([0.5, 1.0]), r"expected class indices 0..3"),
-    ("multilabel", np.zeros(4), r"expected \[N, 3\] labels"),
-    ("regression", np.array([1.0, np.inf]), r"infinite"),
-])
+@pytest.mark.parametrize(
+    "kind, labels, message",
+    [
+        ("binary", np.array([0, 1, 2.0]), r"found values \[2.0\], expected \[0.0, 1.0\]"),
+        ("multiclass", np.array([0, 3.0, np.nan]), r"expected class indices 0..2"),
+        ("ordinal", np.array([0.5, 1.0]), r"expected class indices 0..3"),
+        ("multilabel", np.zeros(4), r"expected \[N, 3\] labels"),
+        ("regression", np.array([1.0, np.inf]), r"infinite"),
+    ],
+)
 def test_labels_that_do_not_fit_the_head_are_named(kind, labels, message):
     with pytest.raises(LabelError, match=message) as err:
         task_kind("grade", SPECS[kind]).check_labels(labels, "store.zarr labels/grade")

@@ -30,10 +30,22 @@ def _cli(*args: str) -> None:
 
 
 def _base(store_url: str, run_dir: Path) -> list[str]:
-    return ["--trainer", str(CONFIGS / "trainer" / "cpu.yaml"), "--model", str(CONFIGS / "model" / "tiny.yaml"),
-            "--data", str(CONFIGS / "data" / "synthetic.yaml"), "--data.stores", f"[{store_url}]",
-            "--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false"]
+    return [
+        "--trainer",
+        str(CONFIGS / "trainer" / "cpu.yaml"),
+        "--model",
+        str(CONFIGS / "model" / "tiny.yaml"),
+        "--data",
+        str(CONFIGS / "data" / "synthetic.yaml"),
+        "--data.stores",
+        f"[{store_url}]",
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+    ]
 
 
 def test_fit_test_predict_round_trip_through_the_cli(cohort_store, tmp_path):
@@ -44,8 +56,17 @@ def test_fit_test_predict_round_trip_through_the_cli(cohort_store, tmp_path):
 
     _cli("test", *_base(cohort_store.url, run), "--ckpt_path", str(last))
     metrics = json.loads((run / "test_metrics.json").read_text())
-    for key in ("event/auroc", "event/auprc", "subtype/accuracy", "risk_score/rmse", "risk_score/mae",
-                "risk_score/r2", "grade/accuracy", "findings/auroc", "macro/score"):
+    for key in (
+        "event/auroc",
+        "event/auprc",
+        "subtype/accuracy",
+        "risk_score/rmse",
+        "risk_score/mae",
+        "risk_score/r2",
+        "grade/accuracy",
+        "findings/auroc",
+        "macro/score",
+    ):
         assert np.isfinite(metrics[key]), key
     assert (run / "logs" / "fit" / "metrics.csv").exists()  # testing keeps the training log
 
@@ -76,11 +97,15 @@ def fusion_store(tmp_path_factory):
 def test_the_fused_model_beats_every_single_modality_model_and_degrades_gracefully(fusion_store, tmp_path):
     kwargs = {"epochs": 10, "loggers": False, "model": {"d_model": 48, "depth": 2, "latents": 6}}
     fused = fit_and_test([fusion_store.url], tmp_path / "fused", test_without=["text", "tabular"], **kwargs)
-    singles = {m: fit_and_test([fusion_store.url], tmp_path / m, modalities=[m], **kwargs)
-               for m in ("tabular", "text")}
-    print({"fused": fused["macro/score"], **{m: s["macro/score"] for m, s in singles.items()},
-           "fused without text": fused["without:text"]["macro/score"],
-           "fused without tabular": fused["without:tabular"]["macro/score"]})
+    singles = {m: fit_and_test([fusion_store.url], tmp_path / m, modalities=[m], **kwargs) for m in ("tabular", "text")}
+    print(
+        {
+            "fused": fused["macro/score"],
+            **{m: s["macro/score"] for m, s in singles.items()},
+            "fused without text": fused["without:text"]["macro/score"],
+            "fused without tabular": fused["without:tabular"]["macro/score"],
+        }
+    )
     for modality, single in singles.items():
         assert fused["macro/score"] > single["macro/score"] + 0.08, modality
         assert fused["event/auroc"] > single["event/auroc"] + 0.04, modality
@@ -94,32 +119,53 @@ def test_the_fused_model_beats_every_single_modality_model_and_degrades_graceful
 
 def test_fine_tuning_loads_encoders_and_trunk_and_adds_a_fresh_head(cohort_store, tmp_path):
     from lightning.pytorch import Trainer
+
     data = BiofmDataModule([cohort_store.url], tasks=["event", "subtype"], batch_size=32)
     pretrained = BiofmModule(data.schema, d_model=16, depth=1, heads=2, latents=2)
-    trainer = Trainer(max_steps=4, limit_val_batches=0, logger=False, enable_progress_bar=False,
-                      enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = Trainer(
+        max_steps=4,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(pretrained, datamodule=data)
     ckpt = tmp_path / "pretrained.ckpt"
     trainer.save_checkpoint(ckpt)
 
     new_data = BiofmDataModule([cohort_store.url], tasks=["event", "risk_score"], batch_size=32)
-    tuned = BiofmModule(new_data.schema, d_model=16, depth=1, heads=2, latents=2, init_from=str(ckpt),
-                        freeze_encoders=True)
+    tuned = BiofmModule(
+        new_data.schema, d_model=16, depth=1, heads=2, latents=2, init_from=str(ckpt), freeze_encoders=True
+    )
     old, new = pretrained.model.state_dict(), tuned.model.state_dict()
-    for key in ("trunk.0.attn.q.weight", "encoders.text.tokens.weight", "resamplers.tabular.latents",
-                "heads.event.weight", "queries.event"):
+    for key in (
+        "trunk.0.attn.q.weight",
+        "encoders.text.tokens.weight",
+        "resamplers.tabular.latents",
+        "heads.event.weight",
+        "queries.event",
+    ):
         torch.testing.assert_close(new[key], old[key])
     assert "heads.risk_score.weight" in new and "heads.subtype.weight" not in new
     assert not any(p.requires_grad for p in tuned.model.encoders.parameters())
-    fresh = BiofmModule(new_data.schema, d_model=16, depth=1, heads=2, latents=2, init_from=str(ckpt),
-                        fresh_heads=True)
+    fresh = BiofmModule(new_data.schema, d_model=16, depth=1, heads=2, latents=2, init_from=str(ckpt), fresh_heads=True)
     assert not torch.equal(fresh.model.state_dict()["heads.event.weight"], old["heads.event.weight"])
-    Trainer(max_steps=3, limit_val_batches=0, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-            enable_model_summary=False, default_root_dir=tmp_path).fit(tuned, datamodule=new_data)
+    Trainer(
+        max_steps=3,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    ).fit(tuned, datamodule=new_data)
     assert torch.isfinite(tuned.model.heads["risk_score"].weight).all()
     # the encoders did not move while frozen
-    torch.testing.assert_close(tuned.model.state_dict()["encoders.text.tokens.weight"],
-                               old["encoders.text.tokens.weight"])
+    torch.testing.assert_close(
+        tuned.model.state_dict()["encoders.text.tokens.weight"], old["encoders.text.tokens.weight"]
+    )
 
 
 class _Payload:
@@ -136,6 +182,7 @@ def test_a_checkpoint_with_a_planted_pickle_payload_is_refused(cohort_store, tmp
     import biofm
     from biofm.modalities.wsi.heatmap import slide_heatmap
     from biofm.platform.cohort import predict_cohort
+
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"schema": {}}, "payload": _Payload(marker)}, evil)
@@ -160,12 +207,30 @@ def test_a_checkpoint_with_a_planted_pickle_payload_is_refused(cohort_store, tmp
         assert not marker.exists(), f"{name} ran the payload"
     commands = {
         "biofm test --ckpt_path": ["test", *_base(cohort_store.url, tmp_path / "run"), "--ckpt_path", str(evil)],
-        "biofm fit --model.init_from": ["fit", *_base(cohort_store.url, tmp_path / "run"), "--model.init_from",
-                                        str(evil)],
-        "biofm predict-cohort": ["predict-cohort", "--checkpoint", str(run), "--manifest", str(manifest),
-                                 "--out", str(tmp_path / "out2")],
-        "biofm heatmap": ["heatmap", "--checkpoint", str(evil), "--slide", str(slide), "--out",
-                          str(tmp_path / "heat.png")],
+        "biofm fit --model.init_from": [
+            "fit",
+            *_base(cohort_store.url, tmp_path / "run"),
+            "--model.init_from",
+            str(evil),
+        ],
+        "biofm predict-cohort": [
+            "predict-cohort",
+            "--checkpoint",
+            str(run),
+            "--manifest",
+            str(manifest),
+            "--out",
+            str(tmp_path / "out2"),
+        ],
+        "biofm heatmap": [
+            "heatmap",
+            "--checkpoint",
+            str(evil),
+            "--slide",
+            str(slide),
+            "--out",
+            str(tmp_path / "heat.png"),
+        ],
     }
     for name, argv in commands.items():
         with pytest.raises(SystemExit) as done:
@@ -222,8 +287,14 @@ def test_a_run_directory_holds_no_sample_or_subject_id_or_report_text(cohort_sto
         if "wandb" in path.parts:
             assert cohort_store.url.encode() not in content, f"{path} names the store's path"
     # the scan finds ids where they are meant to be (predictions), so it can fail
-    fit_and_test([cohort_store.url], tmp_path / "with-predictions", epochs=1, loggers=False, predict=True,
-                 model={"d_model": 16, "depth": 1, "heads": 2, "latents": 2})
+    fit_and_test(
+        [cohort_store.url],
+        tmp_path / "with-predictions",
+        epochs=1,
+        loggers=False,
+        predict=True,
+        model={"d_model": 16, "depth": 1, "heads": 2, "latents": 2},
+    )
     content = (tmp_path / "with-predictions" / "predictions.parquet").read_bytes()
     assert any(n in content for n in needles)
 
@@ -232,8 +303,12 @@ def test_the_tracker_files_of_a_cli_run_name_no_store_path(cohort_store, tmp_pat
     """W&B records the command line (with the store paths) and the program in its run metadata, which
     `wandb sync` uploads: biofm turns that collection off."""
     run = tmp_path / "run"
-    done = subprocess.run([BIOFM, "fit", *_base(cohort_store.url, run), "--trainer.max_epochs", "1"],
-                          capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"})
+    done = subprocess.run(
+        [BIOFM, "fit", *_base(cohort_store.url, run), "--trainer.max_epochs", "1"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "offline"},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     files = [p for p in (run / "wandb").rglob("*") if p.is_file()]
     assert any(p.suffix == ".wandb" for p in files)
@@ -243,26 +318,46 @@ def test_the_tracker_files_of_a_cli_run_name_no_store_path(cohort_store, tmp_pat
 
 def test_the_checkpoint_reaches_the_tracker_only_when_asked(cohort_store, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    fit_and_test([cohort_store.url], tmp_path / "run", epochs=1, checkpoint_artifact=True,
-                 model={"d_model": 16, "depth": 1, "heads": 2, "latents": 2})
+    fit_and_test(
+        [cohort_store.url],
+        tmp_path / "run",
+        epochs=1,
+        checkpoint_artifact=True,
+        model={"d_model": 16, "depth": 1, "heads": 2, "latents": 2},
+    )
     wandb_run = next((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert any(p.suffix == ".ckpt" for p in (wandb_run / "files").iterdir())
 
 
 def _bad_label_store(path: str) -> str:
-    writer = StoreWriter(path, source="bad", modalities={"tabular": {"numeric": {"x": [0.0, 1.0]}, "categorical": {}}},
-                         tasks={"grade": {"kind": "multiclass", "classes": ["a", "b", "c"]}})
-    writer.write_batch(0, sample_id=[f"s{i}" for i in range(20)], subject_id=[f"p{i}" for i in range(20)],
-                       labels={"grade": np.arange(20) % 5}, arrays={"tabular/numeric": np.zeros((20, 1), np.float32)})
+    writer = StoreWriter(
+        path,
+        source="bad",
+        modalities={"tabular": {"numeric": {"x": [0.0, 1.0]}, "categorical": {}}},
+        tasks={"grade": {"kind": "multiclass", "classes": ["a", "b", "c"]}},
+    )
+    writer.write_batch(
+        0,
+        sample_id=[f"s{i}" for i in range(20)],
+        subject_id=[f"p{i}" for i in range(20)],
+        labels={"grade": np.arange(20) % 5},
+        arrays={"tabular/numeric": np.zeros((20, 1), np.float32)},
+    )
     return writer.finalize().url
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--data.tasks", "[mortality]"], r"task 'mortality' is in no store; the stores have \['event'"),
-    (["--data.modalities", "[retina]"], r"could not resolve modality 'retina' among choices"),
-    (["--data.tasks", "{event: regression}"], r"asks for a regression head for task 'event', but its labels .* binary"),
-    (["--model.balancing", "gradnorm"], r"could not resolve balancing strategy 'gradnorm'"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--data.tasks", "[mortality]"], r"task 'mortality' is in no store; the stores have \['event'"),
+        (["--data.modalities", "[retina]"], r"could not resolve modality 'retina' among choices"),
+        (
+            ["--data.tasks", "{event: regression}"],
+            r"asks for a regression head for task 'event', but its labels .* binary",
+        ),
+        (["--model.balancing", "gradnorm"], r"could not resolve balancing strategy 'gradnorm'"),
+    ],
+)
 def test_bad_configs_give_one_clear_error_before_training(cohort_store, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as done:
         _cli("fit", *_base(cohort_store.url, tmp_path / "run"), *extra)
@@ -272,12 +367,18 @@ def test_bad_configs_give_one_clear_error_before_training(cohort_store, tmp_path
     assert "Traceback" not in err and not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--data.batch_size", "0"], r"data.batch_size must be a whole number of at least 1, got 0"),
-    (["--model.d_model", "30", "--model.heads", "4"], r"model.d_model \(30\) must be divisible by model.heads \(4\)"),
-    (["--model.lr", "-0.1"], r"model.lr must be a number above 0, got -0.1"),
-    (["--model.dropout", "1.5"], r"model.dropout must be in \[0, 1\), got 1.5"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--data.batch_size", "0"], r"data.batch_size must be a whole number of at least 1, got 0"),
+        (
+            ["--model.d_model", "30", "--model.heads", "4"],
+            r"model.d_model \(30\) must be divisible by model.heads \(4\)",
+        ),
+        (["--model.lr", "-0.1"], r"model.lr must be a number above 0, got -0.1"),
+        (["--model.dropout", "1.5"], r"model.dropout must be in \[0, 1\), got 1.5"),
+    ],
+)
 def test_settings_that_cannot_work_are_refused_before_any_data_is_read(tmp_path, capsys, extra, message):
     missing = tmp_path / "not-prepared-yet.zarr"  # the settings are refused before the store is even opened
     with pytest.raises(SystemExit) as done:
@@ -291,18 +392,32 @@ def test_ckpt_path_names_the_model_settings_of_the_command_line_it_replaces(coho
     run = tmp_path / "run"
     _cli("fit", *_base(cohort_store.url, run), "--trainer.max_epochs", "1")
     capsys.readouterr()
-    _cli("test", *_base(cohort_store.url, run), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
-         "--model.lr", "0.05", "--model.depth", "3")
+    _cli(
+        "test",
+        *_base(cohort_store.url, run),
+        "--ckpt_path",
+        str(run / "checkpoints" / "last.ckpt"),
+        "--model.lr",
+        "0.05",
+        "--model.depth",
+        "3",
+    )
     err = capsys.readouterr().err
     warning = next(line for line in err.splitlines() if line.startswith("biofm: warning: --ckpt_path"))
     assert "model.lr 0.05 → 0.003" in warning and "model.depth 3 → 1" in warning
     assert "d_model" not in warning  # not given on the command line: nothing to say
 
 
-@pytest.mark.parametrize("kind, words", [("truncated", "the checkpoint is truncated or damaged"),
-                                         ("text", "the file is readable characters, not a checkpoint")])
-def test_a_file_that_is_not_a_checkpoint_stops_test_and_fine_tuning_with_one_error(cohort_store, tmp_path,
-                                                                                 capsys, kind, words):
+@pytest.mark.parametrize(
+    "kind, words",
+    [
+        ("truncated", "the checkpoint is truncated or damaged"),
+        ("text", "the file is readable characters, not a checkpoint"),
+    ],
+)
+def test_a_file_that_is_not_a_checkpoint_stops_test_and_fine_tuning_with_one_error(
+    cohort_store, tmp_path, capsys, kind, words
+):
     good = tmp_path / "good.ckpt"
     torch.save({"state_dict": {"w": torch.ones(64, 64)}, "hyper_parameters": {}}, good)
     bad = tmp_path / "bad.ckpt"
@@ -318,8 +433,11 @@ def test_a_file_that_is_not_a_checkpoint_stops_test_and_fine_tuning_with_one_err
 
 def test_labels_that_do_not_fit_their_head_stop_the_run_before_training(tmp_path):
     url = _bad_label_store(str(tmp_path / "bad.zarr"))
-    with pytest.raises(ConfigError, match=r"bad.zarr labels/grade: labels of task 'grade' do not fit a multiclass "
-                                          r"head: expected class indices 0..2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"bad.zarr labels/grade: labels of task 'grade' do not fit a multiclass "
+        r"head: expected class indices 0..2",
+    ):
         BiofmDataModule([url])
 
 
@@ -328,21 +446,38 @@ def test_a_two_process_ddp_fit_on_cpu(cohort_store, tmp_path):
     """Two gloo ranks through Lightning: each epoch the ranks train disjoint halves that cover the training
     split once, in the same number of steps, and end with the same weights."""
     run, rows = tmp_path / "ddp", tmp_path / "rows-{rank}.txt"
-    args = [BIOFM, "fit", *_base(cohort_store.url, run), "--trainer", str(CONFIGS / "trainer" / "ddp-cpu.yaml"),
-            "--trainer.default_root_dir", str(run), "--trainer.max_epochs", "2",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--trainer.callbacks", f"[{{class_path: biofm.testing.RowLog, init_args: {{path: '{rows}', epoch: true}}}}, "
-                                   f"{{class_path: biofm.testing.WeightChecksum, init_args: {{out_dir: '{tmp_path}'}}}}]"]
+    args = [
+        BIOFM,
+        "fit",
+        *_base(cohort_store.url, run),
+        "--trainer",
+        str(CONFIGS / "trainer" / "ddp-cpu.yaml"),
+        "--trainer.default_root_dir",
+        str(run),
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.callbacks",
+        f"[{{class_path: biofm.testing.RowLog, init_args: {{path: '{rows}', epoch: true}}}}, "
+        f"{{class_path: biofm.testing.WeightChecksum, init_args: {{out_dir: '{tmp_path}'}}}}]",
+    ]
     env = {**os.environ, "WANDB_MODE": "disabled"}
     done = subprocess.run(args, capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "world_size: 2" in done.stderr + done.stdout or "Initializing distributed: GLOBAL_RANK: 1" in \
-        done.stderr + done.stdout
+    assert (
+        "world_size: 2" in done.stderr + done.stdout
+        or "Initializing distributed: GLOBAL_RANK: 1" in done.stderr + done.stdout
+    )
     log = pd.read_csv(run / "logs" / "fit" / "metrics.csv")
     assert log["val/macro/score"].dropna().size == 2 and np.isfinite(log["train/loss"].dropna()).all()
     assert (run / "checkpoints" / "last.ckpt").exists()
-    per_rank = [[list(map(int, line.split())) for line in Path(str(rows).format(rank=r)).read_text().splitlines()]
-                for r in (0, 1)]
+    per_rank = [
+        [list(map(int, line.split())) for line in Path(str(rows).format(rank=r)).read_text().splitlines()]
+        for r in (0, 1)
+    ]
     train_rows = set(np.flatnonzero(cohort_store.index("split") == "train").tolist())
     for epoch in (0, 1):
         seen = [[r for line in lines if line[0] == epoch for r in line[2:]] for lines in per_rank]
@@ -357,6 +492,7 @@ def test_a_two_process_ddp_fit_on_cpu(cohort_store, tmp_path):
 @pytest.mark.slow
 def test_the_demo_runs_end_to_end(tmp_path, monkeypatch):
     from biofm.recipes.demo import run_demo
+
     summary = run_demo(str(tmp_path / "demo"), n=300, epochs=1, slides=20)
     fused = summary["test"]["fused"]
     assert "event/auroc" in fused and "without:text" in fused
@@ -373,19 +509,35 @@ def test_the_demo_runs_end_to_end(tmp_path, monkeypatch):
 
 
 def test_pseudo_labels_fill_only_missing_labels_the_model_is_confident_about_and_reach_the_loss():
-    schema = {"modalities": {"tabular": {"version": 1, "numeric": {"age": [60.0, 10.0]}, "categorical": {}}},
-              "tasks": {"flag": {"kind": "binary"}, "grade": {"kind": "multiclass", "classes": ["a", "b", "c"]}}}
-    module = BiofmModule(schema, d_model=8, depth=1, heads=2, latents=2,
-                         pseudo_labels={"threshold": 0.9, "start_epoch": 0, "tasks": ["flag"]})
+    schema = {
+        "modalities": {"tabular": {"version": 1, "numeric": {"age": [60.0, 10.0]}, "categorical": {}}},
+        "tasks": {"flag": {"kind": "binary"}, "grade": {"kind": "multiclass", "classes": ["a", "b", "c"]}},
+    }
+    module = BiofmModule(
+        schema,
+        d_model=8,
+        depth=1,
+        heads=2,
+        latents=2,
+        pseudo_labels={"threshold": 0.9, "start_epoch": 0, "tasks": ["flag"]},
+    )
     nan = float("nan")
-    batch = {"row": torch.arange(4), "labels": {"flag": torch.tensor([1.0, nan, nan, nan]),
-                                                "grade": torch.tensor([nan, nan, 0.0, 1.0])}}
-    out = {"logits": {"flag": torch.tensor([[-5.0], [5.0], [-5.0], [0.1]]),  # p = .007, .993, .007, .52
-                      "grade": torch.tensor([[9.0, 0, 0]] * 4)}}
+    batch = {
+        "row": torch.arange(4),
+        "labels": {"flag": torch.tensor([1.0, nan, nan, nan]), "grade": torch.tensor([nan, nan, 0.0, 1.0])},
+    }
+    out = {
+        "logits": {
+            "flag": torch.tensor([[-5.0], [5.0], [-5.0], [0.1]]),  # p = .007, .993, .007, .52
+            "grade": torch.tensor([[9.0, 0, 0]] * 4),
+        }
+    }
     from biofm.platform.losses import pseudo_label, task_losses
+
     options = module._pseudo_options()
-    filled, added = pseudo_label(module.model.kinds, batch["labels"], out["logits"], options["tasks"],
-                                 options["threshold"])
+    filled, added = pseudo_label(
+        module.model.kinds, batch["labels"], out["logits"], options["tasks"], options["threshold"]
+    )
     # kept, confident 1, confident 0, unsure (left missing); grade is not a pseudo-labelled task
     assert filled["flag"][:3].tolist() == [1.0, 1.0, 0.0] and torch.isnan(filled["flag"][3]) and added == 2
     assert torch.equal(torch.isnan(filled["grade"]), torch.isnan(batch["labels"]["grade"]))
@@ -404,20 +556,38 @@ def test_batches_without_any_label_train_through(tmp_path, balancing):
 
     from biofm.platform.modality import MODALITIES
     from biofm.testing import fake_raw
+
     raw = fake_raw("tabular", 64)
     tabular = MODALITIES.resolve("tabular")()
     tabular.fit(raw)
-    writer = StoreWriter(tmp_path / "sparse.zarr", source="sparse", modalities={"tabular": tabular.config()},
-                         tasks={"flag": {"kind": "binary"}})
+    writer = StoreWriter(
+        tmp_path / "sparse.zarr",
+        source="sparse",
+        modalities={"tabular": tabular.config()},
+        tasks={"flag": {"kind": "binary"}},
+    )
     labels = np.full(64, np.nan, np.float32)
     labels[:8] = np.arange(8) % 2  # a few labelled samples; most batches of eight hold no label at all
-    writer.write_batch(0, sample_id=[f"s{i}" for i in range(64)], subject_id=[f"p{i}" for i in range(64)],
-                       labels={"flag": labels}, split=["train"] * 64, arrays=tabular.featurise(raw))
+    writer.write_batch(
+        0,
+        sample_id=[f"s{i}" for i in range(64)],
+        subject_id=[f"p{i}" for i in range(64)],
+        labels={"flag": labels},
+        split=["train"] * 64,
+        arrays=tabular.featurise(raw),
+    )
     data = BiofmDataModule([writer.finalize().url], batch_size=8, buffer_size=0)
     module = BiofmModule(data.schema, d_model=16, depth=1, heads=2, latents=2, balancing=balancing)
     before = module.model.heads["flag"].weight.detach().clone()
-    Trainer(max_epochs=1, limit_val_batches=0, logger=False, enable_progress_bar=False, accelerator="cpu",
-            enable_checkpointing=False, enable_model_summary=False).fit(module, datamodule=data)
+    Trainer(
+        max_epochs=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    ).fit(module, datamodule=data)
     assert not torch.equal(module.model.heads["flag"].weight, before)
 
 
@@ -434,10 +604,17 @@ def test_weight_decay_spares_norms_biases_embeddings_and_learned_tokens(cohort_s
     optimiser.step()
     moved = {n for n, p in module.named_parameters() if not torch.equal(p.detach(), before[n])}
     embeddings = {f"model.{n}.weight" for n, m in module.model.named_modules() if isinstance(m, torch.nn.Embedding)}
-    norms = {f"model.{n}.{w}" for n, m in module.model.named_modules() if isinstance(m, torch.nn.LayerNorm)
-             for w in ("weight", "bias")}
-    tokens = {"model.cls", *(f"model.queries.{t}" for t in module.model.queries),
-              *(f"model.resamplers.{m}.latents" for m in module.model.resamplers)}
+    norms = {
+        f"model.{n}.{w}"
+        for n, m in module.model.named_modules()
+        if isinstance(m, torch.nn.LayerNorm)
+        for w in ("weight", "bias")
+    }
+    tokens = {
+        "model.cls",
+        *(f"model.queries.{t}" for t in module.model.queries),
+        *(f"model.resamplers.{m}.latents" for m in module.model.resamplers),
+    }
     biases = {n for n in before if n.endswith(".bias")}
     linear = {f"model.{n}.weight" for n, m in module.model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert embeddings and norms and linear

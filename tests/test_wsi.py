@@ -61,8 +61,9 @@ def test_cmu_small_region_gives_tiles_where_the_tissue_is_and_none_on_the_glass(
 def test_small_he_levels_reads_each_target_mpp_at_the_right_pyramid_level(target, level):
     slide = open_slide(str(WSI / "small_HE_levels.tiff"))
     # its resolution tags say 352.9 µm/px (a 72-dpi default): the manifest's 0.25 is used instead
-    plan = plan_tiles(slide, SlideRef(str(WSI / "small_HE_levels.tiff"), mpp=0.25), target_mpp=target,
-                      tile_size=24, min_tissue=0.0)
+    plan = plan_tiles(
+        slide, SlideRef(str(WSI / "small_HE_levels.tiff"), mpp=0.25), target_mpp=target, tile_size=24, min_tissue=0.0
+    )
     assert plan.mpp == 0.25 and plan.mpp_source == "the manifest's mpp"
     assert plan.level == level
     assert plan.read_size == round(24 * target / 0.25 / slide.level_downsamples[level])
@@ -83,8 +84,11 @@ def test_best_level_never_picks_a_level_coarser_than_wanted():
 @needs_wsi
 def test_boxes_nonsense_mpp_is_caught_and_used_only_when_a_value_is_given():
     properties = dict(open_slide(str(WSI / "boxes.tiff")).properties)
-    with pytest.raises(Exception, match=r"no usable microns per pixel \(the slide's properties give 352.8 "
-                                        r"µm/px, outside the plausible .*--assume-mpp"):
+    with pytest.raises(
+        Exception,
+        match=r"no usable microns per pixel \(the slide's properties give 352.8 "
+        r"µm/px, outside the plausible .*--assume-mpp",
+    ):
         resolve_mpp(properties, SlideRef("boxes.tiff"))
     assert resolve_mpp(properties, SlideRef("boxes.tiff", mpp=0.5))[:2] == (0.5, "the manifest's mpp")
     assert resolve_mpp(properties, SlideRef("boxes.tiff", assume_mpp=0.25))[:2] == (0.25, "the assumed mpp")
@@ -104,18 +108,25 @@ def _manifest(tmp_path, rows) -> str:
 @needs_wsi
 def test_broken_slides_fail_with_a_readable_reason_while_the_others_are_done(tmp_path, capsys):
     good = fake_slides()
-    rows = [{"slide_path": good[0], "sample_id": "S-good-1", "subject_id": "P1", "flag": 1},
-            {"slide_path": str(WSI / "broken.svs"), "sample_id": "S-broken", "subject_id": "P2", "flag": 0},
-            {"slide_path": str(WSI / "unreadable.svs"), "sample_id": "S-unreadable", "subject_id": "P3", "flag": 1},
-            {"slide_path": str(WSI / "unopenable.tiff"), "sample_id": "S-unopenable", "subject_id": "P4", "flag": 0},
-            {"slide_path": str(WSI / "boxes.tiff"), "sample_id": "S-boxes", "subject_id": "P5", "flag": 1},
-            {"slide_path": str(tmp_path / "gone.svs"), "sample_id": "S-gone", "subject_id": "P6", "flag": 0},
-            {"slide_path": str(WSI / "cmu-1-small-region.svs"), "sample_id": "S-cmu", "subject_id": "P7", "flag": 0},
-            {"slide_path": good[1], "sample_id": "S-good-2", "subject_id": "P8", "flag": 1},
-            # a plain (non-pyramidal) image opens through OpenSlide's PIL fallback (mpp from the manifest);
-            # it is glass but for a speck smaller than a tile
-            {"slide_path": str(WSI / "kidney-48-5.tif"), "sample_id": "S-kidney", "subject_id": "P9", "flag": 0,
-             "mpp": 0.5}]
+    rows = [
+        {"slide_path": good[0], "sample_id": "S-good-1", "subject_id": "P1", "flag": 1},
+        {"slide_path": str(WSI / "broken.svs"), "sample_id": "S-broken", "subject_id": "P2", "flag": 0},
+        {"slide_path": str(WSI / "unreadable.svs"), "sample_id": "S-unreadable", "subject_id": "P3", "flag": 1},
+        {"slide_path": str(WSI / "unopenable.tiff"), "sample_id": "S-unopenable", "subject_id": "P4", "flag": 0},
+        {"slide_path": str(WSI / "boxes.tiff"), "sample_id": "S-boxes", "subject_id": "P5", "flag": 1},
+        {"slide_path": str(tmp_path / "gone.svs"), "sample_id": "S-gone", "subject_id": "P6", "flag": 0},
+        {"slide_path": str(WSI / "cmu-1-small-region.svs"), "sample_id": "S-cmu", "subject_id": "P7", "flag": 0},
+        {"slide_path": good[1], "sample_id": "S-good-2", "subject_id": "P8", "flag": 1},
+        # a plain (non-pyramidal) image opens through OpenSlide's PIL fallback (mpp from the manifest);
+        # it is glass but for a speck smaller than a tile
+        {
+            "slide_path": str(WSI / "kidney-48-5.tif"),
+            "sample_id": "S-kidney",
+            "subject_id": "P9",
+            "flag": 0,
+            "mpp": 0.5,
+        },
+    ]
     out = str(tmp_path / "slides.zarr")
     main(["prepare", "slides", "--manifest", _manifest(tmp_path, rows), "--out", out, "--label-columns", "flag"])
     printed = capsys.readouterr().out
@@ -131,8 +142,7 @@ def test_broken_slides_fail_with_a_readable_reason_while_the_others_are_done(tmp
     assert "does not exist" in reasons["S-gone"]
     assert reasons["S-kidney"].startswith("no tissue found")  # opened and read, unlike the broken files
     rejects = pd.read_csv(str(out) + ".rejects.csv")
-    assert sorted(rejects["sample_id"]) == ["S-boxes", "S-broken", "S-gone", "S-kidney", "S-unopenable",
-                                            "S-unreadable"]
+    assert sorted(rejects["sample_id"]) == ["S-boxes", "S-broken", "S-gone", "S-kidney", "S-unopenable", "S-unreadable"]
     store = Store(out)
     assert sorted(store.index("sample_id")) == ["S-cmu", "S-good-1", "S-good-2"]
     for key in os.listdir(status_dir(out)):  # every slide has its own status file
@@ -147,7 +157,8 @@ def test_a_killed_prepare_reruns_only_the_remaining_slides(tmp_path):
         "import sys\n"
         "from biofm.datasets.slides import prepare_slides\n"
         f"prepare_slides({str(manifest)!r}, {out!r}, label_columns={BIOBANK_LABELS!r}, "
-        f"case_columns={CASE_COLUMNS!r}, commit_tiles=1)\n")
+        f"case_columns={CASE_COLUMNS!r}, commit_tiles=1)\n"
+    )
     child = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -162,8 +173,9 @@ def test_a_killed_prepare_reruns_only_the_remaining_slides(tmp_path):
     result = prepare_slides(str(manifest), out, label_columns=BIOBANK_LABELS, case_columns=CASE_COLUMNS)
     assert result.skipped >= len(first) and result.skipped + result.done == 10 and result.failed == 0
     resumed = Store(out)
-    fresh = prepare_slides(str(manifest), str(tmp_path / "fresh.zarr"), label_columns=BIOBANK_LABELS,
-                           case_columns=CASE_COLUMNS).store
+    fresh = prepare_slides(
+        str(manifest), str(tmp_path / "fresh.zarr"), label_columns=BIOBANK_LABELS, case_columns=CASE_COLUMNS
+    ).store
     assert resumed.n == fresh.n == 10
     order_a, order_b = np.argsort(resumed.index("sample_id")), np.argsort(fresh.index("sample_id"))
     a = resumed.read_rows(0, 10, ["wsi/features", "labels/stain"])
@@ -176,6 +188,7 @@ def test_a_killed_prepare_reruns_only_the_remaining_slides(tmp_path):
 def test_raw_tiles_are_stored_on_request_and_a_plugged_patch_encoder_is_checked(tmp_path):
     weights = tmp_path / "tiny.pt"
     from biofm.testing import tiny_patch_network
+
     torch.manual_seed(1)
     torch.save(tiny_patch_network().state_dict(), weights)
     wsi = Wsi(patch_encoder="biofm.testing:tiny_patch_network", patch_weights=str(weights), store_tiles=True)
@@ -198,8 +211,13 @@ def test_mil_attention_covers_only_real_tiles_and_follows_subsampling(kind):
     encoder = SlideEncoder(feature_dim=6, d_model=16, kind=kind, tokens=3, max_tiles=4).eval()
     lengths = torch.tensor([5, 2, 0])
     mask = torch.arange(5)[None, :] < lengths[:, None]
-    batch = {"features": torch.randn(3, 5, 6), "mask": mask, "tissue": torch.rand(3, 5),
-             "grid": torch.rand(3, 5, 2) * 4, "n_tiles": lengths.float()}
+    batch = {
+        "features": torch.randn(3, 5, 6),
+        "mask": mask,
+        "tissue": torch.rand(3, 5),
+        "grid": torch.rand(3, 5, 2) * 4,
+        "n_tiles": lengths.float(),
+    }
     out = encoder(batch)
     x, valid = out
     assert x.shape == (3, 4, 16) and valid.tolist() == [[True] * 4, [True] * 4, [False] * 4]
@@ -217,8 +235,9 @@ def biobank(tmp_path_factory):
     folder = tmp_path_factory.mktemp("biobank")
     manifest = write_biobank(folder / "data", n=96, seed=0, size=896)
     assert (pd.read_csv(manifest)["split"] == "test").sum() > 20
-    result = prepare_slides(str(manifest), str(folder / "bank.zarr"), label_columns=BIOBANK_LABELS,
-                            case_columns=CASE_COLUMNS)
+    result = prepare_slides(
+        str(manifest), str(folder / "bank.zarr"), label_columns=BIOBANK_LABELS, case_columns=CASE_COLUMNS
+    )
     assert result.done == 96 and result.failed == 0
     return folder, manifest, result.store
 
@@ -226,10 +245,10 @@ def biobank(tmp_path_factory):
 @pytest.mark.slow
 def test_a_short_multitask_fit_on_the_synthetic_biobank_learns_every_metadata_task(biobank):
     from biofm.recipes.runs import fit_and_test
+
     folder, _, store = biobank
     assert set(store.modalities) == {"wsi", "text", "tabular"}
-    metrics = fit_and_test([store.url], folder / "run", epochs=30, batch_size=16, loggers=False,
-                           model={"lr": 2e-3})
+    metrics = fit_and_test([store.url], folder / "run", epochs=30, batch_size=16, loggers=False, model={"lr": 2e-3})
     for task in ("stain", "specimen", "faded", "site"):  # chance: 0.5
         assert metrics[f"{task}/auroc"] > 0.7, (task, {k: round(v, 3) for k, v in metrics.items()})
     assert metrics["tissue_area/r2"] > 0.3, {k: round(v, 3) for k, v in metrics.items()}
@@ -241,6 +260,7 @@ def test_the_heatmap_png_is_written_and_shows_the_slide(biobank, tmp_path):
 
     from biofm.modalities.wsi.slide import thumbnail
     from biofm.recipes.runs import fit_and_test
+
     folder, manifest, store = biobank
     fit_and_test([store.url], tmp_path / "run", modalities=["wsi"], epochs=2, batch_size=16, loggers=False)
     checkpoint = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
@@ -254,7 +274,7 @@ def test_the_heatmap_png_is_written_and_shows_the_slide(biobank, tmp_path):
     arrays, _ = wsi.process(slide)
     covered = np.zeros(thumb.shape[:2], bool)
     for x, y in arrays["coords"]:
-        covered[y // 2:(y + 224) // 2, x // 2:(x + 224) // 2] = True
+        covered[y // 2 : (y + 224) // 2, x // 2 : (x + 224) // 2] = True
     assert covered.any() and (~covered).any()
     np.testing.assert_array_equal(image[~covered], thumb[~covered])  # glass and untiled parts: the slide
     assert np.abs(image[covered] - thumb[covered]).mean() > 10  # tiles: tinted by attention
@@ -274,13 +294,30 @@ def test_a_biobank_run_leaks_no_id_report_or_slide_path_to_logs_trackers_or_stdo
     assert len(needles) > 300
     run = tmp_path / "run"
     env = {**os.environ, "WANDB_MODE": "offline"}
-    common = ["--model.d_model", "16", "--model.depth", "1", "--model.heads", "2", "--model.latents", "2",
-              "--data.stores", f"[{store.url}]", "--data.batch_size", "16", "--trainer.default_root_dir", str(run)]
+    common = [
+        "--model.d_model",
+        "16",
+        "--model.depth",
+        "1",
+        "--model.heads",
+        "2",
+        "--model.latents",
+        "2",
+        "--data.stores",
+        f"[{store.url}]",
+        "--data.batch_size",
+        "16",
+        "--trainer.default_root_dir",
+        str(run),
+    ]
     outputs = b""
-    for stage, extra in (("fit", ["--trainer.max_epochs", "1"]),
-                         ("test", ["--ckpt_path", str(run / "checkpoints" / "last.ckpt")])):
-        done = subprocess.run([sys.executable, "-m", "biofm", stage, *common, *extra], capture_output=True, env=env,
-                              timeout=600)
+    for stage, extra in (
+        ("fit", ["--trainer.max_epochs", "1"]),
+        ("test", ["--ckpt_path", str(run / "checkpoints" / "last.ckpt")]),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "biofm", stage, *common, *extra], capture_output=True, env=env, timeout=600
+        )
         assert done.returncode == 0, done.stderr[-3000:].decode(errors="replace")
         outputs += done.stdout + done.stderr
     files = [p for p in run.rglob("*") if p.is_file()]
@@ -290,8 +327,12 @@ def test_a_biobank_run_leaks_no_id_report_or_slide_path_to_logs_trackers_or_stdo
         assert not leaked, f"{name} holds {len(leaked)} identifiers, report texts or slide paths: {leaked[:3]}"
     # the scan finds ids where the pipeline is meant to write them — `biofm predict`'s predictions carry
     # sample ids — so it can fail on a run's own files
-    done = subprocess.run([sys.executable, "-m", "biofm", "predict", *common, "--ckpt_path", "best",
-                           "--data.predict_split", "all"], capture_output=True, env=env, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "biofm", "predict", *common, "--ckpt_path", "best", "--data.predict_split", "all"],
+        capture_output=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:].decode(errors="replace")
     written = (run / "predictions.parquet").read_bytes()
     assert any(n in written for n in needles)  # (parquet compresses: a few ids show as plain bytes)

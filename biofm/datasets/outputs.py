@@ -21,6 +21,7 @@ def report_path(out: str) -> str:
 def write_atomically(path: str, write) -> None:
     """`write(handle)` into `<path>.tmp`, then moved: a reader never sees half a file (paths or fsspec URLs)."""
     import fsspec
+
     fs, local = fsspec.core.url_to_fs(path)
     fs.makedirs(os.path.dirname(local) or ".", exist_ok=True)
     with fs.open(local + ".tmp", "w") as handle:
@@ -41,4 +42,5 @@ def track(items, enabled: bool, total: int | None, description: str):
     if not enabled:
         return items
     from rich.progress import track as rich_track
+
     return rich_track(items, total=total, description=description)

@@ -53,17 +53,36 @@ class SlidesResult:
 
 
 @prepares
-def prepare_slides(manifest: str, out: str, *, label_columns: list[str] | None = None,
-                   case_columns: list[str] | None = None, task_types: dict[str, str] | None = None,
-                   report_column: str = "report", target_mpp: float = 0.5, tile_size: int = 224,
-                   min_tissue: float = 0.25, thumbnail_mpp: float = 8.0, patch_encoder: str = "default",
-                   patch_weights: str | None = None, store_tiles: bool = False, assume_mpp: float | None = None,
-                   source: str | None = None, seed: int = 0, overwrite: bool = False, progress: bool = False,
-                   commit_tiles: int = 4096, commit_bytes: int = 256 << 20, commit_seconds: float = 30.0,
-                   read_threads: int = 2, encoding: str = "utf-8") -> SlidesResult:
+def prepare_slides(
+    manifest: str,
+    out: str,
+    *,
+    label_columns: list[str] | None = None,
+    case_columns: list[str] | None = None,
+    task_types: dict[str, str] | None = None,
+    report_column: str = "report",
+    target_mpp: float = 0.5,
+    tile_size: int = 224,
+    min_tissue: float = 0.25,
+    thumbnail_mpp: float = 8.0,
+    patch_encoder: str = "default",
+    patch_weights: str | None = None,
+    store_tiles: bool = False,
+    assume_mpp: float | None = None,
+    source: str | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = False,
+    commit_tiles: int = 4096,
+    commit_bytes: int = 256 << 20,
+    commit_seconds: float = 30.0,
+    read_threads: int = 2,
+    encoding: str = "utf-8",
+) -> SlidesResult:
     """Prepare a slide store from a manifest; see the module's doc. Returns counts and the store (None when
     no slide could be prepared)."""
     from biofm.modalities.wsi import SlideError, SlideRef
+
     start = time.perf_counter()
     frame = read_manifest(manifest, encoding=encoding)
     where = manifest
@@ -78,9 +97,15 @@ def prepare_slides(manifest: str, out: str, *, label_columns: list[str] | None =
         case_columns = [c for c in frame.columns if c not in reserved and c not in label_columns]
     tasks, labels = label_tasks(frame, label_columns, where, task_types)
 
-    wsi = MODALITIES.resolve("wsi")(target_mpp=target_mpp, tile_size=tile_size, min_tissue=min_tissue,
-                                    thumbnail_mpp=thumbnail_mpp, patch_encoder=patch_encoder,
-                                    patch_weights=patch_weights, store_tiles=store_tiles)
+    wsi = MODALITIES.resolve("wsi")(
+        target_mpp=target_mpp,
+        tile_size=tile_size,
+        min_tissue=min_tissue,
+        thumbnail_mpp=thumbnail_mpp,
+        patch_encoder=patch_encoder,
+        patch_weights=patch_weights,
+        store_tiles=store_tiles,
+    )
     wsi.read_threads = read_threads
     wsi.fit()
     modalities = {"wsi": wsi}
@@ -108,15 +133,26 @@ def prepare_slides(manifest: str, out: str, *, label_columns: list[str] | None =
             modalities[name].fit(raw)
 
     base = Path(manifest).parent
-    paths = [None if pd.isna(p) else str(p if "://" in str(p) or Path(str(p)).is_absolute() else base / str(p))
-             for p in frame["slide_path"]]
-    mpps = pd.to_numeric(frame["mpp"], errors="coerce").to_numpy() if "mpp" in frame.columns else \
-        np.full(len(frame), np.nan)
+    paths = [
+        None if pd.isna(p) else str(p if "://" in str(p) or Path(str(p)).is_absolute() else base / str(p))
+        for p in frame["slide_path"]
+    ]
+    mpps = (
+        pd.to_numeric(frame["mpp"], errors="coerce").to_numpy()
+        if "mpp" in frame.columns
+        else np.full(len(frame), np.nan)
+    )
     splits = frame["split"].astype(str).str.strip().str.lower().to_numpy() if "split" in frame.columns else None
 
-    writer = StoreWriter(out, source=source or Path(manifest).stem, seed=seed, overwrite=overwrite,
-                         modalities={n: m.config() for n, m in modalities.items()}, tasks=tasks,
-                         codecs={"wsi/tiles": "none"})  # pixels barely compress losslessly; zstd halves the rate
+    writer = StoreWriter(
+        out,
+        source=source or Path(manifest).stem,
+        seed=seed,
+        overwrite=overwrite,
+        modalities={n: m.config() for n, m in modalities.items()},
+        tasks=tasks,
+        codecs={"wsi/tiles": "none"},
+    )  # pixels barely compress losslessly; zstd halves the rate
     if overwrite:
         _clear_statuses(out)
     statuses = _read_statuses(out)
@@ -140,9 +176,14 @@ def prepare_slides(manifest: str, out: str, *, label_columns: list[str] | None =
             batch.update(modalities["tabular"].featurise([case_rows[i] for i in rows]))
         if reports is not None:
             batch.update(modalities["text"].featurise([reports[i] for i in rows]))
-        writer.write_batch(next_key, sample_id=sample_ids[rows], subject_id=frame["subject_id"].to_numpy()[rows],
-                           labels={t: v[rows] for t, v in labels.items()}, arrays=batch,
-                           split=None if splits is None else splits[rows])
+        writer.write_batch(
+            next_key,
+            sample_id=sample_ids[rows],
+            subject_id=frame["subject_id"].to_numpy()[rows],
+            labels={t: v[rows] for t, v in labels.items()},
+            arrays=batch,
+            split=None if splits is None else splits[rows],
+        )
         next_key += 1
         for i, _, status in pending:
             _write_status(out, i, status)
@@ -176,19 +217,30 @@ def prepare_slides(manifest: str, out: str, *, label_columns: list[str] | None =
         pending.append((i, arrays, status))
         result.done += 1
         result.tiles += facts["tiles"]
-        if (sum(a["features"].shape[0] for _, a, _ in pending) >= commit_tiles
-                or sum(a.get("tiles", a["features"]).nbytes for _, a, _ in pending) >= commit_bytes
-                or time.perf_counter() - since >= commit_seconds):
+        if (
+            sum(a["features"].shape[0] for _, a, _ in pending) >= commit_tiles
+            or sum(a.get("tiles", a["features"]).nbytes for _, a, _ in pending) >= commit_bytes
+            or time.perf_counter() - since >= commit_seconds
+        ):
             commit()
     commit()
 
-    table = pd.DataFrame([statuses.get(i, {"row": i + 1, "sample_id": frame["sample_id"].iloc[i],
-                                           "slide_path": paths[i], "status": "done"})
-                          for i in range(len(frame))])
+    table = pd.DataFrame(
+        [
+            statuses.get(
+                i, {"row": i + 1, "sample_id": frame["sample_id"].iloc[i], "slide_path": paths[i], "status": "done"}
+            )
+            for i in range(len(frame))
+        ]
+    )
     write_atomically(slides_path(out), lambda handle: table.to_csv(handle, index=False))
     failed = table[table["status"] == "failed"]
-    write_rejects(out, failed[["row", "sample_id", "slide_path", "reason"]] if len(failed) else
-                  pd.DataFrame(columns=["row", "sample_id", "slide_path", "reason"]))
+    write_rejects(
+        out,
+        failed[["row", "sample_id", "slide_path", "reason"]]
+        if len(failed)
+        else pd.DataFrame(columns=["row", "sample_id", "slide_path", "reason"]),
+    )
     if writer.committed():
         result.store = writer.finalize()
     result.seconds = time.perf_counter() - start
@@ -205,6 +257,7 @@ def _write_status(out: str, key: int, status: dict) -> None:
 
 def _read_statuses(out: str) -> dict[int, dict]:
     import fsspec
+
     fs, root = fsspec.core.url_to_fs(status_dir(out))
     if not fs.exists(root):
         return {}
@@ -219,6 +272,7 @@ def _read_statuses(out: str) -> dict[int, dict]:
 def _clear_statuses(out: str) -> None:
     """Remove the status files of an earlier prepare (`<out>.status/<row>.json`), and nothing else."""
     import fsspec
+
     fs, root = fsspec.core.url_to_fs(status_dir(out))
     if not fs.exists(root):
         return
@@ -233,30 +287,45 @@ def print_summary(result: SlidesResult, out: str) -> None:
     if result.store is not None:
         print(result.store.describe())
     reasons = ", ".join(f"{n} × {why}" for why, n in sorted(result.reasons.items()))
-    print(f"slides: {result.done} done, {result.skipped} done by an earlier run, {result.failed} failed"
-          + (f" ({reasons}); reasons per slide in {rejects_path(out)}" if result.failed else "")
-          + f"; {result.tiles} tiles in {result.seconds:.1f} s; statuses in {slides_path(out)}")
+    print(
+        f"slides: {result.done} done, {result.skipped} done by an earlier run, {result.failed} failed"
+        + (f" ({reasons}); reasons per slide in {rejects_path(out)}" if result.failed else "")
+        + f"; {result.tiles} tiles in {result.seconds:.1f} s; statuses in {slides_path(out)}"
+    )
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--manifest", required=True, help="CSV or parquet: slide_path, sample_id, subject_id, labels, "
-                                                     "optional mpp, report, split and case columns")
+    p.add_argument(
+        "--manifest",
+        required=True,
+        help="CSV or parquet: slide_path, sample_id, subject_id, labels, optional mpp, report, split and case columns",
+    )
     p.add_argument("--out", required=True, help="store to write (path or fsspec URL)")
     p.add_argument("--label-columns", required=True, help="comma-separated label columns")
-    p.add_argument("--case-columns", default=None, help="comma-separated case columns (default: every column "
-                                                        "that is not an id, path, mpp, report, split or label)")
-    p.add_argument("--task-types", default=None, help="COLUMN=KIND,… (binary, multiclass, ordinal, regression; "
-                                                      "default: inferred)")
+    p.add_argument(
+        "--case-columns",
+        default=None,
+        help="comma-separated case columns (default: every column "
+        "that is not an id, path, mpp, report, split or label)",
+    )
+    p.add_argument(
+        "--task-types", default=None, help="COLUMN=KIND,… (binary, multiclass, ordinal, regression; default: inferred)"
+    )
     p.add_argument("--report-column", default="report")
     p.add_argument("--target-mpp", type=float, default=0.5, help="µm per pixel of the tiles (default 0.5)")
     p.add_argument("--tile-size", type=int, default=224)
     p.add_argument("--min-tissue", type=float, default=0.25, help="least tissue fraction of a kept tile")
-    p.add_argument("--patch-encoder", default="default", help="'default' (MONAI ResNet, no download) or "
-                                                              "package.module:factory")
+    p.add_argument(
+        "--patch-encoder", default="default", help="'default' (MONAI ResNet, no download) or package.module:factory"
+    )
     p.add_argument("--patch-weights", default=None, help="local weights file for the patch encoder")
     p.add_argument("--store-tiles", action="store_true", help="also store the raw tiles (uint8)")
-    p.add_argument("--assume-mpp", type=float, default=None,
-                   help="µm/px for slides whose metadata and manifest give none usable (default: such a slide fails)")
+    p.add_argument(
+        "--assume-mpp",
+        type=float,
+        default=None,
+        help="µm/px for slides whose metadata and manifest give none usable (default: such a slide fails)",
+    )
     p.add_argument("--read-threads", type=int, default=2, help="tiles read in parallel (default 2)")
     p.add_argument("--encoding", default="utf-8", help="text encoding of a CSV manifest (default utf-8)")
     p.add_argument("--seed", type=int, default=0)
@@ -268,11 +337,25 @@ def _run(args: argparse.Namespace) -> None:
     """Whole slides (+ reports + case data) listed in a manifest → a slide store."""
     kinds = dict(item.split("=", 1) for item in comma_list(args.task_types) or [])
     result = prepare_slides(
-        args.manifest, args.out, label_columns=comma_list(args.label_columns), case_columns=comma_list(args.case_columns),
-        task_types=kinds, report_column=args.report_column, target_mpp=args.target_mpp, tile_size=args.tile_size,
-        min_tissue=args.min_tissue, patch_encoder=args.patch_encoder, patch_weights=args.patch_weights,
-        store_tiles=args.store_tiles, assume_mpp=args.assume_mpp, seed=args.seed, overwrite=args.overwrite,
-        read_threads=args.read_threads, encoding=args.encoding, progress=True)
+        args.manifest,
+        args.out,
+        label_columns=comma_list(args.label_columns),
+        case_columns=comma_list(args.case_columns),
+        task_types=kinds,
+        report_column=args.report_column,
+        target_mpp=args.target_mpp,
+        tile_size=args.tile_size,
+        min_tissue=args.min_tissue,
+        patch_encoder=args.patch_encoder,
+        patch_weights=args.patch_weights,
+        store_tiles=args.store_tiles,
+        assume_mpp=args.assume_mpp,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        read_threads=args.read_threads,
+        encoding=args.encoding,
+        progress=True,
+    )
     print_summary(result, args.out)
     if result.store is None:
         raise StoreError(f"no slide could be prepared; see {rejects_path(args.out)}")

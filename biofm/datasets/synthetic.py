@@ -29,9 +29,14 @@ TASKS = {
 
 SEVERITY = ["unremarkable", "mild", "moderate", "marked", "severe"]
 FILLER = [
-    "specimen received in formalin", "sections examined at multiple levels", "clinical history noted",
-    "gross description attached", "immunostains reviewed", "frozen section correlated",
-    "specimen oriented with sutures", "tissue submitted entirely",
+    "specimen received in formalin",
+    "sections examined at multiple levels",
+    "clinical history noted",
+    "gross description attached",
+    "immunostains reviewed",
+    "frozen section correlated",
+    "specimen oriented with sutures",
+    "tissue submitted entirely",
 ]
 
 
@@ -44,14 +49,16 @@ def cohort(n: int, seed: int = 0, p_missing: float = 0.2) -> dict:
     a = a_subject[subject] + 0.3 * rng.standard_normal(n)
     b = b_subject[subject] + 0.3 * rng.standard_normal(n)
 
-    case = pd.DataFrame({
-        "age": np.round(60 + 8 * a + 4 * rng.standard_normal(n), 1),
-        "marker_1": a + 0.4 * rng.standard_normal(n),
-        "marker_2": rng.standard_normal(n),  # noise
-        "bmi": np.round(26 + 3 * rng.standard_normal(n), 1),
-        "stage": np.array(["I", "II", "III"])[np.digitize(a + 0.5 * rng.standard_normal(n), [-0.6, 0.6])],
-        "site": rng.choice(["north", "south", "east", "west"], size=n),  # noise
-    })
+    case = pd.DataFrame(
+        {
+            "age": np.round(60 + 8 * a + 4 * rng.standard_normal(n), 1),
+            "marker_1": a + 0.4 * rng.standard_normal(n),
+            "marker_2": rng.standard_normal(n),  # noise
+            "bmi": np.round(26 + 3 * rng.standard_normal(n), 1),
+            "stage": np.array(["I", "II", "III"])[np.digitize(a + 0.5 * rng.standard_normal(n), [-0.6, 0.6])],
+            "site": rng.choice(["north", "south", "east", "west"], size=n),  # noise
+        }
+    )
     case = case.mask(rng.random(case.shape) < 0.08)  # missing cells
 
     level = np.clip(np.digitize(b + 0.35 * rng.standard_normal(n), [-1.1, -0.35, 0.35, 1.1]), 0, 4)
@@ -74,23 +81,26 @@ def cohort(n: int, seed: int = 0, p_missing: float = 0.2) -> dict:
         "subtype": np.argmax(np.stack([a + b, a - b, -a + 0.2 * noise[0]]), axis=0).astype(np.float32),
         "risk_score": (10 + 3 * a + 3 * b + 0.8 * noise[1]).astype(np.float32),
         "grade": np.digitize(a + b + 0.4 * noise[2], [-1.0, 0.0, 1.0]).astype(np.float32),
-        "findings": np.stack([a + 0.3 * noise[3] > 0.4, b + 0.3 * noise[4] > 0.4, a + b > 0.8],
-                             axis=1).astype(np.float32),
+        "findings": np.stack([a + 0.3 * noise[3] > 0.4, b + 0.3 * noise[4] > 0.4, a + b > 0.8], axis=1).astype(
+            np.float32
+        ),
     }
     labels["risk_score"][rng.random(n) < 0.3] = np.nan  # a sparse task
     labels["findings"][rng.random(n) < 0.2] = np.nan
     return {
         "sample_id": [f"SYN-{seed}-{i:06d}" for i in range(n)],
         "subject_id": [f"PT-{seed}-{s:06d}" for s in subject],
-        "case": case, "has_case": has_case,
+        "case": case,
+        "has_case": has_case,
         "report": [r if keep else None for r, keep in zip(reports, has_report)],
         "labels": labels,
     }
 
 
 @prepares
-def prepare_synthetic(out: str, n: int = 2000, seed: int = 0, batch_size: int = 512,
-                      overwrite: bool = False, progress: bool = False) -> Store:
+def prepare_synthetic(
+    out: str, n: int = 2000, seed: int = 0, batch_size: int = 512, overwrite: bool = False, progress: bool = False
+) -> Store:
     """Write the synthetic cohort as a store (tabular + text modalities, five tasks)."""
     raw = cohort(n, seed)
     tabular = MODALITIES.resolve("tabular")()
@@ -98,15 +108,23 @@ def prepare_synthetic(out: str, n: int = 2000, seed: int = 0, batch_size: int = 
     case_rows = [row if keep else None for row, keep in zip(raw["case"].to_dict("records"), raw["has_case"])]
     tabular.fit(case_rows)
     text.fit(raw["report"])
-    writer = StoreWriter(out, source="synthetic", seed=seed, overwrite=overwrite,
-                         modalities={"tabular": tabular.config(), "text": text.config()}, tasks=TASKS)
+    writer = StoreWriter(
+        out,
+        source="synthetic",
+        seed=seed,
+        overwrite=overwrite,
+        modalities={"tabular": tabular.config(), "text": text.config()},
+        tasks=TASKS,
+    )
     done = writer.committed()
     for key, start in enumerate(_progress(range(0, n, batch_size), progress, "writing synthetic cohort")):
         if key in done:
             continue
         sl = slice(start, start + batch_size)
         writer.write_batch(
-            key, sample_id=raw["sample_id"][sl], subject_id=raw["subject_id"][sl],
+            key,
+            sample_id=raw["sample_id"][sl],
+            subject_id=raw["subject_id"][sl],
             labels={task: values[sl] for task, values in raw["labels"].items()},
             arrays={**tabular.featurise(case_rows[sl]), **text.featurise(raw["report"][sl])},
         )
@@ -117,6 +135,7 @@ def _progress(items, enabled: bool, description: str):
     if not enabled:
         return items
     from rich.progress import track
+
     return track(list(items), description=description)
 
 

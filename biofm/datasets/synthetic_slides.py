@@ -30,6 +30,7 @@ CASE_COLUMNS = ["age", "sex", "clinic"]
 
 def default_cmu_path() -> Path | None:
     from biofm.testing import SHARED_DATA
+
     path = SHARED_DATA / "wsi" / "cmu-1-small-region.svs"
     return path if path.exists() else None
 
@@ -39,6 +40,7 @@ class TissueSource:
 
     def __init__(self, cmu_path: str | Path | None = None, seed: int = 0):
         from skimage import data
+
         self.ihc = data.immunohistochemistry()
         cmu_path = default_cmu_path() if cmu_path is None else cmu_path
         self.he_crops = _cmu_crops(cmu_path, seed) if cmu_path else None
@@ -51,7 +53,7 @@ class TissueSource:
         else:
             image = self.ihc if stain == "IHC" else self.he
             y, x = rng.integers(0, image.shape[0] - size), rng.integers(0, image.shape[1] - size)
-            crop = image[y:y + size, x:x + size]
+            crop = image[y : y + size, x : x + size]
         crop = np.rot90(crop, k=int(rng.integers(4)))
         return crop[:, ::-1] if rng.random() < 0.5 else crop
 
@@ -59,6 +61,7 @@ class TissueSource:
 def _cmu_crops(path, seed: int, size: int = 256, n: int = 48) -> list[np.ndarray] | None:
     """Crops of the CMU slide where it is (nearly) all tissue."""
     from biofm.modalities.wsi.slide import open_slide, read_rgb, thumbnail, tissue_mask
+
     slide = open_slide(str(path))
     try:
         ds = 16.0
@@ -68,7 +71,7 @@ def _cmu_crops(path, seed: int, size: int = 256, n: int = 48) -> list[np.ndarray
         crops = []
         for _ in range(4000):
             x, y = int(rng.integers(0, width - size)), int(rng.integers(0, height - size))
-            window = mask[int(y / ds):int((y + size) / ds), int(x / ds):int((x + size) / ds)]
+            window = mask[int(y / ds) : int((y + size) / ds), int(x / ds) : int((x + size) / ds)]
             if window.size and window.mean() > 0.9:
                 crops.append(read_rgb(slide, (x, y), 0, (size, size)))
                 if len(crops) == n:
@@ -81,6 +84,7 @@ def _cmu_crops(path, seed: int, size: int = 256, n: int = 48) -> list[np.ndarray
 def _restain_he(ihc: np.ndarray) -> np.ndarray:
     """The IHC image re-stained as H&E: haematoxylin kept, DAB signal moved to the eosin channel."""
     from skimage.color import hed2rgb, rgb2hed
+
     hed = rgb2hed(ihc)
     he = np.stack([hed[..., 0] * 1.2, hed[..., 2] * 0.8, np.zeros_like(hed[..., 0])], axis=-1)
     return (np.clip(hed2rgb(he), 0, 1) * 255).astype(np.uint8)
@@ -88,6 +92,7 @@ def _restain_he(ihc: np.ndarray) -> np.ndarray:
 
 def _noise(rng: np.random.Generator, size: int, cells: int = 12) -> np.ndarray:
     from PIL import Image
+
     coarse = (rng.random((cells, cells)) * 255).astype(np.uint8)
     return np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC), np.float32) / 255.0 - 0.5
 
@@ -101,13 +106,23 @@ def fragment_mask(rng: np.random.Generator, size: int, specimen: str) -> np.ndar
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
     mask = np.zeros((size, size), bool)
     if specimen == "resection":
-        pieces = [((0.5 + rng.uniform(-0.06, 0.06), 0.5 + rng.uniform(-0.06, 0.06)),
-                   (rng.uniform(0.2, 0.42), rng.uniform(0.16, 0.38)), rng.uniform(0, np.pi))]
+        pieces = [
+            (
+                (0.5 + rng.uniform(-0.06, 0.06), 0.5 + rng.uniform(-0.06, 0.06)),
+                (rng.uniform(0.2, 0.42), rng.uniform(0.16, 0.38)),
+                rng.uniform(0, np.pi),
+            )
+        ]
     else:
         count = int(rng.integers(1, 4))
-        pieces = [((0.5 + rng.uniform(-0.08, 0.08), (i + 0.5) / count + rng.uniform(-0.03, 0.03)),
-                   (rng.uniform(0.28, 0.42), rng.uniform(70, 90) / full), rng.uniform(-0.25, 0.25))
-                  for i in range(count)]
+        pieces = [
+            (
+                (0.5 + rng.uniform(-0.08, 0.08), (i + 0.5) / count + rng.uniform(-0.03, 0.03)),
+                (rng.uniform(0.28, 0.42), rng.uniform(70, 90) / full),
+                rng.uniform(-0.25, 0.25),
+            )
+            for i in range(count)
+        ]
     wobble = _noise(rng, size)
     for (cx, cy), (a, b), angle in pieces:
         u = (x - cx) * np.cos(angle) + (y - cy) * np.sin(angle)
@@ -118,14 +133,15 @@ def fragment_mask(rng: np.random.Generator, size: int, specimen: str) -> np.ndar
     return mask
 
 
-def synthetic_slide(rng: np.random.Generator, source: TissueSource, stain: str, specimen: str, faded: bool,
-                    size: int = 1344) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_slide(
+    rng: np.random.Generator, source: TissueSource, stain: str, specimen: str, faded: bool, size: int = 1344
+) -> tuple[np.ndarray, np.ndarray]:
     """An RGB slide [size, size, 3] and its tissue mask."""
     texture = np.zeros((size, size, 3), np.uint8)
     for top in range(0, size, 256):
         for left in range(0, size, 256):
             crop = source.crop(stain, rng)
-            texture[top:top + 256, left:left + 256] = crop[:size - top, :size - left]
+            texture[top : top + 256, left : left + 256] = crop[: size - top, : size - left]
     if faded:
         texture = (255 - (255 - texture.astype(np.float32)) * 0.45).astype(np.uint8)
     mask = fragment_mask(rng, size, specimen)
@@ -137,13 +153,20 @@ def write_pyramid_tiff(path: str | Path, rgb: np.ndarray, mpp: float, levels: in
     """A tiled pyramidal TIFF that OpenSlide reads as a generic TIFF; resolution tags give `mpp`."""
     import tifffile
     from PIL import Image
+
     image = rgb
     with tifffile.TiffWriter(str(path)) as tif:
         for level in range(levels):
-            per_cm = 1e4 / (mpp * 2 ** level)
-            tif.write(image, tile=(tile, tile), compression="zlib", photometric="rgb",
-                      resolution=(per_cm, per_cm), resolutionunit="CENTIMETER",
-                      subfiletype=0 if level == 0 else 1)
+            per_cm = 1e4 / (mpp * 2**level)
+            tif.write(
+                image,
+                tile=(tile, tile),
+                compression="zlib",
+                photometric="rgb",
+                resolution=(per_cm, per_cm),
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if level == 0 else 1,
+            )
             if min(image.shape[:2]) // 2 < 16:
                 break
             image = np.asarray(Image.fromarray(image).reduce(2))
@@ -168,27 +191,44 @@ def biobank_cases(n: int, seed: int = 0) -> pd.DataFrame:
             parts.append("tissue received in formalin")
         if rng.random() < 0.4:
             parts.append("core needle biopsy" if specimen[i] == "biopsy" else "excision specimen")
-        parts.append(str(rng.choice(["sections examined", "clinical history noted", "levels cut",
-                                     "gross description attached"])))
+        parts.append(
+            str(rng.choice(["sections examined", "clinical history noted", "levels cut", "gross description attached"]))
+        )
         rng.shuffle(parts)
         reports.append(". ".join(parts) + ".")
     # by subject, with a test share large enough to score five tasks on a few dozen slides
     from biofm.platform.store import subject_splits
+
     subject_ids = np.array([f"BBP-{seed}-{s:05d}" for s in subject])
-    return pd.DataFrame({
-        "sample_id": [f"BB-{seed}-{i:05d}" for i in range(n)],
-        "subject_id": subject_ids,
-        "split": subject_splits(subject_ids, (0.6, 0.1, 0.3), seed),
-        "stain": stain, "specimen": specimen, "faded": faded, "site": site,
-        "age": np.round(rng.normal(62, 11, n), 0), "sex": rng.choice(["F", "M"], size=n), "clinic": clinic,
-        "report": reports,
-    })
+    return pd.DataFrame(
+        {
+            "sample_id": [f"BB-{seed}-{i:05d}" for i in range(n)],
+            "subject_id": subject_ids,
+            "split": subject_splits(subject_ids, (0.6, 0.1, 0.3), seed),
+            "stain": stain,
+            "specimen": specimen,
+            "faded": faded,
+            "site": site,
+            "age": np.round(rng.normal(62, 11, n), 0),
+            "sex": rng.choice(["F", "M"], size=n),
+            "clinic": clinic,
+            "report": reports,
+        }
+    )
 
 
-def write_biobank(folder: str | Path, n: int = 60, seed: int = 0, size: int = 1344, mpp: float = 0.5,
-                  cmu_path: str | Path | None = None, progress: bool = False) -> Path:
+def write_biobank(
+    folder: str | Path,
+    n: int = 60,
+    seed: int = 0,
+    size: int = 1344,
+    mpp: float = 0.5,
+    cmu_path: str | Path | None = None,
+    progress: bool = False,
+) -> Path:
     """Write `n` synthetic slides under `folder/slides/` and `folder/manifest.csv`; returns the manifest."""
     from biofm.datasets.outputs import track
+
     folder = Path(folder)
     (folder / "slides").mkdir(parents=True, exist_ok=True)
     cases = biobank_cases(n, seed)
@@ -196,8 +236,7 @@ def write_biobank(folder: str | Path, n: int = 60, seed: int = 0, size: int = 13
     areas, paths = [], []
     for i in track(range(n), progress, n, "writing synthetic slides"):
         rng = np.random.default_rng([seed, i])
-        rgb, mask = synthetic_slide(rng, source, cases["stain"][i], cases["specimen"][i], bool(cases["faded"][i]),
-                                    size)
+        rgb, mask = synthetic_slide(rng, source, cases["stain"][i], cases["specimen"][i], bool(cases["faded"][i]), size)
         name = f"slide-{i:05d}.tiff"
         write_pyramid_tiff(folder / "slides" / name, rgb, mpp)
         areas.append(round(float(mask.sum()) * mpp * mpp / 1e6, 4))
@@ -223,9 +262,17 @@ def _run(args: argparse.Namespace) -> None:
     """Synthetic pathology biobank: slides from real tissue + reports + case table → slide metadata."""
     from biofm.datasets.slides import prepare_slides, print_summary
     from biofm.platform.writing import writing
+
     folder = Path(args.slides_dir or str(args.out).rstrip("/") + ".slides")
     with writing(args.out):  # an --out that is not a store is refused before any slide is written
         manifest = write_biobank(folder, n=args.n, seed=args.seed, size=args.size, progress=True)
-        result = prepare_slides(str(manifest), args.out, label_columns=BIOBANK_LABELS, case_columns=CASE_COLUMNS,
-                                seed=args.seed, overwrite=args.overwrite, progress=True)
+        result = prepare_slides(
+            str(manifest),
+            args.out,
+            label_columns=BIOBANK_LABELS,
+            case_columns=CASE_COLUMNS,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            progress=True,
+        )
     print_summary(result, args.out)

@@ -121,8 +121,9 @@ class FAMO(Balancer):
         shared = [t for t in current if t in self._previous]
         if shared:
             index = [self.tasks.index(t) for t in shared]
-            delta = torch.tensor([math.log(max(self._previous[t], 1e-8)) - math.log(max(current[t], 1e-8))
-                                  for t in shared])
+            delta = torch.tensor(
+                [math.log(max(self._previous[t], 1e-8)) - math.log(max(current[t], 1e-8)) for t in shared]
+            )
             with torch.enable_grad():
                 logits = self.logits.detach().requires_grad_(True)
                 z = torch.softmax(logits[index], dim=0)

@@ -40,8 +40,10 @@ def _what_is_wrong(path: str, fs) -> str | None:
                 with zipfile.ZipFile(handle) as archive:
                     names = archive.namelist()
             except (zipfile.BadZipFile, OSError, EOFError):
-                return (f"the checkpoint is truncated or damaged ({size} bytes; its zip archive has no end, as when "
-                        "a save or a copy is cut short): use another checkpoint, e.g. best-*.ckpt, or copy it again")
+                return (
+                    f"the checkpoint is truncated or damaged ({size} bytes; its zip archive has no end, as when "
+                    "a save or a copy is cut short): use another checkpoint, e.g. best-*.ckpt, or copy it again"
+                )
             if not any(name.endswith("data.pkl") for name in names):
                 return "the file is a zip archive but not a PyTorch checkpoint (no data.pkl in it)"
             return None
@@ -49,7 +51,9 @@ def _what_is_wrong(path: str, fs) -> str | None:
         return None
     try:
         head.decode("utf-8")
-        return "the file is readable characters, not a checkpoint (a checkpoint is a file of bytes written by `biofm fit`)"
+        return (
+            "the file is readable characters, not a checkpoint (a checkpoint is a file of bytes written by `biofm fit`)"
+        )
     except UnicodeDecodeError:
         return "the file is not a checkpoint (its bytes are neither a PyTorch zip archive nor a pickle)"
 
@@ -61,8 +65,10 @@ def safe_load(path: str | Path, map_location: Any = "cpu") -> dict:
     if not fs.exists(str(path)):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if fs.isdir(str(path)):
-        raise CheckpointError(f"{path}: is a folder, not a checkpoint file (biofm.load and predict-cohort take a "
-                              "run directory; --ckpt_path and init_from take a .ckpt file)")
+        raise CheckpointError(
+            f"{path}: is a folder, not a checkpoint file (biofm.load and predict-cohort take a "
+            "run directory; --ckpt_path and init_from take a .ckpt file)"
+        )
     wrong = _what_is_wrong(str(path), fs)
     if wrong:
         raise CheckpointError(f"{path}: {wrong}")
@@ -72,15 +78,21 @@ def safe_load(path: str | Path, map_location: Any = "cpu") -> dict:
     except pickle.UnpicklingError as err:
         if "GLOBAL" in str(err) or "Unsupported global" in str(err):
             raise UnsafeCheckpointError(unsafe_message(path, err)) from None
-        raise CheckpointError(f"{path}: the file cannot be read as a checkpoint ({str(err).splitlines()[0][:120]}); "
-                              "it is damaged or was not written by torch.save") from None
+        raise CheckpointError(
+            f"{path}: the file cannot be read as a checkpoint ({str(err).splitlines()[0][:120]}); "
+            "it is damaged or was not written by torch.save"
+        ) from None
     except Exception as err:  # noqa: BLE001 — torch raises RuntimeError, EOFError, KeyError, IndexError, …
-        raise CheckpointError(f"{path}: the checkpoint is truncated or damaged ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0][:120] if str(err) else 'no detail'}); use another "
-                              "checkpoint or copy it again") from None
+        raise CheckpointError(
+            f"{path}: the checkpoint is truncated or damaged ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:120] if str(err) else 'no detail'}); use another "
+            "checkpoint or copy it again"
+        ) from None
     if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint (a mapping with "
-                              "state_dict and hyper_parameters)")
+        raise CheckpointError(
+            f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint (a mapping with "
+            "state_dict and hyper_parameters)"
+        )
     return checkpoint
 
 
@@ -88,15 +100,18 @@ def biofm_schema(checkpoint: dict, path) -> dict:
     """The schema a biofm checkpoint carries; another program's checkpoint is a CheckpointError."""
     schema = (checkpoint.get("hyper_parameters") or {}).get("schema")
     if not isinstance(schema, dict) or "state_dict" not in checkpoint:
-        raise CheckpointError(f"{path} is not a biofm checkpoint (no schema in its hyper-parameters); use one "
-                              "written by `biofm fit`")
+        raise CheckpointError(
+            f"{path} is not a biofm checkpoint (no schema in its hyper-parameters); use one written by `biofm fit`"
+        )
     return schema
 
 
 def unsafe_message(path, err: Exception) -> str:
     detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "")
-    return (f"refusing to load checkpoint {path}: it holds objects that only unpickling arbitrary code could "
-            f"rebuild, which biofm never writes. Load only checkpoints from a source you trust. {detail}").strip()
+    return (
+        f"refusing to load checkpoint {path}: it holds objects that only unpickling arbitrary code could "
+        f"rebuild, which biofm never writes. Load only checkpoints from a source you trust. {detail}"
+    ).strip()
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -117,21 +132,30 @@ def load_pretrained(model: nn.Module, path: str | Path, fresh_heads: bool = Fals
     schema = biofm_schema(checkpoint, path)
     for name, config in model.schema["modalities"].items():
         if name in schema["modalities"] and schema["modalities"][name] != config:
-            raise ValueError(f"modality '{name}' of {path} was prepared with other settings (e.g. another "
-                             "tokenizer) than this run's stores; prepare the stores with the checkpoint's "
-                             "settings")
-    state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    shared_tasks = [t for t in model.schema["tasks"]
-                    if t in schema["tasks"] and schema["tasks"][t]["kind"] == model.schema["tasks"][t]["kind"]
-                    and not fresh_heads]
+            raise ValueError(
+                f"modality '{name}' of {path} was prepared with other settings (e.g. another "
+                "tokenizer) than this run's stores; prepare the stores with the checkpoint's "
+                "settings"
+            )
+    state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    shared_tasks = [
+        t
+        for t in model.schema["tasks"]
+        if t in schema["tasks"] and schema["tasks"][t]["kind"] == model.schema["tasks"][t]["kind"] and not fresh_heads
+    ]
     keep = PRETRAINED_PARTS + tuple(f"heads.{t}." for t in shared_tasks) + tuple(f"queries.{t}" for t in shared_tasks)
     own = model.state_dict()
-    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-                  if k.startswith(keep) and k in own and own[k].shape != v.shape]
+    mismatched = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k.startswith(keep) and k in own and own[k].shape != v.shape
+    ]
     if mismatched:
-        raise ValueError(f"{path} has another architecture than this model ({', '.join(mismatched[:3])}"
-                         f"{', …' if len(mismatched) > 3 else ''}); fine-tune with the pretraining run's model "
-                         "options (d_model, depth, heads, latents, encoders)")
+        raise ValueError(
+            f"{path} has another architecture than this model ({', '.join(mismatched[:3])}"
+            f"{', …' if len(mismatched) > 3 else ''}); fine-tune with the pretraining run's model "
+            "options (d_model, depth, heads, latents, encoders)"
+        )
     loaded = {k: v for k, v in state.items() if k.startswith(keep) and k in own}
     model.load_state_dict(loaded, strict=False)
     fresh = [t for t in model.schema["tasks"] if t not in shared_tasks]
@@ -147,10 +171,25 @@ class BiofmCheckpoint(ModelCheckpoint):
     validation did not improve it kept an older epoch). A NaN monitor (no metric could be computed) never
     selects a checkpoint."""
 
-    def __init__(self, dirpath: str, monitor: str = "val/macro/score", mode: str = "max",
-                 every_minutes: float | None = 10.0, every_n_steps: int | None = None, **kwargs):
-        super().__init__(dirpath=dirpath, monitor=monitor, mode=mode, save_last=True, save_top_k=1,
-                         filename="best-{epoch}", enable_version_counter=False, **kwargs)
+    def __init__(
+        self,
+        dirpath: str,
+        monitor: str = "val/macro/score",
+        mode: str = "max",
+        every_minutes: float | None = 10.0,
+        every_n_steps: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(
+            dirpath=dirpath,
+            monitor=monitor,
+            mode=mode,
+            save_last=True,
+            save_top_k=1,
+            filename="best-{epoch}",
+            enable_version_counter=False,
+            **kwargs,
+        )
         if every_minutes is not None and every_minutes <= 0:
             raise ValueError(f"checkpoint every_minutes must be above 0, got {every_minutes}")
         if every_n_steps is not None and every_n_steps < 1:
@@ -176,6 +215,7 @@ class BiofmCheckpoint(ModelCheckpoint):
 
     def _fitting(self, trainer) -> bool:
         from lightning.pytorch.trainer.states import TrainerFn
+
         return not trainer.fast_dev_run and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
 
     def _refresh_last(self, trainer) -> None:
@@ -185,7 +225,8 @@ class BiofmCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         due = (self.every_n_steps is not None and trainer.global_step % self.every_n_steps == 0) or (
-            self.every_seconds is not None and time.monotonic() - self._last_at_time >= self.every_seconds)
+            self.every_seconds is not None and time.monotonic() - self._last_at_time >= self.every_seconds
+        )
         if trainer.world_size > 1:  # every rank takes the same decision (ranks' clocks differ)
             due = trainer.strategy.broadcast(due)
         if due:
@@ -202,10 +243,13 @@ class BiofmCheckpoint(ModelCheckpoint):
             self._refresh_last(trainer)
 
 
-def default_checkpoint(run_dir: str, every_minutes: float | None = 10.0,
-                       every_n_steps: int | None = None) -> BiofmCheckpoint:
+def default_checkpoint(
+    run_dir: str, every_minutes: float | None = 10.0, every_n_steps: int | None = None
+) -> BiofmCheckpoint:
     """`<run_dir>/checkpoints/`: the best epoch by validation macro score, and `last.ckpt` (see
     `BiofmCheckpoint`)."""
     import os
-    return BiofmCheckpoint(os.path.join(run_dir, "checkpoints"), every_minutes=every_minutes,
-                           every_n_steps=every_n_steps)
+
+    return BiofmCheckpoint(
+        os.path.join(run_dir, "checkpoints"), every_minutes=every_minutes, every_n_steps=every_n_steps
+    )

@@ -24,18 +24,21 @@ def _add_commands(subs, registry: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     load_plugins()  # sources, modalities and recipes register their commands
-    parser = argparse.ArgumentParser(prog="biofm", description=__doc__,
-                                     epilog="Lightning subcommands: biofm {fit,validate,test,predict} --help")
+    parser = argparse.ArgumentParser(
+        prog="biofm", description=__doc__, epilog="Lightning subcommands: biofm {fit,validate,test,predict} --help"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     _subcommands(commands.add_parser("prepare", help="turn a raw source into a sample store"), PREPARERS, "source")
     _subcommands(commands.add_parser("export", help="write predictions in another format"), EXPORTERS, "format")
     _add_commands(commands, COMMANDS)
     cohort = commands.add_parser("predict-cohort", help="predict a manifest of raw inputs with a checkpoint")
     cohort.add_argument("--checkpoint", required=True, help="a .ckpt file or a run directory holding one")
-    cohort.add_argument("--manifest", required=True, help="CSV or parquet: sample_id and a column per input "
-                                                          "(the column each modality reads, case columns)")
-    cohort.add_argument("--out", required=True, help="folder for shards, predictions.parquet, errors.csv, "
-                                                     "summary.json")
+    cohort.add_argument(
+        "--manifest",
+        required=True,
+        help="CSV or parquet: sample_id and a column per input (the column each modality reads, case columns)",
+    )
+    cohort.add_argument("--out", required=True, help="folder for shards, predictions.parquet, errors.csv, summary.json")
     cohort.add_argument("--batch-size", type=int, default=256)
     cohort.add_argument("--num-workers", type=int, default=0, help="loader processes that featurise")
     cohort.add_argument("--devices", type=int, default=1, help="processes (GPUs, or CPU processes with gloo)")
@@ -46,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="describe a store")
     info.add_argument("store")
     info.set_defaults(run=_info)
-    verify = commands.add_parser("verify", help="check every file of a store against the checksums written "
-                                                "when it was prepared")
+    verify = commands.add_parser(
+        "verify", help="check every file of a store against the checksums written when it was prepared"
+    )
     verify.add_argument("store", help="store path or fsspec URL")
     verify.set_defaults(run=_verify)
     return parser
@@ -55,12 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _info(args: argparse.Namespace) -> None:
     from biofm.platform.store import Store
+
     print(Store(args.store).describe())
 
 
 def _verify(args: argparse.Namespace) -> None:
     from biofm.platform.integrity import verify
     from biofm.platform.store import Store
+
     result = verify(args.store, progress=sys.stderr.isatty())
     if not result["problems"]:
         Store(args.store)  # and the store's own checks: attributes, arrays, shapes, offsets
@@ -68,29 +74,44 @@ def _verify(args: argparse.Namespace) -> None:
         print(f"biofm: error: {line}", file=sys.stderr)
     if result["problems"]:
         raise SystemExit(2)
-    print(f"{args.store}: {result['files']} files ({result['bytes'] / (1 << 20):.1f} MiB) match the checksums "
-          "written when the store was prepared")
+    print(
+        f"{args.store}: {result['files']} files ({result['bytes'] / (1 << 20):.1f} MiB) match the checksums "
+        "written when the store was prepared"
+    )
 
 
 def _predict_cohort(args: argparse.Namespace) -> None:
     from biofm.platform.cohort import predict_cohort
-    summary = predict_cohort(args.checkpoint, args.manifest, args.out, batch_size=args.batch_size,
-                             num_workers=args.num_workers, devices=args.devices, num_nodes=args.num_nodes,
-                             accelerator=args.accelerator, encoding=args.encoding)
+
+    summary = predict_cohort(
+        args.checkpoint,
+        args.manifest,
+        args.out,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        accelerator=args.accelerator,
+        encoding=args.encoding,
+    )
     if summary:
-        print(f"{summary['predicted']} of {summary['samples']} samples predicted, {summary['errors']} errors "
-              f"(listed in {args.out}/errors.csv); {summary['samples_per_s']} samples/s; "
-              f"predictions in {args.out}/predictions.parquet")
+        print(
+            f"{summary['predicted']} of {summary['samples']} samples predicted, {summary['errors']} errors "
+            f"(listed in {args.out}/errors.csv); {summary['samples_per_s']} samples/s; "
+            f"predictions in {args.out}/predictions.parquet"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
         from biofm.platform.lightning_cli import run_lightning_cli
+
         run_lightning_cli(argv)
         return
     from biofm.platform.errors import CheckpointError, ConfigError, StoreError
     from biofm.registry import RegistryError
+
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

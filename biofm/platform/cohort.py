@@ -48,9 +48,11 @@ def read_cohort(path: str, encoding: str = "utf-8") -> pd.DataFrame:
     (said on stderr, with the columns it has, in case the ids are in a column of another name)."""
     frame = read_table(path, "cohort manifest", encoding)
     if "sample_id" not in frame.columns:
-        print(f"biofm: note: {path} has no sample_id column, so its rows are named row-1 … row-{len(frame)} "
-              f"in the predictions (its columns: {list(frame.columns)}); add a sample_id column to name them",
-              file=sys.stderr)
+        print(
+            f"biofm: note: {path} has no sample_id column, so its rows are named row-1 … row-{len(frame)} "
+            f"in the predictions (its columns: {list(frame.columns)}); add a sample_id column to name them",
+            file=sys.stderr,
+        )
         frame.insert(0, "sample_id", [f"row-{i + 1}" for i in range(len(frame))])
     missing = np.flatnonzero(frame["sample_id"].isna().to_numpy())
     if len(missing):
@@ -71,16 +73,16 @@ def raw_inputs(model: Model, frame: pd.DataFrame, where: str) -> dict[str, objec
             raw[name] = values
     if not raw:
         wanted = [c for m in model.module.model.modalities.values() for c in m.table_columns()]
-        raise StoreError(f"{where}: no column for the model's modalities {model.modalities}; expected one of "
-                         f"{wanted}")
+        raise StoreError(f"{where}: no column for the model's modalities {model.modalities}; expected one of {wanted}")
     return raw
 
 
 class CohortBatches(Dataset):
     """Item k = batch `todo[k]` of the manifest, featurised (runs in the loader workers)."""
 
-    def __init__(self, model: Model, raw: dict, sample_ids: np.ndarray, batch_size: int, todo: list[int],
-                 predict: bool = False):
+    def __init__(
+        self, model: Model, raw: dict, sample_ids: np.ndarray, batch_size: int, todo: list[int], predict: bool = False
+    ):
         self.model, self.raw, self.sample_ids = model, raw, sample_ids
         self.batch_size, self.todo, self.predict = batch_size, todo, predict
 
@@ -127,8 +129,7 @@ class ShardWriter(BasePredictionWriter):
         self.shards = out / "shards"
         self.kept: dict[int, pa.Table] | None = {} if keep else None
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
-                           dataloader_idx=0):
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         table = prediction["table"]
         part = self.shards / f"part-{prediction['batch']:08d}.parquet"  # its existence marks the batch done
         pq.write_table(table, f"{part}.{os.getpid()}.tmp")
@@ -159,10 +160,21 @@ def _predicting_worker(worker: int) -> None:
         mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
-def predict_cohort(checkpoint: str, manifest: str, out: str, *, batch_size: int = 256, num_workers: int = 0,
-                   devices: int = 1, num_nodes: int = 1, accelerator: str = "auto", progress: bool = True,
-                   encoding: str = "utf-8", rows: Callable[[Model, str], tuple[pd.DataFrame, dict]] | None = None,
-                   run: dict | None = None) -> dict:
+def predict_cohort(
+    checkpoint: str,
+    manifest: str,
+    out: str,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    devices: int = 1,
+    num_nodes: int = 1,
+    accelerator: str = "auto",
+    progress: bool = True,
+    encoding: str = "utf-8",
+    rows: Callable[[Model, str], tuple[pd.DataFrame, dict]] | None = None,
+    run: dict | None = None,
+) -> dict:
     """Predict every row of `manifest` (see the module's doc); returns the summary. `rows(model, manifest)`
     gives the rows (a frame with `sample_id`, in output order) and the raw inputs per modality when the
     manifest's cells are not the inputs themselves (default: `read_cohort` and `raw_inputs`); `run` adds what
@@ -175,28 +187,41 @@ def predict_cohort(checkpoint: str, manifest: str, out: str, *, batch_size: int 
     model = Model(load_module(checkpoint), torch.device("cpu"))
     frame, raw = rows(model, manifest) if rows else (table, raw_inputs(model, table, manifest))
     (out_dir / "shards").mkdir(parents=True, exist_ok=True)  # once the manifest and the model are read
-    _same_run(out_dir, {"manifest": _sha256(manifest), "checkpoint": _sha256(checkpoint), "batch_size": batch_size,
-                        **(run or {})})
+    _same_run(
+        out_dir,
+        {"manifest": _sha256(manifest), "checkpoint": _sha256(checkpoint), "batch_size": batch_size, **(run or {})},
+    )
     n_batches = -(-len(frame) // batch_size)
     done = {int(p.name[5:13]) for p in (out_dir / "shards").glob("part-*.parquet")}
     todo = [b for b in range(n_batches) if b not in done]
     if todo:
         on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
         in_workers = on_cpu and num_workers >= 2
-        data = DataLoader(CohortBatches(model, raw, frame["sample_id"].astype(str).to_numpy(), batch_size, todo,
-                                        predict=in_workers),
-                          batch_size=1, collate_fn=_first, num_workers=num_workers,
-                          worker_init_fn=_predicting_worker if in_workers else _one_thread,
-                          prefetch_factor=4 if num_workers else None)
+        data = DataLoader(
+            CohortBatches(model, raw, frame["sample_id"].astype(str).to_numpy(), batch_size, todo, predict=in_workers),
+            batch_size=1,
+            collate_fn=_first,
+            num_workers=num_workers,
+            worker_init_fn=_predicting_worker if in_workers else _one_thread,
+            prefetch_factor=4 if num_workers else None,
+        )
         threads = torch.get_num_threads()
         if num_workers and not in_workers:  # the cores the featurising workers leave run the forward pass
             torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers))
         multi = devices > 1 or num_nodes > 1
         strategy = ("ddp" if "SLURM_NTASKS" in os.environ else "ddp_spawn") if multi else "auto"
         writer = ShardWriter(out_dir, keep=not multi)
-        trainer = Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-                          logger=False, enable_progress_bar=progress, enable_model_summary=False,
-                          callbacks=[writer], default_root_dir=str(out_dir))
+        trainer = Trainer(
+            accelerator=accelerator,
+            devices=devices,
+            num_nodes=num_nodes,
+            strategy=strategy,
+            logger=False,
+            enable_progress_bar=progress,
+            enable_model_summary=False,
+            callbacks=[writer],
+            default_root_dir=str(out_dir),
+        )
         gc.freeze()  # forked workers' garbage collector then leaves the parent's objects (and pages) alone
         try:
             trainer.predict(CohortPredictor(model), dataloaders=data, return_predictions=False)
@@ -213,6 +238,7 @@ def predict_cohort(checkpoint: str, manifest: str, out: str, *, batch_size: int 
 
 def _sha256(path) -> str:
     import hashlib
+
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(1 << 20):
@@ -228,18 +254,28 @@ def _same_run(out_dir: Path, key: dict) -> None:
     shards = list((out_dir / "shards").glob("part-*.parquet"))
     if record.exists():
         if json.loads(record.read_text()) != key:
-            raise StoreError(f"{out_dir} holds the shards of another predict-cohort run (another manifest, checkpoint "
-                             f"or batch size); a rerun resumes only the same run: write to another --out, or delete "
-                             f"{out_dir / 'shards'} to start over")
+            raise StoreError(
+                f"{out_dir} holds the shards of another predict-cohort run (another manifest, checkpoint "
+                f"or batch size); a rerun resumes only the same run: write to another --out, or delete "
+                f"{out_dir / 'shards'} to start over"
+            )
     elif shards:
-        raise StoreError(f"{out_dir / 'shards'} holds shards that no run recorded; write to another --out, or delete "
-                         "it to start over")
+        raise StoreError(
+            f"{out_dir / 'shards'} holds shards that no run recorded; write to another --out, or delete "
+            "it to start over"
+        )
     else:
         record.write_text(json.dumps(key))
 
 
-def merge(out_dir: Path, frame: pd.DataFrame, n_batches: int, ran: int, seconds: float,
-          kept: dict[int, pa.Table] | None = None) -> dict:
+def merge(
+    out_dir: Path,
+    frame: pd.DataFrame,
+    n_batches: int,
+    ran: int,
+    seconds: float,
+    kept: dict[int, pa.Table] | None = None,
+) -> dict:
     """Every batch's shard (or the table kept in memory for it) → predictions.parquet, errors.csv and
     summary.json."""
     kept = kept or {}
@@ -256,8 +292,14 @@ def merge(out_dir: Path, frame: pd.DataFrame, n_batches: int, ran: int, seconds:
     predictions.to_parquet(out_dir / "predictions.parquet.tmp", index=False)
     os.replace(out_dir / "predictions.parquet.tmp", out_dir / "predictions.parquet")
     errors.to_csv(out_dir / "errors.csv", index=False)
-    summary = {"samples": int(len(frame)), "predicted": int(predictions["error"].isna().sum()),
-               "errors": int(len(errors)), "batches": n_batches, "batches_this_run": ran,
-               "seconds": round(seconds, 2), "samples_per_s": round(len(frame) / max(seconds, 1e-9), 1)}
+    summary = {
+        "samples": int(len(frame)),
+        "predicted": int(predictions["error"].isna().sum()),
+        "errors": int(len(errors)),
+        "batches": n_batches,
+        "batches_this_run": ran,
+        "seconds": round(seconds, 2),
+        "samples_per_s": round(len(frame) / max(seconds, 1e-9), 1),
+    }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -22,11 +22,11 @@ class Collator:
     def __init__(self, schema: dict, with_ids: bool = False, augment: bool = False):
         self.schema, self.with_ids, self.augment = schema, with_ids, augment
         self.modalities: dict[str, Modality] = {
-            name: MODALITIES.resolve(name).from_config(config) for name, config in schema["modalities"].items()}
+            name: MODALITIES.resolve(name).from_config(config) for name, config in schema["modalities"].items()
+        }
 
     def __call__(self, batch: dict) -> dict:
-        out = {"source": batch["source"], "row": torch.from_numpy(np.asarray(batch["row"])),
-               "labels": {}, "inputs": {}}
+        out = {"source": batch["source"], "row": torch.from_numpy(np.asarray(batch["row"])), "labels": {}, "inputs": {}}
         for task in self.schema["tasks"]:
             if f"labels/{task}" in batch:
                 out["labels"][task] = torch.from_numpy(np.ascontiguousarray(batch[f"labels/{task}"]))
@@ -57,17 +57,39 @@ class BiofmDataModule(LightningDataModule):
             head (a task in several stores whose specs state no common `definition` stops the run otherwise).
     """
 
-    def __init__(self, stores: list[str], tasks: list[str] | dict[str, str] | None = None,
-                 modalities: list[str] | None = None, batch_size: int = 64, eval_batch_size: int | None = None,
-                 num_workers: int = 0, buffer_size: int = 1024, seed: int = 0,
-                 weights: dict[str, float] | None = None, temperature: float = 1.0,
-                 steps_per_epoch: int | None = None, predict_split: str = "test",
-                 storage_options: dict | None = None, train_fraction: float = 1.0,
-                 shared_tasks: list[str] | None = None):
+    def __init__(
+        self,
+        stores: list[str],
+        tasks: list[str] | dict[str, str] | None = None,
+        modalities: list[str] | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        buffer_size: int = 1024,
+        seed: int = 0,
+        weights: dict[str, float] | None = None,
+        temperature: float = 1.0,
+        steps_per_epoch: int | None = None,
+        predict_split: str = "test",
+        storage_options: dict | None = None,
+        train_fraction: float = 1.0,
+        shared_tasks: list[str] | None = None,
+    ):
         super().__init__()
-        check_settings("data", dict(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
-                                    buffer_size=buffer_size, temperature=temperature, train_fraction=train_fraction,
-                                    steps_per_epoch=steps_per_epoch, weights=weights, predict_split=predict_split))
+        check_settings(
+            "data",
+            dict(
+                batch_size=batch_size,
+                eval_batch_size=eval_batch_size,
+                num_workers=num_workers,
+                buffer_size=buffer_size,
+                temperature=temperature,
+                train_fraction=train_fraction,
+                steps_per_epoch=steps_per_epoch,
+                weights=weights,
+                predict_split=predict_split,
+            ),
+        )
         if not stores:
             raise ConfigError("data.stores is empty: name at least one store (biofm prepare … writes one)")
         self.stores: dict[str, Store] = {}
@@ -85,10 +107,19 @@ class BiofmDataModule(LightningDataModule):
     def _stream(self, store: Store, split: str | None, shuffle: bool, with_ids: bool = False) -> StoreStream:
         arrays = [a for m in self.schema["modalities"] if m in store.modalities for a in store.arrays_of(m)]
         tasks = [t for t in self.schema["tasks"] if t in store.tasks]
-        return StoreStream(store, split=split, batch_size=self.batch_size if shuffle else self.eval_batch_size,
-                           shuffle=shuffle, seed=self.seed, buffer_size=self.buffer_size, arrays=arrays,
-                           tasks=tasks, with_ids=with_ids, fraction=self.train_fraction if split == "train" else 1.0,
-                           transform=Collator(self.schema, with_ids, augment=shuffle))  # training only
+        return StoreStream(
+            store,
+            split=split,
+            batch_size=self.batch_size if shuffle else self.eval_batch_size,
+            shuffle=shuffle,
+            seed=self.seed,
+            buffer_size=self.buffer_size,
+            arrays=arrays,
+            tasks=tasks,
+            with_ids=with_ids,
+            fraction=self.train_fraction if split == "train" else 1.0,
+            transform=Collator(self.schema, with_ids, augment=shuffle),
+        )  # training only
 
     def _loaders(self, split: str | None, shuffle: bool, with_ids: bool = False) -> dict[str, StreamLoader]:
         loaders = {}
@@ -104,8 +135,9 @@ class BiofmDataModule(LightningDataModule):
         loaders = self._loaders("train", shuffle=True)
         if not loaders:
             raise ConfigError("no store has training samples with the configured modalities")
-        return MixedLoader(loaders, self.weights, self.temperature, self.seed, self.steps_per_epoch,
-                           confirm_trained=True)
+        return MixedLoader(
+            loaders, self.weights, self.temperature, self.seed, self.steps_per_epoch, confirm_trained=True
+        )
 
     def val_dataloader(self) -> ChainLoader:
         return ChainLoader(self._loaders("val", shuffle=False))

@@ -27,11 +27,12 @@ def is_local(url: str) -> bool:
 
 def local_path(url: str) -> str:
     url = str(url)
-    return url[len("file://"):] if url.startswith("file://") else url
+    return url[len("file://") :] if url.startswith("file://") else url
 
 
 def _remote(url: str, storage_options: dict | None):
     import fsspec
+
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     return fs, root.rstrip("/")
 
@@ -64,7 +65,7 @@ def list_files(url: str, storage_options: dict | None = None) -> dict[str, int]:
         return files
     fs, root = _remote(url, storage_options)
     found = fs.find(root, detail=True)
-    return {path[len(root):].lstrip("/"): int(info.get("size") or 0) for path, info in found.items()}
+    return {path[len(root) :].lstrip("/"): int(info.get("size") or 0) for path, info in found.items()}
 
 
 def describe(key: str) -> str:
@@ -77,7 +78,7 @@ def describe(key: str) -> str:
         end -= 1
     if 0 < end < len(parts) and parts[end - 1] == "c":
         index = ", ".join(parts[end:])
-        return f"chunk ({index}{',' if len(parts) - end == 1 else ''}) of array '{'/'.join(parts[:end - 1])}'"
+        return f"chunk ({index}{',' if len(parts) - end == 1 else ''}) of array '{'/'.join(parts[: end - 1])}'"
     return f"file '{key}'"
 
 
@@ -118,11 +119,14 @@ def read_manifest(url: str, storage_options: dict | None = None) -> dict[str, li
             manifest = json.loads(handle.read())
         return dict(manifest["files"])
     except FileNotFoundError:
-        raise StoreError(f"{url}: the store has no {MANIFEST} (the checksums of its files); it is damaged or "
-                         "was written by an older biofm — prepare it again") from None
+        raise StoreError(
+            f"{url}: the store has no {MANIFEST} (the checksums of its files); it is damaged or "
+            "was written by an older biofm — prepare it again"
+        ) from None
     except (ValueError, KeyError, TypeError) as err:
-        raise StoreError(f"{url}: {MANIFEST} cannot be read ({type(err).__name__}); the store is damaged — "
-                         "prepare it again") from None
+        raise StoreError(
+            f"{url}: {MANIFEST} cannot be read ({type(err).__name__}); the store is damaged — prepare it again"
+        ) from None
 
 
 def size_problems(url: str, manifest: dict[str, list], files: dict[str, int]) -> list[str]:
@@ -132,8 +136,10 @@ def size_problems(url: str, manifest: dict[str, list], files: dict[str, int]) ->
         if key not in files:
             problems.append(f"{url}: {describe(key)} is missing (file {key})")
         elif files[key] != size:
-            problems.append(f"{url}: {describe(key)} is {files[key]} bytes but was written as {size} bytes "
-                            f"(file {key}): it is truncated or damaged")
+            problems.append(
+                f"{url}: {describe(key)} is {files[key]} bytes but was written as {size} bytes "
+                f"(file {key}): it is truncated or damaged"
+            )
     return problems
 
 
@@ -142,8 +148,10 @@ def check_files(url: str, storage_options: dict | None = None) -> None:
     problems = size_problems(url, read_manifest(url, storage_options), list_files(url, storage_options))
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise StoreError(f"{problems[0]}{more}; the store is damaged — prepare it again "
-                         f"(`biofm verify {url}` lists every damaged file)")
+        raise StoreError(
+            f"{problems[0]}{more}; the store is damaged — prepare it again "
+            f"(`biofm verify {url}` lists every damaged file)"
+        )
 
 
 def verify(url: str, storage_options: dict | None = None, progress: bool = False) -> dict[str, Any]:
@@ -155,10 +163,12 @@ def verify(url: str, storage_options: dict | None = None, progress: bool = False
     keys = [k for k in manifest if k not in broken]
     if progress:
         from rich.progress import track
+
         keys = track(keys, description="verifying")
     for key in keys:
         if _sha256(url, key, storage_options) != manifest[key][1]:
-            problems.append(f"{url}: {describe(key)} does not match its checksum (file {key}): its contents "
-                            "changed after it was written")
-    return {"files": len(manifest), "bytes": int(sum(size for size, _ in manifest.values())),
-            "problems": problems}
+            problems.append(
+                f"{url}: {describe(key)} does not match its checksum (file {key}): its contents "
+                "changed after it was written"
+            )
+    return {"files": len(manifest), "bytes": int(sum(size for size, _ in manifest.values())), "problems": problems}

@@ -35,14 +35,26 @@ class BiofmCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # modalities and tasks come from the stores: the model is built for what the data holds
         parser.link_arguments("data.schema", "model.schema", apply_on="instantiate")
-        parser.add_argument("--checkpoint.every_minutes", type=Optional[float], default=10.0,
-                            help="also write last.ckpt within an epoch every this many minutes of training "
-                                 "(null: only at the end of each epoch)")
-        parser.add_argument("--checkpoint.every_n_steps", type=Optional[int], default=None,
-                            help="also write last.ckpt within an epoch every this many steps")
-        parser.add_argument("--tracking.checkpoint_artifact", type=bool, default=False,
-                            help="record the best checkpoint in the W&B run (it is uploaded by `wandb sync`; a "
-                                 "checkpoint carries tokenizer vocabularies learned from the training data)")
+        parser.add_argument(
+            "--checkpoint.every_minutes",
+            type=Optional[float],
+            default=10.0,
+            help="also write last.ckpt within an epoch every this many minutes of training "
+            "(null: only at the end of each epoch)",
+        )
+        parser.add_argument(
+            "--checkpoint.every_n_steps",
+            type=Optional[int],
+            default=None,
+            help="also write last.ckpt within an epoch every this many steps",
+        )
+        parser.add_argument(
+            "--tracking.checkpoint_artifact",
+            type=bool,
+            default=False,
+            help="record the best checkpoint in the W&B run (it is uploaded by `wandb sync`; a "
+            "checkpoint carries tokenizer vocabularies learned from the training data)",
+        )
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> object:
         run_dir = config.get("default_root_dir") or os.getcwd()
@@ -57,14 +69,21 @@ class BiofmCLI(LightningCLI):
         config["plugins"] = plugins
         extra = list(callbacks)
         configured = config.get("callbacks") or []
-        if config.get("enable_progress_bar", True) is not False and \
-                not any(isinstance(c, ProgressBar) for c in configured + extra):
+        if config.get("enable_progress_bar", True) is not False and not any(
+            isinstance(c, ProgressBar) for c in configured + extra
+        ):
             extra.append(RichProgressBar())
-        if config.get("enable_checkpointing", True) is not False and \
-                not any(isinstance(c, ModelCheckpoint) for c in configured + extra):
+        if config.get("enable_checkpointing", True) is not False and not any(
+            isinstance(c, ModelCheckpoint) for c in configured + extra
+        ):
             cadence = self._get(self.config_init, "checkpoint", default=None) or {}
-            extra.append(default_checkpoint(run_dir, every_minutes=cadence.get("every_minutes", 10.0),
-                                            every_n_steps=cadence.get("every_n_steps")))
+            extra.append(
+                default_checkpoint(
+                    run_dir,
+                    every_minutes=cadence.get("every_minutes", 10.0),
+                    every_n_steps=cadence.get("every_n_steps"),
+                )
+            )
         if self.subcommand == "predict":
             extra.append(PredictionWriter())
         if self.subcommand == "fit":
@@ -89,12 +108,18 @@ class BiofmCLI(LightningCLI):
         given = self.config[subcommand]["model"]
         given = given.as_dict() if hasattr(given, "as_dict") else dict(given)
         defaults = {k: p.default for k, p in inspect.signature(BiofmModule.__init__).parameters.items()}
-        replaced = [f"model.{k} {given[k]!r} → {v!r}" for k, v in hparams.items()
-                    if k != "schema" and k in given and given[k] != v and given[k] != defaults.get(k)]
+        replaced = [
+            f"model.{k} {given[k]!r} → {v!r}"
+            for k, v in hparams.items()
+            if k != "schema" and k in given and given[k] != v and given[k] != defaults.get(k)
+        ]
         if replaced:
-            print(f"biofm: warning: --ckpt_path {path} restores the model settings it was trained with, so these "
-                  f"values of the command line or config are not used (given → checkpoint's): "
-                  f"{'; '.join(replaced)}", file=sys.stderr)
+            print(
+                f"biofm: warning: --ckpt_path {path} restores the model settings it was trained with, so these "
+                f"values of the command line or config are not used (given → checkpoint's): "
+                f"{'; '.join(replaced)}",
+                file=sys.stderr,
+            )
         self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def _run_checkpoint(self, subcommand: str, which: str) -> str:
@@ -107,10 +132,15 @@ class BiofmCLI(LightningCLI):
         else:
             found = list((run_dir / "checkpoints").glob("best-*.ckpt"))
         if not found:
-            kind = "no last.ckpt (nor does the run directory a hpc_ckpt_*.ckpt)" if which == "last" else \
-                "no best-*.ckpt (no validation score could be computed, or the run was not validated)"
-            raise ConfigError(f"--ckpt_path {which}: {run_dir / 'checkpoints'} holds {kind}; run without "
-                              "--ckpt_path to start afresh, or name the checkpoint file")
+            kind = (
+                "no last.ckpt (nor does the run directory a hpc_ckpt_*.ckpt)"
+                if which == "last"
+                else "no best-*.ckpt (no validation score could be computed, or the run was not validated)"
+            )
+            raise ConfigError(
+                f"--ckpt_path {which}: {run_dir / 'checkpoints'} holds {kind}; run without "
+                "--ckpt_path to start afresh, or name the checkpoint file"
+            )
         return str(max(found, key=lambda p: p.stat().st_mtime))
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
@@ -145,8 +175,14 @@ def run_lightning_cli(argv: list[str]) -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
     try:
         args = None if argv == sys.argv[1:] else argv  # LightningCLI reads sys.argv itself when it is ours
-        BiofmCLI(BiofmModule, BiofmDataModule, args=args, seed_everything_default=0,
-                 save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+        BiofmCLI(
+            BiofmModule,
+            BiofmDataModule,
+            args=args,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+        )
     except USER_ERRORS as err:
         print(f"biofm: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

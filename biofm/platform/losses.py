@@ -37,8 +37,9 @@ class StepLosses:
         return {**{task: t.loss for task, t in self.tasks.items()}, **self.pretext}
 
 
-def task_losses(kinds: dict[str, TaskKind], labels: dict[str, torch.Tensor], logits: dict[str, torch.Tensor]
-                ) -> dict[str, TaskLoss]:
+def task_losses(
+    kinds: dict[str, TaskKind], labels: dict[str, torch.Tensor], logits: dict[str, torch.Tensor]
+) -> dict[str, TaskLoss]:
     """Per task with at least one present label in `labels`, its masked loss (`TaskKind.loss`)."""
     out = {}
     for task, target in labels.items():
@@ -48,8 +49,13 @@ def task_losses(kinds: dict[str, TaskKind], labels: dict[str, torch.Tensor], log
     return out
 
 
-def pseudo_label(kinds: dict[str, TaskKind], labels: dict[str, torch.Tensor], logits: dict[str, torch.Tensor],
-                 tasks: list[str] | None, threshold: float) -> tuple[dict[str, torch.Tensor], int]:
+def pseudo_label(
+    kinds: dict[str, TaskKind],
+    labels: dict[str, torch.Tensor],
+    logits: dict[str, torch.Tensor],
+    tasks: list[str] | None,
+    threshold: float,
+) -> tuple[dict[str, torch.Tensor], int]:
     """`labels` with the missing labels of `tasks` (default: every kind that takes pseudo-labels) filled by
     confident predictions (`TaskKind.pseudo_label`), and how many were filled."""
     wanted = tasks or [t for t, k in kinds.items() if k.can_pseudo_label]
@@ -61,8 +67,9 @@ def pseudo_label(kinds: dict[str, TaskKind], labels: dict[str, torch.Tensor], lo
     return labels, added
 
 
-def pretext_losses(model: BiofmModel, pretexts: nn.ModuleDict, inputs: dict, embedded: dict | None = None
-                   ) -> dict[str, torch.Tensor]:
+def pretext_losses(
+    model: BiofmModel, pretexts: nn.ModuleDict, inputs: dict, embedded: dict | None = None
+) -> dict[str, torch.Tensor]:
     """`pretext/<name>` → weighted loss. Masking pretexts share one pass over their corrupted inputs; the
     others share the clean inputs' encoder passes (`embedded`: those of the supervised pass, and any they
     add)."""
@@ -89,8 +96,7 @@ def pretext_losses(model: BiofmModel, pretexts: nn.ModuleDict, inputs: dict, emb
     return losses
 
 
-def step_losses(model: BiofmModel, pretexts: nn.ModuleDict, batch: dict, pseudo: dict | None = None
-                ) -> StepLosses:
+def step_losses(model: BiofmModel, pretexts: nn.ModuleDict, batch: dict, pseudo: dict | None = None) -> StepLosses:
     """Supervised losses of the tasks labelled in the batch (on the clean inputs; with `pseudo`, {"tasks",
     "threshold"}, missing labels filled first) and pretext losses, sharing each modality's encoder pass."""
     result, embedded = StepLosses(), {}
@@ -98,8 +104,9 @@ def step_losses(model: BiofmModel, pretexts: nn.ModuleDict, batch: dict, pseudo:
         out = model(batch["inputs"], embedded)
         labels = batch["labels"]
         if pseudo is not None:
-            labels, result.pseudo_labels = pseudo_label(model.kinds, labels, out["logits"], pseudo.get("tasks"),
-                                                        float(pseudo.get("threshold", 0.9)))
+            labels, result.pseudo_labels = pseudo_label(
+                model.kinds, labels, out["logits"], pseudo.get("tasks"), float(pseudo.get("threshold", 0.9))
+            )
         result.tasks = task_losses(model.kinds, labels, out["logits"])
     result.pretext = pretext_losses(model, pretexts, batch["inputs"], embedded)
     return result

@@ -15,8 +15,9 @@ import numpy as np
 from biofm.platform.stream import StreamLoader
 
 
-def source_probabilities(sizes: Mapping[str, int], weights: Mapping[str, float] | None = None,
-                         temperature: float = 1.0) -> dict[str, float]:
+def source_probabilities(
+    sizes: Mapping[str, int], weights: Mapping[str, float] | None = None, temperature: float = 1.0
+) -> dict[str, float]:
     """Explicit `weights`, or sizes ** (1 / temperature): 1 is proportional to size, large is uniform."""
     names = list(sizes)
     if weights:
@@ -42,9 +43,15 @@ def source_at(step: int, seed: int, cumulative: np.ndarray) -> int:
 class MixedLoader:
     """Mixes several `StreamLoader`s (one per source) into one stream of batches."""
 
-    def __init__(self, loaders: Mapping[str, StreamLoader], weights: Mapping[str, float] | None = None,
-                 temperature: float = 1.0, seed: int = 0, steps_per_epoch: int | None = None,
-                 confirm_trained: bool = False):
+    def __init__(
+        self,
+        loaders: Mapping[str, StreamLoader],
+        weights: Mapping[str, float] | None = None,
+        temperature: float = 1.0,
+        seed: int = 0,
+        steps_per_epoch: int | None = None,
+        confirm_trained: bool = False,
+    ):
         if not loaders:
             raise ValueError("MixedLoader needs at least one source")
         self.loaders = dict(loaders)

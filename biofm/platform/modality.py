@@ -98,7 +98,7 @@ class Modality:
         `collate`'s tensors (`augment`ed for training); None when `columns` has none of them. The one place
         the prefix is taken off."""
         prefix = self.name + "/"
-        arrays = {key[len(prefix):]: value for key, value in columns.items() if key.startswith(prefix)}
+        arrays = {key[len(prefix) :]: value for key, value in columns.items() if key.startswith(prefix)}
         if not arrays:
             return None
         present = torch.from_numpy(np.asarray(arrays.pop("present"), dtype=bool))
@@ -190,11 +190,15 @@ def as_samples(argument: str, values: Any) -> list:
     """An input argument as a list of samples; a bare string (or a single volume) would be read as a sequence
     of samples (`smiles="CCO"` as "C", "C", "O"), so it is refused."""
     if isinstance(values, (str, bytes, Path)):
-        raise ValueError(f"{argument}= takes a list, one entry per sample; got a single "
-                         f"{type(values).__name__} — pass {argument}=[{str(values)[:30]!r}] for one sample")
+        raise ValueError(
+            f"{argument}= takes a list, one entry per sample; got a single "
+            f"{type(values).__name__} — pass {argument}=[{str(values)[:30]!r}] for one sample"
+        )
     if isinstance(values, np.ndarray) and values.ndim > 1:
-        raise ValueError(f"{argument}= takes a list, one entry per sample; got one array of shape "
-                         f"{values.shape} — pass {argument}=[volume] for one sample, or a list of arrays")
+        raise ValueError(
+            f"{argument}= takes a list, one entry per sample; got one array of shape "
+            f"{values.shape} — pass {argument}=[volume] for one sample, or a list of arrays"
+        )
     if isinstance(values, dict):
         raise ValueError(f"{argument}= takes a list, one entry per sample; got a dict")
     try:

@@ -36,8 +36,7 @@ class Attention(nn.Module):
         q = self.q(x).view(b, n, h, d // h).transpose(1, 2)  # [B, h, N, d/h]
         k, v = self.kv(context).view(b, -1, 2, h, d // h).permute(2, 0, 3, 1, 4)  # [B, h, S, d/h] each
         mask = key_mask[:, None, None, :]  # [B, 1, 1, S]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(b, n, d))
 
 
@@ -48,8 +47,12 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.attn = Attention(d_model, heads, dropout)
-        self.mlp = nn.Sequential(nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(mlp_ratio * d_model, d_model))
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, mlp_ratio * d_model),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(mlp_ratio * d_model, d_model),
+        )
 
     def forward(self, x, key_mask, context=None, context_norm=None):
         h = self.norm1(x)
@@ -103,22 +106,30 @@ class BiofmModel(nn.Module):
     def __init__(self, schema: dict, config: TrunkConfig | None = None):
         super().__init__()
         config = config or TrunkConfig()
-        d_model, depth, heads, latents, dropout, encoders = (config.d_model, config.depth, config.heads,
-                                                             config.latents, config.dropout, config.encoders)
+        d_model, depth, heads, latents, dropout, encoders = (
+            config.d_model,
+            config.depth,
+            config.heads,
+            config.latents,
+            config.dropout,
+            config.encoders,
+        )
         self.schema, self.config = schema, config
         self.modalities: dict[str, Modality] = {
-            name: MODALITIES.resolve(name).from_config(config) for name, config in schema["modalities"].items()}
+            name: MODALITIES.resolve(name).from_config(config) for name, config in schema["modalities"].items()
+        }
         self.kinds: dict[str, TaskKind] = {t: task_kind(t, spec) for t, spec in schema["tasks"].items()}
         options = encoders or {}
         unknown = sorted(set(options) - set(self.modalities))
         if unknown:
-            raise ValueError(f"encoder options for modalities {unknown} that the data does not have "
-                             f"({sorted(self.modalities)})")
-        self.encoders = nn.ModuleDict({n: m.encoder(d_model, **options.get(n, {}))
-                                       for n, m in self.modalities.items()})
+            raise ValueError(
+                f"encoder options for modalities {unknown} that the data does not have ({sorted(self.modalities)})"
+            )
+        self.encoders = nn.ModuleDict({n: m.encoder(d_model, **options.get(n, {})) for n, m in self.modalities.items()})
         self.resamplers = nn.ModuleDict({n: Resampler(d_model, latents, heads, dropout) for n in self.modalities})
         self.modality_embedding = nn.ParameterDict(
-            {n: nn.Parameter(torch.randn(d_model) * 0.02) for n in self.modalities})
+            {n: nn.Parameter(torch.randn(d_model) * 0.02) for n in self.modalities}
+        )
         self.cls = nn.Parameter(torch.randn(d_model) * 0.02)
         self.queries = nn.ParameterDict({t: nn.Parameter(torch.randn(d_model) * 0.02) for t in self.kinds})
         self.trunk = nn.ModuleList([Block(d_model, heads, dropout) for _ in range(depth)])
@@ -126,8 +137,9 @@ class BiofmModel(nn.Module):
         self.heads = nn.ModuleDict({t: nn.Linear(d_model, k.out_dim) for t, k in self.kinds.items()})
         self.d_model, self.n_heads = d_model, heads
 
-    def embed(self, name: str, batch: dict[str, torch.Tensor], keep: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, Tokens]:
+    def embed(
+        self, name: str, batch: dict[str, torch.Tensor], keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, Tokens]:
         """One modality → its K latents [B, K, d], their validity [B, K] and the encoder's `Tokens`;
         `keep` [B, L] drops encoder tokens (a view for contrastive pretext tasks)."""
         out = self.encoders[name](batch)
@@ -145,8 +157,9 @@ class BiofmModel(nn.Module):
             embedded[name] = self.embed(name, batch)
         return embedded[name]
 
-    def resample(self, name: str, x: torch.Tensor, mask: torch.Tensor, present: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def resample(
+        self, name: str, x: torch.Tensor, mask: torch.Tensor, present: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """A modality's encoder tokens → its K latents and their validity (False where the sample lacks it)."""
         latent = self.resamplers[name](x, mask) + self.modality_embedding[name]
         return latent, present.to(torch.bool)[:, None].expand(-1, latent.shape[1])
@@ -161,8 +174,9 @@ class BiofmModel(nn.Module):
             x = block(x, mask)
         return self.norm(x), mask
 
-    def encode(self, inputs: dict[str, dict[str, torch.Tensor]], embedded: dict | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, inputs: dict[str, dict[str, torch.Tensor]], embedded: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Trunk output [B, 1 + T + K·M, d] and its validity mask, for the modalities in `inputs`; pass a
         dict as `embedded` to receive (and reuse) each modality's `embed` output (for pretext tasks)."""
         latents, masks = [], []
@@ -178,6 +192,6 @@ class BiofmModel(nn.Module):
 
     def forward(self, inputs: dict[str, dict[str, torch.Tensor]], embedded: dict | None = None) -> dict:
         x, _ = self.encode(inputs, embedded)
-        task_tokens = x[:, 1:1 + len(self.queries)]
+        task_tokens = x[:, 1 : 1 + len(self.queries)]
         logits = {t: self.heads[t](task_tokens[:, i]) for i, t in enumerate(self.queries)}
         return {"cls": x[:, 0], "tasks": task_tokens, "logits": logits}

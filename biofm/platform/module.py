@@ -48,20 +48,50 @@ class BiofmModule(LightningModule):
             the run's total steps).
     """
 
-    def __init__(self, schema: dict | None = None, d_model: int = 64, depth: int = 2, heads: int = 4,
-                 latents: int = 8, dropout: float = 0.1, lr: float = 1e-3, weight_decay: float = 0.01,
-                 balancing: str = "equal", balancing_options: dict | None = None, init_from: str | None = None,
-                 fresh_heads: bool = False, freeze_encoders: bool = False, encoders: dict | None = None,
-                 schedule: str = "constant", warmup_steps: int = 100, pseudo_labels: dict | None = None,
-                 pretext: dict[str, dict] | None = None, linear_probe: bool = False,
-                 layer_decay: float | None = None):
+    def __init__(
+        self,
+        schema: dict | None = None,
+        d_model: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        latents: int = 8,
+        dropout: float = 0.1,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        balancing: str = "equal",
+        balancing_options: dict | None = None,
+        init_from: str | None = None,
+        fresh_heads: bool = False,
+        freeze_encoders: bool = False,
+        encoders: dict | None = None,
+        schedule: str = "constant",
+        warmup_steps: int = 100,
+        pseudo_labels: dict | None = None,
+        pretext: dict[str, dict] | None = None,
+        linear_probe: bool = False,
+        layer_decay: float | None = None,
+    ):
         super().__init__()
-        check_settings("model", dict(d_model=d_model, depth=depth, heads=heads, latents=latents, dropout=dropout,
-                                     lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                                     layer_decay=layer_decay, schedule=schedule))
+        check_settings(
+            "model",
+            dict(
+                d_model=d_model,
+                depth=depth,
+                heads=heads,
+                latents=latents,
+                dropout=dropout,
+                lr=lr,
+                weight_decay=weight_decay,
+                warmup_steps=warmup_steps,
+                layer_decay=layer_decay,
+                schedule=schedule,
+            ),
+        )
         if schema is None:
-            raise ConfigError("model.schema is missing: it comes from the data module (biofm fit links it); "
-                              "in Python pass BiofmDataModule(...).schema")
+            raise ConfigError(
+                "model.schema is missing: it comes from the data module (biofm fit links it); "
+                "in Python pass BiofmDataModule(...).schema"
+            )
         # the schema (with tokenizer vocabularies) goes into checkpoints, never to a logger
         self.save_hyperparameters(logger=False)
         self.trunk_config = TrunkConfig.of(self.hparams)  # the architecture, read once from the settings
@@ -71,8 +101,9 @@ class BiofmModule(LightningModule):
         except ValueError as err:
             raise ConfigError(f"model.pretext: {err}") from None
         if not schema["tasks"] and not self.pretexts:
-            raise ConfigError("nothing to train: the run has no tasks (data.tasks) and no pretext tasks "
-                              "(model.pretext)")
+            raise ConfigError(
+                "nothing to train: the run has no tasks (data.tasks) and no pretext tasks (model.pretext)"
+            )
         self._for_schema(schema)
         self.test_name = "test"  # the key prefix of test metrics; another for an extra evaluation (test/without:x)
         if init_from:
@@ -130,8 +161,10 @@ class BiofmModule(LightningModule):
             return
         for name, config in current["modalities"].items():
             if name in saved["modalities"] and saved["modalities"][name] != config:
-                raise ConfigError(f"the checkpoint's modality '{name}' has other settings (e.g. another tokenizer) "
-                                  "than the stores given; prepare them with the checkpoint's settings")
+                raise ConfigError(
+                    f"the checkpoint's modality '{name}' has other settings (e.g. another tokenizer) "
+                    "than the stores given; prepare them with the checkpoint's settings"
+                )
         device = next(self.parameters()).device
         self.model = self.trunk_config.build(saved).to(device)  # the same architecture, the checkpoint's schema
         self._for_schema(saved, device)
@@ -196,13 +229,15 @@ class BiofmModule(LightningModule):
         own = [p for p in trainable if id(p) in specific]
         surrogate = self._every_parameter()
         if losses:
-            per_task = [_flat(torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True), shared)
-                        for loss in losses.values()]
+            per_task = [
+                _flat(torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True), shared)
+                for loss in losses.values()
+            ]
             combined = self.balancer.combine_gradients(per_task)
             own_grads = torch.autograd.grad(sum(losses.values()), own, allow_unused=True) if own else []
             offset = 0
             for p in shared:
-                surrogate = surrogate + (p * combined[offset:offset + p.numel()].view_as(p)).sum()
+                surrogate = surrogate + (p * combined[offset : offset + p.numel()].view_as(p)).sum()
                 offset += p.numel()
             for p, g in zip(own, own_grads):
                 if g is not None:
@@ -283,8 +318,11 @@ class BiofmModule(LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         out = self.model(batch["inputs"])
-        result = {"source": [batch["source"]] * len(batch["row"]), "sample_id": batch.get("sample_id"),
-                  "applies": task_applies(self.model.schema, batch["inputs"], len(batch["row"]))}
+        result = {
+            "source": [batch["source"]] * len(batch["row"]),
+            "sample_id": batch.get("sample_id"),
+            "applies": task_applies(self.model.schema, batch["inputs"], len(batch["row"])),
+        }
         for task, kind in self.model.kinds.items():
             result[task] = {k: v.cpu() for k, v in kind.predict(out["logits"][task]).items()}
         return result
@@ -293,12 +331,19 @@ class BiofmModule(LightningModule):
         """AdamW's parameter groups (`optim.parameter_groups`): the model's, then the pretext heads' and the
         balancer's own parameters with the heads."""
         extra = [p for p in self.pretexts.parameters() if p.requires_grad] + self.balancer.optimised_parameters()
-        return parameter_groups(self.model, extra, self.hparams.lr, self.hparams.weight_decay,
-                                self.hparams.layer_decay, decayed_ids={id(p) for p in decayed(self)})
+        return parameter_groups(
+            self.model,
+            extra,
+            self.hparams.lr,
+            self.hparams.weight_decay,
+            self.hparams.layer_decay,
+            decayed_ids={id(p) for p in decayed(self)},
+        )
 
     def configure_optimizers(self):
-        optimiser = torch.optim.AdamW(self._parameter_groups(), lr=self.hparams.lr,
-                                      weight_decay=self.hparams.weight_decay)
+        optimiser = torch.optim.AdamW(
+            self._parameter_groups(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
         if self.hparams.schedule == "constant":
             return optimiser
         if self.hparams.schedule != "cosine":

@@ -10,8 +10,14 @@ import torch
 from torch import nn
 
 
-def parameter_groups(model: nn.Module, extra: list[nn.Parameter], lr: float, weight_decay: float,
-                     layer_decay: float | None, decayed_ids: set[int] | None = None) -> list[dict]:
+def parameter_groups(
+    model: nn.Module,
+    extra: list[nn.Parameter],
+    lr: float,
+    weight_decay: float,
+    layer_decay: float | None,
+    decayed_ids: set[int] | None = None,
+) -> list[dict]:
     """AdamW's groups for a `BiofmModel` and `extra` parameters trained with its heads: at `lr`, or with
     `layer_decay` one learning rate per depth (heads and the final norm at `lr`, trunk block i of n at
     lr·decay^(n − i), encoders, resamplers and the [CLS] token at lr·decay^(n + 1)); in each, weight decay
@@ -38,13 +44,19 @@ def parameter_groups(model: nn.Module, extra: list[nn.Parameter], lr: float, wei
         for with_decay in (True, False):
             chosen = [p for p in params if (id(p) in decayed_ids) == with_decay]
             if chosen:
-                groups.append({"params": chosen, "lr": lr * (layer_decay ** level if layer_decay else 1.0),
-                               "weight_decay": weight_decay if with_decay else 0.0})
+                groups.append(
+                    {
+                        "params": chosen,
+                        "lr": lr * (layer_decay**level if layer_decay else 1.0),
+                        "weight_decay": weight_decay if with_decay else 0.0,
+                    }
+                )
     return groups
 
 
-def warmup_cosine(optimiser: torch.optim.Optimizer, total_steps: int, warmup_steps: int
-                  ) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(
+    optimiser: torch.optim.Optimizer, total_steps: int, warmup_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over `warmup_steps` (at most a tenth of the run, plus one), then cosine decay to zero
     at `total_steps`."""
     total = max(total_steps, 1)
@@ -55,11 +67,19 @@ def warmup_cosine(optimiser: torch.optim.Optimizer, total_steps: int, warmup_ste
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return 0.5 * (1 + math.cos(math.pi * progress))
+
     return torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
 
 
-DECAYED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
-                  nn.ConvTranspose2d, nn.ConvTranspose3d)
+DECAYED_LAYERS = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
 
 
 def decayed(module: nn.Module) -> list[nn.Parameter]:

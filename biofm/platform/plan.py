@@ -43,7 +43,7 @@ def keep_fraction(wanted: np.ndarray, fraction: float, seed: int) -> np.ndarray:
         return wanted
     rows = np.flatnonzero(wanted)
     kept = np.zeros(len(wanted), dtype=bool)
-    kept[np.random.default_rng(seed).permutation(rows)[:max(1, round(fraction * len(rows)))]] = True
+    kept[np.random.default_rng(seed).permutation(rows)[: max(1, round(fraction * len(rows)))]] = True
     return kept
 
 
@@ -67,8 +67,14 @@ class _Pool:
         self.blocks[block], self.left[block] = cols, len(rows)
         if self.bytes_per_row is None:
             n = max(len(cols["row"]), 1)
-            self.bytes_per_row = sum((c.values.nbytes if isinstance(c, Ragged) else c.nbytes)
-                                     for c in cols.values() if hasattr(c, "nbytes") or isinstance(c, Ragged)) / n
+            self.bytes_per_row = (
+                sum(
+                    (c.values.nbytes if isinstance(c, Ragged) else c.nbytes)
+                    for c in cols.values()
+                    if hasattr(c, "nbytes") or isinstance(c, Ragged)
+                )
+                / n
+            )
         self.queue_block = np.concatenate([self.queue_block, np.full(len(rows), block)])
         self.queue_row = np.concatenate([self.queue_row, rows])
         if rng is not None:
@@ -88,8 +94,9 @@ class _Pool:
         restore[order] = np.arange(total)
         gathered = {k: take_rows(v, restore) for k, v in gathered.items()}
         bounds = np.concatenate([[0], np.cumsum(sizes)])
-        return [{k: slice_rows(v, int(lo), int(hi)) for k, v in gathered.items()}
-                for lo, hi in zip(bounds[:-1], bounds[1:])]
+        return [
+            {k: slice_rows(v, int(lo), int(hi)) for k, v in gathered.items()} for lo, hi in zip(bounds[:-1], bounds[1:])
+        ]
 
     def take(self, size: int, order: np.ndarray | None = None, empty: Callable = np.empty) -> Batch:
         """`size` rows from the front of the queue, gathered block by block (grouped by block)."""
@@ -100,8 +107,9 @@ class _Pool:
         blocks, rows = blocks[order], rows[order]
         ids, starts = np.unique(blocks, return_index=True)
         bounds = list(starts) + [len(blocks)]
-        segments = [(int(block), rows[bounds[i]:bounds[i + 1]], bounds[i], bounds[i + 1])
-                    for i, block in enumerate(ids)]
+        segments = [
+            (int(block), rows[bounds[i] : bounds[i + 1]], bounds[i], bounds[i + 1]) for i, block in enumerate(ids)
+        ]
         first = self.blocks[segments[0][0]]
         out: Batch = {}
         for name, col in first.items():
@@ -112,8 +120,11 @@ class _Pool:
             else:
                 # fixed arrays: gather every block's rows straight into one batch array (one copy); strings
                 # take the widest of the blocks' widths
-                dtype = np.result_type(*[self.blocks[b][name].dtype for b, _, _, _ in segments]) \
-                    if col.dtype.kind == "U" else col.dtype
+                dtype = (
+                    np.result_type(*[self.blocks[b][name].dtype for b, _, _, _ in segments])
+                    if col.dtype.kind == "U"
+                    else col.dtype
+                )
                 values = empty((size, *col.shape[1:]), dtype=dtype)
                 for b, picked, lo, hi in segments:
                     block = self.blocks[b][name]

@@ -81,8 +81,8 @@ def metrics_of(trainer: Trainer, prefix: str = "test") -> dict[str, float]:
     prefix (`test/without:<modality>/…`) are not among them."""
     out = {}
     for key, value in trainer.callback_metrics.items():
-        if key.startswith(prefix + "/") and not key[len(prefix) + 1:].startswith("without:"):
-            out[key[len(prefix) + 1:]] = float(value)
+        if key.startswith(prefix + "/") and not key[len(prefix) + 1 :].startswith("without:"):
+            out[key[len(prefix) + 1 :]] = float(value)
     return out
 
 
@@ -104,6 +104,7 @@ def print_metrics(metrics: dict[str, float], title: str, file=None) -> None:
     source (when the run had several); NaN is shown as "–" (undefined)."""
     from rich.console import Console
     from rich.table import Table
+
     pooled, by_source = {}, defaultdict(dict)
     for key, value in metrics.items():
         parts = key.split("/")
@@ -119,6 +120,7 @@ def print_metrics(metrics: dict[str, float], title: str, file=None) -> None:
 
     def shown(value) -> str:
         return "–" if value is None or not math.isfinite(value) else f"{value:.4g}"
+
     for key in sorted(pooled, key=lambda k: (k.startswith("macro/"), k)):
         table.add_row(key, shown(pooled[key]), *[shown(by_source[s].get(key)) for s in sorted(by_source)])
     Console(file=file).print(table)

@@ -51,8 +51,9 @@ class Pretext(nn.Module):
         super().__init__()
         self.weight = float(weight)
         if self.modality is not None and self.modality not in model.modalities:
-            raise ValueError(f"pretext task '{self.name}' needs the {self.modality} modality; the run has "
-                             f"{sorted(model.modalities)}")
+            raise ValueError(
+                f"pretext task '{self.name}' needs the {self.modality} modality; the run has {sorted(model.modalities)}"
+            )
 
     def applies(self, inputs: dict[str, dict[str, torch.Tensor]]) -> bool:
         return self.modality in inputs and bool(inputs[self.modality]["present"].any())
@@ -66,8 +67,9 @@ class Pretext(nn.Module):
         raise NotImplementedError
 
     # other pretexts
-    def loss(self, model: BiofmModel, inputs: dict[str, dict[str, torch.Tensor]], embedded: dict
-             ) -> torch.Tensor | None:
+    def loss(
+        self, model: BiofmModel, inputs: dict[str, dict[str, torch.Tensor]], embedded: dict
+    ) -> torch.Tensor | None:
         """The loss on the clean `inputs`; `embedded` holds each modality's `model.embed` of them computed
         so far this step (the supervised pass's): take them with `model.embed_once`."""
         raise NotImplementedError
@@ -116,8 +118,9 @@ class CrossModal(Pretext):
     def __init__(self, model: BiofmModel, weight: float = 1.0, temperature: float = 0.1, dim: int | None = None):
         super().__init__(model, weight)
         if len(model.modalities) < 2:
-            raise ValueError(f"pretext task 'cross_modal' needs two or more modalities; the run has "
-                             f"{sorted(model.modalities)}")
+            raise ValueError(
+                f"pretext task 'cross_modal' needs two or more modalities; the run has {sorted(model.modalities)}"
+            )
         self.temperature = float(temperature)
         self.project = projection(model.d_model, dim)
 
@@ -149,8 +152,15 @@ class TwoView(Pretext):
     trunk alone → [CLS] → projection. Views come from `Modality.views`; a modality without them gets two
     random subsets of its encoder's tokens, each keeping a `keep` fraction. `modalities` limits it to some."""
 
-    def __init__(self, model: BiofmModel, weight: float = 1.0, temperature: float = 0.1, keep: float = 0.5,
-                 dim: int | None = None, modalities: list[str] | None = None):
+    def __init__(
+        self,
+        model: BiofmModel,
+        weight: float = 1.0,
+        temperature: float = 0.1,
+        keep: float = 0.5,
+        dim: int | None = None,
+        modalities: list[str] | None = None,
+    ):
         super().__init__(model, weight)
         unknown = sorted(set(modalities or []) - set(model.modalities))
         if unknown:

@@ -68,12 +68,13 @@ class Ring:
         self.lent = 0  # batches that came through a slot (main process)
 
     def _slot(self, slot: int) -> np.ndarray:
-        return np.frombuffer(self.memory, dtype=np.uint8, count=self.slot_bytes,
-                             offset=self.header + slot * self.slot_bytes)
+        return np.frombuffer(
+            self.memory, dtype=np.uint8, count=self.slot_bytes, offset=self.header + slot * self.slot_bytes
+        )
 
     def _take_slot(self, worker: int) -> bool:
         if self.open is None and self.free[worker].acquire(block=False):
-            mine = self.state[worker * self.slots:(worker + 1) * self.slots]
+            mine = self.state[worker * self.slots : (worker + 1) * self.slots]
             slot = worker * self.slots + int(np.flatnonzero(mine == 0)[0])
             self.state[slot] = 1
             self.open = (slot, 0)
@@ -95,11 +96,12 @@ class Ring:
         if start + nbytes > self.slot_bytes:
             return None
         self.open = (slot, start + nbytes)
-        return self._slot(slot)[start:start + nbytes]
+        return self._slot(slot)[start : start + nbytes]
 
     def allocator(self, worker: int) -> Callable[..., np.ndarray]:
         """`np.empty` for a batch's numeric arrays that places them in the slot that will carry the batch,
         so a gather writes each sample once and `pack` finds it already in place."""
+
         def empty(shape, dtype=float) -> np.ndarray:
             dtype = np.dtype(dtype)
             nbytes = math.prod(shape) * dtype.itemsize
@@ -108,6 +110,7 @@ class Ring:
                 if memory is not None:
                     return memory.view(dtype).reshape(shape)
             return np.empty(shape, dtype=dtype)
+
         return empty
 
     def pack(self, batch: object, worker: int) -> object:
@@ -159,7 +162,7 @@ class Ring:
             nonlocal end, rest
             if isinstance(x, _Packed):
                 end = max(end, x.start + x.nbytes)
-                values = memory[x.start:x.start + x.nbytes]  # noqa: F821 (deleted after the last call, below)
+                values = memory[x.start : x.start + x.nbytes]  # noqa: F821 (deleted after the last call, below)
                 if isinstance(x.dtype, np.dtype):
                     return values.view(x.dtype).reshape(x.shape)
                 return torch.from_numpy(values).view(x.dtype).view(x.shape)
@@ -186,8 +189,7 @@ class _Lease:
 
     def __init__(self, ring: Ring, worker: int, slot: int):
         start = ring._slot(slot).__array_interface__["data"][0]
-        self.__array_interface__ = {"version": 3, "shape": (ring.slot_bytes,), "typestr": "|u1",
-                                    "data": (start, False)}
+        self.__array_interface__ = {"version": 3, "shape": (ring.slot_bytes,), "typestr": "|u1", "data": (start, False)}
         weakref.finalize(self, ring._release, worker, slot)
 
 

@@ -13,9 +13,14 @@ from biofm.platform.stream import keep_fraction
 from biofm.tasks.kinds import LabelError, task_kind
 
 
-def build_schema(stores: list[Store], tasks: list[str] | dict[str, str] | None = None,
-                 modalities: list[str] | None = None, train_fraction: float = 1.0, seed: int = 0,
-                 shared_tasks: list[str] | None = None) -> dict:
+def build_schema(
+    stores: list[Store],
+    tasks: list[str] | dict[str, str] | None = None,
+    modalities: list[str] | None = None,
+    train_fraction: float = 1.0,
+    seed: int = 0,
+    shared_tasks: list[str] | None = None,
+) -> dict:
     """Modalities and tasks of the run, checked against the stores: every requested task and modality
     exists, settings agree across stores, and labels fit the kind of their task's head. Regression scalers
     come from the training labels the run will see (`train_fraction`).
@@ -32,16 +37,21 @@ def build_schema(stores: list[Store], tasks: list[str] | dict[str, str] | None =
     for store in stores:
         for name, config in store.modalities.items():
             if name in all_modalities and all_modalities[name] != config:
-                raise ConfigError(f"stores {where[name]} and {store.url} both have modality '{name}' with "
-                                  "different settings (e.g. another tokenizer); prepare them with the same "
-                                  "settings")
+                raise ConfigError(
+                    f"stores {where[name]} and {store.url} both have modality '{name}' with "
+                    "different settings (e.g. another tokenizer); prepare them with the same "
+                    "settings"
+                )
             all_modalities[name], where[name] = config, store.url
         for name, spec in store.tasks.items():
             known = all_tasks.get(name)
-            if known is not None and {k: v for k, v in known.items() if k not in ("unit", "definition")} != \
-                    {k: v for k, v in spec.items() if k not in ("unit", "definition")}:
-                raise ConfigError(f"task '{name}' is {known['kind']} in {where['task:' + name]} but "
-                                  f"{spec['kind']} (or has other classes) in {store.url}")
+            if known is not None and {k: v for k, v in known.items() if k not in ("unit", "definition")} != {
+                k: v for k, v in spec.items() if k not in ("unit", "definition")
+            }:
+                raise ConfigError(
+                    f"task '{name}' is {known['kind']} in {where['task:' + name]} but "
+                    f"{spec['kind']} (or has other classes) in {store.url}"
+                )
             all_tasks[name], where["task:" + name] = dict(spec), store.url
             holders.setdefault(name, []).append(store)
     wanted_modalities = list(all_modalities) if modalities is None else list(modalities)
@@ -55,15 +65,18 @@ def build_schema(stores: list[Store], tasks: list[str] | dict[str, str] | None =
             raise ConfigError(f"task '{name}' is in no store; the stores have {sorted(all_tasks)}")
     unknown_shared = sorted(set(shared_tasks or ()) - set(all_tasks))
     if unknown_shared:
-        raise ConfigError(f"data.shared_tasks names {unknown_shared}, which no store has; the stores have "
-                          f"{sorted(all_tasks)}")
+        raise ConfigError(
+            f"data.shared_tasks names {unknown_shared}, which no store has; the stores have {sorted(all_tasks)}"
+        )
     for name in wanted_tasks:
         _check_shared(name, holders[name], shared_tasks or ())
     if isinstance(tasks, dict):
         for name, kind in tasks.items():
             if kind and kind != all_tasks[name]["kind"]:
-                raise ConfigError(f"the config asks for a {kind} head for task '{name}', but its labels in "
-                                  f"{where['task:' + name]} are {all_tasks[name]['kind']}")
+                raise ConfigError(
+                    f"the config asks for a {kind} head for task '{name}', but its labels in "
+                    f"{where['task:' + name]} are {all_tasks[name]['kind']}"
+                )
     schema_tasks = {}
     for name in wanted_tasks:
         spec = dict(all_tasks[name])
@@ -96,18 +109,22 @@ def _check_shared(task: str, stores: list[Store], shared: list[str] | tuple) -> 
         return
     first = stores[0]
     other = next((s for s, d in zip(stores[1:], definitions[1:]) if d is None or d != definitions[0]), stores[1])
-    raise ConfigError(f"task '{task}' is in stores {first.url} (source {first.source}) and {other.url} (source "
-                      f"{other.source}), which do not state the same definition of it, so they would train one "
-                      f"head for what may be two things. If it means the same in both, say so: "
-                      f"--data.shared_tasks '[{task}]'; otherwise prepare one of them with another task name "
-                      f"(e.g. --label-columns COLUMN={task}_{other.source})")
+    raise ConfigError(
+        f"task '{task}' is in stores {first.url} (source {first.source}) and {other.url} (source "
+        f"{other.source}), which do not state the same definition of it, so they would train one "
+        f"head for what may be two things. If it means the same in both, say so: "
+        f"--data.shared_tasks '[{task}]'; otherwise prepare one of them with another task name "
+        f"(e.g. --label-columns COLUMN={task}_{other.source})"
+    )
 
 
 def task_applies(schema: dict, inputs: dict[str, dict], n: int) -> dict[str, np.ndarray]:
     """Per task, whether each of the `n` samples has one of the modalities its training samples had
     (`spec["applies"]`; a checkpoint from before it was recorded: everywhere)."""
-    present = {name: np.asarray(batch["present"].cpu() if torch.is_tensor(batch["present"]) else batch["present"],
-                                dtype=bool) for name, batch in inputs.items()}
+    present = {
+        name: np.asarray(batch["present"].cpu() if torch.is_tensor(batch["present"]) else batch["present"], dtype=bool)
+        for name, batch in inputs.items()
+    }
     out = {}
     for task, spec in schema["tasks"].items():
         modalities = (spec.get("applies") or {}).get("modalities")

@@ -57,6 +57,7 @@ def load_module(checkpoint: str | Path, device: str | torch.device = "cpu"):
     """A BiofmModule rebuilt from a checkpoint (read with `weights_only=True`), in eval mode."""
     from biofm.platform.checkpoint import biofm_schema, safe_load
     from biofm.platform.lightning import BiofmModule
+
     state = safe_load(checkpoint)
     biofm_schema(state, checkpoint)
     hparams = dict(state.get("hyper_parameters", {}))
@@ -119,8 +120,10 @@ class Model:
                 raise ValueError(f"unknown input {argument}=; inputs are " + ", ".join(f"{a}=" for a in known))
             name = known[argument]
             if name not in self.schema["modalities"]:
-                raise ValueError(f"the model was not trained with {name} inputs ({argument}=); it takes "
-                                 f"{', '.join(f'{a}=' for a in self.inputs)}")
+                raise ValueError(
+                    f"the model was not trained with {name} inputs ({argument}=); it takes "
+                    f"{', '.join(f'{a}=' for a in self.inputs)}"
+                )
             values = self.module.model.modalities[name].raw_from_argument(values)
             if n is not None and len(values) != n:
                 raise ValueError(f"{argument}= has {len(values)} inputs but another argument has {n}")
@@ -146,6 +149,7 @@ class Model:
         """The model's outputs and, under `applies`, per task the samples it applies to (`task_applies`); None
         for a batch in which no sample has any input."""
         from biofm.platform.lightning import task_applies
+
         if not inputs:
             return None
         out = self.module.model(inputs)
@@ -162,8 +166,10 @@ class Model:
         if ids is not None:
             ids = as_samples("ids", ids)
             if len(ids) != n:
-                raise ValueError(f"ids= has {len(ids)} values but the inputs have {n} samples; give one id per "
-                                 "sample, in the same order")
+                raise ValueError(
+                    f"ids= has {len(ids)} values but the inputs have {n} samples; give one id per "
+                    "sample, in the same order"
+                )
         frames = []
         for out, errors in self._run(raw, n, batch_size):
             frames.append(self.frame(out, errors))
@@ -175,19 +181,23 @@ class Model:
         """Model outputs of one batch → prediction columns (empty where `errors` names a reason), then `error`."""
         return pd.DataFrame(self.columns(out, errors))
 
-    def columns(self, out: dict | None, errors: list[str | None], sample_ids: list[str] | None = None
-                ) -> dict[str, Any]:
+    def columns(
+        self, out: dict | None, errors: list[str | None], sample_ids: list[str] | None = None
+    ) -> dict[str, Any]:
         """`frame`'s columns as arrays, after `sample_id` when given: a task is predicted only for the samples
         it applies to (`<task>/applies`, see `forward`), and none for a failed row."""
         from biofm.platform.lightning import prediction_columns
+
         kinds = self.module.model.kinds
         n = len(errors)
         result = {}
         for task, kind in kinds.items():
-            logits = out["logits"][task] if out is not None else \
-                torch.zeros(n, kind.out_dim)  # nothing to predict from: every row is an error
-            result[task] = {k: (v.float() if v.is_floating_point() else v).cpu()
-                            for k, v in kind.predict(logits).items()}
+            logits = (
+                out["logits"][task] if out is not None else torch.zeros(n, kind.out_dim)
+            )  # nothing to predict from: every row is an error
+            result[task] = {
+                k: (v.float() if v.is_floating_point() else v).cpu() for k, v in kind.predict(logits).items()
+            }
         usable = np.array([e is None for e in errors], dtype=bool)
         where = (out or {}).get("applies") or {}
         applies = {task: usable & where.get(task, np.ones(n, dtype=bool)) for task in kinds}
@@ -217,8 +227,13 @@ def load(path: str | Path, device: str | None = None, which: str = "best", quiet
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     checkpoint = find_checkpoint(path, which)
     if not quiet and Path(path).is_dir():
-        kind = "the best checkpoint by validation" if checkpoint.name.startswith("best-") else \
-            "the last checkpoint" if checkpoint.name.startswith("last") else "the newest checkpoint"
+        kind = (
+            "the best checkpoint by validation"
+            if checkpoint.name.startswith("best-")
+            else "the last checkpoint"
+            if checkpoint.name.startswith("last")
+            else "the newest checkpoint"
+        )
         other = "which='last' loads the last state" if which == "best" else "which='best' loads the best by validation"
         print(f"biofm: loaded {checkpoint} ({kind}; {other})", file=sys.stderr)
     model = Model(load_module(checkpoint, device), device)

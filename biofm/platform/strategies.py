@@ -15,5 +15,11 @@ class BiofmFSDP(FSDPStrategy):
 
     def __init__(self, activation_checkpointing: bool = False, sharding_strategy: str = "FULL_SHARD", **kwargs):
         from biofm.platform.model import Block
-        super().__init__(auto_wrap_policy={Block}, sharding_strategy=sharding_strategy, state_dict_type="full",
-                         activation_checkpointing_policy={Block} if activation_checkpointing else None, **kwargs)
+
+        super().__init__(
+            auto_wrap_policy={Block},
+            sharding_strategy=sharding_strategy,
+            state_dict_type="full",
+            activation_checkpointing_policy={Block} if activation_checkpointing else None,
+            **kwargs,
+        )

@@ -42,11 +42,21 @@ class StoreStream(IterableDataset):
             (low-label experiments).
     """
 
-    def __init__(self, store: Store | str, split: str | None = "train", batch_size: int = 32,
-                 shuffle: bool = True, seed: int = 0, buffer_size: int = 1024,
-                 arrays: list[str] | None = None, tasks: list[str] | None = None,
-                 transform: Callable[[Batch], object] | None = None, storage_options: dict | None = None,
-                 with_ids: bool = False, fraction: float = 1.0):
+    def __init__(
+        self,
+        store: Store | str,
+        split: str | None = "train",
+        batch_size: int = 32,
+        shuffle: bool = True,
+        seed: int = 0,
+        buffer_size: int = 1024,
+        arrays: list[str] | None = None,
+        tasks: list[str] | None = None,
+        transform: Callable[[Batch], object] | None = None,
+        storage_options: dict | None = None,
+        with_ids: bool = False,
+        fraction: float = 1.0,
+    ):
         store = store if isinstance(store, Store) else Store(store, storage_options=storage_options)
         self.url, self.storage_options = store.url, store.storage_options
         self._store: Store | None = store
@@ -70,8 +80,9 @@ class StoreStream(IterableDataset):
         wanted = np.ones(store.n, dtype=bool) if split is None else store.index("split") == split
         wanted = keep_fraction(wanted, fraction, seed)
         # selected rows of each chunk, computed once: [n_chunks] arrays of in-chunk positions
-        self.chunk_rows = [np.flatnonzero(wanted[c:c + self.rows_per_chunk])
-                           for c in range(0, store.n, self.rows_per_chunk)]
+        self.chunk_rows = [
+            np.flatnonzero(wanted[c : c + self.rows_per_chunk]) for c in range(0, store.n, self.rows_per_chunk)
+        ]
         self.n_selected = int(wanted.sum())
         # set by the loader before each iteration (in the main process, before workers start)
         self.epoch, self.rank, self.world, self.skip = 0, 0, 1, 0
@@ -86,8 +97,9 @@ class StoreStream(IterableDataset):
             if info is None:  # labels and ids
                 total += 64
                 continue
-            row = np.dtype(info["dtype"] if info["dtype"] != "str" else "U16").itemsize * \
-                int(np.prod(info["shape"], dtype=np.int64))
+            row = np.dtype(info["dtype"] if info["dtype"] != "str" else "U16").itemsize * int(
+                np.prod(info["shape"], dtype=np.int64)
+            )
             total += row * (store.offsets[name][-1] / max(store.n, 1) if info["ragged"] else 1)
         return total
 
@@ -106,23 +118,23 @@ class StoreStream(IterableDataset):
     def batches_per_rank(self, world: int | None = None) -> int:
         world = self.world if world is None else world
         if self.n_selected < world:
-            raise StoreError(f"{self.url}: split '{self.split}' has {self.n_selected} samples, fewer than "
-                             f"the {world} ranks; every rank needs at least one")
+            raise StoreError(
+                f"{self.url}: split '{self.split}' has {self.n_selected} samples, fewer than "
+                f"the {world} ranks; every rank needs at least one"
+            )
         return max(1, math.ceil((self.n_selected // world) / self.batch_size))
 
     def __len__(self) -> int:
         return self.batches_per_rank()
 
-    def plan(self, epoch: int, rank: int, world: int, worker: int, n_workers: int
-             ) -> tuple[list[Piece], np.ndarray]:
+    def plan(self, epoch: int, rank: int, world: int, worker: int, n_workers: int) -> tuple[list[Piece], np.ndarray]:
         """The chunk pieces and batch sizes of one (rank, worker) stream in one epoch."""
         n_chunks = len(self.chunk_rows)
-        order = (np.random.default_rng([self.seed, epoch]).permutation(n_chunks) if self.shuffle
-                 else np.arange(n_chunks))
+        order = np.random.default_rng([self.seed, epoch]).permutation(n_chunks) if self.shuffle else np.arange(n_chunks)
         counts = np.array([len(self.chunk_rows[c]) for c in order], dtype=np.int64)
         cum = np.concatenate([[0], np.cumsum(counts)])
         total, n_batches = int(cum[-1]), self.batches_per_rank(world)
-        rank_lo, rank_hi = split_evenly(total, world)[rank:rank + 2]
+        rank_lo, rank_hi = split_evenly(total, world)[rank : rank + 2]
         # workers share the rank's batches round-robin; worker w takes batches j with j % n_workers == w
         per_worker = np.array([len(range(w, n_batches, n_workers)) for w in range(n_workers)])
         bounds = rank_lo + ((rank_hi - rank_lo) * np.concatenate([[0], np.cumsum(per_worker)])) // n_batches
@@ -135,7 +147,7 @@ class StoreStream(IterableDataset):
             if cum[i] >= hi:
                 break
             c = int(order[i])
-            use = self.chunk_rows[c][max(lo, cum[i]) - cum[i]:min(hi, cum[i + 1]) - cum[i]]
+            use = self.chunk_rows[c][max(lo, cum[i]) - cum[i] : min(hi, cum[i + 1]) - cum[i]]
             if len(use):
                 start = c * self.rows_per_chunk
                 pieces.append(Piece(start, min(start + self.rows_per_chunk, self.n), use))
@@ -161,8 +173,9 @@ class StoreStream(IterableDataset):
             out = self.transform(batch) if self.transform is not None else batch
             yield ring.pack(out, worker) if ring is not None else out
 
-    def _batches(self, pieces: list[Piece], sizes: np.ndarray, rng: np.random.Generator,
-                 empty: Callable = np.empty) -> Iterator[Batch]:
+    def _batches(
+        self, pieces: list[Piece], sizes: np.ndarray, rng: np.random.Generator, empty: Callable = np.empty
+    ) -> Iterator[Batch]:
         """Read pieces, hold them as blocks, and emit batches gathered from a shuffled index of held rows.
 
         Only the index (block, row) is shuffled; each sample's bytes are copied once, into its batch."""
@@ -180,12 +193,11 @@ class StoreStream(IterableDataset):
             n_out = int(np.searchsorted(np.cumsum(sizes[b:]), len(pool) - keep, side="right"))
             if n_out == 0:
                 continue
-            round_sizes = [int(x) for x in sizes[b:b + n_out]]
+            round_sizes = [int(x) for x in sizes[b : b + n_out]]
             # small samples: one gather for the whole round, then views (Python cost per batch matters);
             # large samples: one gather per batch (bytes copied once matter), in a worker straight into
             # the ring slot that carries the batch to the main process (`empty`)
-            batches = pool.take_round(round_sizes) if pool.small else (pool.take(x, empty=empty)
-                                                                       for x in round_sizes)
+            batches = pool.take_round(round_sizes) if pool.small else (pool.take(x, empty=empty) for x in round_sizes)
             for batch in batches:
                 batch["source"] = self.source
                 yield batch
@@ -193,10 +205,10 @@ class StoreStream(IterableDataset):
         if b != len(sizes):  # the plan and the data disagree: never silently short
             raise RuntimeError(f"{self.url}: stream produced {b} of {len(sizes)} planned batches")
 
-
     def _read_ahead(self, pieces: list[Piece]) -> Iterator[Batch]:
         """Chunks in plan order, with up to `READ_AHEAD` reads in flight: zarr decodes in threads that
         release the GIL, so reading overlaps with batching (and with the next chunk's read)."""
+
         def read(piece: Piece) -> Batch:
             cols = self.store.read_rows(piece.start, piece.stop, self.names, mapped=True)
             cols["row"] = np.arange(piece.start, piece.stop)
@@ -223,10 +235,19 @@ class StreamLoader(DataLoader):
     it through `state_dict` / `load_state_dict`). Workers are forked where the platform allows it and hand
     their batches over through a shared `Ring` of at most `ring_bytes` (0: DataLoader's own transfer)."""
 
-    def __init__(self, stream: StoreStream, num_workers: int = 0, rank: int | None = None,
-                 world: int | None = None, ring_bytes: int = RING_BYTES, **kwargs):
+    def __init__(
+        self,
+        stream: StoreStream,
+        num_workers: int = 0,
+        rank: int | None = None,
+        world: int | None = None,
+        ring_bytes: int = RING_BYTES,
+        **kwargs,
+    ):
         if num_workers > 0 and "multiprocessing_context" not in kwargs:
-            kwargs["multiprocessing_context"] = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None
+            kwargs["multiprocessing_context"] = (
+                "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None
+            )
         kwargs.setdefault("pin_memory", False)
         kwargs.setdefault("collate_fn", _as_is)  # the stream's transform already made the batch
         super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False, **kwargs)
@@ -276,14 +297,16 @@ class StreamLoader(DataLoader):
                 self._batch_bytes = ring.needed * 1.1
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "yielded": self.yielded, "world": self._rank_world()[1],
-                "seed": self.stream.seed}
+        return {"epoch": self.epoch, "yielded": self.yielded, "world": self._rank_world()[1], "seed": self.stream.seed}
 
     def load_state_dict(self, state: dict) -> None:
         epoch, yielded = int(state["epoch"]), int(state["yielded"])
         if state.get("world") != self._rank_world()[1] or state.get("seed") != self.stream.seed:
-            warnings.warn("the loader state was saved with another number of ranks or seed; the epoch "
-                          "restarts from its beginning", stacklevel=2)
+            warnings.warn(
+                "the loader state was saved with another number of ranks or seed; the epoch "
+                "restarts from its beginning",
+                stacklevel=2,
+            )
             yielded = 0
         self.epoch, self.yielded, self._resume, self._started = epoch, yielded, True, True
 

@@ -69,8 +69,7 @@ def diagnose(path: str, encoding: str = "utf-8") -> str | None:
     try:
         data = _raw_bytes(path)
     except EOFError:
-        return ("the gzip file is truncated (it ends before gzip's end-of-stream marker); copy or download it "
-                "again")
+        return "the gzip file is truncated (it ends before gzip's end-of-stream marker); copy or download it again"
     except (gzip.BadGzipFile, zlib.error, OSError) as err:
         return f"the file is not a valid gzip file though its name ends in .gz ({err})"
     if not data.strip():
@@ -83,9 +82,11 @@ def diagnose(path: str, encoding: str = "utf-8") -> str | None:
         try:
             decoder.decode(line)
         except UnicodeDecodeError as err:
-            return (f"line {number} is not valid {encoding} (byte 0x{line[err.start]:02x} at position "
-                    f"{err.start + 1}); if the file was saved in another encoding, name it with --encoding "
-                    "(e.g. --encoding latin-1 or cp1252)")
+            return (
+                f"line {number} is not valid {encoding} (byte 0x{line[err.start]:02x} at position "
+                f"{err.start + 1}); if the file was saved in another encoding, name it with --encoding "
+                "(e.g. --encoding latin-1 or cp1252)"
+            )
     return None
 
 
@@ -101,33 +102,43 @@ def read_failure(path: str, err: Exception, what: str, encoding: str = "utf-8") 
 def header(path: str, encoding: str = "utf-8") -> list[str]:
     """The column names of a text table's first line, as written (pandas renames repeats to `x.1`)."""
     opener = gzip.open if str(path).lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8")
-                else encoding, newline="") as handle:
+    with opener(
+        path,
+        "rt",
+        encoding="utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding,
+        newline="",
+    ) as handle:
         return next(csv.reader(handle, delimiter=_separator(path)), [])
 
 
 def check_columns(path: str, columns: list[str], what: str) -> None:
     repeated = sorted(name for name, n in Counter(columns).items() if n > 1)
     if repeated:
-        raise StoreError(f"{path}: the {what} has two or more columns named {repeated}; every column needs its "
-                         "own name — rename the repeats")
+        raise StoreError(
+            f"{path}: the {what} has two or more columns named {repeated}; every column needs its "
+            "own name — rename the repeats"
+        )
 
 
 def check_parquet(path: str, what: str) -> str:
     """`path`, once its footer reads (a truncated or damaged parquet file is a StoreError naming it) and its
     columns have names of their own."""
     import pyarrow.parquet as pq
+
     try:
         names = list(pq.read_schema(path).names)
     except Exception as err:  # noqa: BLE001 — pyarrow raises ArrowInvalid, OSError, …
-        raise StoreError(f"{path}: the {what} is not a readable parquet file ({type(err).__name__}: "
-                         f"{' '.join(str(err).split())[:160]}); it may be truncated — write it again") from None
+        raise StoreError(
+            f"{path}: the {what} is not a readable parquet file ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:160]}); it may be truncated — write it again"
+        ) from None
     check_columns(path, names, what)
     return path
 
 
-def read_table(path: str, what: str = "table", encoding: str = "utf-8",
-               formats: tuple[str, ...] = (".parquet", *TEXT_SUFFIXES)) -> pd.DataFrame:
+def read_table(
+    path: str, what: str = "table", encoding: str = "utf-8", formats: tuple[str, ...] = (".parquet", *TEXT_SUFFIXES)
+) -> pd.DataFrame:
     """A CSV / TSV (.gz too) as strings (blank cells NaN; other missing spellings are left to the caller,
     since an id may be 'NA'), or a parquet file as typed; one `StoreError` per way it can be unusable."""
     path = str(path)
@@ -141,21 +152,33 @@ def read_table(path: str, what: str = "table", encoding: str = "utf-8",
         try:
             frame = pd.read_parquet(path)
         except Exception as err:  # noqa: BLE001 — a damaged data page past a sound footer
-            raise StoreError(f"{path}: the {what} is not a readable parquet file ({type(err).__name__}: "
-                             f"{' '.join(str(err).split())[:160]}); it may be damaged — write it again") from None
+            raise StoreError(
+                f"{path}: the {what} is not a readable parquet file ({type(err).__name__}: "
+                f"{' '.join(str(err).split())[:160]}); it may be damaged — write it again"
+            ) from None
     else:
         if "://" not in path and Path(path).stat().st_size == 0:
             raise StoreError(f"{path}: the {what} cannot be read: {diagnose(path, encoding)}")
         try:
-            frame = pd.read_csv(path, sep=_separator(path), dtype=str, keep_default_na=False, na_values=[""],
-                                encoding=encoding)
+            frame = pd.read_csv(
+                path, sep=_separator(path), dtype=str, keep_default_na=False, na_values=[""], encoding=encoding
+            )
             check_columns(path, header(path, encoding), what)
         except StoreError:
             raise
-        except (UnicodeDecodeError, EOFError, zlib.error, gzip.BadGzipFile, pd.errors.ParserError,
-                pd.errors.EmptyDataError, LookupError, OSError, ValueError, csv.Error) as err:
+        except (
+            UnicodeDecodeError,
+            EOFError,
+            zlib.error,
+            gzip.BadGzipFile,
+            pd.errors.ParserError,
+            pd.errors.EmptyDataError,
+            LookupError,
+            OSError,
+            ValueError,
+            csv.Error,
+        ) as err:
             raise read_failure(path, err, what, encoding) from None
     if not len(frame):
         raise StoreError(f"{path}: the {what} has a header but no data rows")
     return frame
-

@@ -66,12 +66,20 @@ class RunLog(CSVLogger):
 def wandb_settings():
     """W&B settings that keep paths and the command line out of the run's files (see the module's doc)."""
     import wandb
-    return wandb.Settings(x_disable_meta=True, disable_code=True, disable_git=True, save_code=False,
-                          x_save_requirements=False, silent=True)
+
+    return wandb.Settings(
+        x_disable_meta=True,
+        disable_code=True,
+        disable_git=True,
+        save_code=False,
+        x_save_requirements=False,
+        silent=True,
+    )
 
 
-def default_loggers(run_dir: str | os.PathLike, stage: str = "fit", project: str = "biofm",
-                    resume: bool = False) -> list[Logger]:
+def default_loggers(
+    run_dir: str | os.PathLike, stage: str = "fit", project: str = "biofm", resume: bool = False
+) -> list[Logger]:
     """`<run_dir>/logs/<stage>/metrics.csv` (each subcommand its own, so `test` never clears `fit`'s log;
     appended to when `resume`), and W&B under `<run_dir>/wandb` unless disabled or not installed."""
     run_dir = str(run_dir)
@@ -80,9 +88,17 @@ def default_loggers(run_dir: str | os.PathLike, stage: str = "fit", project: str
     mode = os.environ.setdefault("WANDB_MODE", "offline")
     if mode != "disabled" and importlib.util.find_spec("wandb") is not None:
         from lightning.pytorch.loggers import WandbLogger
+
         # checkpoints reach W&B only through CheckpointArtifact, when asked
-        loggers.append(WandbLogger(save_dir=run_dir, project=project, offline=(mode == "offline"),
-                                   log_model=False, settings=wandb_settings()))
+        loggers.append(
+            WandbLogger(
+                save_dir=run_dir,
+                project=project,
+                offline=(mode == "offline"),
+                log_model=False,
+                settings=wandb_settings(),
+            )
+        )
     return loggers
 
 
@@ -106,8 +122,19 @@ class CheckpointArtifact(Callback):
                 logger.experiment.save(str(path), base_path=str(Path(path).parent), policy="now")
 
 
-SAFE_HPARAMS = ("d_model", "depth", "heads", "latents", "dropout", "lr", "weight_decay", "balancing",
-                "freeze_encoders", "fresh_heads", "encoders")
+SAFE_HPARAMS = (
+    "d_model",
+    "depth",
+    "heads",
+    "latents",
+    "dropout",
+    "lr",
+    "weight_decay",
+    "balancing",
+    "freeze_encoders",
+    "fresh_heads",
+    "encoders",
+)
 
 
 def log_run_settings(module, loggers: list[Logger]) -> None:
@@ -135,6 +162,7 @@ class MemoryMonitor(Callback):
         """This process's RSS, and its loader workers' (children of this rank; the other ranks, which
         Lightning starts as children of rank 0, are left out by their LOCAL_RANK)."""
         import psutil
+
         me, rank = psutil.Process(), os.environ.get("LOCAL_RANK", "0")
         workers = 0
         for child in me.children(recursive=True):
@@ -147,8 +175,16 @@ class MemoryMonitor(Callback):
 
     def _record(self, trainer, when: str) -> None:
         own, workers = self._rss()
-        self.samples.append({"when": when, "step": trainer.global_step, "rss": own, "workers_rss": workers,
-                             "seconds": time.perf_counter() - self._start, "samples": self._count})
+        self.samples.append(
+            {
+                "when": when,
+                "step": trainer.global_step,
+                "rss": own,
+                "workers_rss": workers,
+                "seconds": time.perf_counter() - self._start,
+                "samples": self._count,
+            }
+        )
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._start, self._count = time.perf_counter(), 0

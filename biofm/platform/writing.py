@@ -52,6 +52,7 @@ def target_kind(url: str, storage_options: dict | None = None) -> str:
         except OSError:
             return "other"
     import fsspec
+
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     root = root.rstrip("/")
     if fs.isfile(root):
@@ -72,12 +73,16 @@ def check_target(url: str, storage_options: dict | None = None) -> str:
     """Refuse an output that is not a biofm store (see the module's doc); returns its kind otherwise."""
     kind = target_kind(str(url), storage_options)
     if kind == "file":
-        raise StoreError(f"{url} is a file, not a biofm store; prepare writes a store (a folder) and never "
-                         "replaces a file: choose another --out")
+        raise StoreError(
+            f"{url} is a file, not a biofm store; prepare writes a store (a folder) and never "
+            "replaces a file: choose another --out"
+        )
     if kind == "other":
-        raise StoreError(f"{url} is a folder that holds files but is not a biofm store; prepare never writes "
-                         "into it, with or without --overwrite (which replaces only a biofm store). Choose a "
-                         "new --out path, e.g. a folder name ending in .zarr that does not exist yet")
+        raise StoreError(
+            f"{url} is a folder that holds files but is not a biofm store; prepare never writes "
+            "into it, with or without --overwrite (which replaces only a biofm store). Choose a "
+            "new --out path, e.g. a folder name ending in .zarr that does not exist yet"
+        )
     return kind
 
 
@@ -88,8 +93,11 @@ def lock_path(url: str) -> str:
 
 
 def _owner() -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname(),
-            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def _alive(pid: int) -> bool:
@@ -112,8 +120,10 @@ class StoreLock:
 
     def _busy(self, owner: dict) -> StoreError:
         who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}, started {owner.get('started', '?')}"
-        return StoreError(f"{self.url}: another biofm prepare is writing this store ({who}); wait for it to "
-                          f"finish, or write to another --out (lock: {self.path})")
+        return StoreError(
+            f"{self.url}: another biofm prepare is writing this store ({who}); wait for it to "
+            f"finish, or write to another --out (lock: {self.path})"
+        )
 
     def acquire(self) -> StoreLock:
         if is_local(self.url):
@@ -124,6 +134,7 @@ class StoreLock:
 
     def _acquire_local(self) -> None:
         import fcntl
+
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         for _ in range(5):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -151,6 +162,7 @@ class StoreLock:
 
     def _fs(self):
         import fsspec
+
         return fsspec.core.url_to_fs(self.path, **(self.storage_options or {}))
 
     def _acquire_remote(self) -> None:
@@ -211,6 +223,7 @@ def hold(url: str, storage_options: dict | None = None) -> Callable[[], None]:
         if held[1] == 0 and _HELD.get(path) is held:
             del _HELD[path]
             held[0].release()
+
     return release
 
 
@@ -236,4 +249,5 @@ def prepares(function: Callable) -> Callable:
         bound = signature.bind(*args, **kwargs)
         with writing(str(bound.arguments["out"])):
             return function(*args, **kwargs)
+
     return run

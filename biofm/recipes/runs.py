@@ -8,11 +8,22 @@ from pathlib import Path
 from biofm.recipes.config import read_config
 
 
-def fit_and_test(stores: list[str], run_dir: str | Path, *, modalities: list[str] | None = None,
-                 epochs: int = 12, batch_size: int = 64,
-                 model: dict | None = None, seed: int = 0, progress: bool = False, loggers=None,
-                 predict: bool = False, test_without: list[str] = (), data_options: dict | None = None,
-                 checkpoint_artifact: bool = False) -> dict:
+def fit_and_test(
+    stores: list[str],
+    run_dir: str | Path,
+    *,
+    modalities: list[str] | None = None,
+    epochs: int = 12,
+    batch_size: int = 64,
+    model: dict | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    loggers=None,
+    predict: bool = False,
+    test_without: list[str] = (),
+    data_options: dict | None = None,
+    checkpoint_artifact: bool = False,
+) -> dict:
     """Train on `stores` (optionally only some modalities), test the best checkpoint, and return the test
     metrics (also in `<run_dir>/test_metrics.json`); `model` adds to (or replaces) the settings of
     `configs/model/small.yaml`; with `test_without`, also test the same model with each
@@ -41,13 +52,23 @@ def fit_and_test(stores: list[str], run_dir: str | Path, *, modalities: list[str
     data = BiofmDataModule(stores, modalities=modalities, batch_size=batch_size, seed=seed, **(data_options or {}))
     module = BiofmModule(data.schema, **{**read_config("model/small.yaml"), **(model or {})})
     loggers = default_loggers(run_dir) if loggers is None else loggers
-    callbacks = [default_checkpoint(run_dir), CheckpointArtifact(checkpoint_artifact)] + \
-        ([RichProgressBar()] if progress else [])
+    callbacks = [default_checkpoint(run_dir), CheckpointArtifact(checkpoint_artifact)] + (
+        [RichProgressBar()] if progress else []
+    )
     if predict:
         callbacks.append(PredictionWriter(run_dir))
-    trainer = Trainer(max_epochs=epochs, accelerator="cpu", devices=1, default_root_dir=run_dir,
-                      logger=loggers, callbacks=callbacks, plugins=[SafeCheckpointIO()],
-                      enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=5)
+    trainer = Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=run_dir,
+        logger=loggers,
+        callbacks=callbacks,
+        plugins=[SafeCheckpointIO()],
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        log_every_n_steps=5,
+    )
     log_run_settings(module, trainer.loggers)
     trainer.fit(module, datamodule=data)
     best = trainer.checkpoint_callback.best_model_path or None
@@ -56,8 +77,7 @@ def fit_and_test(stores: list[str], run_dir: str | Path, *, modalities: list[str
     metrics = metrics_of(trainer, "test")
     for dropped in test_without:
         kept = [m for m in data.schema["modalities"] if m != dropped]
-        reduced = BiofmDataModule(stores, modalities=kept, batch_size=batch_size, seed=seed,
-                                  **(data_options or {}))
+        reduced = BiofmDataModule(stores, modalities=kept, batch_size=batch_size, seed=seed, **(data_options or {}))
         module.test_name = f"test/without:{dropped}"  # its own keys: the tracker keeps the full model's
         trainer.test(module, datamodule=reduced, ckpt_path=best, verbose=False)
         metrics[f"without:{dropped}"] = metrics_of(trainer, module.test_name)
@@ -77,6 +97,7 @@ def fit_and_test(stores: list[str], run_dir: str | Path, *, modalities: list[str
 def plot_curves(metrics_csv: Path, out_png: Path) -> None:
     """Training loss per step and validation macro score per epoch."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import pandas as pd

@@ -92,8 +92,7 @@ class TaskKind:
     # ---- semi-supervised training
     can_pseudo_label: ClassVar[bool] = False
 
-    def pseudo_label(self, logits: torch.Tensor, target: torch.Tensor, threshold: float
-                     ) -> tuple[torch.Tensor, int]:
+    def pseudo_label(self, logits: torch.Tensor, target: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
         """`target` with its missing labels filled by the model's predictions where their probability is at
         least `threshold`, and how many were filled (kinds with `can_pseudo_label`)."""
         raise NotImplementedError(f"{self.name} tasks take no pseudo-labels")
@@ -122,8 +121,9 @@ def _masked(loss_fn, logits, target):
     return loss_fn(logits[present], target[present]), n
 
 
-def _check_values(kind: TaskKind, labels: np.ndarray, allowed: set[float] | None, where: str,
-                  upper: int | None = None) -> None:
+def _check_values(
+    kind: TaskKind, labels: np.ndarray, allowed: set[float] | None, where: str, upper: int | None = None
+) -> None:
     values = labels[~np.isnan(labels)]
     if allowed is not None:
         bad = set(np.unique(values).tolist()) - allowed
@@ -131,8 +131,11 @@ def _check_values(kind: TaskKind, labels: np.ndarray, allowed: set[float] | None
             raise kind._bad(where, f"found values {sorted(bad)[:5]}, expected {sorted(allowed)} or NaN")
     if upper is not None and len(values):
         if values.min() < 0 or values.max() >= upper or np.any(values != np.round(values)):
-            raise kind._bad(where, f"expected class indices 0..{upper - 1} (classes {kind.classes}), "
-                                   f"found values in [{values.min()}, {values.max()}]")
+            raise kind._bad(
+                where,
+                f"expected class indices 0..{upper - 1} (classes {kind.classes}), "
+                f"found values in [{values.min()}, {values.max()}]",
+            )
 
 
 @TASK_KINDS.register("binary")
@@ -259,6 +262,7 @@ class Ordinal(TaskKind):
 
         def cumulative(x, y):
             return F.binary_cross_entropy_with_logits(x, (y.unsqueeze(1) > levels).float())
+
         return _masked(cumulative, logits, target)
 
     def predict(self, logits):

@@ -34,8 +34,7 @@ from torchmetrics.classification import (
 
 from biofm.tasks.kinds import TaskKind
 
-PRIMARY = {"binary": "auroc", "multiclass": "auroc", "multilabel": "auroc", "regression": "r2",
-           "ordinal": "accuracy"}
+PRIMARY = {"binary": "auroc", "multiclass": "auroc", "multilabel": "auroc", "regression": "r2", "ordinal": "accuracy"}
 IGNORE = -1
 FEW = 5  # fewer labels of a class than this: its metrics are noisy, and said so
 
@@ -43,22 +42,34 @@ FEW = 5  # fewer labels of a class than this: its metrics are noisy, and said so
 def _collection(kind: TaskKind) -> MetricCollection:
     n = len(kind.classes)
     if kind.name == "binary":
-        return MetricCollection({"auroc": BinaryAUROC(ignore_index=IGNORE),
-                                 "auprc": BinaryAveragePrecision(ignore_index=IGNORE),
-                                 "accuracy": BinaryAccuracy(ignore_index=IGNORE)})
+        return MetricCollection(
+            {
+                "auroc": BinaryAUROC(ignore_index=IGNORE),
+                "auprc": BinaryAveragePrecision(ignore_index=IGNORE),
+                "accuracy": BinaryAccuracy(ignore_index=IGNORE),
+            }
+        )
     if kind.name == "multiclass":  # per class (average=None): classes absent from the labels are left out
-        return MetricCollection({"auroc": MulticlassAUROC(n, average=None, ignore_index=IGNORE),
-                                 "auprc": MulticlassAveragePrecision(n, average=None, ignore_index=IGNORE),
-                                 "accuracy": MulticlassAccuracy(n, average="micro", ignore_index=IGNORE)})
+        return MetricCollection(
+            {
+                "auroc": MulticlassAUROC(n, average=None, ignore_index=IGNORE),
+                "auprc": MulticlassAveragePrecision(n, average=None, ignore_index=IGNORE),
+                "accuracy": MulticlassAccuracy(n, average="micro", ignore_index=IGNORE),
+            }
+        )
     if kind.name == "multilabel":
-        return MetricCollection({"auroc": MultilabelAUROC(n, average=None, ignore_index=IGNORE),
-                                 "auprc": MultilabelAveragePrecision(n, average=None, ignore_index=IGNORE),
-                                 "accuracy": MultilabelAccuracy(n, ignore_index=IGNORE)})
+        return MetricCollection(
+            {
+                "auroc": MultilabelAUROC(n, average=None, ignore_index=IGNORE),
+                "auprc": MultilabelAveragePrecision(n, average=None, ignore_index=IGNORE),
+                "accuracy": MultilabelAccuracy(n, ignore_index=IGNORE),
+            }
+        )
     if kind.name == "ordinal":
-        return MetricCollection({"accuracy": MulticlassAccuracy(n, average="micro", ignore_index=IGNORE),
-                                 "mae": MeanAbsoluteError()})
-    return MetricCollection({"rmse": MeanSquaredError(squared=False), "mae": MeanAbsoluteError(),
-                             "r2": R2Score()})
+        return MetricCollection(
+            {"accuracy": MulticlassAccuracy(n, average="micro", ignore_index=IGNORE), "mae": MeanAbsoluteError()}
+        )
+    return MetricCollection({"rmse": MeanSquaredError(squared=False), "mae": MeanAbsoluteError(), "r2": R2Score()})
 
 
 def _count_width(kind: TaskKind) -> int:
@@ -98,8 +109,9 @@ class TaskMetrics(nn.Module):
     def _count(self, task: str, kind: TaskKind, target: torch.Tensor, present: torch.Tensor) -> None:
         values = target[present].double().cpu()
         if kind.name == "regression":
-            counts = torch.stack([torch.tensor(float(len(values)), dtype=torch.float64), values.sum(),
-                                  (values ** 2).sum()])
+            counts = torch.stack(
+                [torch.tensor(float(len(values)), dtype=torch.float64), values.sum(), (values**2).sum()]
+            )
         elif kind.name == "multilabel":
             cells = present.cpu()
             positives = (torch.nan_to_num(target.cpu(), nan=0.0) * cells).sum(dim=0).double()
@@ -110,8 +122,13 @@ class TaskMetrics(nn.Module):
 
     def counts(self) -> dict[str, list[float]]:
         """Every task's label counts over all ranks (see `_count_width`)."""
-        flat = torch.cat([self._counts.get(t, torch.zeros(_count_width(k), dtype=torch.float64))
-                          for t, k in self.kinds.items()]) if self.kinds else torch.zeros(0, dtype=torch.float64)
+        flat = (
+            torch.cat(
+                [self._counts.get(t, torch.zeros(_count_width(k), dtype=torch.float64)) for t, k in self.kinds.items()]
+            )
+            if self.kinds
+            else torch.zeros(0, dtype=torch.float64)
+        )
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             nccl = torch.distributed.get_backend() == "nccl"
             flat = flat.to("cuda" if nccl else "cpu")
@@ -119,7 +136,7 @@ class TaskMetrics(nn.Module):
         out, offset = {}, 0
         for task, kind in self.kinds.items():
             width = _count_width(kind)
-            out[task] = flat[offset:offset + width].cpu().tolist()
+            out[task] = flat[offset : offset + width].cpu().tolist()
             offset += width
         return out
 
@@ -141,8 +158,11 @@ class TaskMetrics(nn.Module):
             if values:
                 results[f"macro/{name}"] = sum(values) / len(values)
                 results[f"macro/{name}_n"] = float(len(values))
-        primary = [results[f"{t}/{PRIMARY[k.name]}"] for t, k in self.kinds.items()
-                   if math.isfinite(results.get(f"{t}/{PRIMARY[k.name]}", float("nan")))]
+        primary = [
+            results[f"{t}/{PRIMARY[k.name]}"]
+            for t, k in self.kinds.items()
+            if math.isfinite(results.get(f"{t}/{PRIMARY[k.name]}", float("nan")))
+        ]
         if results:
             results["macro/score"] = sum(primary) / len(primary) if primary else float("nan")
             results["macro/score_n"] = float(len(primary))
@@ -152,8 +172,9 @@ class TaskMetrics(nn.Module):
         """Once per task: a split whose labels leave a metric undefined, or hold fewer than FEW of a class."""
         if task in self._warned:
             return
-        undefined = [name.split("/")[1] for name, value in results.items()
-                     if name.startswith(f"{task}/") and math.isnan(value)]
+        undefined = [
+            name.split("/")[1] for name, value in results.items() if name.startswith(f"{task}/") and math.isnan(value)
+        ]
         if kind.name == "regression":
             few, described = count[0] < FEW, f"{int(count[0])} labels"
         else:
@@ -173,13 +194,19 @@ class TaskMetrics(nn.Module):
             negatives = count[:n] if kind.name == "multilabel" else [sum(count) - c for c in count]
             both = sum(1 for p, q in zip(positives, negatives) if p > 0 and q > 0)
             if both < n:
-                partial = (f"; its AUROC is the mean over the {both} of {n} "
-                           f"{'labels' if kind.name == 'multilabel' else 'classes'} that have both positives and "
-                           "negatives")
+                partial = (
+                    f"; its AUROC is the mean over the {both} of {n} "
+                    f"{'labels' if kind.name == 'multilabel' else 'classes'} that have both positives and "
+                    "negatives"
+                )
         if undefined or few or partial:
             self._warned.add(task)
-            what = (f"its {', '.join(undefined)} {'is' if len(undefined) == 1 else 'are'} undefined (NaN) and left "
-                    "out of the macro means" if undefined else "its metrics rest on few labels") + partial
+            what = (
+                f"its {', '.join(undefined)} {'is' if len(undefined) == 1 else 'are'} undefined (NaN) and left "
+                "out of the macro means"
+                if undefined
+                else "its metrics rest on few labels"
+            ) + partial
             warnings.warn(f"{self.name} split: task '{task}' has {described}: {what}", UserWarning, stacklevel=2)
 
     def reset(self) -> None:

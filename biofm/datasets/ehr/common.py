@@ -42,23 +42,33 @@ def fields_expr(columns: list[str]) -> pl.Expr:
         return pl.lit([], dtype=FIELDS)
     pairs = [pl.struct(pl.lit(c).alias("column"), pl.col(c).cast(pl.String).alias("value")) for c in columns]
     return pl.concat_list(pairs).list.eval(
-        pl.element().filter(pl.element().struct.field("value").str.strip_chars().str.len_chars() > 0))
+        pl.element().filter(pl.element().struct.field("value").str.strip_chars().str.len_chars() > 0)
+    )
 
 
 def to_sequences(events: pl.DataFrame, max_events: int) -> tuple[list[str], list[str], list[EventSequence]]:
     """Per sample (in order of first appearance): its latest `max_events` events, oldest first, static
     facts (NaN hours) before them."""
-    events = (events.with_columns(pl.col("hours").is_nan().alias("_static"))
-              .sort(["sample_id", "_static", "hours"], descending=[False, True, False], maintain_order=True))
+    events = events.with_columns(pl.col("hours").is_nan().alias("_static")).sort(
+        ["sample_id", "_static", "hours"], descending=[False, True, False], maintain_order=True
+    )
     grouped = events.group_by("sample_id", maintain_order=True).agg(
-        pl.col("subject_id").first(), pl.col("hours").tail(max_events), pl.col("table").tail(max_events),
-        pl.col("fields").tail(max_events))
+        pl.col("subject_id").first(),
+        pl.col("hours").tail(max_events),
+        pl.col("table").tail(max_events),
+        pl.col("fields").tail(max_events),
+    )
     samples, subjects, sequences = [], [], []
     for sample, subject, hours, tables, fields in grouped.iter_rows():
         samples.append(sample)
         subjects.append(subject)
-        sequences.append(EventSequence(np.asarray(hours, np.float32), list(tables),
-                                       [[(f["column"], f["value"]) for f in row] for row in fields]))
+        sequences.append(
+            EventSequence(
+                np.asarray(hours, np.float32),
+                list(tables),
+                [[(f["column"], f["value"]) for f in row] for row in fields],
+            )
+        )
     return samples, subjects, sequences
 
 
@@ -95,11 +105,22 @@ class ShardedWriter:
         modality.fit(sorted(self.strings))
         return modality
 
-    def write(self, modality: EHR, *, source: str, tasks: dict, labels: pl.DataFrame, splits: dict | None,
-              seed: int, overwrite: bool, progress: bool) -> Store:
+    def write(
+        self,
+        modality: EHR,
+        *,
+        source: str,
+        tasks: dict,
+        labels: pl.DataFrame,
+        splits: dict | None,
+        seed: int,
+        overwrite: bool,
+        progress: bool,
+    ) -> Store:
         """`labels`: sample_id plus one column per task (already coded: floats, class indices)."""
-        writer = StoreWriter(self.out, source=source, modalities={"ehr": modality.config()}, tasks=tasks,
-                             seed=seed, overwrite=overwrite)
+        writer = StoreWriter(
+            self.out, source=source, modalities={"ehr": modality.config()}, tasks=tasks, seed=seed, overwrite=overwrite
+        )
         done = writer.committed()
         label_of = {row[0]: row[1:] for row in labels.select(["sample_id", *tasks]).iter_rows()}
         cap = modality.settings["max_events"]
@@ -116,20 +137,26 @@ class ShardedWriter:
             split = None
             if splits is not None:
                 split = np.array([splits.get(s, "train") for s in subjects], dtype=object)
-            writer.write_batch(shard, sample_id=samples, subject_id=subjects,
-                               labels={t: values[:, j] for j, t in enumerate(tasks)},
-                               arrays=modality.featurise([sequences[i] for i in keep]), split=split)
+            writer.write_batch(
+                shard,
+                sample_id=samples,
+                subject_id=subjects,
+                labels={t: values[:, j] for j, t in enumerate(tasks)},
+                arrays=modality.featurise([sequences[i] for i in keep]),
+                split=split,
+            )
         return writer.finalize()
 
 
 def write_outputs(out: str, report: Report, rejects: list[tuple[str, str]]) -> None:
     import pandas as pd
+
     write_report(out, report.counts)
     write_rejects(out, pd.DataFrame(rejects, columns=["sample_id", "reason"]))
 
 
 def shards_of(subjects: list, shard_subjects: int) -> list[list]:
-    return [subjects[i:i + shard_subjects] for i in range(0, len(subjects), shard_subjects)]
+    return [subjects[i : i + shard_subjects] for i in range(0, len(subjects), shard_subjects)]
 
 
 WORK_MARK = ".biofm-work"
@@ -143,8 +170,10 @@ def work_dir(out: str) -> Path:
     work = Path(str(out).removeprefix("file://").rstrip("/") + ".work")
     if work.exists():
         if not (work / WORK_MARK).exists() and (not work.is_dir() or any(work.iterdir())):
-            raise StoreError(f"{work} exists and was not made by biofm prepare; prepare keeps its work files "
-                             "there and would replace it: move it away or choose another --out")
+            raise StoreError(
+                f"{work} exists and was not made by biofm prepare; prepare keeps its work files "
+                "there and would replace it: move it away or choose another --out"
+            )
         shutil.rmtree(work)
     work.mkdir(parents=True)
     (work / WORK_MARK).touch()
@@ -155,8 +184,11 @@ def work_dir(out: str) -> Path:
 
 
 def common_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokenizer-from", default=None,
-                   help="reuse the ehr tokenizer and caps of this store (to train stores together)")
+    p.add_argument(
+        "--tokenizer-from",
+        default=None,
+        help="reuse the ehr tokenizer and caps of this store (to train stores together)",
+    )
     p.add_argument("--vocab-size", type=int, default=4000)
     p.add_argument("--shard-subjects", type=int, default=2000, help="subjects per shard (bounds memory)")
     p.add_argument("--seed", type=int, default=0)

@@ -49,12 +49,19 @@ def read_meds_labels(path: str, task: str, report: Report) -> tuple[pl.DataFrame
     for column in ("subject_id", "prediction_time"):
         if column not in frame.columns:
             raise StoreError(f"{path}: a MEDS label file needs '{column}'; columns are {frame.columns}")
-    value = next((c for c in ("boolean_value", "integer_value", "float_value", "categorical_value")
-                  if c in frame.columns and frame[c].null_count() < len(frame)), None)
+    value = next(
+        (
+            c
+            for c in ("boolean_value", "integer_value", "float_value", "categorical_value")
+            if c in frame.columns and frame[c].null_count() < len(frame)
+        ),
+        None,
+    )
     if value is None:
         raise StoreError(f"{path}: no boolean_value, integer_value, float_value or categorical_value with values")
-    frame = frame.with_columns(pl.col("subject_id").cast(pl.String),
-                               _as_datetime(frame, "prediction_time").alias("prediction_time"))
+    frame = frame.with_columns(
+        pl.col("subject_id").cast(pl.String), _as_datetime(frame, "prediction_time").alias("prediction_time")
+    )
     bad_time = frame["prediction_time"].is_null()
     report.add("label rows with a missing or unparseable prediction_time (dropped)", bad_time.sum())
     no_subject = frame["subject_id"].is_null()
@@ -99,8 +106,14 @@ def meds_files(input: str) -> list[str]:
     return [tables.check_parquet(f, "MEDS data shard") for f in files]
 
 
-def meds_events(scan: pl.LazyFrame, subjects: list[str], labels: pl.DataFrame, codes: pl.DataFrame | None,
-                drop: set[str], report: Report) -> tuple[pl.DataFrame, set[str]]:
+def meds_events(
+    scan: pl.LazyFrame,
+    subjects: list[str],
+    labels: pl.DataFrame,
+    codes: pl.DataFrame | None,
+    drop: set[str],
+    report: Report,
+) -> tuple[pl.DataFrame, set[str]]:
     """One shard's events, as-of joined to its label rows: each label sees its subject's events at or before
     its prediction time, plus static facts (rows without a time)."""
     raw = scan.filter(pl.col("subject_id").cast(pl.String).is_in(subjects)).collect()
@@ -121,7 +134,9 @@ def meds_events(scan: pl.LazyFrame, subjects: list[str], labels: pl.DataFrame, c
     raw = raw.filter(~null_code)
     if "numeric_value" in raw.columns and raw.schema["numeric_value"] == pl.String:
         parsed = raw["numeric_value"].str.strip_chars().cast(pl.Float64, strict=False)
-        report.add("unparseable numeric_value (left out)", (parsed.is_null() & raw["numeric_value"].is_not_null()).sum())
+        report.add(
+            "unparseable numeric_value (left out)", (parsed.is_null() & raw["numeric_value"].is_not_null()).sum()
+        )
         raw = raw.with_columns(parsed.alias("numeric_value"))
     before = len(raw)
     raw = raw.unique(maintain_order=True)
@@ -133,35 +148,55 @@ def meds_events(scan: pl.LazyFrame, subjects: list[str], labels: pl.DataFrame, c
     else:
         raw = raw.with_columns(pl.lit(None, pl.String).alias("description"))
     code_text = pl.coalesce(pl.col("description"), pl.col("code").str.replace_all("//", " ", literal=True))
-    extras = [c for c in raw.columns if c not in {"subject_id", "time", "code", "description", "numeric_value",
-                                                   "text_value", "table"} | drop
-              and not c.endswith(("_id", "_seq", "_ID"))]
+    extras = [
+        c
+        for c in raw.columns
+        if c not in {"subject_id", "time", "code", "description", "numeric_value", "text_value", "table"} | drop
+        and not c.endswith(("_id", "_seq", "_ID"))
+    ]
     raw = raw.with_columns(code_text.alias("_code"), pl.col("code").str.split("//").list.first().alias("table"))
-    events = raw.select("subject_id", "time", "table",
-                        fields_expr(["_code", *(["numeric_value"] if "numeric_value" in raw.columns else []),
-                                     *(["text_value"] if "text_value" in raw.columns else []), *extras])
-                        .list.eval(pl.element().struct.with_fields(
-                            pl.field("column").replace({"_code": "code", "numeric_value": "value",
-                                                        "text_value": "text"})))
-                        .alias("fields"))
+    events = raw.select(
+        "subject_id",
+        "time",
+        "table",
+        fields_expr(
+            [
+                "_code",
+                *(["numeric_value"] if "numeric_value" in raw.columns else []),
+                *(["text_value"] if "text_value" in raw.columns else []),
+                *extras,
+            ]
+        )
+        .list.eval(
+            pl.element().struct.with_fields(
+                pl.field("column").replace({"_code": "code", "numeric_value": "value", "text_value": "text"})
+            )
+        )
+        .alias("fields"),
+    )
     joined = labels.select("subject_id", "prediction_time", "sample_id").join(events, on="subject_id", how="inner")
     joined = joined.filter(pl.col("time").is_null() | (pl.col("time") <= pl.col("prediction_time")))
     hours = (pl.col("time") - pl.col("prediction_time")).dt.total_microseconds() / 3.6e9
-    return joined.select("sample_id", "subject_id", hours.fill_null(float("nan")).cast(pl.Float32).alias("hours"),
-                         "table", "fields"), with_data
+    return joined.select(
+        "sample_id", "subject_id", hours.fill_null(float("nan")).cast(pl.Float32).alias("hours"), "table", "fields"
+    ), with_data
 
 
-_REASONS = {"no event at or before its prediction_time":
-            "samples with no event at or before their prediction_time (dropped)",
-            "subject has no events in the data": "samples whose subject has no events in the data (dropped)"}
+_REASONS = {
+    "no event at or before its prediction_time": "samples with no event at or before their prediction_time (dropped)",
+    "subject has no events in the data": "samples whose subject has no events in the data (dropped)",
+}
 
 
 def read_codes(path: str | None) -> pl.DataFrame | None:
     """MEDS `codes.parquet` (code → description), or None when there is none."""
     if not path or not Path(path).exists():
         return None
-    return (pl.read_parquet(tables.check_parquet(path, "MEDS codes file"), columns=["code", "description"])
-            .unique("code", keep="first").with_columns(pl.lit(True).alias("_known")))
+    return (
+        pl.read_parquet(tables.check_parquet(path, "MEDS codes file"), columns=["code", "description"])
+        .unique("code", keep="first")
+        .with_columns(pl.lit(True).alias("_known"))
+    )
 
 
 def meds_sequences(input, prediction_times, max_events: int, codes: str | None = None) -> tuple[pl.DataFrame, list]:
@@ -179,12 +214,15 @@ def meds_sequences(input, prediction_times, max_events: int, codes: str | None =
     for column in ("subject_id", "prediction_time"):
         if column not in rows.columns:
             raise StoreError(f"prediction times need '{column}'; columns are {rows.columns}")
-    rows = rows.with_columns(pl.col("subject_id").cast(pl.String),
-                             _as_datetime(rows, "prediction_time").alias("prediction_time"))
+    rows = rows.with_columns(
+        pl.col("subject_id").cast(pl.String), _as_datetime(rows, "prediction_time").alias("prediction_time")
+    )
     bad = rows.with_row_index("_row").filter(pl.col("subject_id").is_null() | pl.col("prediction_time").is_null())
     if len(bad):
-        raise StoreError(f"prediction times: rows {bad['_row'].head(5).to_list()} have no subject_id or no "
-                         "(parseable) prediction_time; every row needs both")
+        raise StoreError(
+            f"prediction times: rows {bad['_row'].head(5).to_list()} have no subject_id or no "
+            "(parseable) prediction_time; every row needs both"
+        )
     rows = rows.with_columns(sample_id_expr().alias("sample_id")).select("subject_id", "prediction_time", "sample_id")
     subjects = sorted(rows["subject_id"].drop_nulls().unique().to_list())
     events, _ = meds_events(scan, subjects, rows, code_frame, set(), Report())
@@ -194,11 +232,25 @@ def meds_sequences(input, prediction_times, max_events: int, codes: str | None =
 
 
 @prepares
-def prepare_meds(input: str, labels: str, out: str, *, task: str | None = None, codes: str | None = None,
-                 splits: str | None = None, max_events: int = 128, max_event_tokens: int = 48,
-                 vocab_size: int = 4000, tokenizer_from: str | None = None, drop_columns: Iterable[str] = (),
-                 shard_subjects: int = 5000, source: str | None = None, seed: int = 0, overwrite: bool = False,
-                 progress: bool = False) -> tuple[Store, Report]:
+def prepare_meds(
+    input: str,
+    labels: str,
+    out: str,
+    *,
+    task: str | None = None,
+    codes: str | None = None,
+    splits: str | None = None,
+    max_events: int = 128,
+    max_event_tokens: int = 48,
+    vocab_size: int = 4000,
+    tokenizer_from: str | None = None,
+    drop_columns: Iterable[str] = (),
+    shard_subjects: int = 5000,
+    source: str | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> tuple[Store, Report]:
     """Prepare a MEDS dataset and label file; returns the store and the report of what was dropped."""
     report = Report()
     files = meds_files(input)
@@ -210,7 +262,8 @@ def prepare_meds(input: str, labels: str, out: str, *, task: str | None = None, 
     split_of = None
     if splits and Path(splits).exists():
         frame = pl.read_parquet(tables.check_parquet(splits, "MEDS subject_splits file")).with_columns(
-            pl.col("subject_id").cast(pl.String))
+            pl.col("subject_id").cast(pl.String)
+        )
         split_of = {s: SPLITS.get(v, "train") for s, v in frame.select("subject_id", "split").iter_rows()}
     scan = pl.scan_parquet(files)
     subjects = sorted(label_frame["subject_id"].unique().to_list())
@@ -223,15 +276,19 @@ def prepare_meds(input: str, labels: str, out: str, *, task: str | None = None, 
     work = work_dir(out)
     writer = ShardedWriter(out, work, report)
     rejects: list[tuple[str, str]] = []
-    for shard, group in enumerate(track(shards_of(subjects, shard_subjects), progress,
-                                         -(-len(subjects) // shard_subjects), "reading events")):
+    for shard, group in enumerate(
+        track(shards_of(subjects, shard_subjects), progress, -(-len(subjects) // shard_subjects), "reading events")
+    ):
         shard_labels = label_frame.filter(pl.col("subject_id").is_in(group))
         events, with_data = meds_events(scan, group, shard_labels, code_frame, set(drop_columns), report)
         timed = events.filter(~pl.col("hours").is_nan())["sample_id"].unique().implode()
         empty = shard_labels.filter(~pl.col("sample_id").is_in(timed)).select("sample_id", "subject_id")
         for sample, subject in empty.iter_rows():
-            reason = "no event at or before its prediction_time" if subject in with_data else \
-                "subject has no events in the data"
+            reason = (
+                "no event at or before its prediction_time"
+                if subject in with_data
+                else "subject has no events in the data"
+            )
             rejects.append((sample, reason))
             report.add(_REASONS[reason], 1)
         writer.add(shard, events.filter(~pl.col("sample_id").is_in(empty["sample_id"].implode())))
@@ -239,8 +296,16 @@ def prepare_meds(input: str, labels: str, out: str, *, task: str | None = None, 
     modality = writer.modality(settings, tokenizer_from)
     if not len(label_frame) or len(rejects) == len(label_frame):
         raise StoreError(f"{labels}: no label row has events at or before its prediction_time")
-    store = writer.write(modality, source=source or f"meds-{task}", tasks={task: spec}, labels=label_frame,
-                            splits=split_of, seed=seed, overwrite=overwrite, progress=progress)
+    store = writer.write(
+        modality,
+        source=source or f"meds-{task}",
+        tasks={task: spec},
+        labels=label_frame,
+        splits=split_of,
+        seed=seed,
+        overwrite=overwrite,
+        progress=progress,
+    )
     write_outputs(out, report, rejects)
     shutil.rmtree(work, ignore_errors=True)
     return store, report
@@ -263,8 +328,20 @@ def _meds_arguments(p: argparse.ArgumentParser) -> None:
 def _run_meds(args: argparse.Namespace) -> None:
     """MEDS data + a MEDS label file → an EHR store (events as hierarchical text)."""
     store, report = prepare_meds(
-        args.input, args.labels, args.out, task=args.task, codes=args.codes, splits=args.splits,
-        max_events=args.max_events, max_event_tokens=args.max_event_tokens, vocab_size=args.vocab_size,
-        tokenizer_from=args.tokenizer_from, drop_columns=comma_list(args.drop_columns) or [],
-        shard_subjects=args.shard_subjects, seed=args.seed, overwrite=args.overwrite, progress=True)
+        args.input,
+        args.labels,
+        args.out,
+        task=args.task,
+        codes=args.codes,
+        splits=args.splits,
+        max_events=args.max_events,
+        max_event_tokens=args.max_event_tokens,
+        vocab_size=args.vocab_size,
+        tokenizer_from=args.tokenizer_from,
+        drop_columns=comma_list(args.drop_columns) or [],
+        shard_subjects=args.shard_subjects,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        progress=True,
+    )
     print_prepared(store, report, args.out)

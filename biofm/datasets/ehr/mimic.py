@@ -24,10 +24,21 @@ import polars as pl
 from biofm.datasets.ehr.schema import read_small, stream_table
 from biofm.platform.store import StoreError
 
-DISCHARGE = {"ACUTE HOSPITAL": "Other", "AGAINST ADVICE": "Other", "ASSISTED LIVING": "Other",
-             "CHRONIC/LONG TERM ACUTE CARE": "Other", "HEALTHCARE FACILITY": "Other", "HOME": "Home",
-             "HOME HEALTH CARE": "Home", "HOSPICE": "Other", "OTHER FACILITY": "Other", "PSYCH FACILITY": "Other",
-             "REHAB": "Rehabilitation", "SKILLED NURSING FACILITY": "Skilled Nursing Facility", "DIED": "Death"}
+DISCHARGE = {
+    "ACUTE HOSPITAL": "Other",
+    "AGAINST ADVICE": "Other",
+    "ASSISTED LIVING": "Other",
+    "CHRONIC/LONG TERM ACUTE CARE": "Other",
+    "HEALTHCARE FACILITY": "Other",
+    "HOME": "Home",
+    "HOME HEALTH CARE": "Home",
+    "HOSPICE": "Other",
+    "OTHER FACILITY": "Other",
+    "PSYCH FACILITY": "Other",
+    "REHAB": "Rehabilitation",
+    "SKILLED NURSING FACILITY": "Skilled Nursing Facility",
+    "DIED": "Death",
+}
 DESTINATIONS = ["Home", "Other", "Rehabilitation", "Skilled Nursing Facility"]
 FINAL_ACUITY = sorted(DESTINATIONS + ["IN_HOSPITAL_MORTALITY", "IN_ICU_MORTALITY"])
 IMMINENT = sorted(DESTINATIONS + ["Death", "No Discharge"])
@@ -65,13 +76,21 @@ def icu_tasks(schema, root: str, stays: pl.DataFrame, report) -> tuple[pl.DataFr
     icu = read_small(schema, root, schema.stays["table"], [stay_id, "first_careunit", "last_careunit", "los"])
     patients = read_small(schema, root, "hosp/patients", ["subject_id", "anchor_age", "anchor_year"])
     admissions = read_small(schema, root, "hosp/admissions", ["hadm_id", "discharge_location", "dischtime"])
-    frame = (stays.join(icu, on=stay_id, how="left")
-             .join(patients, left_on="_subject", right_on="subject_id", how="left", suffix="_patient")
-             .join(admissions, on="hadm_id", how="left")
-             .with_columns(pl.col("los").cast(pl.Float64, strict=False), _datetime(schema.stays["end"]).alias("_end"),
-                           _datetime("dischtime").alias("_discharge"),
-                           (pl.col("_start").dt.year() - pl.col("anchor_year").cast(pl.Int32, strict=False)
-                            + pl.col("anchor_age").cast(pl.Int32, strict=False)).alias("_age")))
+    frame = (
+        stays.join(icu, on=stay_id, how="left")
+        .join(patients, left_on="_subject", right_on="subject_id", how="left", suffix="_patient")
+        .join(admissions, on="hadm_id", how="left")
+        .with_columns(
+            pl.col("los").cast(pl.Float64, strict=False),
+            _datetime(schema.stays["end"]).alias("_end"),
+            _datetime("dischtime").alias("_discharge"),
+            (
+                pl.col("_start").dt.year()
+                - pl.col("anchor_year").cast(pl.Int32, strict=False)
+                + pl.col("anchor_age").cast(pl.Int32, strict=False)
+            ).alias("_age"),
+        )
+    )
     n = len(frame)
     frame = frame.filter(pl.col("first_careunit") == pl.col("last_careunit"))
     report.add("stays that change care unit (GenHPF leaves them out)", n - len(frame))
@@ -82,7 +101,8 @@ def icu_tasks(schema, root: str, stays: pl.DataFrame, report) -> tuple[pl.DataFr
     frame = frame.filter(pl.col("_age") >= float(options.get("min_age", 18)))
     report.add(f"stays of patients younger than {options.get('min_age', 18)}", n - len(frame))
     frame = frame.sort(["hadm_id", "_start"]).with_columns(
-        (pl.col("_start") != pl.col("_start").max().over("hadm_id")).cast(pl.Float32).alias("readmission"))
+        (pl.col("_start") != pl.col("_start").max().over("hadm_id")).cast(pl.Float32).alias("readmission")
+    )
     if options.get("first_icu", True):
         n = len(frame)
         frame = frame.filter(pl.col("_start") == pl.col("_start").min().over("hadm_id"))
@@ -92,20 +112,33 @@ def icu_tasks(schema, root: str, stays: pl.DataFrame, report) -> tuple[pl.DataFr
     discharge_h = _hours("_discharge", "_start")
     in_icu_death = died & (pl.col("_discharge") > pl.col("_start")) & (pl.col("_discharge") <= pl.col("_end"))
     destination = pl.col("discharge_location").replace_strict(DISCHARGE, default=None)
-    final = (pl.when(in_icu_death).then(pl.lit("IN_ICU_MORTALITY"))
-             .when(died).then(pl.lit("IN_HOSPITAL_MORTALITY")).otherwise(destination))
+    final = (
+        pl.when(in_icu_death)
+        .then(pl.lit("IN_ICU_MORTALITY"))
+        .when(died)
+        .then(pl.lit("IN_HOSPITAL_MORTALITY"))
+        .otherwise(destination)
+    )
     discharged = (discharge_h >= obs + gap) & (discharge_h <= obs + pred)
-    imminent = (pl.when(pl.col("_discharge").is_null()).then(None)
-                .when(discharged & died).then(pl.lit("Death"))
-                .when(discharged).then(destination).otherwise(pl.lit("No Discharge")))
+    imminent = (
+        pl.when(pl.col("_discharge").is_null())
+        .then(None)
+        .when(discharged & died)
+        .then(pl.lit("Death"))
+        .when(discharged)
+        .then(destination)
+        .otherwise(pl.lit("No Discharge"))
+    )
     frame = frame.with_columns(
         (died & (discharge_h > obs + gap) & (discharge_h <= obs + pred)).cast(pl.Float32).alias("mortality"),
-        (died & (discharge_h > obs + gap) & (discharge_h <= obs + long_term)).cast(pl.Float32)
+        (died & (discharge_h > obs + gap) & (discharge_h <= obs + long_term))
+        .cast(pl.Float32)
         .alias("long_term_mortality"),
         (pl.col("los") > 3).cast(pl.Float32).alias("los_3day"),
         (pl.col("los") > 7).cast(pl.Float32).alias("los_7day"),
         _coded(final, FINAL_ACUITY).alias("final_acuity"),
-        _coded(imminent, IMMINENT).alias("imminent_discharge"))
+        _coded(imminent, IMMINENT).alias("imminent_discharge"),
+    )
     specs = {t: {"kind": "binary"} for t in ("mortality", "long_term_mortality", "los_3day", "los_7day", "readmission")}
     specs["final_acuity"] = {"kind": "multiclass", "classes": FINAL_ACUITY}
     specs["imminent_discharge"] = {"kind": "multiclass", "classes": IMMINENT}
@@ -135,12 +168,19 @@ def _lab_labels(schema, root, cohort, lo: float, hi: float, report) -> pl.DataFr
     labs = pl.concat(parts) if parts else pl.DataFrame()
     if labs.is_empty():
         return cohort.select("_sample").with_columns([pl.lit(None, pl.Float32).alias(t) for t in LABS])
-    labs = labs.with_columns(pl.col("itemid").replace_strict(itemids).alias("_task"), _datetime("charttime").alias("_t"),
-                             pl.col("valuenum").cast(pl.Float64, strict=False))
+    labs = labs.with_columns(
+        pl.col("itemid").replace_strict(itemids).alias("_task"),
+        _datetime("charttime").alias("_t"),
+        pl.col("valuenum").cast(pl.Float64, strict=False),
+    )
     first_dialysis = _first_dialysis(schema, root)
     if first_dialysis is not None:
         labs = labs.join(first_dialysis, left_on="_subject", right_on="subject_id", how="left")
-        after = (pl.col("_task") == "creatinine") & pl.col("_dialysis").is_not_null() & (pl.col("_t") >= pl.col("_dialysis"))
+        after = (
+            (pl.col("_task") == "creatinine")
+            & pl.col("_dialysis").is_not_null()
+            & (pl.col("_t") >= pl.col("_dialysis"))
+        )
         report.add("creatinine values after a first dialysis (left out of the label)", labs.select(after.sum()).item())
         labs = labs.filter(~after)
     hours = _hours("_t", "_start")
@@ -149,7 +189,8 @@ def _lab_labels(schema, root, cohort, lo: float, hi: float, report) -> pl.DataFr
     out = cohort.select("_sample")
     for task, (_, edges, _) in LABS.items():
         per_task = means.filter(pl.col("_task") == task).select(
-            "_sample", _bin(pl.col("_mean"), edges, descending=(task == "platelets")).alias(task))
+            "_sample", _bin(pl.col("_mean"), edges, descending=(task == "platelets")).alias(task)
+        )
         out = out.join(per_task, on="_sample", how="left")
     return out
 
@@ -165,8 +206,10 @@ def _bin(value: pl.Expr, edges: list[float], descending: bool) -> pl.Expr:
 def _first_dialysis(schema, root) -> pl.DataFrame | None:
     """The first dialysis time per subject from inputevents and procedureevents (chartevents, when present)."""
     times = []
-    for table, ids, value in (("icu/inputevents", DIALYSIS_INPUT, "amount"),
-                              ("icu/procedureevents", DIALYSIS_PROCEDURE, "value")):
+    for table, ids, value in (
+        ("icu/inputevents", DIALYSIS_INPUT, "amount"),
+        ("icu/procedureevents", DIALYSIS_PROCEDURE, "value"),
+    ):
         try:
             frame = read_small(schema, root, table, ["subject_id", "itemid", "starttime", value])
         except StoreError:

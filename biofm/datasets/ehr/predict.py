@@ -17,8 +17,9 @@ from biofm.platform import tables
 from biofm.platform.store import Store, StoreError
 
 
-def predict_meds(model, meds, prediction_times, *, task: str | None = None, codes: str | None = None,
-                 batch_size: int = 64) -> pd.DataFrame:
+def predict_meds(
+    model, meds, prediction_times, *, task: str | None = None, codes: str | None = None, batch_size: int = 64
+) -> pd.DataFrame:
     """MEDS events (a folder, a parquet file or a frame) at the given prediction times (a frame with
     subject_id and prediction_time) → `model.predict`'s columns plus the MEDS prediction format:
     `subject_id`, `prediction_time`, `predicted_boolean_value`, `predicted_boolean_probability` (for `task`,
@@ -57,12 +58,14 @@ def add_meds_columns(frame: pd.DataFrame, rows: pd.DataFrame, tasks: dict, task:
     return out
 
 
-def predict_meds_cohort(checkpoint: str, times: str, meds: str, out: str, *, codes: str | None = None,
-                        encoding: str = "utf-8", **options) -> dict:
+def predict_meds_cohort(
+    checkpoint: str, times: str, meds: str, out: str, *, codes: str | None = None, encoding: str = "utf-8", **options
+) -> dict:
     """`predict_cohort` over the rows of a prediction-time file (subject_id, prediction_time: a MEDS label
     file), each row's EHR input its subject's events up to that time; also writes
     `<out>/predictions_meds.parquet` in the MEDS prediction format. `options` go to `predict_cohort`."""
     from biofm.platform.cohort import predict_cohort
+
     table = tables.read_table(times, "prediction-time manifest", encoding)  # named before the model is loaded
     kept: dict = {}
 
@@ -70,13 +73,16 @@ def predict_meds_cohort(checkpoint: str, times: str, meds: str, out: str, *, cod
         frame, sequences = meds_sequences(meds, table, _max_events(model), codes)
         kept["frame"], kept["tasks"] = frame.to_pandas(), model.tasks
         return kept["frame"], {"ehr": sequences}
+
     summary = predict_cohort(checkpoint, times, out, rows=rows, run={"meds": str(meds)}, **options)
     if summary:
-        predictions = add_meds_columns(pd.read_parquet(Path(out) / "predictions.parquet"), kept["frame"],
-                                       kept["tasks"], None)
+        predictions = add_meds_columns(
+            pd.read_parquet(Path(out) / "predictions.parquet"), kept["frame"], kept["tasks"], None
+        )
         columns = ["subject_id", "prediction_time", "predicted_boolean_value", "predicted_boolean_probability"]
-        predictions[[c for c in columns if c in predictions]].to_parquet(Path(out) / "predictions_meds.parquet",
-                                                                         index=False)
+        predictions[[c for c in columns if c in predictions]].to_parquet(
+            Path(out) / "predictions_meds.parquet", index=False
+        )
     return summary
 
 
@@ -92,17 +98,19 @@ def meds_predictions(predictions: str, store: str, task: str | None = None) -> p
     prob = f"{task}/prob/1"
     if prob not in frame.columns:
         raise StoreError(f"{predictions}: no column '{prob}'; was the model trained on task '{task}'?")
-    truth = pl.DataFrame({"sample_id": opened.index("sample_id").astype(str),
-                          "boolean_value": opened.labels(task)})
+    truth = pl.DataFrame({"sample_id": opened.index("sample_id").astype(str), "boolean_value": opened.labels(task)})
     frame = frame.join(truth, on="sample_id", how="left")
     parts = pl.col("sample_id").str.split_exact("@", 1)
     out = frame.select(
         parts.struct.field("field_0").alias("subject_id"),
         parts.struct.field("field_1").str.to_datetime("%Y-%m-%dT%H:%M:%S%.6f", time_unit="us").alias("prediction_time"),
-        pl.when(pl.col("boolean_value").is_nan()).then(None).otherwise(pl.col("boolean_value") > 0.5)
+        pl.when(pl.col("boolean_value").is_nan())
+        .then(None)
+        .otherwise(pl.col("boolean_value") > 0.5)
         .alias("boolean_value"),
         (pl.col(prob) >= 0.5).alias("predicted_boolean_value"),
-        pl.col(prob).cast(pl.Float32).alias("predicted_boolean_probability"))
+        pl.col(prob).cast(pl.Float32).alias("predicted_boolean_probability"),
+    )
     subject = out["subject_id"].cast(pl.Int64, strict=False)
     if subject.null_count() == 0:
         out = out.with_columns(subject.alias("subject_id"))
@@ -127,12 +135,18 @@ def _run_export(args: argparse.Namespace) -> None:
 
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a .ckpt file or a run directory holding one")
-    p.add_argument("--manifest", required=True, help="prediction times: subject_id, prediction_time (a MEDS "
-                                                     "label file, parquet or CSV)")
+    p.add_argument(
+        "--manifest",
+        required=True,
+        help="prediction times: subject_id, prediction_time (a MEDS label file, parquet or CSV)",
+    )
     p.add_argument("--meds", required=True, help="MEDS folder or parquet file of the subjects' events")
     p.add_argument("--codes", default=None, help="codes.parquet, when --meds is not a MEDS folder")
-    p.add_argument("--out", required=True, help="folder for shards, predictions.parquet, predictions_meds.parquet, "
-                                                "errors.csv, summary.json")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="folder for shards, predictions.parquet, predictions_meds.parquet, errors.csv, summary.json",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=0, help="loader processes that featurise")
     p.add_argument("--devices", type=int, default=1, help="processes (GPUs, or CPU processes with gloo)")
@@ -143,9 +157,20 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 @command("predict-meds", _predict_arguments)
 def _run_predict(args: argparse.Namespace) -> None:
     """predict a MEDS cohort at its prediction times, also in the MEDS prediction format"""
-    summary = predict_meds_cohort(args.checkpoint, args.manifest, args.meds, args.out, codes=args.codes,
-                                  encoding=args.encoding, batch_size=args.batch_size, num_workers=args.num_workers,
-                                  devices=args.devices, accelerator=args.accelerator)
+    summary = predict_meds_cohort(
+        args.checkpoint,
+        args.manifest,
+        args.meds,
+        args.out,
+        codes=args.codes,
+        encoding=args.encoding,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        devices=args.devices,
+        accelerator=args.accelerator,
+    )
     if summary:
-        print(f"{summary['predicted']} of {summary['samples']} samples predicted, {summary['errors']} errors "
-              f"(listed in {args.out}/errors.csv); predictions in {args.out}/predictions_meds.parquet")
+        print(
+            f"{summary['predicted']} of {summary['samples']} samples predicted, {summary['errors']} errors "
+            f"(listed in {args.out}/errors.csv); predictions in {args.out}/predictions_meds.parquet"
+        )

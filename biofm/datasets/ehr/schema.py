@@ -25,8 +25,9 @@ class Schema:
             detail = str(err).replace("\n", " ")[:200]
             raise StoreError(f"{path}: the schema is not valid YAML ({detail})") from None
         if not isinstance(spec, dict):
-            raise StoreError(f"{path}: the schema must be a mapping with 'stays' and 'tables', got a "
-                             f"{type(spec).__name__}")
+            raise StoreError(
+                f"{path}: the schema must be a mapping with 'stays' and 'tables', got a {type(spec).__name__}"
+            )
         self.spec = spec
         for key in ("stays", "tables"):
             if key not in spec:
@@ -49,14 +50,20 @@ class Schema:
                 if key not in table:
                     raise StoreError(f"{path}: tables[{i}] needs '{key}'")
         numbers = {}
-        for key, default, kind in (("observation_hours", 12, float), ("max_events", 128, int),
-                                   ("max_event_tokens", 48, int)):
+        for key, default, kind in (
+            ("observation_hours", 12, float),
+            ("max_events", 128, int),
+            ("max_event_tokens", 48, int),
+        ):
             try:
                 numbers[key] = kind(spec.get(key, default))
             except (TypeError, ValueError):
                 raise StoreError(f"{path}: '{key}' must be a number, got {spec.get(key)!r}") from None
         self.observation_hours, self.max_events, self.max_event_tokens = (
-            numbers["observation_hours"], numbers["max_events"], numbers["max_event_tokens"])
+            numbers["observation_hours"],
+            numbers["max_events"],
+            numbers["max_event_tokens"],
+        )
         self.tasks = spec.get("tasks")
         self.encoding = str(encoding or spec.get("encoding", "utf-8"))  # of the CSV tables
 
@@ -75,11 +82,14 @@ def header_of(path: Path, encoding: str = "utf-8") -> list[str]:
     try:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
+
             names = list(pq.read_schema(path).names)
         else:
             import pyarrow.csv as pacsv
-            with pacsv.open_csv(str(path), read_options=pacsv.ReadOptions(block_size=1 << 16,
-                                                                           encoding=encoding)) as reader:
+
+            with pacsv.open_csv(
+                str(path), read_options=pacsv.ReadOptions(block_size=1 << 16, encoding=encoding)
+            ) as reader:
                 names = list(reader.schema.names)
     except Exception as err:  # noqa: BLE001 — pyarrow raises ArrowInvalid, OSError, EOFError, …
         raise tables.read_failure(str(path), err, "table", encoding) from None
@@ -87,22 +97,29 @@ def header_of(path: Path, encoding: str = "utf-8") -> list[str]:
     return names
 
 
-def stream_table(path: Path, columns: list[str], block_bytes: int = 16 << 20,
-                 encoding: str = "utf-8") -> Iterator[pl.DataFrame]:
+def stream_table(
+    path: Path, columns: list[str], block_bytes: int = 16 << 20, encoding: str = "utf-8"
+) -> Iterator[pl.DataFrame]:
     """A table's `columns` as text, block by block (CSV, CSV.gz or parquet): never the whole file. A block
     that cannot be read (a truncated gzip, a line in another encoding) is a StoreError naming the file."""
     try:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
+
             for batch in pq.ParquetFile(path).iter_batches(columns=columns, batch_size=1 << 17):
                 yield pl.from_arrow(batch).with_columns(pl.all().cast(pl.String))
             return
         import pyarrow as pa
         import pyarrow.csv as pacsv
-        convert = pacsv.ConvertOptions(include_columns=columns, column_types={c: pa.string() for c in columns},
-                                       strings_can_be_null=True)
-        with pacsv.open_csv(str(path), read_options=pacsv.ReadOptions(block_size=block_bytes, encoding=encoding),
-                            convert_options=convert) as reader:
+
+        convert = pacsv.ConvertOptions(
+            include_columns=columns, column_types={c: pa.string() for c in columns}, strings_can_be_null=True
+        )
+        with pacsv.open_csv(
+            str(path),
+            read_options=pacsv.ReadOptions(block_size=block_bytes, encoding=encoding),
+            convert_options=convert,
+        ) as reader:
             for batch in reader:
                 yield pl.from_arrow(batch)
     except StoreError:

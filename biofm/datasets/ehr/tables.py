@@ -35,10 +35,12 @@ from biofm.platform.store import Store, StoreError
 from biofm.platform.writing import prepares
 
 
-def partition_tables(schema: Schema, root: str, stays: pl.DataFrame, shard_of: dict[str, int], work: Path,
-                     report: Report, progress: bool) -> None:
+def partition_tables(
+    schema: Schema, root: str, stays: pl.DataFrame, shard_of: dict[str, int], work: Path, report: Report, progress: bool
+) -> None:
     """Stream every event table once; rows of cohort stays go to `work/<table>/<shard>.parquet`."""
     import pyarrow.parquet as pq
+
     for spec in schema.tables:
         table = spec["table"]
         path = schema.file(root, table)
@@ -50,18 +52,22 @@ def partition_tables(schema: Schema, root: str, stays: pl.DataFrame, shard_of: d
         columns = [c for c in header if c not in drop or c in (spec["time"], spec["link"])]
         link = spec["link"]
         if link not in stays.columns:
-            raise StoreError(f"{schema.path}: table '{table}' links by '{link}', which the stays table does not "
-                             f"have; add it to stays.keys")
-        link_to_shard = (stays.select(pl.col(link).cast(pl.String), pl.col("_subject"))
-                         .drop_nulls().unique(link)
-                         .with_columns(pl.col("_subject").replace_strict(shard_of, return_dtype=pl.Int32)
-                                       .alias("_shard")).select(link, "_shard"))
+            raise StoreError(
+                f"{schema.path}: table '{table}' links by '{link}', which the stays table does not "
+                f"have; add it to stays.keys"
+            )
+        link_to_shard = (
+            stays.select(pl.col(link).cast(pl.String), pl.col("_subject"))
+            .drop_nulls()
+            .unique(link)
+            .with_columns(pl.col("_subject").replace_strict(shard_of, return_dtype=pl.Int32).alias("_shard"))
+            .select(link, "_shard")
+        )
         writers: dict[int, pq.ParquetWriter] = {}
         out_dir = work / table.replace("/", "__")
         out_dir.mkdir(parents=True, exist_ok=True)
         seen = 0
-        for block in track(stream_table(path, columns, encoding=schema.encoding), progress, None,
-                           f"reading {table}"):
+        for block in track(stream_table(path, columns, encoding=schema.encoding), progress, None, f"reading {table}"):
             seen += len(block)
             block = block.join(link_to_shard, on=link, how="inner")
             for (shard,), part in block.partition_by("_shard", as_dict=True).items():
@@ -74,8 +80,14 @@ def partition_tables(schema: Schema, root: str, stays: pl.DataFrame, shard_of: d
         report.add(f"rows read from {table}", seen)
 
 
-def table_events(schema: Schema, spec: dict, part: pl.DataFrame, stays: pl.DataFrame,
-                 dictionaries: dict[str, pl.DataFrame], report: Report) -> pl.DataFrame:
+def table_events(
+    schema: Schema,
+    spec: dict,
+    part: pl.DataFrame,
+    stays: pl.DataFrame,
+    dictionaries: dict[str, pl.DataFrame],
+    report: Report,
+) -> pl.DataFrame:
     """One table's rows of one shard → events (sample_id, subject_id, hours, table, fields) in the window."""
     table, time_col, link = spec["table"], spec["time"], spec["link"]
     label = table.split("/")[-1]
@@ -107,31 +119,49 @@ def table_events(schema: Schema, spec: dict, part: pl.DataFrame, stays: pl.DataF
     report.add(f"{label}: duplicate rows (dropped)", before - len(part))
     report.add(f"{label}: events in an observation window", len(part))
     hours = (pl.col("_time") - pl.col("_prediction")).dt.total_microseconds() / 3.6e9
-    return part.select(pl.col("_sample").alias("sample_id"), pl.col("_subject").alias("subject_id"),
-                       hours.cast(pl.Float32).alias("hours"), pl.lit(label).alias("table"),
-                       fields_expr(keep).alias("fields"))
+    return part.select(
+        pl.col("_sample").alias("sample_id"),
+        pl.col("_subject").alias("subject_id"),
+        hours.cast(pl.Float32).alias("hours"),
+        pl.lit(label).alias("table"),
+        fields_expr(keep).alias("fields"),
+    )
 
 
 def read_stays(schema: Schema, root: str) -> pl.DataFrame:
     s = schema.stays
-    columns = list(dict.fromkeys([s["id"], s["subject"], s["start"], *([s["end"]] if s.get("end") else []),
-                                  *s.get("keys", [])]))
+    columns = list(
+        dict.fromkeys([s["id"], s["subject"], s["start"], *([s["end"]] if s.get("end") else []), *s.get("keys", [])])
+    )
     frame = read_small(schema, root, s["table"], columns)
     if not len(frame):
         raise StoreError(f"{schema.file(root, s['table'])}: the stays table has a header but no data rows")
     start = pl.col(s["start"]).str.to_datetime(strict=False, time_unit="us")
-    frame = frame.with_columns(pl.col(s["id"]).alias("_sample"), pl.col(s["subject"]).alias("_subject"),
-                               start.alias("_start"))
-    frame = frame.with_columns((pl.col("_start") + pl.duration(minutes=int(schema.observation_hours * 60)))
-                               .alias("_prediction"))
+    frame = frame.with_columns(
+        pl.col(s["id"]).alias("_sample"), pl.col(s["subject"]).alias("_subject"), start.alias("_start")
+    )
+    frame = frame.with_columns(
+        (pl.col("_start") + pl.duration(minutes=int(schema.observation_hours * 60))).alias("_prediction")
+    )
     return frame
 
 
 @prepares
-def prepare_ehr_tables(input: str, schema: str, out: str, *, labels: str | None = None,
-                       tokenizer_from: str | None = None, vocab_size: int = 4000, shard_subjects: int = 2000,
-                       source: str | None = None, seed: int = 0, overwrite: bool = False, progress: bool = False,
-                       encoding: str | None = None) -> tuple[Store, Report]:
+def prepare_ehr_tables(
+    input: str,
+    schema: str,
+    out: str,
+    *,
+    labels: str | None = None,
+    tokenizer_from: str | None = None,
+    vocab_size: int = 4000,
+    shard_subjects: int = 2000,
+    source: str | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = False,
+    encoding: str | None = None,
+) -> tuple[Store, Report]:
     """Prepare raw relational EHR tables described by `schema`; returns the store and the report.
     `encoding`: of the CSV tables and the label CSV (default: the schema's `encoding`, else utf-8)."""
     if not Path(input).is_dir():
@@ -172,8 +202,9 @@ def prepare_ehr_tables(input: str, schema: str, out: str, *, labels: str | None 
         for d in t.get("dictionaries", []):
             if d["table"] not in dictionaries:
                 names = read_small(spec, input, d["table"], [d["key"], d["name"]])
-                dictionaries[d["table"]] = names.select(pl.col(d["key"]).alias("_key"),
-                                                        pl.col(d["name"]).alias("_name")).unique("_key")
+                dictionaries[d["table"]] = names.select(
+                    pl.col(d["key"]).alias("_key"), pl.col(d["name"]).alias("_name")
+                ).unique("_key")
     writer = ShardedWriter(out, work, report)
     rejects: list[tuple[str, str]] = []
     n_shards = max(shard_of.values(), default=-1) + 1
@@ -184,8 +215,19 @@ def prepare_ehr_tables(input: str, schema: str, out: str, *, labels: str | None 
             path = work / t["table"].replace("/", "__") / f"{shard:05d}.parquet"
             if path.exists():
                 parts.append(table_events(spec, t, pl.read_parquet(path), shard_stays, dictionaries, report))
-        events = pl.concat(parts, how="vertical") if parts else pl.DataFrame(schema={
-            "sample_id": pl.String, "subject_id": pl.String, "hours": pl.Float32, "table": pl.String, "fields": FIELDS})
+        events = (
+            pl.concat(parts, how="vertical")
+            if parts
+            else pl.DataFrame(
+                schema={
+                    "sample_id": pl.String,
+                    "subject_id": pl.String,
+                    "hours": pl.Float32,
+                    "table": pl.String,
+                    "fields": FIELDS,
+                }
+            )
+        )
         have = set(events["sample_id"].unique().to_list())
         empty = [s for s in shard_stays["_sample"].to_list() if s not in have]
         rejects += [(s, "no event in the observation window") for s in empty]
@@ -195,8 +237,16 @@ def prepare_ehr_tables(input: str, schema: str, out: str, *, labels: str | None 
         raise StoreError(f"{input}: no stay has events in its observation window")
     settings = {"vocab_size": vocab_size, "max_events": spec.max_events, "max_event_tokens": spec.max_event_tokens}
     modality = writer.modality(settings, tokenizer_from)
-    store = writer.write(modality, source=source or spec.name, tasks=tasks, labels=label_frame, splits=None,
-                            seed=seed, overwrite=overwrite, progress=progress)
+    store = writer.write(
+        modality,
+        source=source or spec.name,
+        tasks=tasks,
+        labels=label_frame,
+        splits=None,
+        seed=seed,
+        overwrite=overwrite,
+        progress=progress,
+    )
     write_outputs(out, report, rejects)
     shutil.rmtree(work, ignore_errors=True)
     return store, report
@@ -206,12 +256,17 @@ def read_label_csv(path: str, id_column: str, encoding: str = "utf-8") -> tuple[
     """Labels keyed by the stay id: 0/1 columns are binary, other numbers regression, text multiclass (the
     rule of every label table, `label_tasks`)."""
     from biofm.datasets.manifest import label_tasks
+
     frame = tables.read_table(path, "label table", encoding)
     if id_column not in frame.columns:
         raise StoreError(f"{path}: no id column '{id_column}'; columns are {list(frame.columns)}")
     specs, labels = label_tasks(frame, [c for c in frame.columns if c != id_column], path)
-    return pl.DataFrame({"sample_id": frame[id_column].astype(str).to_list(),
-                         **{c: pl.Series(c, v, dtype=pl.Float32) for c, v in labels.items()}}), specs
+    return pl.DataFrame(
+        {
+            "sample_id": frame[id_column].astype(str).to_list(),
+            **{c: pl.Series(c, v, dtype=pl.Float32) for c, v in labels.items()},
+        }
+    ), specs
 
 
 def _tables_arguments(p: argparse.ArgumentParser) -> None:
@@ -219,16 +274,28 @@ def _tables_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schema", required=True, help="schema YAML (e.g. configs/ehr/mimic-iv.yaml)")
     p.add_argument("--out", required=True, help="store to write")
     p.add_argument("--labels", default=None, help="CSV of labels keyed by the stay id")
-    p.add_argument("--encoding", default=None, help="text encoding of the CSV tables and labels (default: the "
-                                                    "schema's `encoding`, else utf-8)")
+    p.add_argument(
+        "--encoding",
+        default=None,
+        help="text encoding of the CSV tables and labels (default: the schema's `encoding`, else utf-8)",
+    )
     common_arguments(p)
 
 
 @preparer("ehr-tables", _tables_arguments)
 def _run_tables(args: argparse.Namespace) -> None:
     """Raw EHR tables of any schema → an EHR store (events as hierarchical text)."""
-    store, report = prepare_ehr_tables(args.input, args.schema, args.out, labels=args.labels,
-                                       tokenizer_from=args.tokenizer_from, vocab_size=args.vocab_size,
-                                       shard_subjects=args.shard_subjects, seed=args.seed,
-                                       overwrite=args.overwrite, encoding=args.encoding, progress=True)
+    store, report = prepare_ehr_tables(
+        args.input,
+        args.schema,
+        args.out,
+        labels=args.labels,
+        tokenizer_from=args.tokenizer_from,
+        vocab_size=args.vocab_size,
+        shard_subjects=args.shard_subjects,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        encoding=args.encoding,
+        progress=True,
+    )
     print_prepared(store, report, args.out)

@@ -38,10 +38,21 @@ class EHR(Modality):
 
     argument = "ehr"  # a manifest has no EHR column: MEDS events come through `biofm predict-meds`
 
-    def __init__(self, tokenizer: str | None = None, vocab_size: int = 4000, max_event_tokens: int = 48,
-                 max_events: int = 128, **settings):
-        super().__init__(tokenizer=tokenizer, vocab_size=int(vocab_size), max_event_tokens=int(max_event_tokens),
-                         max_events=int(max_events), **settings)
+    def __init__(
+        self,
+        tokenizer: str | None = None,
+        vocab_size: int = 4000,
+        max_event_tokens: int = 48,
+        max_events: int = 128,
+        **settings,
+    ):
+        super().__init__(
+            tokenizer=tokenizer,
+            vocab_size=int(vocab_size),
+            max_event_tokens=int(max_event_tokens),
+            max_events=int(max_events),
+            **settings,
+        )
         self._events = EventTokenizer(Tokenizer.from_str(tokenizer)) if tokenizer else None
 
     def fit(self, raw: Sequence[EventSequence | None] | Iterable[str]) -> None:
@@ -85,19 +96,24 @@ class EHR(Modality):
             places = np.zeros((n - start, cap), np.uint8)
             for j in range(start, n):
                 e_ids, e_types, e_places = self.encode_event(sample.tables[j], sample.fields[j])
-                ids[j - start, :len(e_ids)] = e_ids
-                types[j - start, :len(e_types)] = e_types
-                places[j - start, :len(e_places)] = e_places
+                ids[j - start, : len(e_ids)] = e_ids
+                types[j - start, : len(e_types)] = e_types
+                places[j - start, : len(e_places)] = e_places
             rows_ids.append(ids)
             rows_types.append(types)
             rows_places.append(places)
-            rows_time.append(np.zeros(0, np.float32) if sample is None else
-                             np.asarray(sample.times, np.float32)[start:n])
-        return self.prefixed({"tokens": Ragged.from_list(rows_ids, np.int32, (cap,)),
-                              "types": Ragged.from_list(rows_types, np.uint8, (cap,)),
-                              "places": Ragged.from_list(rows_places, np.uint8, (cap,)),
-                              "time": Ragged.from_list(rows_time, np.float32),
-                              "present": [r is not None and len(r) > 0 for r in raw]})
+            rows_time.append(
+                np.zeros(0, np.float32) if sample is None else np.asarray(sample.times, np.float32)[start:n]
+            )
+        return self.prefixed(
+            {
+                "tokens": Ragged.from_list(rows_ids, np.int32, (cap,)),
+                "types": Ragged.from_list(rows_types, np.uint8, (cap,)),
+                "places": Ragged.from_list(rows_places, np.uint8, (cap,)),
+                "time": Ragged.from_list(rows_time, np.float32),
+                "present": [r is not None and len(r) > 0 for r in raw],
+            }
+        )
 
     def collate(self, arrays: dict[str, Column]) -> dict[str, torch.Tensor]:
         tokens: Ragged = arrays["tokens"]
@@ -128,13 +144,18 @@ class EHR(Modality):
         return {**batch, "mask": mask & (index < (n + 1) // 2)}, {**batch, "mask": mask & (index >= n // 2)}
 
     def encoder(self, d_model: int, layers: int = 2, heads: int = 4, aggregator_layers: int = 1) -> nn.Module:
-        return EventEncoder(self.settings["vocab_size"], self.settings["max_event_tokens"], d_model, layers, heads,
-                            aggregator_layers)
+        return EventEncoder(
+            self.settings["vocab_size"], self.settings["max_event_tokens"], d_model, layers, heads, aggregator_layers
+        )
 
     @classmethod
     def example_raw(cls, n: int, seed: int = 0) -> list:
-        items = [("labevents", "glucose", "mg/dL"), ("labevents", "creatinine", "mg/dL"),
-                 ("prescriptions", "heparin", "unit"), ("inputevents", "norepinephrine", "mcg/kg/min")]
+        items = [
+            ("labevents", "glucose", "mg/dL"),
+            ("labevents", "creatinine", "mg/dL"),
+            ("prescriptions", "heparin", "unit"),
+            ("inputevents", "norepinephrine", "mcg/kg/min"),
+        ]
         rng = np.random.default_rng(seed)
         out = []
         for i in range(n):
@@ -145,8 +166,9 @@ class EHR(Modality):
             picks = [items[j] for j in rng.integers(0, len(items), k)]
             times = np.sort(-rng.random(k) * 12).astype(np.float32)
             times[0] = np.nan if i % 3 == 0 else times[0]  # a static fact now and then
-            fields = [[("item", name), ("value", f"{rng.random() * 200:.2f}"), ("unit", unit)]
-                      for _, name, unit in picks]
+            fields = [
+                [("item", name), ("value", f"{rng.random() * 200:.2f}"), ("unit", unit)] for _, name, unit in picks
+            ]
             out.append(EventSequence(times, [t for t, _, _ in picks], fields))
         return out
 

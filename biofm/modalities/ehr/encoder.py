@@ -39,20 +39,34 @@ class EventEncoder(nn.Module):
     their time) instead of their content. Its `Tokens` carry the token states of the pass (`states["tokens"]`),
     real events only [N, T, d]."""
 
-    def __init__(self, vocab_size: int, max_event_tokens: int, d_model: int, layers: int = 2, heads: int = 4,
-                 aggregator_layers: int = 1):
+    def __init__(
+        self,
+        vocab_size: int,
+        max_event_tokens: int,
+        d_model: int,
+        layers: int = 2,
+        heads: int = 4,
+        aggregator_layers: int = 1,
+    ):
         super().__init__()
         self.tokens = nn.Embedding(vocab_size, d_model, padding_idx=0)
         self.types = nn.Embedding(N_TYPES, d_model, padding_idx=0)
         self.places = nn.Embedding(N_DPE, d_model)
         self.positions = nn.Embedding(max_event_tokens, d_model)
-        layer = lambda: nn.TransformerEncoderLayer(d_model, heads, 2 * d_model, dropout=0.0,  # noqa: E731
-                                                   batch_first=True, norm_first=True)
+        layer = lambda: nn.TransformerEncoderLayer(
+            d_model,
+            heads,
+            2 * d_model,
+            dropout=0.0,  # noqa: E731
+            batch_first=True,
+            norm_first=True,
+        )
         self.event_layers = nn.TransformerEncoder(layer(), layers, enable_nested_tensor=False)
         self.time = TimeEmbedding(d_model)
         self.norm = nn.LayerNorm(d_model)
-        self.aggregator = (nn.TransformerEncoder(layer(), aggregator_layers, enable_nested_tensor=False)
-                           if aggregator_layers else None)
+        self.aggregator = (
+            nn.TransformerEncoder(layer(), aggregator_layers, enable_nested_tensor=False) if aggregator_layers else None
+        )
         self.mask_event = nn.Parameter(torch.zeros(d_model))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Tokens:
@@ -63,8 +77,12 @@ class EventEncoder(nn.Module):
         vectors = ids.new_zeros((b, e, self.tokens.embedding_dim), dtype=self.positions.weight.dtype)
         if len(flat):
             positions = torch.arange(t, device=ids.device)
-            x = (self.tokens(flat) + self.types(batch["types"][mask]) + self.places(batch["places"][mask])
-                 + self.positions(positions))
+            x = (
+                self.tokens(flat)
+                + self.types(batch["types"][mask])
+                + self.places(batch["places"][mask])
+                + self.positions(positions)
+            )
             token_mask = flat != 0
             x = self.event_layers(x, src_key_padding_mask=~token_mask)
             states = {"tokens": x}

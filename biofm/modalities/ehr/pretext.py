@@ -58,7 +58,7 @@ class MaskedEvents(MaskingPretext):
         ids = batch["tokens"][chosen]  # [n, T]
         bags = torch.zeros(len(ids), self.vocab_size, device=ids.device)
         bags.scatter_(1, ids, 1.0)
-        bags[:, :len(SPECIAL_TOKENS)] = 0.0  # padding, [CLS], [MASK], … are not content
+        bags[:, : len(SPECIAL_TOKENS)] = 0.0  # padding, [CLS], [MASK], … are not content
         return {**batch, "event_mask": chosen}, (chosen, bags)
 
     def loss_from(self, model, encoded, state):

@@ -50,8 +50,9 @@ class EventSequence:
 
 def _round_numbers(text: str) -> str:
     """Decimals rounded to 4 places (as GenHPF), so '0.30000001' costs 6 digits, not 10."""
-    return NUMBER.sub(lambda m: f"{float(m.group(0)):.4f}".rstrip("0").rstrip(".") if "." in m.group(0)
-                      else m.group(0), text)
+    return NUMBER.sub(
+        lambda m: f"{float(m.group(0)):.4f}".rstrip("0").rstrip(".") if "." in m.group(0) else m.group(0), text
+    )
 
 
 def digit_places(number: str) -> list[int]:
@@ -86,7 +87,7 @@ class EventTokenizer:
         places: list[int] = []
         last = 0
         for m in NUMBER.finditer(text_r):
-            self._words(text_r[last:m.start()], ids, places)
+            self._words(text_r[last : m.start()], ids, places)
             ids += [self.digit_ids[c] for c in m.group(0)]
             places += digit_places(m.group(0))
             last = m.end()

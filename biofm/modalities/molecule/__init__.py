@@ -30,17 +30,31 @@ class Molecule(Modality):
 
     argument = column = "smiles"
 
-    def __init__(self, max_atoms: int = MAX_ATOMS, fragments: str = "reject", rw_steps: int = 0, lap_dim: int = 0,
-                 descriptors: bool = False, **settings):
+    def __init__(
+        self,
+        max_atoms: int = MAX_ATOMS,
+        fragments: str = "reject",
+        rw_steps: int = 0,
+        lap_dim: int = 0,
+        descriptors: bool = False,
+        **settings,
+    ):
         if fragments not in ("reject", "largest", "keep"):
             raise ValueError(f"fragments must be reject, largest or keep, got {fragments!r}")
-        super().__init__(max_atoms=int(max_atoms), fragments=fragments, rw_steps=int(rw_steps),
-                         lap_dim=int(lap_dim), **({"descriptors": True} if descriptors else {}), **settings)
+        super().__init__(
+            max_atoms=int(max_atoms),
+            fragments=fragments,
+            rw_steps=int(rw_steps),
+            lap_dim=int(lap_dim),
+            **({"descriptors": True} if descriptors else {}),
+            **settings,
+        )
 
     def featurise_with_reasons(self, raw: Sequence[str | None]) -> tuple[dict[str, Column], list[str | None]]:
         s = self.settings
-        arrays, reasons = featurise_smiles(raw, s["max_atoms"], s["fragments"], s["rw_steps"], s["lap_dim"],
-                                           s.get("descriptors", False))
+        arrays, reasons = featurise_smiles(
+            raw, s["max_atoms"], s["fragments"], s["rw_steps"], s["lap_dim"], s.get("descriptors", False)
+        )
         present = np.array([r is not None and why is None for r, why in zip(raw, reasons)])
         return self.prefixed({**arrays, "present": present}), reasons
 
@@ -69,18 +83,32 @@ class Molecule(Modality):
 
     def views(self, batch: dict[str, torch.Tensor]) -> tuple[dict, dict]:
         """Two attribute maskings (GraphCL): in each view a random 20 % of atoms show only the mask vector."""
-        return tuple({**batch, "atom_mask": torch.rand(len(batch["atoms"]), device=batch["atoms"].device) < 0.2}
-                     for _ in range(2))
+        return tuple(
+            {**batch, "atom_mask": torch.rand(len(batch["atoms"]), device=batch["atoms"].device) < 0.2}
+            for _ in range(2)
+        )
 
-    def encoder(self, d_model: int, layers: int = 4, global_attention: bool = False,
-                dropout: float = 0.0) -> nn.Module:
-        return MoleculeEncoder(d_model, layers, global_attention, dropout,
-                               pe_dim=self.settings["rw_steps"] + self.settings["lap_dim"])
+    def encoder(self, d_model: int, layers: int = 4, global_attention: bool = False, dropout: float = 0.0) -> nn.Module:
+        return MoleculeEncoder(
+            d_model, layers, global_attention, dropout, pe_dim=self.settings["rw_steps"] + self.settings["lap_dim"]
+        )
 
     @classmethod
     def example_raw(cls, n: int, seed: int = 0) -> list:
-        pool = ["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "C[C@H](N)C(=O)O", "c1ccncc1", "C/C=C/C", "O=C(O)CCl",
-                "CN1CCC[C@H]1c1cccnc1", "C", "[NH4+]", "c1ccc2[nH]ccc2c1", "FC(F)(F)c1ccccc1"]
+        pool = [
+            "CCO",
+            "c1ccccc1O",
+            "CC(=O)Nc1ccc(O)cc1",
+            "C[C@H](N)C(=O)O",
+            "c1ccncc1",
+            "C/C=C/C",
+            "O=C(O)CCl",
+            "CN1CCC[C@H]1c1cccnc1",
+            "C",
+            "[NH4+]",
+            "c1ccc2[nH]ccc2c1",
+            "FC(F)(F)c1ccccc1",
+        ]
         rng = np.random.default_rng(seed)
         return [pool[int(rng.integers(len(pool)))] if i % 5 != 4 else None for i in range(n)]
 

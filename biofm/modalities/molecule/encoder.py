@@ -17,26 +17,47 @@ class MoleculeEncoder(nn.Module):
     `atom_mask` / `bond_mask` (pretext tasks): those atoms and bonds get a learned mask vector in place of
     their attributes."""
 
-    def __init__(self, d_model: int, layers: int = 4, global_attention: bool = False, dropout: float = 0.0,
-                 pe_dim: int = 0, heads: int = 4):
+    def __init__(
+        self,
+        d_model: int,
+        layers: int = 4,
+        global_attention: bool = False,
+        dropout: float = 0.0,
+        pe_dim: int = 0,
+        heads: int = 4,
+    ):
         super().__init__()
         from torch_geometric.nn import GINEConv
+
         self.atom_embeddings = nn.ModuleList([nn.Embedding(n, d_model) for n in ATOM_CARDINALITIES])
         self.bond_embeddings = nn.ModuleList([nn.Embedding(n, d_model) for n in BOND_CARDINALITIES])
         self.mass = nn.Linear(1, d_model)
         self.positional = nn.Linear(pe_dim, d_model) if pe_dim else None
-        self.convs = nn.ModuleList([
-            GINEConv(nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.ReLU(), nn.Linear(2 * d_model, d_model)),
-                     train_eps=True, edge_dim=d_model) for _ in range(layers)])
+        self.convs = nn.ModuleList(
+            [
+                GINEConv(
+                    nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.ReLU(), nn.Linear(2 * d_model, d_model)),
+                    train_eps=True,
+                    edge_dim=d_model,
+                )
+                for _ in range(layers)
+            ]
+        )
         self.norms = nn.ModuleList([nn.BatchNorm1d(d_model) for _ in range(layers)])
-        self.attention = nn.ModuleList([nn.MultiheadAttention(d_model, heads, dropout=dropout, batch_first=True)
-                                        for _ in range(layers)]) if global_attention else None
+        self.attention = (
+            nn.ModuleList(
+                [nn.MultiheadAttention(d_model, heads, dropout=dropout, batch_first=True) for _ in range(layers)]
+            )
+            if global_attention
+            else None
+        )
         self.dropout = nn.Dropout(dropout)
         self.pool = nn.Linear(d_model, d_model)  # no norm: the sum's magnitude carries the molecule's size
         self.mask_atom, self.mask_bond = nn.Parameter(torch.zeros(d_model)), nn.Parameter(torch.zeros(d_model))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         from torch_geometric.utils import scatter, to_dense_batch
+
         atoms, bonds = batch["atoms"], batch["bonds"]
         h = sum(emb(atoms[:, i]) for i, emb in enumerate(self.atom_embeddings)) + self.mass(batch["mass"][:, None])
         if "atom_mask" in batch:
@@ -49,8 +70,11 @@ class MoleculeEncoder(nn.Module):
             e = torch.where(batch["bond_mask"][:, None], self.mask_bond.to(e.dtype), e)
         index, size = batch["batch"], len(batch["n_atoms"])
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-            update = torch.relu(norm(conv(h, batch["edge_index"], e))) if len(h) > 1 else \
-                torch.relu(conv(h, batch["edge_index"], e))
+            update = (
+                torch.relu(norm(conv(h, batch["edge_index"], e)))
+                if len(h) > 1
+                else torch.relu(conv(h, batch["edge_index"], e))
+            )
             h = h + self.dropout(update)
             if self.attention is not None:  # every atom attends to every atom of its molecule
                 dense, mask = to_dense_batch(h, index, batch_size=size)

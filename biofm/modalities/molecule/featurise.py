@@ -27,12 +27,25 @@ BOND_CARDINALITIES = [5, 2, 2, 6]
 
 
 # whole-molecule descriptors computed from the structure (self-supervised regression targets)
-DESCRIPTORS = ["MolLogP", "MolMR", "TPSA", "NumHDonors", "NumHAcceptors", "NumRotatableBonds", "RingCount",
-               "NumAromaticRings", "FractionCSP3", "LabuteASA", "HeavyAtomCount", "NumHeteroatoms"]
+DESCRIPTORS = [
+    "MolLogP",
+    "MolMR",
+    "TPSA",
+    "NumHDonors",
+    "NumHAcceptors",
+    "NumRotatableBonds",
+    "RingCount",
+    "NumAromaticRings",
+    "FractionCSP3",
+    "LabuteASA",
+    "HeavyAtomCount",
+    "NumHeteroatoms",
+]
 
 
 def descriptor_row(mol) -> list[float]:
     from rdkit.Chem import Descriptors
+
     return [float(getattr(Descriptors, name)(mol)) for name in DESCRIPTORS]
 
 
@@ -48,6 +61,7 @@ def _quiet_rdkit() -> None:
     global _QUIET
     if not _QUIET:
         from rdkit import RDLogger
+
         RDLogger.DisableLog("rdApp.*")
         _QUIET = True
 
@@ -55,6 +69,7 @@ def _quiet_rdkit() -> None:
 def parse(smiles: str, max_atoms: int = MAX_ATOMS, fragments: str = "reject"):
     """A sanitised RDKit molecule, or MoleculeError with the reason."""
     from rdkit import Chem
+
     _quiet_rdkit()
     if smiles is None or (isinstance(smiles, float) and np.isnan(smiles)) or not str(smiles).strip():
         raise MoleculeError("empty SMILES")
@@ -66,10 +81,13 @@ def parse(smiles: str, max_atoms: int = MAX_ATOMS, fragments: str = "reject"):
     n_fragments = len(Chem.GetMolFrags(mol)) if "." in str(smiles) else 1
     if n_fragments > 1:
         if fragments == "reject":
-            raise MoleculeError(f"{n_fragments} fragments (a salt or mixture); prepare with --fragments "
-                                "largest to keep the largest one, or keep to keep all")
+            raise MoleculeError(
+                f"{n_fragments} fragments (a salt or mixture); prepare with --fragments "
+                "largest to keep the largest one, or keep to keep all"
+            )
         if fragments == "largest":
             from rdkit.Chem.MolStandardize import rdMolStandardize
+
             mol = rdMolStandardize.LargestFragmentChooser().choose(mol)
     if mol.GetNumAtoms() > max_atoms:
         raise MoleculeError(f"{mol.GetNumAtoms()} heavy atoms, over the limit of {max_atoms} (--max-atoms)")
@@ -85,6 +103,7 @@ def atomic_masses() -> np.ndarray:
     global _MASS
     if _MASS is None:
         from rdkit import Chem
+
         table = Chem.GetPeriodicTable()
         _MASS = np.array([table.GetAtomicWeight(z) for z in range(119)], dtype=np.float64)
     return _MASS
@@ -98,12 +117,26 @@ class GraphColumns:
 
     def __init__(self):
         from rdkit import Chem
+
         atom, bond = Chem.Atom, Chem.Bond
         self.rank_atoms = Chem.CanonicalRankAtoms
-        self.atom_getters = (atom.GetAtomicNum, atom.GetTotalDegree, atom.GetFormalCharge, atom.GetHybridization,
-                             atom.GetIsAromatic, atom.GetTotalNumHs, atom.IsInRing)
-        self.bond_getters = (bond.GetBeginAtomIdx, bond.GetEndAtomIdx, bond.GetBondTypeAsDouble,
-                             bond.GetIsConjugated, bond.IsInRing, bond.GetStereo)
+        self.atom_getters = (
+            atom.GetAtomicNum,
+            atom.GetTotalDegree,
+            atom.GetFormalCharge,
+            atom.GetHybridization,
+            atom.GetIsAromatic,
+            atom.GetTotalNumHs,
+            atom.IsInRing,
+        )
+        self.bond_getters = (
+            bond.GetBeginAtomIdx,
+            bond.GetEndAtomIdx,
+            bond.GetBondTypeAsDouble,
+            bond.GetIsConjugated,
+            bond.IsInRing,
+            bond.GetStereo,
+        )
         self.atoms: list[list] = [[] for _ in self.atom_getters]
         self.bonds: list[list] = [[] for _ in self.bond_getters]
         self.chirality: list[int] = []
@@ -119,8 +152,10 @@ class GraphColumns:
         for column, get in zip(self.bonds, self.bond_getters):
             column += map(get, bonds)
         if "@" in smiles or "|" in smiles:  # chiral tags come only from an @ or from CXSMILES (3D coordinates)
-            self.chirality += [(_CIP.get(a.GetProp("_CIPCode"), 3) if a.HasProp("_CIPCode") else 3)
-                               if a.GetChiralTag() else 0 for a in atoms]
+            self.chirality += [
+                (_CIP.get(a.GetProp("_CIPCode"), 3) if a.HasProp("_CIPCode") else 3) if a.GetChiralTag() else 0
+                for a in atoms
+            ]
         else:
             self.chirality += [0] * n
         rank = self.rank_atoms(mol, breakTies=True)
@@ -148,8 +183,11 @@ def encode_rows(columns: GraphColumns, atom_counts: np.ndarray, bond_counts: np.
     masses[position] = mass
     raw_bonds = np.array(columns.bonds, dtype=np.float64).reshape(6, -1).T
     b = raw_bonds.astype(np.int64)
-    order_code = np.select([raw_bonds[:, 2] == 1.0, raw_bonds[:, 2] == 2.0, raw_bonds[:, 2] == 3.0,
-                            raw_bonds[:, 2] == 1.5], [0, 1, 2, 3], default=4)
+    order_code = np.select(
+        [raw_bonds[:, 2] == 1.0, raw_bonds[:, 2] == 2.0, raw_bonds[:, 2] == 3.0, raw_bonds[:, 2] == 1.5],
+        [0, 1, 2, 3],
+        default=4,
+    )
     bond_codes = np.stack([order_code, b[:, 3], b[:, 4], np.clip(b[:, 5], 0, 5)], axis=1).astype(np.int8)
     bond_offset = np.repeat(atom_offset, bond_counts)
     begin = rank[b[:, 0] + bond_offset]  # canonical local indices
@@ -159,8 +197,13 @@ def encode_rows(columns: GraphColumns, atom_counts: np.ndarray, bond_counts: np.
     mol2 = np.concatenate([molecule, molecule])
     order = np.lexsort((dst, src, mol2))
     edges = np.stack([src[order], dst[order]], axis=1).astype(np.int32)
-    return {"atoms": atoms, "mass": masses, "edges": edges,
-            "bonds": np.concatenate([bond_codes, bond_codes])[order], "edge_counts": 2 * bond_counts}
+    return {
+        "atoms": atoms,
+        "mass": masses,
+        "edges": edges,
+        "bonds": np.concatenate([bond_codes, bond_codes])[order],
+        "edge_counts": 2 * bond_counts,
+    }
 
 
 def random_walk_encoding(n: int, edges: np.ndarray, steps: int) -> np.ndarray:
@@ -188,18 +231,25 @@ def laplacian_encoding(n: int, edges: np.ndarray, dim: int) -> np.ndarray:
     inv_sqrt = np.where(degree > 0, 1.0 / np.sqrt(np.maximum(degree, 1e-12)), 0.0)
     laplacian = np.eye(n) - inv_sqrt[:, None] * adjacency * inv_sqrt[None, :]
     values, vectors = np.linalg.eigh(laplacian)
-    vectors = vectors[:, 1:dim + 1]
+    vectors = vectors[:, 1 : dim + 1]
     signs = np.sign(vectors[np.abs(vectors).argmax(axis=0), np.arange(vectors.shape[1])])
     vectors = vectors * np.where(signs == 0, 1.0, signs)
-    out[:, :vectors.shape[1]] = vectors
+    out[:, : vectors.shape[1]] = vectors
     return out
 
 
-def featurise_smiles(smiles: Sequence[str | None], max_atoms: int = MAX_ATOMS, fragments: str = "reject",
-                     rw_steps: int = 0, lap_dim: int = 0, descriptors: bool = False) -> tuple[dict, list[str | None]]:
+def featurise_smiles(
+    smiles: Sequence[str | None],
+    max_atoms: int = MAX_ATOMS,
+    fragments: str = "reject",
+    rw_steps: int = 0,
+    lap_dim: int = 0,
+    descriptors: bool = False,
+) -> tuple[dict, list[str | None]]:
     """Graphs of a batch as ragged store arrays (a rejected or missing SMILES gives zero rows), and the
     rejection reason of each input (None where it was accepted or missing)."""
     from biofm.platform.store import Ragged
+
     columns, atom_counts, bond_counts, reasons = GraphColumns(), [], [], []
     described = np.zeros((len(smiles), len(DESCRIPTORS)), np.float32) if descriptors else None
     for i, s in enumerate(smiles):
@@ -219,12 +269,18 @@ def featurise_smiles(smiles: Sequence[str | None], max_atoms: int = MAX_ATOMS, f
     flat = encode_rows(columns, atom_counts, bond_counts)
     atom_offsets = np.concatenate([[0], np.cumsum(atom_counts)]).astype(np.int64)
     edge_offsets = np.concatenate([[0], np.cumsum(flat["edge_counts"])]).astype(np.int64)
-    arrays = {"atoms": Ragged(flat["atoms"], atom_offsets), "mass": Ragged(flat["mass"], atom_offsets),
-              "edges": Ragged(flat["edges"], edge_offsets), "bonds": Ragged(flat["bonds"], edge_offsets)}
+    arrays = {
+        "atoms": Ragged(flat["atoms"], atom_offsets),
+        "mass": Ragged(flat["mass"], atom_offsets),
+        "edges": Ragged(flat["edges"], edge_offsets),
+        "bonds": Ragged(flat["bonds"], edge_offsets),
+    }
     for name, dim, fn in (("rwse", rw_steps, random_walk_encoding), ("lap", lap_dim, laplacian_encoding)):
         if dim:
-            rows = [fn(int(atom_counts[i]), flat["edges"][edge_offsets[i]:edge_offsets[i + 1]], dim)
-                    for i in range(len(atom_counts))]
+            rows = [
+                fn(int(atom_counts[i]), flat["edges"][edge_offsets[i] : edge_offsets[i + 1]], dim)
+                for i in range(len(atom_counts))
+            ]
             arrays[name] = Ragged(np.concatenate(rows) if rows else np.zeros((0, dim), np.float32), atom_offsets)
     if described is not None:
         arrays["descriptors"] = described

@@ -94,8 +94,9 @@ class Descriptors(MaskingPretext):
         super().__init__(model, weight)
         if not model.modalities[self.modality].settings.get("descriptors"):
             raise ValueError("pretext task 'descriptors' needs molecule stores prepared with --descriptors")
-        self.head = nn.Sequential(nn.Linear(model.d_model, model.d_model), nn.GELU(),
-                                  nn.Linear(model.d_model, len(DESCRIPTORS)))
+        self.head = nn.Sequential(
+            nn.Linear(model.d_model, model.d_model), nn.GELU(), nn.Linear(model.d_model, len(DESCRIPTORS))
+        )
 
     def corrupt(self, batch):
         return batch, (batch["descriptors"], batch["present"].to(torch.bool))

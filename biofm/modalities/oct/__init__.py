@@ -48,8 +48,13 @@ class Oct(FileModality):
 
     input_error = OctError
 
-    def __init__(self, shape: Sequence[int] = (128, 128, 128), enface_shape: Sequence[int] = (128, 128),
-                 keys: dict | None = None, **settings):
+    def __init__(
+        self,
+        shape: Sequence[int] = (128, 128, 128),
+        enface_shape: Sequence[int] = (128, 128),
+        keys: dict | None = None,
+        **settings,
+    ):
         shape, enface_shape = [int(v) for v in shape], [int(v) for v in enface_shape]
         if len(shape) != 3 or len(enface_shape) != 2:
             raise ValueError(f"oct shape must have 3 sizes and enface_shape 2, got {shape} and {enface_shape}")
@@ -67,22 +72,32 @@ class Oct(FileModality):
         else:
             record = read_oct(str(raw), self.settings["keys"])
         s = self.settings
-        arrays = {"volume": np.zeros(s["shape"], np.uint8), "has_volume": np.bool_(False),
-                  "enface": np.zeros(s["enface_shape"], np.float16), "has_enface": np.bool_(False)}
+        arrays = {
+            "volume": np.zeros(s["shape"], np.uint8),
+            "has_volume": np.bool_(False),
+            "enface": np.zeros(s["enface_shape"], np.float16),
+            "has_enface": np.bool_(False),
+        }
         if record.volume is not None:
             volume = to_uint8(record.volume)
             if list(volume.shape) != s["shape"]:
                 volume = np.clip(resample(volume, s["shape"], "trilinear").round(), 0, 255).astype(np.uint8)
             arrays.update(volume=volume, has_volume=np.bool_(True))
         if record.enface is not None:
-            arrays.update(enface=resample(record.enface, s["enface_shape"], "bilinear").astype(np.float16),
-                          has_enface=np.bool_(True))
+            arrays.update(
+                enface=resample(record.enface, s["enface_shape"], "bilinear").astype(np.float16),
+                has_enface=np.bool_(True),
+            )
         return arrays, record.values
 
     def stack(self, rows: list[dict | None]) -> dict[str, Column]:
         s = self.settings
-        empty = {"volume": np.zeros(s["shape"], np.uint8), "has_volume": np.bool_(False),
-                 "enface": np.zeros(s["enface_shape"], np.float16), "has_enface": np.bool_(False)}
+        empty = {
+            "volume": np.zeros(s["shape"], np.uint8),
+            "has_volume": np.bool_(False),
+            "enface": np.zeros(s["enface_shape"], np.float16),
+            "has_enface": np.bool_(False),
+        }
         full = [r if r is not None else empty for r in rows]
         out = {name: np.stack([np.asarray(r[name]) for r in full]) for name in empty}
         return self.prefixed({**out, "present": [r is not None for r in rows]})
@@ -91,8 +106,12 @@ class Oct(FileModality):
     def collate(self, arrays: dict[str, Column]) -> dict[str, torch.Tensor]:
         volume = torch.from_numpy(np.ascontiguousarray(arrays["volume"])).float().div_(255.0)[:, None]
         enface = torch.from_numpy(np.asarray(arrays["enface"], dtype=np.float32))[:, None]
-        return {"volume": volume, "has_volume": torch.from_numpy(np.asarray(arrays["has_volume"], bool)),
-                "enface": enface, "has_enface": torch.from_numpy(np.asarray(arrays["has_enface"], bool))}
+        return {
+            "volume": volume,
+            "has_volume": torch.from_numpy(np.asarray(arrays["has_volume"], bool)),
+            "enface": enface,
+            "has_enface": torch.from_numpy(np.asarray(arrays["has_enface"], bool)),
+        }
 
     def augment(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """MONAI: left-right flip, intensity scale and shift, a small affine; volumes only."""
@@ -101,7 +120,7 @@ class Oct(FileModality):
         if self._augmentation is None:  # built once per loader worker, reseeded per batch
             self._augmentation = _augmentation()
         transform = self._augmentation
-        transform.set_random_state(seed=int(torch.randint(0, 2 ** 31 - 1, ()).item()))
+        transform.set_random_state(seed=int(torch.randint(0, 2**31 - 1, ()).item()))
         volume = batch["volume"].clone()
         for i in torch.nonzero(batch["has_volume"]).flatten().tolist():
             volume[i] = torch.as_tensor(transform(volume[i])).clamp_(0.0, 1.0)
@@ -124,22 +143,22 @@ class Oct(FileModality):
         keep = F.interpolate(keep, size=volume.shape[2:], mode="nearest")
         return {**batch, "volume": ((volume * scale + shift) * keep).clamp(0.0, 1.0)}
 
-    def encoder(self, d_model: int, grid: int = 8, layers: int = 2, heads: int = 4,
-                dropout: float = 0.1) -> nn.Module:
-        return OctEncoder(self.settings["shape"], self.settings["enface_shape"], d_model, grid, layers, heads,
-                          dropout)
+    def encoder(self, d_model: int, grid: int = 8, layers: int = 2, heads: int = 4, dropout: float = 0.1) -> nn.Module:
+        return OctEncoder(self.settings["shape"], self.settings["enface_shape"], d_model, grid, layers, heads, dropout)
 
     @classmethod
     def example_raw(cls, n: int, seed: int = 0) -> list:
         """Synthetic eyes: every third has only its en-face map, some only their volume, every seventh nothing."""
         from biofm.modalities.oct.synthetic import synthetic_eye
+
         rng = np.random.default_rng(seed)
         out = []
         for i in range(n):
             volume, thickness = synthetic_eye(rng, (8, 16, 16), glaucoma=bool(i % 2))
             has_volume, has_enface = i % 3 != 0, i % 5 != 4 or i % 3 == 0
-            out.append(None if i % 7 == 6 else OctRecord(volume if has_volume else None,
-                                                         thickness if has_enface else None))
+            out.append(
+                None if i % 7 == 6 else OctRecord(volume if has_volume else None, thickness if has_enface else None)
+            )
         return out
 
 
@@ -151,10 +170,15 @@ def _augmentation():
         RandScaleIntensity,
         RandShiftIntensity,
     )
-    return Compose([RandFlip(prob=0.5, spatial_axis=2), RandScaleIntensity(factors=0.1, prob=0.5),
-                    RandShiftIntensity(offsets=0.05, prob=0.5),
-                    RandAffine(prob=0.3, rotate_range=(0.05, 0.05, 0.05), translate_range=(1, 1, 1),
-                               padding_mode="border")])
+
+    return Compose(
+        [
+            RandFlip(prob=0.5, spatial_axis=2),
+            RandScaleIntensity(factors=0.1, prob=0.5),
+            RandShiftIntensity(offsets=0.05, prob=0.5),
+            RandAffine(prob=0.3, rotate_range=(0.05, 0.05, 0.05), translate_range=(1, 1, 1), padding_mode="border"),
+        ]
+    )
 
 
 from biofm.modalities.oct import pretext  # noqa: E402,F401  (registers its pretext tasks)

@@ -15,8 +15,9 @@ def _stem(dims: int, size: Sequence[int], grid: int, d_model: int) -> nn.Sequent
     patch = [max(1, s // grid) for s in size]
     first = tuple(1 if p == 1 else 2 if p <= 4 else 4 for p in patch)
     second = tuple(max(1, p // f) for p, f in zip(patch, first))
-    return nn.Sequential(conv(1, d_model // 4, first, stride=first), nn.GELU(),
-                         conv(d_model // 4, d_model, second, stride=second))
+    return nn.Sequential(
+        conv(1, d_model // 4, first, stride=first), nn.GELU(), conv(d_model // 4, d_model, second, stride=second)
+    )
 
 
 class OctEncoder(nn.Module):
@@ -25,8 +26,9 @@ class OctEncoder(nn.Module):
     `patch_mask` [B, Nv] (pretext tasks): those volume patches (`patch` voxels each, on a `patch_grid`)
     show a learned mask vector instead of their voxels."""
 
-    def __init__(self, shape, enface_shape, d_model: int, grid: int = 8, layers: int = 2, heads: int = 4,
-                 dropout: float = 0.1):
+    def __init__(
+        self, shape, enface_shape, d_model: int, grid: int = 8, layers: int = 2, heads: int = 4, dropout: float = 0.1
+    ):
         super().__init__()
         self.volume_stem = _stem(3, shape, grid, d_model)
         self.enface_norm = nn.BatchNorm2d(1)  # thickness maps come in µm
@@ -39,8 +41,9 @@ class OctEncoder(nn.Module):
         self.patch_grid = tuple(s // p for s, p in zip(shape, self.patch))
         self.mask_patch = nn.Parameter(torch.zeros(d_model))
         self.enface_position = nn.Parameter(torch.randn(n_enface, d_model) * 0.02)
-        layer = nn.TransformerEncoderLayer(d_model, heads, 2 * d_model, dropout=dropout, batch_first=True,
-                                           norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            d_model, heads, 2 * d_model, dropout=dropout, batch_first=True, norm_first=True
+        )
         self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,11 +51,15 @@ class OctEncoder(nn.Module):
         if "patch_mask" in batch:
             volume = torch.where(batch["patch_mask"][..., None], self.mask_patch.to(volume.dtype), volume)
         volume = volume + self.volume_position
-        enface = self.enface_stem(self.enface_norm(batch["enface"])).flatten(2).transpose(1, 2) \
-            + self.enface_position
+        enface = self.enface_stem(self.enface_norm(batch["enface"])).flatten(2).transpose(1, 2) + self.enface_position
         x = torch.cat([volume, enface], dim=1)  # [B, Nv + Ne, d]
-        mask = torch.cat([batch["has_volume"][:, None].expand(-1, volume.shape[1]),
-                          batch["has_enface"][:, None].expand(-1, enface.shape[1])], dim=1)
+        mask = torch.cat(
+            [
+                batch["has_volume"][:, None].expand(-1, volume.shape[1]),
+                batch["has_enface"][:, None].expand(-1, enface.shape[1]),
+            ],
+            dim=1,
+        )
         padding = ~mask
         padding[~mask.any(dim=1), 0] = False  # a sample with neither keeps one key; the trunk masks it out
         return self.layers(x, src_key_padding_mask=padding), mask

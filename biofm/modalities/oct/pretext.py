@@ -14,7 +14,7 @@ def patches(volume: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
     pd, ph, pw = patch
     b, _, d, h, w = volume.shape
     gd, gh, gw = d // pd, h // ph, w // pw
-    x = volume[:, 0, :gd * pd, :gh * ph, :gw * pw].reshape(b, gd, pd, gh, ph, gw, pw)
+    x = volume[:, 0, : gd * pd, : gh * ph, : gw * pw].reshape(b, gd, pd, gh, ph, gw, pw)
     return x.permute(0, 1, 3, 5, 2, 4, 6).reshape(b, gd * gh * gw, pd * ph * pw)
 
 
@@ -47,5 +47,5 @@ class MaskedPatches(MaskingPretext):
         target = patches(volume, self.patch)[chosen].float()
         target = (target - target.mean(dim=1, keepdim=True)) / (target.std(dim=1, keepdim=True) + 1e-3)
         tokens, _ = encoded.tokens[self.modality]  # volume tokens first, then the en-face map's
-        prediction = self.decoder(tokens[:, :self.n_patches], encoded.trunk, encoded.mask)[chosen]
+        prediction = self.decoder(tokens[:, : self.n_patches], encoded.trunk, encoded.mask)[chosen]
         return F.mse_loss(prediction.float(), target)

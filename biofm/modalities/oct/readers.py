@@ -29,13 +29,21 @@ class OctRecord:
 
 def _format(path: str) -> str:
     lower = path.lower()
-    for suffix, kind in ((".nii.gz", "nifti"), (".nii", "nifti"), (".npz", "npz"), (".npy", "npy"),
-                         (".dcm", "dicom"), (".dicom", "dicom"), (".tif", "tiff"), (".tiff", "tiff"),
-                         (".vol", "vol"), (".xml", "xml")):
+    for suffix, kind in (
+        (".nii.gz", "nifti"),
+        (".nii", "nifti"),
+        (".npz", "npz"),
+        (".npy", "npy"),
+        (".dcm", "dicom"),
+        (".dicom", "dicom"),
+        (".tif", "tiff"),
+        (".tiff", "tiff"),
+        (".vol", "vol"),
+        (".xml", "xml"),
+    ):
         if lower.endswith(suffix):
             return kind
-    raise OctError("unknown volume format (expected .npz, .nii, .nii.gz, .dcm, .tif, .tiff, .npy, .vol or "
-                   ".xml)")
+    raise OctError("unknown volume format (expected .npz, .nii, .nii.gz, .dcm, .tif, .tiff, .npy, .vol or .xml)")
 
 
 def read_oct(path: str, keys: dict | None = None) -> OctRecord:
@@ -67,8 +75,9 @@ def check_record(record: OctRecord) -> OctRecord:
         if volume.ndim == 4 and volume.shape[-1] in (1, 3):  # a colour or channel axis
             volume = volume.mean(axis=-1)
         if volume.ndim != 3:
-            raise OctError(f"the volume has {volume.ndim} dimensions {tuple(volume.shape)}; expected 3 "
-                           "(B-scans × depth × width)")
+            raise OctError(
+                f"the volume has {volume.ndim} dimensions {tuple(volume.shape)}; expected 3 (B-scans × depth × width)"
+            )
         if min(volume.shape) < 2:
             raise OctError(f"the volume {tuple(volume.shape)} is too small")
         if volume.dtype.kind == "f" and not np.isfinite(volume).all():
@@ -88,8 +97,10 @@ def _npz(path: str, keys: dict) -> OctRecord:
     with np.load(path, allow_pickle=False) as data:
         names = list(data.keys())
         if keys["volume"] not in names and keys["enface"] not in names:
-            raise OctError(f"the npz has no '{keys['volume']}' (volume) or '{keys['enface']}' (en-face) key; "
-                           f"its keys are {names}; map them with a key map")
+            raise OctError(
+                f"the npz has no '{keys['volume']}' (volume) or '{keys['enface']}' (en-face) key; "
+                f"its keys are {names}; map them with a key map"
+            )
         volume = data[keys["volume"]] if keys["volume"] in names else None
         enface = data[keys["enface"]] if keys["enface"] in names else None
         values = {k: data[k] for k in names if k not in (keys["volume"], keys["enface"])}
@@ -102,28 +113,33 @@ def _npy(path: str, keys: dict) -> OctRecord:
 
 def _nifti(path: str, keys: dict) -> OctRecord:
     import nibabel
+
     image = nibabel.load(path)
     return OctRecord(np.asarray(image.dataobj))
 
 
 def _dicom(path: str, keys: dict) -> OctRecord:
     import pydicom
+
     dataset = pydicom.dcmread(path)
     return OctRecord(dataset.pixel_array)
 
 
 def _tiff(path: str, keys: dict) -> OctRecord:
     import tifffile
+
     return OctRecord(tifffile.imread(path))
 
 
 def _vol(path: str, keys: dict) -> OctRecord:
     import eyepy
+
     return OctRecord(np.asarray(eyepy.import_heyex_vol(path).data))
 
 
 def _xml(path: str, keys: dict) -> OctRecord:
     import eyepy
+
     return OctRecord(np.asarray(eyepy.import_heyex_xml(path).data))
 
 

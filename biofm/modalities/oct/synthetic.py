@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def synthetic_eye(rng: np.random.Generator, shape=(48, 64, 64), glaucoma: bool = False,
-                  sectors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_eye(
+    rng: np.random.Generator, shape=(48, 64, 64), glaucoma: bool = False, sectors: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """A retina-like volume [B-scans, depth, width] (uint8) and its RNFL thickness map [B-scans, width]
     (µm): vitreous, a bright nerve-fibre layer whose thickness carries the label signal (thinner in
     glaucoma, thinner still in the `sectors` of six around the disc that progress), ganglion / plexiform /
@@ -22,11 +23,18 @@ def synthetic_eye(rng: np.random.Generator, shape=(48, 64, 64), glaucoma: bool =
         for k in np.flatnonzero(sectors):
             thickness *= np.where(np.floor(angle) % 6 == k, 0.7, 1.0)
     thickness += rng.normal(0, 4, thickness.shape)
-    surface = depth * (0.25 + 0.15 * radius ** 2) - depth * 0.06 * np.exp(-(radius ** 2) / 0.004)  # fovea
+    surface = depth * (0.25 + 0.15 * radius**2) - depth * 0.06 * np.exp(-(radius**2) / 0.004)  # fovea
     um_per_voxel = 4.0 * 64 / depth
-    layers = [(thickness / um_per_voxel, 210), (np.full_like(thickness, 3), 120), (np.full_like(thickness, 2), 150),
-              (np.full_like(thickness, 3), 70), (np.full_like(thickness, 2), 140), (np.full_like(thickness, 5), 50),
-              (np.full_like(thickness, 2), 170), (np.full_like(thickness, 2), 240)]
+    layers = [
+        (thickness / um_per_voxel, 210),
+        (np.full_like(thickness, 3), 120),
+        (np.full_like(thickness, 2), 150),
+        (np.full_like(thickness, 3), 70),
+        (np.full_like(thickness, 2), 140),
+        (np.full_like(thickness, 5), 50),
+        (np.full_like(thickness, 2), 170),
+        (np.full_like(thickness, 2), 240),
+    ]
     z = np.arange(depth, dtype=np.float32)[None, :, None]  # [1, depth, 1]
     volume = np.full((n_scans, depth, width), 15.0, np.float32)
     top = surface.copy()

@@ -56,8 +56,11 @@ class Tabular(Modality):
         if numeric:
             cols = []
             for column, (mean, std) in numeric.items():
-                values = pd.to_numeric(frame[column], errors="coerce") if column in frame else \
-                    pd.Series(np.nan, index=range(n))
+                values = (
+                    pd.to_numeric(frame[column], errors="coerce")
+                    if column in frame
+                    else pd.Series(np.nan, index=range(n))
+                )
                 cols.append(((values.to_numpy(dtype=float) - mean) / std).astype(np.float32))
             out["numeric"] = np.stack(cols, axis=1)
         if categorical:
@@ -78,14 +81,21 @@ class Tabular(Modality):
         return out
 
     def encoder(self, d_model: int) -> nn.Module:
-        return TabularEncoder(len(self.settings["numeric"]),
-                              [len(c) for c in self.settings["categorical"].values()], d_model)
+        return TabularEncoder(
+            len(self.settings["numeric"]), [len(c) for c in self.settings["categorical"].values()], d_model
+        )
 
     @classmethod
     def example_raw(cls, n: int, seed: int = 0) -> list:
         rng = np.random.default_rng(seed)
-        frame = pd.DataFrame({"age": rng.normal(60, 10, n).round(1), "dose": rng.random(n),
-                              "stage": rng.choice(["I", "II", "III"], n), "smoker": rng.choice([True, False], n)})
+        frame = pd.DataFrame(
+            {
+                "age": rng.normal(60, 10, n).round(1),
+                "dose": rng.random(n),
+                "stage": rng.choice(["I", "II", "III"], n),
+                "smoker": rng.choice([True, False], n),
+            }
+        )
         frame.loc[frame.index % 4 == 1, "age"] = np.nan
         return [r if i % 5 != 2 else None for i, r in enumerate(frame.to_dict("records"))]
 

@@ -16,8 +16,9 @@ class TabularEncoder(nn.Module):
         self.bias = nn.Parameter(torch.randn(n_numeric, d_model) * 0.1)
         self.missing = nn.Parameter(torch.randn(n_numeric, d_model) * 0.1)
         sizes = [c + 1 for c in cardinalities]  # code 0 = missing or unknown, per column
-        self.register_buffer("cat_offsets", torch.tensor([0] + sizes[:-1], dtype=torch.long).cumsum(0),
-                             persistent=False)
+        self.register_buffer(
+            "cat_offsets", torch.tensor([0] + sizes[:-1], dtype=torch.long).cumsum(0), persistent=False
+        )
         self.categories = nn.Embedding(max(sum(sizes), 1), d_model)
         nn.init.normal_(self.categories.weight, std=0.1)
 

@@ -21,10 +21,8 @@ class Text(Modality):
 
     argument, column = "reports", "report"
 
-    def __init__(self, tokenizer: str | None = None, max_length: int = 128, vocab_size: int = 2000,
-                 **settings):
-        super().__init__(tokenizer=tokenizer, max_length=int(max_length), vocab_size=int(vocab_size),
-                         **settings)
+    def __init__(self, tokenizer: str | None = None, max_length: int = 128, vocab_size: int = 2000, **settings):
+        super().__init__(tokenizer=tokenizer, max_length=int(max_length), vocab_size=int(vocab_size), **settings)
         self._tokenizer = Tokenizer.from_str(tokenizer) if tokenizer else None
 
     def fit(self, raw: Sequence[str | None]) -> None:

@@ -13,8 +13,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.tokens = nn.Embedding(vocab_size, d_model, padding_idx=0)
         self.positions = nn.Embedding(max_length, d_model)
-        layer = nn.TransformerEncoderLayer(d_model, heads, 2 * d_model, dropout=0.0, batch_first=True,
-                                           norm_first=True)
+        layer = nn.TransformerEncoderLayer(d_model, heads, 2 * d_model, dropout=0.0, batch_first=True, norm_first=True)
         self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

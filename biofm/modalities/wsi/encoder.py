@@ -45,8 +45,17 @@ class SlideEncoder(nn.Module):
     `tile_mask` [B, T] (pretext tasks): those tiles show a learned mask vector instead of their features
     and are left out of the pooling; its `Tokens` carry the pass's tile states, (subsampled) batch and attention."""
 
-    def __init__(self, feature_dim: int, d_model: int, kind: str = "abmil", tokens: int = 4, layers: int = 1,
-                 heads: int = 4, max_tiles: int = 4096, dropout: float = 0.1):
+    def __init__(
+        self,
+        feature_dim: int,
+        d_model: int,
+        kind: str = "abmil",
+        tokens: int = 4,
+        layers: int = 1,
+        heads: int = 4,
+        max_tiles: int = 4096,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         if kind not in ("abmil", "transformer"):
             raise ValueError(f"wsi encoder kind must be abmil or transformer, got {kind!r}")
@@ -57,8 +66,9 @@ class SlideEncoder(nn.Module):
         self.embed = nn.Sequential(nn.Linear(feature_dim + 1, d_model), nn.GELU(), nn.Dropout(dropout))
         self.layers = None
         if kind == "transformer":
-            layer = nn.TransformerEncoderLayer(d_model, heads, 2 * d_model, dropout=dropout, batch_first=True,
-                                               norm_first=True)
+            layer = nn.TransformerEncoderLayer(
+                d_model, heads, 2 * d_model, dropout=dropout, batch_first=True, norm_first=True
+            )
             self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.pool = GatedAttention(d_model, d_model, tokens)
         self.size = nn.Linear(2 * 2 * len(SIZE_FREQUENCIES), d_model)
@@ -71,18 +81,26 @@ class SlideEncoder(nn.Module):
             return batch
         batch = {**batch, "tissue_area": (batch["tissue"] * mask).sum(1)}
         keys = torch.rand(mask.shape, device=mask.device).masked_fill(~mask, 2.0)
-        keep = keys.argsort(dim=1)[:, :self.max_tiles]
-        return {**batch, **{k: torch.gather(batch[k], 1, keep if batch[k].dim() == 2 else
-                                            keep[..., None].expand(-1, -1, batch[k].shape[-1]))
-                            for k in ("features", "mask", "tissue", "grid", "tile_mask") if k in batch}}
+        keep = keys.argsort(dim=1)[:, : self.max_tiles]
+        return {
+            **batch,
+            **{
+                k: torch.gather(
+                    batch[k], 1, keep if batch[k].dim() == 2 else keep[..., None].expand(-1, -1, batch[k].shape[-1])
+                )
+                for k in ("features", "mask", "tissue", "grid", "tile_mask")
+                if k in batch
+            },
+        }
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Tokens:
         batch = self._subsample(batch)
         mask = batch["mask"]  # [B, T]
         x = torch.cat([batch["features"], batch["tissue"][..., None]], dim=-1)  # [B, T, D + 1]
         if mask.any():
-            x = x.masked_scatter(mask[..., None], self.norm(x[mask]) if mask.sum() > 1 or not self.training
-                                 else x[mask])
+            x = x.masked_scatter(
+                mask[..., None], self.norm(x[mask]) if mask.sum() > 1 or not self.training else x[mask]
+            )
         h = self.embed(x)
         pooled = mask
         if "tile_mask" in batch:

@@ -15,11 +15,19 @@ import torch
 from biofm.commands import command
 
 
-def render_heatmap(thumb: np.ndarray, downsample: tuple[float, float], coords: np.ndarray, extent: float,
-                   weights: np.ndarray, alpha: float = 0.5, colormap: str = "jet") -> np.ndarray:
+def render_heatmap(
+    thumb: np.ndarray,
+    downsample: tuple[float, float],
+    coords: np.ndarray,
+    extent: float,
+    weights: np.ndarray,
+    alpha: float = 0.5,
+    colormap: str = "jet",
+) -> np.ndarray:
     """`thumb` [h, w, 3] uint8 at `downsample` (level-0 pixels per thumbnail pixel, x and y) with each tile
     (level-0 corner `coords`, side `extent`) tinted by its weight's percentile."""
     import matplotlib
+
     heat = np.zeros(thumb.shape[:2], np.float32)
     covered = np.zeros(thumb.shape[:2], bool)
     rank = np.argsort(np.argsort(weights)) / max(len(weights) - 1, 1) if len(weights) else weights
@@ -38,6 +46,7 @@ def slide_attention(module, slide: str, mpp: float | None = None) -> dict:
     """Run one slide (alone, no other modality) through a trained model; returns its tile coordinates,
     extent, attention per tile [T] (mean over the slide tokens), the logits per task and the slide facts."""
     from biofm.modalities.wsi import SlideRef
+
     schema = module.model.schema
     if "wsi" not in schema["modalities"]:
         raise ValueError(f"the model was trained without the wsi modality (it has {sorted(schema['modalities'])})")
@@ -49,17 +58,22 @@ def slide_attention(module, slide: str, mpp: float | None = None) -> dict:
     with torch.no_grad():
         out = module({"wsi": batch})
         attention = module.model.encoders["wsi"](batch).states["attention"][0].mean(0).cpu().numpy()  # [T]
-    return {"coords": arrays["coords"], "extent": float(arrays["tile_extent"]), "attention": attention,
-            "logits": {t: v[0].cpu().numpy() for t, v in out["logits"].items()}, **facts}
+    return {
+        "coords": arrays["coords"],
+        "extent": float(arrays["tile_extent"]),
+        "attention": attention,
+        "logits": {t: v[0].cpu().numpy() for t, v in out["logits"].items()},
+        **facts,
+    }
 
 
-def slide_heatmap(checkpoint: str, slide: str, out: str | Path, mpp: float | None = None,
-                  max_side: int = 1024) -> dict:
+def slide_heatmap(checkpoint: str, slide: str, out: str | Path, mpp: float | None = None, max_side: int = 1024) -> dict:
     """Write the attention heatmap PNG of `slide` under the model in `checkpoint`; returns the attention."""
     from PIL import Image
 
     from biofm.modalities.wsi.slide import open_slide, thumbnail
     from biofm.platform.sdk import load_module
+
     result = slide_attention(load_module(checkpoint), slide, mpp)
     handle = open_slide(slide)
     try:

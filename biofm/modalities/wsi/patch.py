@@ -24,10 +24,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def default_network() -> nn.Module:
     from monai.networks.nets import ResNet
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=[32, 64, 128, 256], spatial_dims=2,
-                      n_input_channels=3, conv1_t_stride=4, feed_forward=False)
+        return ResNet(
+            block="basic",
+            layers=[1, 1, 1, 1],
+            block_inplanes=[32, 64, 128, 256],
+            spatial_dims=2,
+            n_input_channels=3,
+            conv1_t_stride=4,
+            feed_forward=False,
+        )
 
 
 class NoFeatures(nn.Module):
@@ -58,8 +66,10 @@ def build_network(spec: str = "default", weights: str | None = None) -> nn.Modul
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         missing, unexpected = network.load_state_dict(state, strict=False)
         if missing:
-            raise ValueError(f"patch weights {weights}: {len(missing)} parameters of the network are not in "
-                             f"the file (first: {missing[0]}); is it the weights of {spec!r}?")
+            raise ValueError(
+                f"patch weights {weights}: {len(missing)} parameters of the network are not in "
+                f"the file (first: {missing[0]}); is it the weights of {spec!r}?"
+            )
     return network.eval()
 
 
@@ -75,8 +85,9 @@ def checksum(network: nn.Module) -> str:
 class PatchEncoder:
     """Runs a patch network on uint8 tiles [T, H, W, 3] in batches; returns float16 features [T, D]."""
 
-    def __init__(self, network: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD, batch_size: int = 64,
-                 device: str | None = None):
+    def __init__(
+        self, network: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD, batch_size: int = 64, device: str | None = None
+    ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.network = network.to(self.device).eval()
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255.0
@@ -89,7 +100,7 @@ class PatchEncoder:
             return np.zeros((len(tiles), 0), np.float16)
         out = []
         for start in range(0, len(tiles), self.batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(tiles[start:start + self.batch_size])).to(self.device)
+            x = torch.from_numpy(np.ascontiguousarray(tiles[start : start + self.batch_size])).to(self.device)
             x = (x.permute(0, 3, 1, 2).float() - self.mean) / self.std
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 features = self.network(x)

@@ -26,6 +26,7 @@ class SlideError(Exception):
 class SlideRef:
     """One slide to process: its path and, optionally, the manifest's microns per pixel and a value to
     assume when neither the slide nor the manifest has one."""
+
     path: str
     mpp: float | None = None
     assume_mpp: float | None = None
@@ -50,6 +51,7 @@ def _number(value) -> float | None:
 def open_slide(path: str):
     """An OpenSlide handle; a plain image (not a slide format) through OpenSlide's PIL fallback."""
     import openslide
+
     if not os.path.exists(path):
         raise SlideError("the slide file does not exist")
     try:
@@ -63,8 +65,10 @@ def open_slide(path: str):
         slide.dimensions  # noqa: B018 — PIL parses the header here
         return slide
     except Exception as err:  # noqa: BLE001 — PIL raises many kinds
-        raise SlideError(f"not a format OpenSlide reads, nor an image PIL opens ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else 'no detail'})") from None
+        raise SlideError(
+            f"not a format OpenSlide reads, nor an image PIL opens ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'no detail'})"
+        ) from None
 
 
 def _plausible(mpp: float) -> bool:
@@ -81,8 +85,7 @@ def resolve_mpp(properties: dict, ref: SlideRef) -> tuple[float, str, list[str]]
         if value is None:
             return None
         if not _plausible(value):
-            notes.append(f"{source} give {value:.4g} µm/px, outside the plausible {MPP_RANGE[0]}–{MPP_RANGE[1]} "
-                         "µm/px")
+            notes.append(f"{source} give {value:.4g} µm/px, outside the plausible {MPP_RANGE[0]}–{MPP_RANGE[1]} µm/px")
             return None
         return value
 
@@ -99,17 +102,22 @@ def resolve_mpp(properties: dict, ref: SlideRef) -> tuple[float, str, list[str]]
     if per_unit and resolution:
         tiff = per_unit / resolution
     power = _number(properties.get("openslide.objective-power"))
-    sources = [("the slide's properties", pair("openslide.mpp-x", "openslide.mpp-y")),
-               ("the TIFF resolution tags", tiff),
-               ("the objective power", 10.0 / power if power and power > 0 else None),
-               ("the manifest's mpp", ref.mpp), ("the assumed mpp", ref.assume_mpp)]
+    sources = [
+        ("the slide's properties", pair("openslide.mpp-x", "openslide.mpp-y")),
+        ("the TIFF resolution tags", tiff),
+        ("the objective power", 10.0 / power if power and power > 0 else None),
+        ("the manifest's mpp", ref.mpp),
+        ("the assumed mpp", ref.assume_mpp),
+    ]
     for source, value in sources:
         mpp = candidate(source, value)
         if mpp is not None:
             return mpp, source, notes
     found = "; ".join(notes) if notes else "the slide has no resolution metadata"
-    raise SlideError(f"no usable microns per pixel ({found}); give the slide's mpp in the manifest's `mpp` "
-                     "column, or pass --assume-mpp to use one value for such slides")
+    raise SlideError(
+        f"no usable microns per pixel ({found}); give the slide's mpp in the manifest's `mpp` "
+        "column, or pass --assume-mpp to use one value for such slides"
+    )
 
 
 def best_level(downsamples, wanted: float, tolerance: float = LEVEL_TOLERANCE) -> int:
@@ -134,6 +142,7 @@ def read_rgb(slide, location: tuple[int, int], level: int, size: tuple[int, int]
 def thumbnail(slide, downsample: float) -> np.ndarray:
     """The slide at `downsample` × level 0 as uint8 RGB, read in strips from the best level."""
     from PIL import Image
+
     width, height = slide.dimensions
     out_w, out_h = max(1, round(width / downsample)), max(1, round(height / downsample))
     level = best_level(slide.level_downsamples, downsample)
@@ -152,14 +161,16 @@ def thumbnail(slide, downsample: float) -> np.ndarray:
     return image
 
 
-def tissue_mask(rgb: np.ndarray, min_saturation: float = 0.05, max_saturation: float = 0.08, closing: int = 2,
-                min_area: int = 16) -> np.ndarray:
+def tissue_mask(
+    rgb: np.ndarray, min_saturation: float = 0.05, max_saturation: float = 0.08, closing: int = 2, min_area: int = 16
+) -> np.ndarray:
     """Tissue on a thumbnail: HSV saturation above Otsu's threshold kept within [`min_saturation`,
     `max_saturation`], closed, small specks removed, holes filled. Glass is bright and grey (saturation
     about 0.01); the cap keeps Otsu from splitting strongly from faintly stained tissue (brown DAB against
     pale haematoxylin) instead of tissue from glass."""
     from scipy import ndimage
     from skimage.filters import threshold_otsu
+
     x = rgb.astype(np.float32)
     high, low = x.max(axis=2), x.min(axis=2)
     saturation = np.where(high > 0, (high - low) / np.maximum(high, 1e-6), 0.0)
@@ -179,12 +190,17 @@ def tissue_mask(rgb: np.ndarray, min_saturation: float = 0.05, max_saturation: f
 
 
 def _disk(radius: int) -> np.ndarray:
-    y, x = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    y, x = np.mgrid[-radius : radius + 1, -radius : radius + 1]
     return x * x + y * y <= radius * radius
 
 
-def tile_grid(dimensions: tuple[int, int], extent: float, mask: np.ndarray, mask_downsample: tuple[float, float],
-              min_tissue: float) -> tuple[np.ndarray, np.ndarray]:
+def tile_grid(
+    dimensions: tuple[int, int],
+    extent: float,
+    mask: np.ndarray,
+    mask_downsample: tuple[float, float],
+    min_tissue: float,
+) -> tuple[np.ndarray, np.ndarray]:
     """Level-0 top-left corners [T, 2] (x, y) of the non-overlapping tiles of side `extent` (level-0
     pixels) whose tissue fraction on `mask` is at least `min_tissue`, and those fractions [T]."""
     width, height = dimensions
@@ -213,6 +229,7 @@ def tile_grid(dimensions: tuple[int, int], extent: float, mask: np.ndarray, mask
 @dataclass
 class TilePlan:
     """Where to read a slide's tiles: level-0 corners, the level and region size to read there."""
+
     coords: np.ndarray  # [T, 2] int64, level-0 (x, y)
     tissue: np.ndarray  # [T] float32
     level: int
@@ -226,8 +243,14 @@ class TilePlan:
     mask_downsample: tuple[float, float]
 
 
-def plan_tiles(slide, ref: SlideRef, target_mpp: float = 0.5, tile_size: int = 224, min_tissue: float = 0.25,
-               thumbnail_mpp: float = 8.0) -> TilePlan:
+def plan_tiles(
+    slide,
+    ref: SlideRef,
+    target_mpp: float = 0.5,
+    tile_size: int = 224,
+    min_tissue: float = 0.25,
+    thumbnail_mpp: float = 8.0,
+) -> TilePlan:
     """Microns per pixel, a tissue mask on a thumbnail, and the tiles to read at `target_mpp`."""
     mpp, source, notes = resolve_mpp(dict(slide.properties), ref)
     extent = tile_size * target_mpp / mpp  # level-0 pixels per tile side
@@ -246,5 +269,6 @@ def read_tile(slide, plan: TilePlan, x: int, y: int) -> np.ndarray:
     rgb = read_rgb(slide, (int(x), int(y)), plan.level, (plan.read_size, plan.read_size))
     if plan.read_size != plan.tile_size:
         from PIL import Image
+
         rgb = np.asarray(Image.fromarray(rgb).resize((plan.tile_size, plan.tile_size), Image.BILINEAR))
     return rgb

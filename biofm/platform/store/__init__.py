@@ -18,21 +18,38 @@ rows in one seeded random permutation, and marks the store complete.
 from biofm.platform.errors import StoreError
 from biofm.platform.integrity import is_local
 from biofm.platform.store.format import (
-                                         FORMAT_VERSION,
-                                         INDEX_ARRAYS,
-                                         SPLITS,
-                                         Column,
-                                         Ragged,
-                                         compressors_for,
-                                         concat_rows,
-                                         open_root,
-                                         slice_rows,
-                                         take_rows,
+    FORMAT_VERSION,
+    INDEX_ARRAYS,
+    SPLITS,
+    Column,
+    Ragged,
+    compressors_for,
+    concat_rows,
+    open_root,
+    slice_rows,
+    take_rows,
 )
 from biofm.platform.store.reader import RawChunks, Store
 from biofm.platform.store.splits import check_subject_splits, subject_splits
 from biofm.platform.store.writer import StoreWriter, unfinished_settings
 
-__all__ = ["FORMAT_VERSION", "INDEX_ARRAYS", "SPLITS", "Column", "Ragged", "RawChunks", "Store", "StoreError",
-           "StoreWriter", "check_subject_splits", "compressors_for", "concat_rows", "is_local", "open_root",
-           "slice_rows", "subject_splits", "take_rows", "unfinished_settings"]
+__all__ = [
+    "FORMAT_VERSION",
+    "INDEX_ARRAYS",
+    "SPLITS",
+    "Column",
+    "Ragged",
+    "RawChunks",
+    "Store",
+    "StoreError",
+    "StoreWriter",
+    "check_subject_splits",
+    "compressors_for",
+    "concat_rows",
+    "is_local",
+    "open_root",
+    "slice_rows",
+    "subject_splits",
+    "take_rows",
+    "unfinished_settings",
+]

@@ -18,8 +18,7 @@ from biofm.platform.integrity import local_path as _local_path
 from biofm.tasks.kinds import SpecError, check_spec
 
 # Variable-length strings are not yet in the Zarr v3 core spec; zarr warns on every string array.
-warnings.filterwarnings("ignore", message=".*(vlen-utf8|variable-length|VariableLengthUTF8|string).*",
-                        module="zarr.*")
+warnings.filterwarnings("ignore", message=".*(vlen-utf8|variable-length|VariableLengthUTF8|string).*", module="zarr.*")
 # the checksums file sits beside zarr's metadata; zarr names every file it does not know when it lists members
 warnings.filterwarnings("ignore", message=f".*{integrity.MANIFEST}.*not recognized", module="zarr.*")
 
@@ -36,26 +35,29 @@ INDEX_ARRAYS = ("index/sample_id", "index/subject_id", "index/split")
 MIB = 1 << 20
 
 
-def open_root(url: str, mode: str = "r", storage_options: dict | None = None,
-              attributes: dict | None = None) -> zarr.Group:
+def open_root(
+    url: str, mode: str = "r", storage_options: dict | None = None, attributes: dict | None = None
+) -> zarr.Group:
     """Open the store's root group; any fsspec URL works as a path (`memory://`, `s3://`, `file://`).
     With mode "w", `attributes` are written with the group's metadata, in one file."""
     url = str(url)
     if is_local(url):
         store = zarr.storage.LocalStore(_local_path(url), read_only=(mode == "r"))
     else:
-        store = zarr.storage.FsspecStore.from_url(url, storage_options=storage_options,
-                                                  read_only=(mode == "r"))
+        store = zarr.storage.FsspecStore.from_url(url, storage_options=storage_options, read_only=(mode == "r"))
     try:
         if attributes is not None:
             return zarr.open_group(store, mode=mode, zarr_format=3, attributes=attributes)
         return zarr.open_group(store, mode=mode, zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
         if is_local(url) and os.path.exists(_local_path(url)):
-            raise StoreError(f"{url}: not a biofm store (no zarr group metadata, zarr.json, in it). Check the "
-                             "path, or run `biofm prepare …` to write a store there.") from None
-        raise StoreError(f"{url}: no store at this path (it does not exist). Check the path, or run "
-                         f"`biofm prepare …` to write it.") from err
+            raise StoreError(
+                f"{url}: not a biofm store (no zarr group metadata, zarr.json, in it). Check the "
+                "path, or run `biofm prepare …` to write a store there."
+            ) from None
+        raise StoreError(
+            f"{url}: no store at this path (it does not exist). Check the path, or run `biofm prepare …` to write it."
+        ) from err
 
 
 def _exists(url: str, storage_options: dict | None) -> bool:
@@ -91,11 +93,11 @@ class Ragged:
         return np.diff(self.offsets)
 
     def row(self, i: int) -> np.ndarray:
-        return self.values[self.offsets[i]:self.offsets[i + 1]]
+        return self.values[self.offsets[i] : self.offsets[i + 1]]
 
     def slice(self, start: int, stop: int) -> Ragged:
         lo, hi = self.offsets[start], self.offsets[stop]
-        return Ragged(self.values[lo:hi], self.offsets[start:stop + 1] - lo)
+        return Ragged(self.values[lo:hi], self.offsets[start : stop + 1] - lo)
 
     def take(self, idx: np.ndarray) -> Ragged:
         idx = np.asarray(idx, dtype=np.int64)
@@ -133,8 +135,12 @@ def concat_rows(cols: list[Column]) -> Column:
 def _describe(col: Column) -> dict:
     values = col.values if isinstance(col, Ragged) else col
     n = max(len(col), 1)
-    return {"ragged": isinstance(col, Ragged), "dtype": _dtype_name(values.dtype),
-            "shape": list(values.shape[1:]), "bytes_per_sample": _nbytes(values) / n}
+    return {
+        "ragged": isinstance(col, Ragged),
+        "dtype": _dtype_name(values.dtype),
+        "shape": list(values.shape[1:]),
+        "bytes_per_sample": _nbytes(values) / n,
+    }
 
 
 def _nbytes(values: np.ndarray) -> int:
@@ -166,6 +172,7 @@ def compressors_for(dtype: np.dtype, codec: str = "auto"):
     kind = np.dtype(dtype).kind if not isinstance(dtype, type) else "U"
     if kind in "UTO" or codec == "zstd" or (codec == "auto" and kind != "f"):
         from zarr.codecs import ZstdCodec
+
         return ZstdCodec(level=0, checksum=True)
     return None
 
@@ -174,10 +181,16 @@ def _create_array(group: zarr.Group, name: str, shape: tuple, dtype, chunks: tup
     """Every chunk is written, even one that holds only the fill value, so a missing chunk file is damage
     (integrity.py); floats are filled with NaN, so a label that was never written reads as missing, not 0."""
     kind = np.dtype(dtype).kind if not isinstance(dtype, type) else "U"
-    return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, overwrite=True,
-                              compressors=compressors_for(dtype if kind not in "UTO" else str, codec),
-                              fill_value=np.nan if kind == "f" else None,
-                              config={"write_empty_chunks": True})
+    return group.create_array(
+        name,
+        shape=shape,
+        dtype=dtype,
+        chunks=chunks,
+        overwrite=True,
+        compressors=compressors_for(dtype if kind not in "UTO" else str, codec),
+        fill_value=np.nan if kind == "f" else None,
+        config={"write_empty_chunks": True},
+    )
 
 
 def _write_chunked(group: zarr.Group, name: str, values: np.ndarray, rows: int, codec: str = "auto") -> None:

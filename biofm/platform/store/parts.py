@@ -63,6 +63,7 @@ def _fault_injection(key: int, n: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if pause and _COMMITTED == int(pause.split(":", 1)[0]):
         import time
+
         release = pause.split(":", 1)[1]
         open(release + ".paused", "w").close()
         deadline = time.monotonic() + 300
@@ -73,8 +74,15 @@ def _fault_injection(key: int, n: int) -> None:
 _COMMITTED = 0
 
 
-def _write_ragged_streaming(root: zarr.Group, name: str, parts: list[zarr.Group], perm: np.ndarray,
-                            chunk_bytes: int, rows_per_chunk: int, codec: str) -> None:
+def _write_ragged_streaming(
+    root: zarr.Group,
+    name: str,
+    parts: list[zarr.Group],
+    perm: np.ndarray,
+    chunk_bytes: int,
+    rows_per_chunk: int,
+    codec: str,
+) -> None:
     """A ragged array in the order `perm` (over the parts' samples, concatenated), read one sample at a
     time and written in whole chunks: memory holds about one chunk, never the array."""
     sources = [part[name] for part in parts]
@@ -87,8 +95,9 @@ def _write_ragged_streaming(root: zarr.Group, name: str, parts: list[zarr.Group]
     first = sources[0]
     row_bytes = max(int(np.prod(first.shape[1:], dtype=np.int64)) * first.dtype.itemsize, 1)
     value_rows = _chunk_rows(row_bytes, int(offsets[-1]), chunk_bytes, 1)
-    out = _create_array(root, name, (int(offsets[-1]), *first.shape[1:]), first.dtype,
-                        (value_rows, *first.shape[1:]), codec)
+    out = _create_array(
+        root, name, (int(offsets[-1]), *first.shape[1:]), first.dtype, (value_rows, *first.shape[1:]), codec
+    )
     buffer, buffered, written = [], 0, 0
     for sample in perm:
         p, j = part_of[sample], local[sample]
@@ -99,9 +108,9 @@ def _write_ragged_streaming(root: zarr.Group, name: str, parts: list[zarr.Group]
         if buffered >= value_rows:
             block = np.concatenate(buffer)
             whole = (len(block) // value_rows) * value_rows
-            out[written:written + whole] = block[:whole]
+            out[written : written + whole] = block[:whole]
             written += whole
             buffer, buffered = [block[whole:]], len(block) - whole
     if buffered:
-        out[written:written + buffered] = np.concatenate(buffer)
+        out[written : written + buffered] = np.concatenate(buffer)
     _write_chunked(root, name + ".offsets", offsets, max(rows_per_chunk + 1, 1 << 16), codec)

@@ -51,11 +51,17 @@ class RawChunks:
         store = array.store_path.store
         codecs = getattr(array.metadata, "codecs", ())
         dtype = np.dtype(array.dtype)
-        if not (isinstance(store, LocalStore) and len(codecs) == 1 and isinstance(codecs[0], BytesCodec)
-                and dtype.kind in "biuf" and array.ndim >= 1 and array.shards is None and 0 not in array.shape[1:]
-                and tuple(array.chunks[1:]) == tuple(array.shape[1:])
-                and (dtype.itemsize == 1 or (codecs[0].endian is not None
-                                             and codecs[0].endian.value == sys.byteorder))):
+        if not (
+            isinstance(store, LocalStore)
+            and len(codecs) == 1
+            and isinstance(codecs[0], BytesCodec)
+            and dtype.kind in "biuf"
+            and array.ndim >= 1
+            and array.shards is None
+            and 0 not in array.shape[1:]
+            and tuple(array.chunks[1:]) == tuple(array.shape[1:])
+            and (dtype.itemsize == 1 or (codecs[0].endian is not None and codecs[0].endian.value == sys.byteorder))
+        ):
             return None
         return cls(os.path.join(str(store.root), array.store_path.path), array)
 
@@ -72,8 +78,12 @@ class RawChunks:
                 size = os.fstat(f.fileno()).st_size
                 if size < rows * self.row_bytes:
                     raise _short_chunk(path, rows * self.row_bytes - size)
-                mapped = mmap.mmap(f.fileno(), rows * self.row_bytes, prot=mmap.PROT_READ,
-                                   flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+                mapped = mmap.mmap(
+                    f.fileno(),
+                    rows * self.row_bytes,
+                    prot=mmap.PROT_READ,
+                    flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                )
         except FileNotFoundError:
             raise _missing_chunk(path, self.array, chunk) from None
         return np.frombuffer(mapped, dtype=self.dtype).reshape(rows, *self.shape[1:])
@@ -85,7 +95,7 @@ class RawChunks:
         flat = out.reshape(-1).view(np.uint8)  # a view: `out` is contiguous
         for chunk in range(start // self.rows, -(-stop // self.rows)):
             lo, hi = max(start, chunk * self.rows), min(stop, (chunk + 1) * self.rows)
-            want = flat[(lo - start) * self.row_bytes:(hi - start) * self.row_bytes]
+            want = flat[(lo - start) * self.row_bytes : (hi - start) * self.row_bytes]
             path = self.chunk_path(chunk)
             try:
                 with open(path, "rb", buffering=0) as f:
@@ -99,13 +109,16 @@ class RawChunks:
 
 
 def _missing_chunk(path: str, array: zarr.Array, chunk: int) -> StoreError:
-    return StoreError(f"{path}: chunk {chunk} of array '{array.path}' is missing; the store is damaged, "
-                      "prepare it again")
+    return StoreError(
+        f"{path}: chunk {chunk} of array '{array.path}' is missing; the store is damaged, prepare it again"
+    )
 
 
 def _short_chunk(path: str, missing: int) -> StoreError:
-    return StoreError(f"{path}: chunk file is {missing} bytes short of the rows it should hold; the store is "
-                      "damaged, prepare it again")
+    return StoreError(
+        f"{path}: chunk file is {missing} bytes short of the rows it should hold; the store is "
+        "damaged, prepare it again"
+    )
 
 
 class Store:
@@ -122,12 +135,16 @@ class Store:
         if "biofm_store" not in attrs:
             raise StoreError(f"{where}: not a biofm store (no 'biofm_store' attribute)")
         if attrs["biofm_store"] != FORMAT_VERSION:
-            raise StoreError(f"{where}: written in store format version {attrs['biofm_store']}, but this "
-                             f"biofm reads version {FORMAT_VERSION}; run `biofm prepare` again with this "
-                             "version")
+            raise StoreError(
+                f"{where}: written in store format version {attrs['biofm_store']}, but this "
+                f"biofm reads version {FORMAT_VERSION}; run `biofm prepare` again with this "
+                "version"
+            )
         if not attrs.get("complete"):
-            raise StoreError(f"{where}: the store is unfinished (an interrupted prepare); rerun the same "
-                             "`biofm prepare` command to resume it")
+            raise StoreError(
+                f"{where}: the store is unfinished (an interrupted prepare); rerun the same "
+                "`biofm prepare` command to resume it"
+            )
         for key in ("source", "n_samples", "rows_per_chunk", "modalities", "tasks", "arrays"):
             if key not in attrs:
                 raise StoreError(f"{where}: attribute '{key}' is missing; the store is damaged, prepare it again")
@@ -148,11 +165,12 @@ class Store:
                 values = self._array(name)
                 self._check_fixed(name + ".offsets", (n + 1,))
                 offsets = self._zarr_read(name + ".offsets")
-                if (offsets[0] != 0 or np.any(np.diff(offsets) < 0)
-                        or offsets[-1] != values.shape[0]):
-                    raise StoreError(f"{where}: {name}.offsets do not match the rows of {name} (they must "
-                                     f"start at 0, never decrease and end at its {values.shape[0]} rows); "
-                                     "prepare the store again")
+                if offsets[0] != 0 or np.any(np.diff(offsets) < 0) or offsets[-1] != values.shape[0]:
+                    raise StoreError(
+                        f"{where}: {name}.offsets do not match the rows of {name} (they must "
+                        f"start at 0, never decrease and end at its {values.shape[0]} rows); "
+                        "prepare the store again"
+                    )
                 self.offsets[name] = offsets.astype(np.int64)
             else:
                 self._check_fixed(name, (n, *info["shape"]))
@@ -171,15 +189,19 @@ class Store:
         if isinstance(arr, zarr.Array):
             self._arrays[name] = arr
         if not isinstance(arr, zarr.Array):
-            raise StoreError(f"{self.url}: array '{name}' is missing; the store is damaged or was written by "
-                             "an older prepare, prepare it again")
+            raise StoreError(
+                f"{self.url}: array '{name}' is missing; the store is damaged or was written by "
+                "an older prepare, prepare it again"
+            )
         return arr
 
     def _check_fixed(self, name: str, shape: tuple) -> zarr.Array:
         arr = self._array(name)
         if tuple(arr.shape) != tuple(shape):
-            raise StoreError(f"{self.url}: array '{name}' has shape {tuple(arr.shape)} but the store has "
-                             f"{self.n} samples (expected {tuple(shape)}); prepare the store again")
+            raise StoreError(
+                f"{self.url}: array '{name}' has shape {tuple(arr.shape)} but the store has "
+                f"{self.n} samples (expected {tuple(shape)}); prepare the store again"
+            )
         return arr
 
     # -- reading
@@ -206,9 +228,11 @@ class Store:
             return array[start:stop] if start is not None or stop is not None else array[...]
         except Exception as err:  # noqa: BLE001 — zstd and zarr raise RuntimeError, ValueError, …
             rows = f"rows {start or 0}–{array.shape[0] if stop is None else stop}" if array.ndim else "its value"
-            raise StoreError(f"{self.url}: array '{name}' ({rows}) cannot be decoded ({type(err).__name__}: "
-                             f"{str(err)[:120]}); a chunk is corrupt — the store is damaged, prepare it again "
-                             f"(`biofm verify {self.url}` names the file)") from None
+            raise StoreError(
+                f"{self.url}: array '{name}' ({rows}) cannot be decoded ({type(err).__name__}: "
+                f"{str(err)[:120]}); a chunk is corrupt — the store is damaged, prepare it again "
+                f"(`biofm verify {self.url}` names the file)"
+            ) from None
 
     def arrays_of(self, modality: str) -> list[str]:
         return [name for name in self.array_info if name.split("/")[0] == modality]
@@ -225,13 +249,13 @@ class Store:
                 offsets = self.offsets[name]
                 lo, hi = int(offsets[start]), int(offsets[stop])
                 values = raw.read(lo, hi) if raw is not None else self._zarr_read(name, lo, hi)
-                out[name] = Ragged(values, offsets[start:stop + 1] - lo)
+                out[name] = Ragged(values, offsets[start : stop + 1] - lo)
             elif raw is None:
                 out[name] = _plain(self._zarr_read(name, start, stop))
             elif mapped and stop > start and start // raw.rows == (stop - 1) // raw.rows:
                 chunk = start // raw.rows
                 offset = chunk * raw.rows
-                out[name] = raw.view(chunk)[start - offset:stop - offset]
+                out[name] = raw.view(chunk)[start - offset : stop - offset]
             else:
                 out[name] = raw.read(start, stop)
         return out
@@ -248,19 +272,25 @@ class Store:
         digest = hashlib.sha256()
         attrs = {k: v for k, v in self.attrs.items() if k != "created"}
         digest.update(json.dumps(_normalise(attrs), sort_keys=True).encode())
-        arrays = sorted((path, member) for path, member in self.root.members(max_depth=None)
-                        if isinstance(member, zarr.Array))
+        arrays = sorted(
+            (path, member) for path, member in self.root.members(max_depth=None) if isinstance(member, zarr.Array)
+        )
         for name, array in arrays:
             strings = np.dtype(array.dtype).kind in "OTU"  # strings: their text, whatever width they were stored at
             digest.update(f"{name}:{'str' if strings else np.dtype(array.dtype).str}:{array.shape}".encode())
             rows = max(1, array.chunks[0]) if array.ndim else 1
             for start in range(0, max(array.shape[0] if array.ndim else 1, 1), rows):  # a chunk of rows at a time
-                values = np.asarray(array[start:start + rows] if array.ndim else array[...])
-                digest.update("".join(f"{v}\x00" for v in values.ravel().tolist()).encode() if strings
-                              else np.ascontiguousarray(values).tobytes())
+                values = np.asarray(array[start : start + rows] if array.ndim else array[...])
+                digest.update(
+                    "".join(f"{v}\x00" for v in values.ravel().tolist()).encode()
+                    if strings
+                    else np.ascontiguousarray(values).tobytes()
+                )
         return digest.hexdigest()
 
     def describe(self) -> str:
         tasks = ", ".join(f"{t} ({s['kind']})" for t, s in self.tasks.items())
-        return (f"store {self.url}: source {self.source}, {self.n} samples, modalities "
-                f"{sorted(self.modalities)}, tasks {tasks or 'none'}")
+        return (
+            f"store {self.url}: source {self.source}, {self.n} samples, modalities "
+            f"{sorted(self.modalities)}, tasks {tasks or 'none'}"
+        )

@@ -12,8 +12,9 @@ from biofm.platform.store.format import (
 )
 
 
-def subject_splits(subject_ids: np.ndarray, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-                   seed: int = 0) -> np.ndarray:
+def subject_splits(
+    subject_ids: np.ndarray, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0
+) -> np.ndarray:
     """Assign every sample the split of its subject; subjects are shuffled with `seed`."""
     if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
         raise StoreError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
@@ -34,5 +35,7 @@ def check_subject_splits(subject_ids: np.ndarray, splits: np.ndarray, where: str
     for subject, split in zip(np.asarray(subject_ids, dtype=str), splits):
         if seen.setdefault(subject, split) != split:
             # the message names no subject: ids never reach a log
-            raise StoreError(f"{where}: one subject has samples in both '{seen[subject]}' and '{split}'; "
-                             "splits must be by subject so no patient is on two sides")
+            raise StoreError(
+                f"{where}: one subject has samples in both '{seen[subject]}' and '{split}'; "
+                "splits must be by subject so no patient is on two sides"
+            )

@@ -66,10 +66,22 @@ class StoreWriter:
     >>> w.finalize()
     """
 
-    def __init__(self, url: str, *, source: str, modalities: Mapping[str, dict], tasks: Mapping[str, dict],
-                 seed: int = 0, overwrite: bool = False, chunk_bytes: int = 4 * MIB, min_chunks: int = 16,
-                 codec: str = "auto", storage_options: dict | None = None, memory_bytes: int = 1 << 30,
-                 codecs: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        url: str,
+        *,
+        source: str,
+        modalities: Mapping[str, dict],
+        tasks: Mapping[str, dict],
+        seed: int = 0,
+        overwrite: bool = False,
+        chunk_bytes: int = 4 * MIB,
+        min_chunks: int = 16,
+        codec: str = "auto",
+        storage_options: dict | None = None,
+        memory_bytes: int = 1 << 30,
+        codecs: Mapping[str, str] | None = None,
+    ):
         self.url, self.storage_options = str(url), storage_options
         self.memory_bytes = memory_bytes  # a ragged array larger than this is finalised in a stream
         compressors_for(np.float32, codec)  # validate early
@@ -98,14 +110,19 @@ class StoreWriter:
             if overwrite:
                 root = open_root(self.url, "w", storage_options, attributes=fresh)
             elif attrs.get("complete"):
-                raise StoreError(f"{self.url} is already a complete store; pass overwrite=True "
-                                 "(--overwrite) to write it again")
+                raise StoreError(
+                    f"{self.url} is already a complete store; pass overwrite=True (--overwrite) to write it again"
+                )
             elif attrs.get("biofm_store") != FORMAT_VERSION:
-                raise StoreError(f"{self.url} holds an unfinished prepare of store format version "
-                                 f"{attrs.get('biofm_store')}; pass overwrite=True (--overwrite) to start over")
+                raise StoreError(
+                    f"{self.url} holds an unfinished prepare of store format version "
+                    f"{attrs.get('biofm_store')}; pass overwrite=True (--overwrite) to start over"
+                )
             elif _normalise(attrs.get("pending")) != _normalise(self.pending):
-                raise StoreError(f"{self.url} holds an unfinished prepare with other settings (source, "
-                                 "modalities, tasks or seed); pass overwrite=True (--overwrite) to start over")
+                raise StoreError(
+                    f"{self.url} holds an unfinished prepare with other settings (source, "
+                    "modalities, tasks or seed); pass overwrite=True (--overwrite) to start over"
+                )
             else:
                 root = open_root(self.url, "r+", storage_options)
         else:  # absent or an empty folder; the metadata and the attributes that make it a store in one write
@@ -131,9 +148,16 @@ class StoreWriter:
         (e.g. by work done, as slides are) skips the samples already written."""
         return {str(v) for _, g in self._committed_parts() for v in _plain(g["index/sample_id"][...])}
 
-    def write_batch(self, key: int, *, sample_id: Iterable, subject_id: Iterable,
-                    labels: Mapping[str, Any] | None = None, arrays: Mapping[str, Column] | None = None,
-                    split: Iterable | None = None) -> None:
+    def write_batch(
+        self,
+        key: int,
+        *,
+        sample_id: Iterable,
+        subject_id: Iterable,
+        labels: Mapping[str, Any] | None = None,
+        arrays: Mapping[str, Column] | None = None,
+        split: Iterable | None = None,
+    ) -> None:
         """Validate one batch fully, then write it as a part committed by its last write."""
         where = f"{self.url} (batch {key})"
         columns = self._validate_batch(where, sample_id, subject_id, labels or {}, arrays or {}, split)
@@ -156,8 +180,10 @@ class StoreWriter:
     def _validate_batch(self, where, sample_id, subject_id, labels, arrays, split) -> dict[str, Column]:
         sample_id = _as_strings(sample_id, "sample_id", where)
         n = len(sample_id)
-        columns: dict[str, Column] = {"index/sample_id": sample_id,
-                                      "index/subject_id": _as_strings(subject_id, "subject_id", where)}
+        columns: dict[str, Column] = {
+            "index/sample_id": sample_id,
+            "index/subject_id": _as_strings(subject_id, "subject_id", where),
+        }
         if split is not None:
             columns["index/split"] = _as_strings(split, "split", where)
         for name, col in list(columns.items()):
@@ -175,22 +201,24 @@ class StoreWriter:
                 values = np.asarray(labels[task], dtype=np.float32)
             want = (n, width) if width else (n,)
             if values.shape != want:
-                raise StoreError(f"{where}: labels/{task} has shape {values.shape}, expected {want} "
-                                 f"for a {spec['kind']} task")
+                raise StoreError(
+                    f"{where}: labels/{task} has shape {values.shape}, expected {want} for a {spec['kind']} task"
+                )
             columns[f"labels/{task}"] = values
         modalities = self.pending["modalities"]
         for array_name, col in arrays.items():
             modality = array_name.split("/")[0]
             if "/" not in array_name or modality not in modalities:
-                raise StoreError(f"{where}: array '{array_name}' must be named '<modality>/<array>' with a "
-                                 f"declared modality ({sorted(modalities)})")
+                raise StoreError(
+                    f"{where}: array '{array_name}' must be named '<modality>/<array>' with a "
+                    f"declared modality ({sorted(modalities)})"
+                )
             if not isinstance(col, Ragged):
                 col = np.asarray(col)
                 if col.dtype == object:
                     raise StoreError(f"{where}: array '{array_name}' has no numeric or string dtype")
             if len(col) != n:
-                raise StoreError(f"{where}: array '{array_name}' has {len(col)} rows but the batch has "
-                                 f"{n} samples")
+                raise StoreError(f"{where}: array '{array_name}' has {len(col)} rows but the batch has {n} samples")
             columns[array_name] = col
         for modality in modalities:
             present = f"{modality}/present"
@@ -214,12 +242,15 @@ class StoreWriter:
 
         def shape_of(lay: dict) -> dict:
             return {k: (v["ragged"], v["dtype"], tuple(v["shape"])) for k, v in lay.items()}
+
         for (key, _), other in zip(parts, layouts):
             if shape_of(other) != shape_of(layout):
                 mine, first = shape_of(other), shape_of(layout)
                 diff = sorted(k for k in set(mine) | set(first) if mine.get(k) != first.get(k))
-                raise StoreError(f"{self.url}: batch {key} has arrays that differ from batch {parts[0][0]} "
-                                 f"in name, dtype or shape: {diff}")
+                raise StoreError(
+                    f"{self.url}: batch {key} has arrays that differ from batch {parts[0][0]} "
+                    f"in name, dtype or shape: {diff}"
+                )
 
         def gather(name: str) -> Column:
             cols = []
@@ -243,8 +274,11 @@ class StoreWriter:
         perm = np.random.default_rng(self.seed).permutation(n)
 
         # size chunks by the mean bytes per sample over all parts
-        bytes_per_row = sum(np.mean([lay[name]["bytes_per_sample"] for lay in layouts])
-                            for name in layout if not name.startswith("index/"))
+        bytes_per_row = sum(
+            np.mean([lay[name]["bytes_per_sample"] for lay in layouts])
+            for name in layout
+            if not name.startswith("index/")
+        )
         rows = _chunk_rows(bytes_per_row, n, self.chunk_bytes, self.min_chunks)
 
         root = self.root
@@ -259,8 +293,9 @@ class StoreWriter:
                 continue
             total_bytes = sum(lay[name]["bytes_per_sample"] for lay in layouts) * n / len(layouts)
             if info["ragged"] and total_bytes > self.memory_bytes:
-                _write_ragged_streaming(root, name, [g for _, g in parts], perm, self.chunk_bytes, rows,
-                                        self.codecs.get(name, self.codec))
+                _write_ragged_streaming(
+                    root, name, [g for _, g in parts], perm, self.chunk_bytes, rows, self.codecs.get(name, self.codec)
+                )
                 arrays[name] = {"ragged": True, "dtype": info["dtype"], "shape": info["shape"]}
                 continue
             col = take_rows(gather(name), perm)
@@ -277,13 +312,20 @@ class StoreWriter:
         # complete store always has its checksums; the parts go last (a leftover is ignored by readers)
         integrity.write_manifest(self.url, self.storage_options)
         pending = self.pending
-        root.attrs.put({
-            "biofm_store": FORMAT_VERSION, "source": pending["source"],
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "n_samples": int(n), "rows_per_chunk": int(rows), "seed": pending["seed"],
-            "modalities": pending["modalities"], "tasks": pending["tasks"], "arrays": arrays,
-            "complete": True,
-        })
+        root.attrs.put(
+            {
+                "biofm_store": FORMAT_VERSION,
+                "source": pending["source"],
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "n_samples": int(n),
+                "rows_per_chunk": int(rows),
+                "seed": pending["seed"],
+                "modalities": pending["modalities"],
+                "tasks": pending["tasks"],
+                "arrays": arrays,
+                "complete": True,
+            }
+        )
         del root["_parts"]
         store = Store(self.url, storage_options=self.storage_options)
         self._finalizer()  # the lock goes back once the store is complete
