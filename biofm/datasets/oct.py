@@ -24,6 +24,7 @@ from biofm.modalities.oct.synthetic import synthetic_eye
 from biofm.platform.modality import MODALITIES
 from biofm.platform.store import Store, StoreError, StoreWriter
 from biofm.platform.writing import prepares
+from biofm.tasks.kinds import infer_kind
 
 PROGRESSION = [f"progression_{i + 1}" for i in range(6)]
 
@@ -62,7 +63,7 @@ def npz_labels(paths: list[str | None], keys: list[str]) -> tuple[dict, dict[str
             tasks[key] = {"kind": "multilabel", "classes": [f"{key}_{i + 1}" for i in range(width)]}
             labels[key] = filled
         else:
-            tasks[key] = {"kind": "binary" if binary else "regression"}
+            tasks[key] = {"kind": infer_kind(filled[:, 0])}
             labels[key] = filled[:, 0]
     return tasks, labels
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from biofm.platform.model import BiofmModel
-from biofm.platform.pretext import Encoded
+from biofm.platform.pretext import Encoded, StepEmbeddings
 from biofm.tasks.kinds import TaskKind
 
 
@@ -71,9 +71,9 @@ def pretext_losses(
     model: BiofmModel, pretexts: nn.ModuleDict, inputs: dict, embedded: dict | None = None
 ) -> dict[str, torch.Tensor]:
     """`pretext/<name>` → weighted loss. Masking pretexts share one pass over their corrupted inputs; the
-    others share the clean inputs' encoder passes (`embedded`: those of the supervised pass, and any they
-    add)."""
-    embedded = {} if embedded is None else embedded
+    others share one encoder pass per modality of the clean inputs (`embedded`: the supervised pass's,
+    `out["embedded"]`, reused; the others made once, `StepEmbeddings`)."""
+    embeddings = StepEmbeddings(model, inputs, embedded)
     losses: dict[str, torch.Tensor] = {}
     masking = [(n, p) for n, p in pretexts.items() if p.masking and p.applies(inputs)]
     if masking:
@@ -81,8 +81,8 @@ def pretext_losses(
         for name, pretext in masking:
             corrupted[pretext.modality], states[name] = pretext.corrupt(corrupted[pretext.modality])
         hidden = {pretext.modality for _, pretext in masking}
-        passes = {name: result for name, result in embedded.items() if name not in hidden}  # untouched
-        trunk, mask = model.encode(corrupted, passes)
+        untouched = {name: result for name, result in embeddings.computed.items() if name not in hidden}
+        trunk, mask, passes = model.encode(corrupted, untouched)
         encoded = Encoded(trunk, mask, {name: result[2] for name, result in passes.items()})
         for name, pretext in masking:
             loss = pretext.loss_from(model, encoded, states[name])
@@ -90,7 +90,7 @@ def pretext_losses(
                 losses[f"pretext/{name}"] = pretext.weight * loss
     for name, pretext in pretexts.items():
         if not pretext.masking and pretext.applies(inputs):
-            loss = pretext.loss(model, inputs, embedded)
+            loss = pretext.loss(model, inputs, embeddings)
             if loss is not None:
                 losses[f"pretext/{name}"] = pretext.weight * loss
     return losses
@@ -99,9 +99,10 @@ def pretext_losses(
 def step_losses(model: BiofmModel, pretexts: nn.ModuleDict, batch: dict, pseudo: dict | None = None) -> StepLosses:
     """Supervised losses of the tasks labelled in the batch (on the clean inputs; with `pseudo`, {"tasks",
     "threshold"}, missing labels filled first) and pretext losses, sharing each modality's encoder pass."""
-    result, embedded = StepLosses(), {}
+    result, embedded = StepLosses(), None
     if batch["labels"]:
-        out = model(batch["inputs"], embedded)
+        out = model(batch["inputs"])
+        embedded = out["embedded"]
         labels = batch["labels"]
         if pseudo is not None:
             labels, result.pseudo_labels = pseudo_label(

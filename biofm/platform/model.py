@@ -148,14 +148,17 @@ class BiofmModel(nn.Module):
         latent, valid = self.resample(name, out.tokens, mask, batch["present"])
         return latent, valid, out
 
-    def embed_once(self, name: str, batch: dict[str, torch.Tensor], embedded: dict | None) -> tuple:
-        """`embed` of a modality's clean inputs, computed once per step: kept in `embedded` (when given) for
-        every later user of the same step (the supervised pass, pretext tasks)."""
-        if embedded is None:
-            return self.embed(name, batch)
-        if name not in embedded:
-            embedded[name] = self.embed(name, batch)
-        return embedded[name]
+    def embed_all(
+        self, inputs: dict[str, dict[str, torch.Tensor]], reuse: Mapping[str, tuple] | None = None
+    ) -> dict[str, tuple]:
+        """`embed` of every modality of `inputs` the model knows, taking those already in `reuse` (this step's
+        earlier passes over the same clean inputs) rather than encoding them again."""
+        reuse = reuse or {}
+        return {
+            name: reuse[name] if name in reuse else self.embed(name, batch)
+            for name, batch in inputs.items()
+            if name in self.encoders
+        }
 
     def resample(
         self, name: str, x: torch.Tensor, mask: torch.Tensor, present: torch.Tensor
@@ -175,23 +178,21 @@ class BiofmModel(nn.Module):
         return self.norm(x), mask
 
     def encode(
-        self, inputs: dict[str, dict[str, torch.Tensor]], embedded: dict | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Trunk output [B, 1 + T + K·M, d] and its validity mask, for the modalities in `inputs`; pass a
-        dict as `embedded` to receive (and reuse) each modality's `embed` output (for pretext tasks)."""
-        latents, masks = [], []
-        for name, batch in inputs.items():
-            if name not in self.encoders:
-                continue  # a modality the model was not trained on
-            latent, mask, _ = self.embed_once(name, batch, embedded)
-            latents.append(latent)
-            masks.append(mask)
-        if not latents:
+        self, inputs: dict[str, dict[str, torch.Tensor]], reuse: Mapping[str, tuple] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, tuple]]:
+        """Trunk output [B, 1 + T + K·M, d], its validity mask and each modality's `embed` output, for the
+        modalities in `inputs` (a modality the model was not trained on is left out); embeddings in `reuse`
+        are taken, not computed again (see `embed_all`)."""
+        embedded = self.embed_all(inputs, reuse)
+        if not embedded:
             raise ValueError(f"the batch has none of the model's modalities {sorted(self.encoders)}")
-        return self.trunk_over(latents, masks)
+        x, mask = self.trunk_over([e[0] for e in embedded.values()], [e[1] for e in embedded.values()])
+        return x, mask, embedded
 
-    def forward(self, inputs: dict[str, dict[str, torch.Tensor]], embedded: dict | None = None) -> dict:
-        x, _ = self.encode(inputs, embedded)
+    def forward(self, inputs: dict[str, dict[str, torch.Tensor]]) -> dict:
+        """`cls` [B, d], the task tokens, `logits` per task, and `embedded`: each modality's `embed` output,
+        which pretext tasks of the same step reuse."""
+        x, _, embedded = self.encode(inputs)
         task_tokens = x[:, 1 : 1 + len(self.queries)]
         logits = {t: self.heads[t](task_tokens[:, i]) for i, t in enumerate(self.queries)}
-        return {"cls": x[:, 0], "tasks": task_tokens, "logits": logits}
+        return {"cls": x[:, 0], "tasks": task_tokens, "logits": logits, "embedded": embedded}

@@ -262,9 +262,10 @@ class BiofmModule(LightningModule):
     def _evaluate(self, batch: dict, stage: str) -> None:
         size = len(batch["row"])
         name = self.test_name if stage == "test" else stage
-        embedded: dict = {}
+        embedded = None
         if self.model.kinds:
-            out = self.model(batch["inputs"], embedded)
+            out = self.model(batch["inputs"])
+            embedded = out["embedded"]
             losses = task_losses(self.model.kinds, batch["labels"], out["logits"])
             if losses:
                 self.log(f"{name}/loss", sum(t.loss for t in losses.values()), batch_size=size, sync_dist=True)

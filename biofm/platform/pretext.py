@@ -41,6 +41,20 @@ class Encoded:
     tokens: dict[str, Tokens]
 
 
+class StepEmbeddings:
+    """Each modality's `model.embed` of one step's clean inputs, computed at most once: those of the supervised
+    pass are given (`known`), the others made on first use; `computed` holds every one made so far."""
+
+    def __init__(self, model: BiofmModel, inputs: dict[str, dict[str, torch.Tensor]], known: dict | None = None):
+        self.model, self.inputs = model, inputs
+        self.computed: dict[str, tuple] = dict(known or {})
+
+    def __call__(self, name: str) -> tuple:
+        if name not in self.computed:
+            self.computed[name] = self.model.embed(name, self.inputs[name])
+        return self.computed[name]
+
+
 class Pretext(nn.Module):
     """A self-supervised task. `weight` scales its loss before balancing."""
 
@@ -68,10 +82,10 @@ class Pretext(nn.Module):
 
     # other pretexts
     def loss(
-        self, model: BiofmModel, inputs: dict[str, dict[str, torch.Tensor]], embedded: dict
+        self, model: BiofmModel, inputs: dict[str, dict[str, torch.Tensor]], embeddings: StepEmbeddings
     ) -> torch.Tensor | None:
-        """The loss on the clean `inputs`; `embedded` holds each modality's `model.embed` of them computed
-        so far this step (the supervised pass's): take them with `model.embed_once`."""
+        """The loss on the clean `inputs`; `embeddings(name)` gives a modality's `model.embed` of them, made
+        once per step (the supervised pass's when there was one)."""
         raise NotImplementedError
 
 
@@ -127,11 +141,11 @@ class CrossModal(Pretext):
     def applies(self, inputs):
         return sum(bool(b["present"].any()) for b in inputs.values()) >= 2
 
-    def loss(self, model, inputs, embedded):
+    def loss(self, model, inputs, embeddings):
         names = [n for n, b in inputs.items() if n in model.encoders and bool(b["present"].any())]
         z, present = {}, {}
         for name in names:
-            latent, valid, _ = model.embed_once(name, inputs[name], embedded)
+            latent, valid, _ = embeddings(name)
             x, _ = model.trunk_over([latent], [valid])
             z[name] = F.normalize(self.project(x[:, 0]), dim=-1)
             present[name] = inputs[name]["present"].to(torch.bool)
@@ -179,7 +193,7 @@ class TwoView(Pretext):
         x, _ = model.trunk_over([latent], [valid])
         return F.normalize(self.project(x[:, 0]), dim=-1)
 
-    def loss(self, model, inputs, embedded):
+    def loss(self, model, inputs, embeddings):
         losses = []
         for name in self._names(inputs):
             batch = inputs[name]
@@ -188,7 +202,7 @@ class TwoView(Pretext):
             if views is not None:
                 z = [self._cls(model, *model.embed(name, view)[:2]) for view in views]
             else:  # the clean encoder pass, two random token subsets
-                tokens = model.embed_once(name, inputs[name], embedded)[2]
+                tokens = embeddings(name)[2]
                 x, mask = tokens.tokens, tokens.mask
                 z = []
                 for _ in range(2):

@@ -278,6 +278,14 @@ def task_kind(task: str, spec: dict) -> TaskKind:
     return TASK_KINDS.resolve(spec["kind"])(task, spec)
 
 
+def infer_kind(values: np.ndarray) -> str:
+    """The kind a numeric label column reads as when none is named: 0/1 values (NaN = missing) binary,
+    other numbers regression. (A column of text reads as multiclass over its values.)"""
+    values = np.asarray(values, dtype=np.float64)
+    present = values[~np.isnan(values)]
+    return "binary" if len(present) and set(np.unique(present)) <= {0.0, 1.0} else "regression"
+
+
 def check_spec(task: str, spec: dict) -> dict:
     """`spec` checked and normalised by its kind; SpecError naming the task when the kind is unknown."""
     kind = spec.get("kind")
