@@ -134,3 +134,24 @@ def test_a_regression_task_with_one_labelled_sample_scores_nan_instead_of_failin
     results = metrics.compute()
     assert np.isnan(results["area/r2"]) and np.isfinite(results["area/rmse"])
     assert results["macro/score"] == results["flag/auroc"]  # the undefined R² is left out of the macro
+
+
+def test_each_kind_reads_a_label_column_and_names_the_row_that_cannot_be_one():
+    import pandas as pd
+
+    from biofm.tasks.kinds import TASK_KINDS, infer_kind
+
+    cells = pd.Series(["1", "0", None, "1"])
+    spec, values = TASK_KINDS.resolve("binary").from_column("flag", cells)
+    assert spec == {"kind": "binary"} and values[[0, 1, 3]].tolist() == [1.0, 0.0, 1.0] and np.isnan(values[2])
+    with pytest.raises(LabelError, match=r"row 3: label 'flag' is binary but holds 'yes'"):
+        TASK_KINDS.resolve("binary").from_column("flag", pd.Series(["1", "0", "yes"]))
+    with pytest.raises(LabelError, match="do not fit a binary head"):
+        TASK_KINDS.resolve("binary").from_column("flag", pd.Series(["1", "2"]))
+    spec, values = TASK_KINDS.resolve("multiclass").from_column("site", pd.Series(["skin", "breast", None, "skin"]))
+    assert spec["classes"] == ["breast", "skin"] and values[[0, 1, 3]].tolist() == [1.0, 0.0, 1.0]
+    with pytest.raises(LabelError, match="1 distinct values"):
+        TASK_KINDS.resolve("ordinal").from_column("grade", pd.Series(["G1", "G1"]))
+    with pytest.raises(LabelError, match="a 0/1 column per class"):
+        TASK_KINDS.resolve("multilabel").from_column("findings", pd.Series(["1"]))
+    assert infer_kind(np.array([0.0, 1.0, np.nan])) == "binary" and infer_kind(np.array([0.0, 2.5])) == "regression"

@@ -8,9 +8,8 @@ import pandas as pd
 
 from biofm.platform.errors import StoreError
 from biofm.platform.tables import missing_as_nan, read_table
-from biofm.tasks.kinds import infer_kind
-
-MAX_CLASSES = 50
+from biofm.registry import RegistryError
+from biofm.tasks.kinds import TASK_KINDS, LabelError, infer_kind
 
 
 def read_manifest(path: str, path_column: str = "slide_path", encoding: str = "utf-8") -> pd.DataFrame:
@@ -49,29 +48,13 @@ def label_tasks(
         kind = (kinds or {}).get(column) or (
             infer_kind(numbers.to_numpy(dtype=np.float64)) if numeric else "multiclass"
         )
-        if kind in ("binary", "regression"):
-            if not numeric:
-                bad = int(np.flatnonzero(numbers.isna().to_numpy() & raw.notna().to_numpy())[0])
-                raise StoreError(
-                    f"{where}: row {bad + 1}: label '{column}' is {kind} but holds {str(raw.iloc[bad])[:40]!r}"
-                )
-            values = numbers.to_numpy(dtype=np.float32)
-            if kind == "binary" and not set(np.unique(values[~np.isnan(values)])) <= {0.0, 1.0}:
-                raise StoreError(f"{where}: label '{column}' is binary but holds values other than 0 and 1")
-            tasks[column] = {"kind": kind}
-        elif kind in ("multiclass", "ordinal"):
-            classes = sorted(raw.dropna().astype(str).unique())
-            if len(classes) < 2 or len(classes) > MAX_CLASSES:
-                raise StoreError(
-                    f"{where}: label '{column}' has {len(classes)} distinct values; a {kind} task "
-                    f"needs 2–{MAX_CLASSES} (name its kind with --task-types)"
-                )
-            lookup = {c: i for i, c in enumerate(classes)}
-            values = np.array([lookup[str(v)] if pd.notna(v) else np.nan for v in raw], dtype=np.float32)
-            tasks[column] = {"kind": kind, "classes": classes}
-        else:
+        try:
+            tasks[column], values = TASK_KINDS.resolve(kind).from_column(column, raw)
+        except RegistryError:
             raise StoreError(
-                f"{where}: label '{column}': labels are binary, multiclass, ordinal or regression, got {kind!r}"
-            )
+                f"{where}: label '{column}': labels are {', '.join(TASK_KINDS.names())}, got {kind!r}"
+            ) from None
+        except LabelError as err:
+            raise StoreError(f"{where}: {err} (or name the column's kind with --task-types)") from None
         labels[column] = values
     return tasks, labels

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -52,6 +53,20 @@ class TaskKind:
             spec["classes"] = [str(c) for c in classes]
             spec["n_classes"] = len(classes)
         return spec
+
+    @classmethod
+    def from_column(cls, task: str, cells: pd.Series) -> tuple[dict, np.ndarray]:
+        """The spec and float32 labels (NaN = missing) of a label table's column (`cells`: missing spellings
+        already NaN); LabelError naming the row when a cell cannot be a label of this kind. Default: numbers."""
+        numbers = pd.to_numeric(cells, errors="coerce")
+        bad = np.flatnonzero(numbers.isna().to_numpy() & cells.notna().to_numpy())
+        if len(bad):
+            raise LabelError(
+                f"row {bad[0] + 1}: label '{task}' is {cls.name} but holds {str(cells.iloc[bad[0]])[:40]!r}"
+            )
+        values = numbers.to_numpy(dtype=np.float32)
+        cls(task, {"kind": cls.name}).check_labels(values, f"label '{task}'")
+        return {"kind": cls.name}, values
 
     @classmethod
     def label_width(cls, spec: dict) -> int:
@@ -99,6 +114,26 @@ class TaskKind:
 
     def _bad(self, where: str, what: str) -> LabelError:
         return LabelError(f"{where}: labels of task '{self.task}' do not fit a {self.name} head: {what}")
+
+
+MAX_CLASSES = 50  # distinct values a label column read as classes may have
+
+
+class _Classes(TaskKind):
+    """Labels that are class names: a table column is read as classes over its sorted distinct values."""
+
+    needs_classes = True
+
+    @classmethod
+    def from_column(cls, task, cells):
+        classes = sorted(cells.dropna().astype(str).unique())
+        if len(classes) < 2 or len(classes) > MAX_CLASSES:
+            raise LabelError(
+                f"label '{task}' has {len(classes)} distinct values; a {cls.name} task needs 2–{MAX_CLASSES}"
+            )
+        lookup = {c: i for i, c in enumerate(classes)}
+        values = np.array([lookup[str(v)] if pd.notna(v) else np.nan for v in cells], dtype=np.float32)
+        return {"kind": cls.name, "classes": classes}, values
 
 
 class _SingleLabel(TaskKind):
@@ -154,9 +189,7 @@ class Binary(_SingleLabel):
 
 
 @TASK_KINDS.register("multiclass")
-class Multiclass(_SingleLabel):
-    needs_classes = True
-
+class Multiclass(_SingleLabel, _Classes):
     @property
     def out_dim(self):
         return len(self.classes)
@@ -177,6 +210,10 @@ class Multiclass(_SingleLabel):
 @TASK_KINDS.register("multilabel")
 class Multilabel(TaskKind):
     needs_classes = multilabel = can_pseudo_label = True
+
+    @classmethod
+    def from_column(cls, task, cells):
+        raise LabelError(f"label '{task}': a multilabel task takes a 0/1 column per class, not one column")
 
     @property
     def out_dim(self):
@@ -243,10 +280,8 @@ class Regression(TaskKind):
 
 
 @TASK_KINDS.register("ordinal")
-class Ordinal(TaskKind):
+class Ordinal(_Classes):
     """Cumulative logits: output k is P(y > k); the predicted level counts outputs above 1/2."""
-
-    needs_classes = True
 
     @property
     def out_dim(self):
