@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from biofm.commands import COMMANDS, EXPORTERS, PREPARERS, load_plugins
+from biofm.platform.cohort import add_cohort_arguments, cohort_options, print_summary
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -32,19 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     _subcommands(commands.add_parser("export", help="write predictions in another format"), EXPORTERS, "format")
     _add_commands(commands, COMMANDS)
     cohort = commands.add_parser("predict-cohort", help="predict a manifest of raw inputs with a checkpoint")
-    cohort.add_argument("--checkpoint", required=True, help="a .ckpt file or a run directory holding one")
-    cohort.add_argument(
-        "--manifest",
-        required=True,
-        help="CSV or parquet: sample_id and a column per input (the column each modality reads, case columns)",
+    add_cohort_arguments(
+        cohort,
+        "CSV or parquet: sample_id and a column per input (the column each modality reads, case columns)",
+        "predictions.parquet",
     )
-    cohort.add_argument("--out", required=True, help="folder for shards, predictions.parquet, errors.csv, summary.json")
-    cohort.add_argument("--batch-size", type=int, default=256)
-    cohort.add_argument("--num-workers", type=int, default=0, help="loader processes that featurise")
-    cohort.add_argument("--devices", type=int, default=1, help="processes (GPUs, or CPU processes with gloo)")
-    cohort.add_argument("--num-nodes", type=int, default=1)
-    cohort.add_argument("--accelerator", default="auto")
-    cohort.add_argument("--encoding", default="utf-8", help="character encoding of a CSV manifest (default utf-8)")
     cohort.set_defaults(run=_predict_cohort)
     info = commands.add_parser("info", help="describe a store")
     info.add_argument("store")
@@ -83,23 +76,7 @@ def _verify(args: argparse.Namespace) -> None:
 def _predict_cohort(args: argparse.Namespace) -> None:
     from biofm.platform.cohort import predict_cohort
 
-    summary = predict_cohort(
-        args.checkpoint,
-        args.manifest,
-        args.out,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        devices=args.devices,
-        num_nodes=args.num_nodes,
-        accelerator=args.accelerator,
-        encoding=args.encoding,
-    )
-    if summary:
-        print(
-            f"{summary['predicted']} of {summary['samples']} samples predicted, {summary['errors']} errors "
-            f"(listed in {args.out}/errors.csv); {summary['samples_per_s']} samples/s; "
-            f"predictions in {args.out}/predictions.parquet"
-        )
+    print_summary(predict_cohort(args.checkpoint, args.manifest, args.out, **cohort_options(args)), args.out)
 
 
 def main(argv: list[str] | None = None) -> None:

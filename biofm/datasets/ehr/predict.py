@@ -14,6 +14,7 @@ import polars as pl
 from biofm.commands import command, exporter
 from biofm.datasets.ehr.meds import meds_sequences
 from biofm.platform import tables
+from biofm.platform.cohort import add_cohort_arguments, cohort_options, print_summary
 from biofm.platform.store import Store, StoreError
 
 
@@ -134,43 +135,21 @@ def _run_export(args: argparse.Namespace) -> None:
 
 
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="a .ckpt file or a run directory holding one")
-    p.add_argument(
-        "--manifest",
-        required=True,
-        help="prediction times: subject_id, prediction_time (a MEDS label file, parquet or CSV)",
+    add_cohort_arguments(
+        p,
+        "prediction times: subject_id, prediction_time (a MEDS label file, parquet or CSV)",
+        "predictions.parquet, predictions_meds.parquet",
     )
     p.add_argument("--meds", required=True, help="MEDS folder or parquet file of the subjects' events")
     p.add_argument("--codes", default=None, help="codes.parquet, when --meds is not a MEDS folder")
-    p.add_argument(
-        "--out",
-        required=True,
-        help="folder for shards, predictions.parquet, predictions_meds.parquet, errors.csv, summary.json",
-    )
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--num-workers", type=int, default=0, help="loader processes that featurise")
-    p.add_argument("--devices", type=int, default=1, help="processes (GPUs, or CPU processes with gloo)")
-    p.add_argument("--accelerator", default="auto")
-    p.add_argument("--encoding", default="utf-8", help="text encoding of a CSV manifest (default utf-8)")
 
 
 @command("predict-meds", _predict_arguments)
 def _run_predict(args: argparse.Namespace) -> None:
     """predict a MEDS cohort at its prediction times, also in the MEDS prediction format"""
+    options = cohort_options(args)
+    encoding = options.pop("encoding")
     summary = predict_meds_cohort(
-        args.checkpoint,
-        args.manifest,
-        args.meds,
-        args.out,
-        codes=args.codes,
-        encoding=args.encoding,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        devices=args.devices,
-        accelerator=args.accelerator,
+        args.checkpoint, args.manifest, args.meds, args.out, codes=args.codes, encoding=encoding, **options
     )
-    if summary:
-        print(
-            f"{summary['predicted']} of {summary['samples']} samples predicted, {summary['errors']} errors "
-            f"(listed in {args.out}/errors.csv); predictions in {args.out}/predictions_meds.parquet"
-        )
+    print_summary(summary, args.out, "predictions_meds.parquet")
