@@ -8,7 +8,8 @@ training split for the same number of epochs, one thread set as torch has it:
 - `fit`: `Trainer.fit` on `BiofmModule` + `BiofmDataModule` as `biofm fit` runs it (no validation, no
   checkpoints, no logger, no progress bar), timed from the first to the last training batch;
 - `bare`: the training batches collated once beforehand and kept in memory, then per step the model's
-  forward, the masked task losses, backward and AdamW — no Lightning, no loader, no logging.
+  forward, the masked task losses, backward and AdamW (the same kernel as fit's) — no Lightning, no loader,
+  no logging.
 Prints training molecules/s of each and their ratio; last line JSON.
 """
 
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from biofm.datasets.molecules import prepare_molecules  # noqa: E402
 from biofm.platform.lightning import BiofmDataModule, BiofmModule  # noqa: E402
 from biofm.platform.losses import task_losses  # noqa: E402
+from biofm.platform.optim import adamw_kernel  # noqa: E402
 from biofm.testing import SHARED_DATA  # noqa: E402
 
 MODEL = {
@@ -88,7 +90,8 @@ def bare_arm(url: str, epochs: int, batch_size: int, seed: int) -> dict:
     data = BiofmDataModule([url], batch_size=batch_size, seed=seed)
     batches = list(data.train_dataloader())  # collated once: the loop below does the model's work only
     model = BiofmModule(data.schema, **MODEL).model.train()
-    optimiser = torch.optim.AdamW(model.parameters(), lr=MODEL["lr"], weight_decay=0.0)
+    groups = [{"params": list(model.parameters())}]
+    optimiser = torch.optim.AdamW(groups, lr=MODEL["lr"], weight_decay=0.0, **adamw_kernel(groups))  # as fit's
     samples, start = 0, time.perf_counter()
     for _ in range(epochs):
         for batch in batches:

@@ -200,3 +200,43 @@ def test_the_fsdp_trainer_config_resolves_to_block_wise_sharding(tmp_path):
     strategy = BiofmFSDP(activation_checkpointing=True)
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}
     assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {Block}
+
+
+def test_the_requeue_signal_is_handled_between_batches_where_weights_and_loader_agree(cohort_store, tmp_path):
+    """SIGUSR1 that lands after a step's optimizer update but before the loader has counted the batch (here:
+    sent from a callback's batch end, as the SIGUSR1 test's row log runs before `ConfirmTrained`) reaches the
+    requeue handler only at the next batch's start, where the step count and the loader's saved position
+    agree; handled where it landed, the checkpoint would hold the update but not the batch's place, and the
+    requeued job would train that batch twice."""
+    from lightning.pytorch import Callback, Trainer
+
+    from biofm.platform.lightning import BiofmDataModule, BiofmModule
+
+    seen = []
+
+    def handler(signum, frame):  # stands for Lightning's SLURM handler, which saves the checkpoint
+        seen.append((trainer.global_step, trainer.train_dataloader.state_dict()["step"]))
+
+    class SignalAfterUpdate(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:  # the third update is applied
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        data = BiofmDataModule([cohort_store.url], batch_size=16)
+        module = BiofmModule(data.schema, d_model=16, depth=1, heads=2, latents=2)
+        trainer = Trainer(
+            max_steps=5,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            default_root_dir=tmp_path,
+            callbacks=[SignalAfterUpdate()],
+        )
+        trainer.fit(module, datamodule=data)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert seen == [(3, 3)]  # three updates and three batches counted by the loader: they agree

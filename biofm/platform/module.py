@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import warnings
 from collections import defaultdict
 
@@ -14,7 +15,7 @@ from biofm.platform.checkpoint import load_pretrained
 from biofm.platform.errors import ConfigError
 from biofm.platform.losses import StepLosses, pretext_losses, step_losses, task_losses
 from biofm.platform.model import TrunkConfig
-from biofm.platform.optim import decayed, parameter_groups, warmup_cosine
+from biofm.platform.optim import adamw_kernel, decayed, parameter_groups, warmup_cosine
 from biofm.platform.pretext import make_pretexts
 from biofm.platform.schema import task_applies
 from biofm.platform.settings import check_settings
@@ -184,7 +185,7 @@ class BiofmModule(LightningModule):
         return step_losses(self.model, self.pretexts, batch, self._pseudo_options())
 
     def configure_callbacks(self) -> list[Callback]:
-        return [ConfirmTrained()]
+        return [ConfirmTrained(), RequeueBetweenBatches()]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         step = self._losses(batch)
@@ -342,8 +343,9 @@ class BiofmModule(LightningModule):
         )
 
     def configure_optimizers(self):
+        groups = self._parameter_groups()
         optimiser = torch.optim.AdamW(
-            self._parameter_groups(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+            groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, **adamw_kernel(groups)
         )
         if self.hparams.schedule == "constant":
             return optimiser
@@ -360,11 +362,49 @@ def _flat(grads: tuple, params: list[torch.nn.Parameter]) -> torch.Tensor:
 
 class ConfirmTrained(Callback):
     """Tells the training loader that a batch has been trained once Lightning counts it as processed, so
-    the loader position saved in a checkpoint matches Lightning's own: a checkpoint saved inside a step (a
-    SIGUSR1 handler's) trains that batch again on resume, one saved at a step's end (ModelCheckpoint, which
-    Lightning runs after the other callbacks) does not."""
+    the loader position saved in a checkpoint matches Lightning's own: a checkpoint saved at a step's end
+    (ModelCheckpoint, which Lightning runs after the other callbacks; the SLURM requeue checkpoint, which
+    `RequeueBetweenBatches` defers to the next batch's start) resumes at the next batch."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loader = trainer.train_dataloader
         if hasattr(loader, "mark_trained"):
             loader.mark_trained()
+
+
+class RequeueBetweenBatches(Callback):
+    """Lightning saves the SLURM requeue checkpoint inside its SIGUSR1 handler, wherever the signal lands:
+    between a batch's optimizer step and the loader's record of it (`ConfirmTrained`), the checkpoint holds the
+    batch's update but not its place, and the requeued job trains that batch again. This holds the signal and
+    runs Lightning's handler at the start of the next training batch (or at the end of training), where the
+    weights, the step count and the loader position agree. Without a handler (no SLURM) it does nothing."""
+
+    def __init__(self):
+        self._handler = None
+        self._pending: tuple | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not hasattr(signal, "SIGUSR1"):  # not a POSIX system: no SLURM signal
+            return
+        handler = signal.getsignal(signal.SIGUSR1)
+        if callable(handler) and handler not in (signal.SIG_DFL, signal.SIG_IGN):
+            self._handler = handler
+            signal.signal(signal.SIGUSR1, self._hold)
+
+    def _hold(self, signum, frame) -> None:
+        self._pending = (signum, frame)
+
+    def _release(self) -> None:
+        if self._pending is not None and self._handler is not None:
+            signum, frame = self._pending
+            self._pending = None
+            self._handler(signum, frame)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._release()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._release()
+        if self._handler is not None:
+            signal.signal(signal.SIGUSR1, self._handler)
+            self._handler = None
