@@ -3,7 +3,7 @@ logging and balancing cost per training step (issue #20, item 3).
 
     python benchmarks/fit_overhead.py [--input ../shared/data/mol/esol.csv] [--label-columns logp] [--epochs 5]
 
-Both arms train the same `BiofmModel` (the settings of benchmarks/molecules.py) on the same store's
+Both arms train the same `BiofmModel` (configs/model/molecule.yaml) on the same store's
 training split for the same number of epochs, one thread set as torch has it:
 - `fit`: `Trainer.fit` on `BiofmModule` + `BiofmDataModule` as `biofm fit` runs it (no validation, no
   checkpoints, no logger, no progress bar), timed from the first to the last training batch;
@@ -30,17 +30,10 @@ from biofm.datasets.molecules import prepare_molecules  # noqa: E402
 from biofm.platform.lightning import BiofmDataModule, BiofmModule  # noqa: E402
 from biofm.platform.losses import task_losses  # noqa: E402
 from biofm.platform.optim import adamw_kernel  # noqa: E402
+from biofm.recipes.config import read_config  # noqa: E402
 from biofm.testing import SHARED_DATA  # noqa: E402
 
-MODEL = {
-    "d_model": 128,
-    "depth": 2,
-    "latents": 8,
-    "dropout": 0.0,
-    "lr": 1e-3,
-    "weight_decay": 0.0,
-    "encoders": {"molecule": {"layers": 4, "dropout": 0.0}},
-}
+MODEL = read_config("model/molecule.yaml")  # the molecule model of `biofm fit -c configs/molecules/…`
 
 
 class TrainClock:
