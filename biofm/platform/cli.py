@@ -6,8 +6,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from biofm.commands import COMMANDS, EXPORTERS, PREPARERS, load_plugins
-from biofm.platform.cohort import add_cohort_arguments, cohort_options, print_summary
+from biofm.commands import (
+    COMMANDS,
+    EXPORTERS,
+    PREPARERS,
+    add_cohort_arguments,
+    cohort_options,
+    load_plugins,
+    print_summary,
+)
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 

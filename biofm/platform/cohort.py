@@ -303,30 +303,3 @@ def merge(
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def add_cohort_arguments(parser, manifest_help: str, out_files: str) -> None:
-    """The options of a cohort prediction command (`biofm predict-cohort` and those built on it)."""
-    parser.add_argument("--checkpoint", required=True, help="a .ckpt file or a run directory holding one")
-    parser.add_argument("--manifest", required=True, help=manifest_help)
-    parser.add_argument("--out", required=True, help=f"folder for shards, {out_files}, errors.csv, summary.json")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--num-workers", type=int, default=0, help="loader processes that featurise")
-    parser.add_argument("--devices", type=int, default=1, help="processes (GPUs, or CPU processes with gloo)")
-    parser.add_argument("--num-nodes", type=int, default=1)
-    parser.add_argument("--accelerator", default="auto")
-    parser.add_argument("--encoding", default="utf-8", help="character encoding of a CSV manifest (default utf-8)")
-
-
-def cohort_options(args) -> dict:
-    """`add_cohort_arguments`' values as `predict_cohort`'s keyword options."""
-    names = ("batch_size", "num_workers", "devices", "num_nodes", "accelerator", "encoding")
-    return {name: getattr(args, name) for name in names}
-
-
-def print_summary(summary: dict, out: str, predictions: str = "predictions.parquet") -> None:
-    if summary:
-        print(
-            f"{summary['predicted']} of {summary['samples']} samples predicted, {summary['errors']} errors "
-            f"(listed in {out}/errors.csv); {summary['samples_per_s']} samples/s; predictions in {out}/{predictions}"
-        )

@@ -11,10 +11,9 @@ from pathlib import Path
 import pandas as pd
 import polars as pl
 
-from biofm.commands import command, exporter
+from biofm.commands import add_cohort_arguments, cohort_options, command, exporter, print_summary
 from biofm.datasets.ehr.meds import meds_sequences
 from biofm.platform import tables
-from biofm.platform.cohort import add_cohort_arguments, cohort_options, print_summary
 from biofm.platform.store import Store, StoreError
 
 
