@@ -18,6 +18,7 @@ def test_each_strategy_trains_a_few_steps_with_finite_losses(cohort_store, tmp_p
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
     trainer = Trainer(
         max_steps=6,
+        log_every_n_steps=1,  # per-task curves are logged on the logger's steps only
         limit_val_batches=0,
         logger=False,
         enable_progress_bar=False,

@@ -470,3 +470,13 @@ def test_a_step_encodes_each_modality_once_for_the_supervised_and_contrastive_lo
     assert {"event", "pretext/cross_modal", "pretext/two_view"} <= set(losses)
     # the supervised pass's encoder outputs serve cross-modal contrast and the token-subset views
     assert calls == {"tabular": 1, "text": 1}, calls
+
+
+def test_mask_fraction_hides_at_least_one_valid_entry_even_when_the_draw_hides_none():
+    from biofm.platform.pretext import mask_fraction
+
+    valid = torch.tensor([[False, True, False], [False, False, True]])
+    for _ in range(20):
+        chosen = mask_fraction(valid, 0.0)  # the random draw hides nothing: one valid entry is still chosen
+        assert int(chosen.sum()) == 1 and bool((chosen & ~valid).sum() == 0)
+    assert not mask_fraction(torch.zeros(2, 3, dtype=torch.bool), 0.5).any()

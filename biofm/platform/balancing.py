@@ -31,7 +31,7 @@ class Balancer(nn.Module):
             raise TypeError(f"balancing '{self.name}' takes no options {sorted(options)}")
         self.tasks = list(tasks)
 
-    def combine(self, losses: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def combine(self, losses: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         total = sum(losses.values())
         return total, {t: 1.0 for t in losses}
 
@@ -59,7 +59,7 @@ class Uncertainty(Balancer):
 
     def combine(self, losses):
         total = sum(torch.exp(-self.log_vars[t]) * loss + self.log_vars[t] for t, loss in losses.items())
-        return total, {t: float(torch.exp(-self.log_vars[t].detach())) for t in losses}
+        return total, {t: torch.exp(-self.log_vars[t].detach()) for t in losses}  # no device sync per task
 
     def optimised_parameters(self):
         return list(self.log_vars.values())

@@ -20,7 +20,7 @@ class TaskLoss:
 
     loss: torch.Tensor
     labelled: int
-    weight: float = 1.0
+    weight: float | torch.Tensor = 1.0  # a 0-d tensor where the balancer learns it (no device sync)
 
 
 @dataclass

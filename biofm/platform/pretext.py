@@ -114,7 +114,7 @@ def mask_fraction(valid: torch.Tensor, ratio: float) -> torch.Tensor:
     """A random `ratio` of the True entries of `valid` (at least one where any is valid)."""
     chosen = (torch.rand(valid.shape, device=valid.device) < ratio) & valid
     if valid.any() and not chosen.any():
-        flat = torch.flatnonzero(valid.reshape(-1))
+        flat = valid.reshape(-1).nonzero().squeeze(1)
         chosen.view(-1)[flat[torch.randint(len(flat), (1,), device=valid.device)]] = True
     return chosen
 
@@ -146,7 +146,7 @@ class CrossModal(Pretext):
         z, present = {}, {}
         for name in names:
             latent, valid, _ = embeddings(name)
-            x, _ = model.trunk_over([latent], [valid])
+            x, _ = model.trunk_over([latent], [valid], read=1)
             z[name] = F.normalize(self.project(x[:, 0]), dim=-1)
             present[name] = inputs[name]["present"].to(torch.bool)
         losses = []
@@ -190,7 +190,7 @@ class TwoView(Pretext):
         return bool(self._names(inputs))
 
     def _cls(self, model, latent, valid):
-        x, _ = model.trunk_over([latent], [valid])
+        x, _ = model.trunk_over([latent], [valid], read=1)
         return F.normalize(self.project(x[:, 0]), dim=-1)
 
     def loss(self, model, inputs, embeddings):

@@ -3,12 +3,43 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from biofm.modalities.molecule.featurise import (
     ATOM_CARDINALITIES,
     BOND_CARDINALITIES,
 )
+
+
+def _gine_conv(d_model: int):
+    """PyG's GINEConv whose `message` takes the bond features already through the conv's own `lin`:
+    `MoleculeEncoder.forward` projects the bond embedding tables instead of every bond (a bond's features are
+    a sum of table rows, so `lin` of it is the sum of projected rows + bias) — a gather from [Σ sizes, d]
+    tables in place of an [E, d] × [d, d] matmul per layer and its backward, with the same values and
+    parameters. Built lazily, like every torch-geometric import here."""
+    from torch_geometric.nn import GINEConv
+
+    class ProjectedBondGINEConv(GINEConv):
+        def message(self, x_j: torch.Tensor, edge_attr: torch.Tensor) -> torch.Tensor:
+            return (x_j + edge_attr).relu()
+
+    return ProjectedBondGINEConv(
+        nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.ReLU(), nn.Linear(2 * d_model, d_model)),
+        train_eps=True,
+        edge_dim=d_model,
+    )
+
+
+def _offsets(cardinalities: list[int]) -> torch.Tensor:
+    """Where each column's rows start in the concatenation of its embedding tables."""
+    return torch.tensor([0, *cardinalities[:-1]]).cumsum(0)
+
+
+def _multi_hot(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """[N, columns] rows of a concatenated table → [N, len(table)] with a 1 at each (columns' rows are
+    disjoint), so that `_multi_hot(rows, table) @ table` is Σ over columns of each column's row."""
+    return table.new_zeros(len(rows), len(table)).scatter_(1, rows, 1.0)
 
 
 class MoleculeEncoder(nn.Module):
@@ -27,22 +58,13 @@ class MoleculeEncoder(nn.Module):
         heads: int = 4,
     ):
         super().__init__()
-        from torch_geometric.nn import GINEConv
-
         self.atom_embeddings = nn.ModuleList([nn.Embedding(n, d_model) for n in ATOM_CARDINALITIES])
         self.bond_embeddings = nn.ModuleList([nn.Embedding(n, d_model) for n in BOND_CARDINALITIES])
         self.mass = nn.Linear(1, d_model)
         self.positional = nn.Linear(pe_dim, d_model) if pe_dim else None
-        self.convs = nn.ModuleList(
-            [
-                GINEConv(
-                    nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.ReLU(), nn.Linear(2 * d_model, d_model)),
-                    train_eps=True,
-                    edge_dim=d_model,
-                )
-                for _ in range(layers)
-            ]
-        )
+        self.register_buffer("atom_offsets", _offsets(ATOM_CARDINALITIES), persistent=False)
+        self.register_buffer("bond_offsets", _offsets(BOND_CARDINALITIES), persistent=False)
+        self.convs = nn.ModuleList([_gine_conv(d_model) for _ in range(layers)])
         self.norms = nn.ModuleList([nn.BatchNorm1d(d_model) for _ in range(layers)])
         self.attention = (
             nn.ModuleList(
@@ -59,17 +81,23 @@ class MoleculeEncoder(nn.Module):
         from torch_geometric.utils import scatter, to_dense_batch
 
         atoms, bonds = batch["atoms"], batch["bonds"]
-        h = sum(emb(atoms[:, i]) for i, emb in enumerate(self.atom_embeddings)) + self.mass(batch["mass"][:, None])
+        # Σ over columns of each column's embedding, as one multi-hot matmul with the concatenated tables
+        # (a third faster than a bag-sum's backward on CPU, which sorts the indices)
+        atom_table = torch.cat([emb.weight for emb in self.atom_embeddings])
+        h = _multi_hot(atoms + self.atom_offsets, atom_table) @ atom_table + self.mass(batch["mass"][:, None])
         if "atom_mask" in batch:
             h = torch.where(batch["atom_mask"][:, None], self.mask_atom.to(h.dtype), h)
         if self.positional is not None:
             pe = torch.cat([batch[k] for k in ("rwse", "lap") if k in batch], dim=1)
             h = h + self.positional(pe)
-        e = sum(emb(bonds[:, i]) for i, emb in enumerate(self.bond_embeddings))
-        if "bond_mask" in batch:
-            e = torch.where(batch["bond_mask"][:, None], self.mask_bond.to(e.dtype), e)
+        bond_table = torch.cat([emb.weight for emb in self.bond_embeddings])
+        bond_hot = _multi_hot(bonds + self.bond_offsets, bond_table)
+        bond_mask = batch.get("bond_mask")
         index, size = batch["batch"], len(batch["n_atoms"])
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            e = bond_hot @ F.linear(bond_table, conv.lin.weight) + conv.lin.bias
+            if bond_mask is not None:
+                e = torch.where(bond_mask[:, None], conv.lin(self.mask_bond.to(e.dtype)), e)
             update = (
                 torch.relu(norm(conv(h, batch["edge_index"], e)))
                 if len(h) > 1
