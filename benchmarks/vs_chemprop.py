@@ -159,10 +159,10 @@ def _metric(metric: str, true: np.ndarray, pred: np.ndarray) -> float:
 def biofm_arm(name: str, table: Path, labels: list[str], metric: str, seed: int, tmp: Path, epochs=None) -> dict:
     from lightning.pytorch import Trainer, seed_everything
 
+    from biofm import load
     from biofm.datasets.molecules import prepare_molecules
     from biofm.platform.checkpoint import SafeCheckpointIO, default_checkpoint
     from biofm.platform.lightning import BiofmDataModule, BiofmModule
-    from biofm import load
 
     pieces = read_config(f"molecules/{name}.yaml")  # trainer / model / data pieces, as `biofm fit -c` composes
     settings = {k: read_config(os.path.normpath(f"molecules/{v}")) for k, v in pieces.items()}
@@ -173,8 +173,7 @@ def biofm_arm(name: str, table: Path, labels: list[str], metric: str, seed: int,
             str(table), str(store_path), label_columns=labels, split="column:split", fragments="keep", workers=1
         )
     seed_everything(seed, verbose=False)
-    batch_size = int(os.environ.get("BIOFM_BATCH_SIZE", settings["data"]["batch_size"]))
-    data = BiofmDataModule([str(store_path)], batch_size=batch_size, seed=seed)
+    data = BiofmDataModule([str(store_path)], batch_size=settings["data"]["batch_size"], seed=seed)
     module = BiofmModule(data.schema, **settings["model"])
     timer = clock("val/macro/score")
     run = tmp / f"biofm-{name}-{seed}-{epochs}"

@@ -91,16 +91,22 @@ def test_projected_bond_tables_give_the_plain_gine_encoder(masked):
     assert set(stock.state_dict()) == set(encoder.convs[0].state_dict())
 
 
-def test_resampler_keys_of_valid_tokens_only_give_the_dense_attention():
+@pytest.mark.parametrize("shared", [False, True], ids=["own queries", "one query set expanded (latents)"])
+def test_resampler_keys_of_valid_tokens_only_give_the_dense_attention(shared):
     torch.manual_seed(0)
     block, context_norm = Block(16, 4).double(), torch.nn.LayerNorm(16).double()
     x, context = torch.randn(3, 5, 16, dtype=torch.float64), torch.randn(3, 7, 16, dtype=torch.float64)
+    if shared:  # queries projected once for the batch
+        latents = torch.nn.Parameter(torch.randn(5, 16, dtype=torch.float64))
+        block.latents = latents  # counted among the block's parameters: its gradient is compared too
+        x = latents.expand(3, -1, -1)
     mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
     context[~mask] = 1e3  # padding: whatever it holds must not matter
 
     def plain():
-        h = block.norm1(x)
-        y = x + block.attn(h, context_norm(context), mask)
+        x_ = x.contiguous() if shared else x  # a plain tensor per sample
+        h = block.norm1(x_)
+        y = x_ + block.attn(h, context_norm(context), mask)
         return y + block.mlp(block.norm2(y))
 
     modules = torch.nn.ModuleList([block, context_norm])

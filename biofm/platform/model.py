@@ -36,7 +36,10 @@ class Attention(nn.Module):
         """`kv` [B, S, 2d]: the context's keys and values when already projected (see `Block`)."""
         b, n, d = x.shape
         h = self.heads
-        q = self.q(x).view(b, n, h, d // h).transpose(1, 2)  # [B, h, N, d/h]
+        if b > 1 and x.stride(0) == 0:  # one query set for every sample (the resampler's latents): project it once
+            q = self.q(x[:1]).expand(b, -1, -1).reshape(b, n, h, d // h).transpose(1, 2)
+        else:
+            q = self.q(x).view(b, n, h, d // h).transpose(1, 2)  # [B, h, N, d/h]
         kv = self.kv(context) if kv is None else kv
         k, v = kv.view(b, -1, 2, h, d // h).permute(2, 0, 3, 1, 4)  # [B, h, S, d/h] each
         mask = key_mask[:, None, None, :]  # [B, 1, 1, S]
@@ -61,7 +64,7 @@ class Block(nn.Module):
         )
 
     def forward(self, x, key_mask, context=None, context_norm=None, read: int | None = None):
-        h = self.norm1(x)
+        h = self.norm1(x[:1]).expand_as(x) if len(x) > 1 and x.stride(0) == 0 else self.norm1(x)
         kv = None
         if context is None:
             ctx = h

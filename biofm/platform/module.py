@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import warnings
-from collections import defaultdict
 
 import torch
 from lightning.pytorch import Callback, LightningModule
@@ -122,7 +121,7 @@ class BiofmModule(LightningModule):
         if linear_probe:
             for name, param in self.model.named_parameters():
                 param.requires_grad_(name.startswith(("heads.", "queries.")))
-        self._epoch_losses: dict[str, list] = defaultdict(lambda: [0.0, 0])  # task → [Σ loss (tensor), steps]
+        self._epoch_losses: dict[str, list] = {}  # task → [Σ loss (a tensor on the device), steps]
         self._step_losses: dict[str, torch.Tensor] = {}
 
     def train(self, mode: bool = True):
@@ -209,7 +208,7 @@ class BiofmModule(LightningModule):
             if logged:
                 self.log(f"train/{task}/loss", loss, batch_size=size)
                 self.log(f"train/{task}/weight", weights[task], batch_size=size)
-            running = self._epoch_losses[task]
+            running = self._epoch_losses.setdefault(task, [0.0, 0])
             running[0], running[1] = running[0] + loss, running[1] + 1
         self._step_losses = {t: l.detach() for t, l in losses.items()}
         return total

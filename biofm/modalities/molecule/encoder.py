@@ -12,19 +12,33 @@ from biofm.modalities.molecule.featurise import (
 )
 
 
-def _gine_conv(d_model: int):
+def _projected_bond_gine_conv() -> type:
     """PyG's GINEConv whose `message` takes the bond features already through the conv's own `lin`:
     `MoleculeEncoder.forward` projects the bond embedding tables instead of every bond (a bond's features are
     a sum of table rows, so `lin` of it is the sum of projected rows + bias) — a gather from [Σ sizes, d]
     tables in place of an [E, d] × [d, d] matmul per layer and its backward, with the same values and
-    parameters. Built lazily, like every torch-geometric import here."""
-    from torch_geometric.nn import GINEConv
+    parameters. Made on first use (torch-geometric is imported lazily) and kept as this module's
+    `ProjectedBondGINEConv`, so models pickle (DDP and loader workers spawn)."""
+    if "ProjectedBondGINEConv" not in globals():
+        from torch_geometric.nn import GINEConv
 
-    class ProjectedBondGINEConv(GINEConv):
-        def message(self, x_j: torch.Tensor, edge_attr: torch.Tensor) -> torch.Tensor:
-            return (x_j + edge_attr).relu()
+        class ProjectedBondGINEConv(GINEConv):
+            def message(self, x_j: torch.Tensor, edge_attr: torch.Tensor) -> torch.Tensor:
+                return (x_j + edge_attr).relu()
 
-    return ProjectedBondGINEConv(
+        ProjectedBondGINEConv.__module__, ProjectedBondGINEConv.__qualname__ = __name__, "ProjectedBondGINEConv"
+        globals()["ProjectedBondGINEConv"] = ProjectedBondGINEConv
+    return globals()["ProjectedBondGINEConv"]
+
+
+def __getattr__(name: str):  # unpickling a model finds the class by name (PEP 562)
+    if name == "ProjectedBondGINEConv":
+        return _projected_bond_gine_conv()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _gine_conv(d_model: int) -> nn.Module:
+    return _projected_bond_gine_conv()(
         nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.ReLU(), nn.Linear(2 * d_model, d_model)),
         train_eps=True,
         edge_dim=d_model,
