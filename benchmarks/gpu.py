@@ -172,7 +172,7 @@ def fit_figures(url: str, settings: dict, batch_size: int, steps: int, strategy:
     module = BiofmModule(data.schema, **settings)
     clock = Clock()
     gpus = torch.cuda.device_count() if device == "cuda" else 2
-    chosen = {"ddp": "ddp" if device == "cuda" else "ddp", "fsdp": BiofmFSDP()}[strategy]
+    chosen = {"ddp": "ddp", "fsdp": BiofmFSDP()}[strategy]
     trainer = Trainer(
         accelerator="gpu" if device == "cuda" else "cpu",
         devices=gpus,
@@ -256,6 +256,9 @@ def main() -> None:
             )
             fits = []
             for strategy in ("ddp", "fsdp"):
+                if strategy == "fsdp" and device.type != "cuda":
+                    fits.append({"strategy": strategy, "skipped": "FSDP needs a GPU"})
+                    continue
                 command = [sys.executable, __file__, *sys.argv[1:], "--fit", f"{strategy},{workload},{url}"]
                 done = subprocess.run(command, capture_output=True, text=True, timeout=900)
                 line = next((x for x in done.stdout.splitlines() if x.startswith("FIT ")), None)

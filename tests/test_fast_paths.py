@@ -136,3 +136,17 @@ def test_the_last_trunk_block_computing_only_the_read_tokens_gives_the_full_trun
     _assert_same(_values_and_gradients(model, fast), _values_and_gradients(model, full))
     x, _, _ = model.encode(inputs, read=3)
     assert x.shape[:2] == (len(SMILES), 3)
+
+
+def test_the_fast_paths_run_under_bf16_autocast():
+    """`precision: bf16-mixed` (CPU or GPU): the packed keys and values take autocast's dtype."""
+    torch.manual_seed(0)
+    modality, batch = _molecules()
+    batch = {k: v.float() if v.is_floating_point() else v for k, v in batch.items()}
+    schema = {"modalities": {"molecule": modality.config()}, "tasks": {"a": {"kind": "regression"}}}
+    model = BiofmModel(schema, TrunkConfig(d_model=32, depth=2, heads=4, latents=4, dropout=0.0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model({"molecule": batch})["logits"]["a"]
+    plain = model({"molecule": batch})["logits"]["a"]
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), plain, rtol=0.05, atol=0.05)

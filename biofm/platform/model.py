@@ -73,8 +73,9 @@ class Block(nn.Module):
             # padding (ESOL: 60 %), and on a CPU those rows are matmul time. (On a GPU the gather would cost
             # a device sync, more than the padded rows.)
             ctx = context
-            kv = context.new_zeros(*key_mask.shape, 2 * x.shape[-1])
-            kv[key_mask] = self.attn.kv(context_norm(context[key_mask]))
+            projected = self.attn.kv(context_norm(context[key_mask]))  # in autocast's dtype where it is on
+            kv = projected.new_zeros(*key_mask.shape, projected.shape[-1])
+            kv[key_mask] = projected
         else:
             ctx = context_norm(context)
         if read is not None:
