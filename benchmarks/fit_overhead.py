@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--input", default=str(SHARED_DATA / "mol" / "esol.csv"))
     parser.add_argument("--label-columns", default="logp")
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64)  # configs/data/esol.yaml's
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not Path(args.input).exists():
