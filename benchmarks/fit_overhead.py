@@ -78,6 +78,19 @@ def fit_arm(url: str, epochs: int, batch_size: int, seed: int) -> dict:
     return {"samples": clock.samples, "seconds": round(seconds, 2), "per_s": round(clock.samples / seconds, 1)}
 
 
+def bare_step(model, optimiser, batch: dict, dtype: torch.dtype | None = None) -> None:
+    """One training step without Lightning: forward (under autocast to `dtype` if given), the masked task
+    losses summed, backward, the optimiser's step."""
+    device = next(model.parameters()).device.type
+    with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+        out = model(batch["inputs"])
+        losses = task_losses(model.kinds, batch["labels"], out["logits"])
+        loss = sum(t.loss for t in losses.values())
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+
+
 def bare_arm(url: str, epochs: int, batch_size: int, seed: int) -> dict:
     torch.manual_seed(seed)
     data = BiofmDataModule([url], batch_size=batch_size, seed=seed)
@@ -88,12 +101,7 @@ def bare_arm(url: str, epochs: int, batch_size: int, seed: int) -> dict:
     samples, start = 0, time.perf_counter()
     for _ in range(epochs):
         for batch in batches:
-            out = model(batch["inputs"])
-            losses = task_losses(model.kinds, batch["labels"], out["logits"])
-            loss = sum(t.loss for t in losses.values())
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
+            bare_step(model, optimiser, batch)
             samples += len(batch["row"])
     seconds = time.perf_counter() - start
     return {"samples": samples, "seconds": round(seconds, 2), "per_s": round(samples / seconds, 1)}

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fit_overhead import bare_step  # noqa: E402  (the same bare step as the CPU limit's)
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
@@ -82,7 +83,6 @@ def step_figures(url: str, settings: dict, batch_size: int, steps: int, device: 
     from torch.utils.flop_counter import FlopCounterMode
 
     from biofm.platform.lightning import BiofmDataModule, BiofmModule
-    from biofm.platform.losses import task_losses
 
     torch.manual_seed(0)
     data = BiofmDataModule([url], batch_size=batch_size, seed=0)
@@ -99,13 +99,7 @@ def step_figures(url: str, settings: dict, batch_size: int, steps: int, device: 
     optimiser = torch.optim.AdamW(params, lr=1e-4, fused=device.type in ("cuda", "cpu"))
 
     def step(batch):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            out = model(batch["inputs"])
-            losses = task_losses(model.kinds, batch["labels"], out["logits"])
-            loss = sum(t.loss for t in losses.values())
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
+        bare_step(model, optimiser, batch, torch.bfloat16)
 
     def sync():
         if device.type == "cuda":
@@ -238,7 +232,7 @@ def main() -> None:
         "gpu": device.type == "cuda",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "devices": torch.cuda.device_count() if device.type == "cuda" else 1,
-        "peak_bf16_tflops": peak,
+        "peak_bf16_tflops": peak if math.isfinite(peak) else None,
         "torch": torch.__version__,
         "model": {k: getattr(args, k) for k in ("d_model", "depth", "heads", "latents")},
         "workloads": {},
