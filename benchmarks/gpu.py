@@ -211,15 +211,18 @@ def main() -> None:
         print("no GPU here (torch.cuda.is_available() is False): nothing to measure; run on a GPU machine")
         print(json.dumps({"gpu": False}))
         return
-    settings = lambda workload: {  # noqa: E731
-        "d_model": args.d_model,
-        "depth": args.depth,
-        "heads": args.heads,
-        "latents": args.latents,
-        "dropout": 0.0,
-        "lr": 1e-4,
-        **WORKLOADS[workload],
-    }
+
+    def settings(workload: str) -> dict:
+        return {
+            "d_model": args.d_model,
+            "depth": args.depth,
+            "heads": args.heads,
+            "latents": args.latents,
+            "dropout": 0.0,
+            "lr": 1e-4,
+            **WORKLOADS[workload],
+        }
+
     if args.fit:  # one strategy's fit, in its own process (and Lightning's other ranks)
         strategy, workload, url = args.fit.split(",", 2)
         result = fit_figures(url, settings(workload), args.batch_size, args.steps, strategy, args.device)

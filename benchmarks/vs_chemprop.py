@@ -195,7 +195,7 @@ def biofm_arm(name: str, table: Path, labels: list[str], metric: str, seed: int,
     test = frame[frame["split"] == "test"]
     tasks = list(model.tasks)
     out = model.predict(smiles=list(test["smiles"]), batch_size=256)
-    true = test[[_biofm_column(t, labels) for t in tasks]].to_numpy(dtype=float)
+    true = test[tasks].to_numpy(dtype=float)  # the label columns are the task names here (no renaming)
     pred = np.column_stack([_biofm_prediction(out, t, metric) for t in tasks])
     result = {"test": _metric(metric, true, pred), **timer.summary("max")}
     smiles = _inference_smiles(frame)
@@ -203,10 +203,6 @@ def biofm_arm(name: str, table: Path, labels: list[str], metric: str, seed: int,
     model.predict(smiles=smiles, batch_size=256)
     result["inference_per_s"] = round(len(smiles) / (time.perf_counter() - start), 1)
     return result
-
-
-def _biofm_column(task: str, labels: list[str] | None) -> str:
-    return task  # the label columns are the task names here (no renaming)
 
 
 def _biofm_prediction(out: pd.DataFrame, task: str, metric: str) -> np.ndarray:
