@@ -62,5 +62,7 @@ def test_famo_moves_weight_away_from_the_task_that_improves_fastest():
 
 
 def test_an_unknown_strategy_names_the_choices():
-    with pytest.raises(RegistryError, match=r"among choices \['dwa', 'equal', 'famo', 'pcgrad', 'uncertainty'\]"):
+    with pytest.raises(
+        RegistryError, match=r"among choices \['dwa', 'equal', 'famo', 'flat', 'pcgrad', 'rep-mtl', 'uncertainty'\]"
+    ):
         make_balancer("gradnorm", ["a"])

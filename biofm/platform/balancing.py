@@ -1,4 +1,6 @@
-"""Balancing between task losses, chosen by name in config: equal, uncertainty, dwa, famo, pcgrad.
+"""Balancing between task losses, chosen by name in config: equal, uncertainty, dwa, famo, pcgrad, flat
+(per-task sharpness-aware minimisation over any of the others) and rep-mtl (representation-level task
+saliency, with equal weights).
 
 Each strategy gets the per-task mean losses of one step (only the tasks that had labels in the batch:
 a batch comes from one source, and sources carry different tasks; pretext tasks count as tasks) and
@@ -175,6 +177,94 @@ class PCGrad(Balancer):
                     g -= dot / grads[j].square().sum().clamp_min(1e-20) * grads[j]
             combined += g
         return combined
+
+
+@BALANCERS.register("flat")
+class FlatRegions(Balancer):
+    """Phan et al. (2022), "Improving multi-task learning via seeking task-based flat regions": each task's
+    gradient g_t is joined by its own sharpness-aware gradient g_t^SAM = ∇L_t(θ + ρ g_t / ‖g_t‖) (the
+    perturbation from that task's gradient alone); the low-loss parts {g_t} and the flat parts
+    {g_t^SAM − g_t} are each combined by the `base` balancer (any of the others: weights for the loss-based
+    ones, the gradient combination for pcgrad) and the update is their sum. Heads take their own task's
+    g_t^SAM. With ρ = 0 it is the base balancer exactly; with one task, SAM.
+
+    Cost per step: one extra forward and backward per task in the batch (a batch of Tox21's 12 assays:
+    12), plus one flat copy of the shared gradient per task, twice."""
+
+    gradient_based = True
+
+    def __init__(self, tasks: list[str], base: str = "equal", rho: float = 0.05, base_options: dict | None = None):
+        super().__init__(tasks)
+        if base == "flat":
+            raise ValueError("balancing 'flat' needs another balancer as its base")
+        if rho < 0:
+            raise ValueError(f"balancing 'flat': rho must be at least 0, got {rho}")
+        self.base, self.rho = make_balancer(base, tasks, base_options), float(rho)
+
+    def combine(self, losses):
+        return self.base.combine(losses)
+
+    def combine_gradients(self, grads: list[torch.Tensor], weights: list | None = None) -> torch.Tensor:
+        """The base's combination of per-task gradients (loss-based bases: Σ w_t g_t)."""
+        if self.base.gradient_based:
+            return self.base.combine_gradients(grads)
+        weights = weights if weights is not None else [1.0] * len(grads)
+        return sum(w * g for w, g in zip(weights, grads))
+
+    def after_step(self, losses):
+        self.base.after_step(losses)
+
+    def epoch_end(self, mean_losses):
+        self.base.epoch_end(mean_losses)
+
+    def optimised_parameters(self):
+        return self.base.optimised_parameters()
+
+
+@BALANCERS.register("rep-mtl")
+class RepMTL(Balancer):
+    """Wang, Li & Xu (2025), Rep-MTL: equal weights plus two regularisers on the task saliencies
+    S_t = ∂L_t/∂Z, Z the shared representation (every modality's resampler latents, the trunk's input):
+    - task-specific saliency regulation: per sample and channel c, each task's share of the saliency
+      p_t = a_t / Σ_u a_u (a_t = Σ_tokens |S_t|, each task's a_t normalised to sum 1 over channels) has its
+      entropy −Σ p_t log p_t / log T penalised (weight `tsr`): channels keep a task that owns them;
+    - cross-task saliency alignment: the saliency vectors of one sample under two tasks are a positive pair,
+      of two samples a negative (InfoNCE at `temperature`, weight `csa`): tasks share what helps per sample.
+    The saliencies are taken with `create_graph`, so the regularisers train the trunk and encoders (a second
+    backward pass through the trunk). With one task in the batch both are 0: plain equal weighting."""
+
+    needs_representation = True
+
+    def __init__(self, tasks: list[str], tsr: float = 1.0, csa: float = 0.1, temperature: float = 0.1):
+        super().__init__(tasks)
+        self.tsr, self.csa, self.temperature = float(tsr), float(csa), float(temperature)
+        self.last: dict[str, torch.Tensor] = {}
+
+    def regulariser(self, losses: dict[str, torch.Tensor], representation: list[torch.Tensor]) -> torch.Tensor | None:
+        """The weighted regularisers for this step's losses (None with fewer than two tasks)."""
+        if len(losses) < 2 or not representation:
+            return None
+        z = representation
+        saliency = []
+        for loss in losses.values():
+            grads = torch.autograd.grad(loss, z, retain_graph=True, create_graph=True, allow_unused=True)
+            parts = [(g if g is not None else torch.zeros_like(r)).abs().sum(dim=1) for g, r in zip(grads, z)]
+            a = torch.cat(parts, dim=-1)  # [B, channels]
+            saliency.append(a / a.sum(-1, keepdim=True).clamp_min(1e-12))
+        a = torch.stack(saliency)  # [T, B, C]
+        p = a / a.sum(0, keepdim=True).clamp_min(1e-12)
+        entropy = -(p * p.clamp_min(1e-12).log()).sum(0).mean() / math.log(len(losses))
+        v = torch.nn.functional.normalize(a, dim=-1)
+        target = torch.arange(v.shape[1], device=v.device)
+        pairs = [
+            torch.nn.functional.cross_entropy(v[i] @ v[j].T / self.temperature, target)
+            for i in range(len(v))
+            for j in range(len(v))
+            if i != j
+        ]
+        alignment = torch.stack(pairs).mean() if v.shape[1] > 1 else entropy.new_zeros(())
+        self.last = {"tsr": entropy.detach(), "csa": alignment.detach()}
+        return self.tsr * entropy + self.csa * alignment
 
 
 def mean_over_ranks(values: dict[str, float], tasks: list[str]) -> dict[str, float]:

@@ -31,6 +31,7 @@ class StepLosses:
     tasks: dict[str, TaskLoss] = field(default_factory=dict)
     pretext: dict[str, torch.Tensor] = field(default_factory=dict)
     pseudo_labels: int = 0
+    embedded: dict | None = None  # the supervised pass's `embed` output per modality (Rep-MTL reads its latents)
 
     def terms(self) -> dict[str, torch.Tensor]:
         """The losses the balancer combines, by name (tasks, then `pretext/<name>`)."""
@@ -101,7 +102,8 @@ def step_losses(model: BiofmModel, pretexts: nn.ModuleDict, batch: dict, pseudo:
     "threshold"}, missing labels filled first) and pretext losses, sharing each modality's encoder pass."""
     result, embedded = StepLosses(), None
     if batch["labels"]:
-        out = model(batch["inputs"])
+        # an isolated model (task experts) computes only the batch's tasks: the others' logits are unused
+        out = model(batch["inputs"], tasks=list(batch["labels"]) if model.isolated else None)
         embedded = out["embedded"]
         labels = batch["labels"]
         if pseudo is not None:
@@ -110,4 +112,5 @@ def step_losses(model: BiofmModel, pretexts: nn.ModuleDict, batch: dict, pseudo:
             )
         result.tasks = task_losses(model.kinds, labels, out["logits"])
     result.pretext = pretext_losses(model, pretexts, batch["inputs"], embedded)
+    result.embedded = embedded
     return result

@@ -3,7 +3,9 @@
     tokens of each modality a sample has ─ resampler (K latents) ─┐
     [CLS] [query task 1] … [query task T] ────────────────────────┴─ trunk (pre-norm, SDPA) ─ heads
 
-A modality a sample lacks contributes no tokens: its latents are masked out of every attention.
+A modality a sample lacks contributes no tokens: its latents are masked out of every attention. With
+`isolate_tasks` (always with task experts) no token reads a task's query token but that token itself, so a
+task's prediction does not depend on which other tasks are asked (`forward(inputs, tasks=…)`).
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from biofm.platform.experts import TaskExperts, expert_options
 from biofm.platform.modality import MODALITIES, Modality, Tokens
 from biofm.tasks.kinds import TaskKind, task_kind
 
 
 class Attention(nn.Module):
-    """Multi-head attention on `scaled_dot_product_attention`; `key_mask` [B, S] is True where valid."""
+    """Multi-head attention on `scaled_dot_product_attention`; `key_mask` [B, S] is True where valid (or
+    [B, N, S]: which key each query may read)."""
 
     def __init__(self, d_model: int, heads: int, dropout: float = 0.0):
         super().__init__()
@@ -42,7 +46,7 @@ class Attention(nn.Module):
             q = self.q(x).view(b, n, h, d // h).transpose(1, 2)  # [B, h, N, d/h]
         kv = self.kv(context) if kv is None else kv
         k, v = kv.view(b, -1, 2, h, d // h).permute(2, 0, 3, 1, 4)  # [B, h, S, d/h] each
-        mask = key_mask[:, None, None, :]  # [B, 1, 1, S]
+        mask = key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None]  # [B, 1, 1 or N, S]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(b, n, d))
 
@@ -52,18 +56,23 @@ class Block(nn.Module):
     `read`: only the first `read` tokens' outputs are wanted (the trunk's last block, whose other tokens
     nothing reads): they alone are queried and go through the MLP — the same values, fewer FLOPs."""
 
-    def __init__(self, d_model: int, heads: int, dropout: float = 0.0, mlp_ratio: int = 4):
+    def __init__(
+        self, d_model: int, heads: int, dropout: float = 0.0, mlp_ratio: int = 4, experts: TaskExperts | None = None
+    ):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.attn = Attention(d_model, heads, dropout)
-        self.mlp = nn.Sequential(
-            nn.Linear(d_model, mlp_ratio * d_model),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(mlp_ratio * d_model, d_model),
-        )
+        self.experts = experts  # a trunk block's MLP as task experts (`biofm.platform.experts`)
+        if experts is None:
+            self.mlp = nn.Sequential(
+                nn.Linear(d_model, mlp_ratio * d_model),
+                nn.GELU(),
+                nn.Dropout(dropout),
+                nn.Linear(mlp_ratio * d_model, d_model),
+            )
 
-    def forward(self, x, key_mask, context=None, context_norm=None, read: int | None = None):
+    def forward(self, x, key_mask, context=None, context_norm=None, read: int | None = None, tasks=()):
+        """`tasks`: the names of query tokens 1 … T (for task experts)."""
         h = self.norm1(x[:1]).expand_as(x) if len(x) > 1 and x.stride(0) == 0 else self.norm1(x)
         kv = None
         if context is None:
@@ -80,7 +89,10 @@ class Block(nn.Module):
             ctx = context_norm(context)
         if read is not None:
             x, h = x[:, :read], h[:, :read]
+            key_mask = key_mask[:, :read] if key_mask.dim() == 3 else key_mask
         x = x + self.attn(h, ctx, key_mask, kv)
+        if self.experts is not None:
+            return x + self.experts(self.norm2(x), tasks)
         return x + self.mlp(self.norm2(x))
 
 
@@ -113,6 +125,8 @@ class TrunkConfig:
     latents: int = 8
     dropout: float = 0.1
     encoders: dict[str, dict] | None = None
+    experts: dict | None = None  # task experts in chosen trunk blocks (`biofm.platform.experts`)
+    isolate_tasks: bool = False  # no token reads another task's query token (always on with experts)
 
     @classmethod
     def of(cls, settings: Mapping[str, Any]) -> TrunkConfig:
@@ -155,7 +169,21 @@ class BiofmModel(nn.Module):
         )
         self.cls = nn.Parameter(torch.randn(d_model) * 0.02)
         self.queries = nn.ParameterDict({t: nn.Parameter(torch.randn(d_model) * 0.02) for t in self.kinds})
-        self.trunk = nn.ModuleList([Block(d_model, heads, dropout) for _ in range(depth)])
+        experts = expert_options(config.experts)
+        blocks = {b % depth for b in experts["blocks"]} if experts else set()
+        self.trunk = nn.ModuleList(
+            [
+                Block(d_model, heads, dropout, experts=TaskExperts(d_model, list(self.kinds), experts, dropout))
+                if i in blocks
+                else Block(d_model, heads, dropout)
+                for i in range(depth)
+            ]
+        )
+        self.isolated = bool(config.isolate_tasks or experts)
+        self.memory = nn.Linear(d_model, d_model) if experts and experts["memory"] else None
+        if self.memory is not None:  # starts as no memory at all
+            nn.init.zeros_(self.memory.weight)
+            nn.init.zeros_(self.memory.bias)
         self.norm = nn.LayerNorm(d_model)
         self.heads = nn.ModuleDict({t: nn.Linear(d_model, k.out_dim) for t, k in self.kinds.items()})
         self.d_model, self.n_heads = d_model, heads
@@ -191,24 +219,48 @@ class BiofmModel(nn.Module):
         return latent, present.to(torch.bool)[:, None].expand(-1, latent.shape[1])
 
     def trunk_over(
-        self, latents: list[torch.Tensor], masks: list[torch.Tensor], read: int | None = None
+        self,
+        latents: list[torch.Tensor],
+        masks: list[torch.Tensor],
+        read: int | None = None,
+        tasks: list[str] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """[CLS] + task queries + the given latents through the trunk: output [B, 1 + T + ΣK, d] and mask;
-        with `read`, only the first `read` tokens of the output ([B, read, d]), which the last block then
-        computes alone."""
+        """[CLS] + task queries (of `tasks`, default all) + the given latents through the trunk: output
+        [B, 1 + T + ΣK, d] and mask; with `read`, only the first `read` tokens of the output ([B, read, d]),
+        which the last block then computes alone."""
+        tasks = list(self.queries) if tasks is None else list(tasks)
         batch_size, device = latents[0].shape[0], latents[0].device
-        special = torch.stack([self.cls, *self.queries.values()])  # [1 + T, d]
+        special = torch.stack([self.cls, *(self.queries[t] for t in tasks)])  # [1 + T, d]
         x = torch.cat([special.expand(batch_size, -1, -1), *latents], dim=1)
         mask = torch.cat([torch.ones(batch_size, len(special), dtype=torch.bool, device=device), *masks], dim=1)
+        attend = self._isolating(mask, len(tasks)) if self.isolated else mask
+        memory = None
         for i, block in enumerate(self.trunk):
-            x = block(x, mask, read=read if i == len(self.trunk) - 1 else None)
-        return self.norm(x), mask
+            x = block(x, attend, read=read if i == len(self.trunk) - 1 else None, tasks=tasks)
+            if self.memory is not None and block.experts is not None:
+                written = x[:, 1 : 1 + len(tasks)]
+                memory = written if memory is None else memory + written
+        x = self.norm(x)
+        if memory is not None:  # TaskExpert's feature memory: the task tokens of every expert block, summed
+            x = torch.cat([x[:, :1], x[:, 1 : 1 + len(tasks)] + self.memory(memory), x[:, 1 + len(tasks) :]], 1)
+        return x, mask
+
+    @staticmethod
+    def _isolating(mask: torch.Tensor, n_tasks: int) -> torch.Tensor:
+        """[B, S] validity → [B, S, S]: a task's query token is read by itself alone."""
+        s = mask.shape[1]
+        allowed = torch.ones(s, s, dtype=torch.bool, device=mask.device)
+        allowed[:, 1 : 1 + n_tasks] = False
+        idx = torch.arange(1, 1 + n_tasks, device=mask.device)
+        allowed[idx, idx] = True
+        return mask[:, None, :] & allowed
 
     def encode(
         self,
         inputs: dict[str, dict[str, torch.Tensor]],
         reuse: Mapping[str, tuple] | None = None,
         read: int | None = None,
+        tasks: list[str] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, tuple]]:
         """Trunk output [B, 1 + T + K·M, d] (the first `read` tokens only, if given), its validity mask and
         each modality's `embed` output, for the modalities in `inputs` (a modality the model was not trained
@@ -216,13 +268,38 @@ class BiofmModel(nn.Module):
         embedded = self.embed_all(inputs, reuse)
         if not embedded:
             raise ValueError(f"the batch has none of the model's modalities {sorted(self.encoders)}")
-        x, mask = self.trunk_over([e[0] for e in embedded.values()], [e[1] for e in embedded.values()], read)
+        x, mask = self.trunk_over([e[0] for e in embedded.values()], [e[1] for e in embedded.values()], read, tasks)
         return x, mask, embedded
 
-    def forward(self, inputs: dict[str, dict[str, torch.Tensor]]) -> dict:
+    def forward(self, inputs: dict[str, dict[str, torch.Tensor]], tasks: list[str] | None = None) -> dict:
         """`cls` [B, d], the task tokens, `logits` per task, and `embedded`: each modality's `embed` output,
-        which pretext tasks of the same step reuse."""
-        x, _, embedded = self.encode(inputs, read=1 + len(self.queries))  # nothing reads the latents' outputs
-        task_tokens = x[:, 1 : 1 + len(self.queries)]
-        logits = {t: self.heads[t](task_tokens[:, i]) for i, t in enumerate(self.queries)}
+        which pretext tasks of the same step reuse. `tasks`: predict only these (an isolated model gives them
+        the same logits as with every task, and runs only their experts)."""
+        if tasks is not None and not self.isolated:
+            raise ValueError("predicting a subset of tasks needs a model with isolate_tasks (or experts)")
+        tasks = list(self.queries) if tasks is None else [t for t in self.queries if t in set(tasks)]
+        x, _, embedded = self.encode(inputs, read=1 + len(tasks), tasks=tasks)  # nothing reads the latents' outputs
+        task_tokens = x[:, 1 : 1 + len(tasks)]
+        logits = {t: self.heads[t](task_tokens[:, i]) for i, t in enumerate(tasks)}
         return {"cls": x[:, 0], "tasks": task_tokens, "logits": logits, "embedded": embedded}
+
+    def expert_blocks(self) -> list[TaskExperts]:
+        return [block.experts for block in self.trunk if block.experts is not None]
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """The experts' load-balancing term of the last forward pass, weighted (None without experts)."""
+        terms = [e.aux for e in self.expert_blocks() if e.aux is not None]
+        if not terms:
+            return None
+        return float(expert_options(self.config.experts)["balance"]) * sum(terms)
+
+    def expert_flops(self, tasks: list[str] | None = None) -> int:
+        """Expert FLOPs per sample to predict `tasks` (default all): M³ViT's saving is the difference."""
+        tasks = list(self.queries) if tasks is None else list(tasks)
+        other = 1 + sum(self.config.latents for _ in self.modalities)
+        total = 0
+        for i, block in enumerate(self.trunk):
+            if block.experts is not None:
+                last = i == len(self.trunk) - 1  # the last block runs the task tokens and [CLS] only
+                total += block.experts.flops(tasks, 1 if last else other)
+        return total

@@ -11,6 +11,8 @@ from lightning.pytorch import Callback, LightningModule
 from biofm.platform.balancing import make_balancer, mean_over_ranks
 from biofm.platform.checkpoint import load_pretrained
 from biofm.platform.errors import ConfigError
+from biofm.platform.experts import expert_options
+from biofm.platform.lora import LoRALinear, add_lora, lora_options
 from biofm.platform.losses import StepLosses, pretext_losses, step_losses, task_losses
 from biofm.platform.model import TrunkConfig
 from biofm.platform.optim import adamw_kernel, decayed, parameter_groups, warmup_cosine
@@ -25,8 +27,10 @@ class BiofmModule(LightningModule):
 
     Args:
         schema: modalities and tasks; linked from the data module by `biofm fit`.
-        balancing: "equal", "uncertainty", "dwa", "famo" or "pcgrad" (gradient surgery, with manual
-            optimisation); `balancing_options` are its keyword options.
+        balancing: "equal", "uncertainty", "dwa", "famo", "pcgrad" (gradient surgery), "flat" (per-task
+            sharpness-aware minimisation over a base balancer, e.g. {"base": "pcgrad", "rho": 0.05}) or
+            "rep-mtl" (representation-level task saliency regularisers with equal weights); `balancing_options`
+            are its keyword options (see `biofm.platform.balancing`).
         pretext: self-supervised tasks and their options, trained beside (or instead of) the supervised
             ones, e.g. {"masked_atoms": {"ratio": 0.15}, "two_view": {"temperature": 0.1}}; each is balanced
             as the task `pretext/<name>` (see `biofm.platform.pretext`).
@@ -45,6 +49,14 @@ class BiofmModule(LightningModule):
             every such task).
         schedule: "constant" or "cosine" (linear warm-up over `warmup_steps`, then cosine decay to zero over
             the run's total steps).
+        experts: a mixture of task experts in chosen trunk blocks, e.g. {"blocks": [-1], "shared": 2,
+            "per_group": 1, "top_k": null, "memory": false} (see `biofm.platform.experts`; implies
+            `isolate_tasks`).
+        isolate_tasks: no token of the trunk reads another task's query token, so a task's prediction does
+            not depend on the others asked (predicting a subset runs less).
+        lora: low-rank adapters on the trunk's projections for fine-tuning, e.g. {"rank": 8, "alpha": 16,
+            "experts": null} (SMoRA's active ranks with `experts: k`); only the adapters, task heads and query
+            tokens train (see `biofm.platform.lora`; `merge_lora_checkpoint` folds them back).
     """
 
     def __init__(
@@ -69,6 +81,9 @@ class BiofmModule(LightningModule):
         pretext: dict[str, dict] | None = None,
         linear_probe: bool = False,
         layer_decay: float | None = None,
+        experts: dict | None = None,
+        isolate_tasks: bool = False,
+        lora: dict | None = None,
     ):
         super().__init__()
         check_settings(
@@ -93,6 +108,11 @@ class BiofmModule(LightningModule):
             )
         # the schema (with tokenizer vocabularies) goes into checkpoints, never to a logger
         self.save_hyperparameters(logger=False)
+        try:
+            expert_options(experts)
+            self._lora = lora_options(lora)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         self.trunk_config = TrunkConfig.of(self.hparams)  # the architecture, read once from the settings
         self.model = self.trunk_config.build(schema)
         try:
@@ -121,6 +141,17 @@ class BiofmModule(LightningModule):
         if linear_probe:
             for name, param in self.model.named_parameters():
                 param.requires_grad_(name.startswith(("heads.", "queries.")))
+        if self._lora:
+            add_lora(self.model.trunk, self._lora)
+            adapters = {
+                id(p)
+                for m in self.model.modules()
+                if isinstance(m, LoRALinear)
+                for n, p in m.named_parameters()
+                if not n.startswith("base.")
+            }
+            for name, param in self.model.named_parameters():
+                param.requires_grad_(id(param) in adapters or name.startswith(("heads.", "queries.")))
         self._epoch_losses: dict[str, list] = {}  # task → [Σ loss (a tensor on the device), steps]
         self._step_losses: dict[str, torch.Tensor] = {}
 
@@ -165,7 +196,10 @@ class BiofmModule(LightningModule):
                     "than the stores given; prepare them with the checkpoint's settings"
                 )
         device = next(self.parameters()).device
-        self.model = self.trunk_config.build(saved).to(device)  # the same architecture, the checkpoint's schema
+        self.model = self.trunk_config.build(saved)  # the same architecture, the checkpoint's schema
+        if self._lora:
+            add_lora(self.model.trunk, self._lora)
+        self.model.to(device)
         self._for_schema(saved, device)
         self.hparams["schema"] = saved
 
@@ -186,13 +220,27 @@ class BiofmModule(LightningModule):
         return [ConfirmTrained(), RequeueBetweenBatches()]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        step = self._losses(batch)
+        second_order = getattr(self.balancer, "needs_representation", False) and len(batch["labels"]) > 1
+        if second_order:  # Rep-MTL differentiates saliencies: SDPA's fused kernels have no double backward
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.MATH):
+                step = self._losses(batch)
+        else:
+            step = self._losses(batch)
         losses = step.terms()
         total, weights = self.balancer.combine(losses) if losses else (torch.zeros((), device=self.device), {})
+        aux = self.model.auxiliary_loss() if step.tasks else None  # the task experts' load balance
+        regulariser = None
+        if second_order and step.embedded:
+            regulariser = self.balancer.regulariser(
+                {t: r.loss for t, r in step.tasks.items()}, [e[0] for e in step.embedded.values()]
+            )
+        extra = sum(t for t in (aux, regulariser) if t is not None)
         if not self.automatic_optimization:
-            self._gradient_step(losses)
+            self._gradient_step(losses, batch, extra)
         else:  # a batch without any label still needs a loss with a graph for the optimiser
-            total = total + self._every_parameter(needed=not losses)
+            total = total + extra + self._every_parameter(needed=not losses)
         for task, record in step.tasks.items():
             record.weight = weights[task]
         size = len(batch["row"])
@@ -203,6 +251,8 @@ class BiofmModule(LightningModule):
         # the others are dropped); the epoch's mean losses stay on the device until the epoch ends: no sync
         # per task per step.
         logged = self._trainer is None or self.trainer._logger_connector.should_update_logs
+        if logged:
+            self._log_diagnostics(size)
         for task, loss in losses.items():
             loss = loss.detach()
             if logged:
@@ -213,6 +263,18 @@ class BiofmModule(LightningModule):
         self._step_losses = {t: l.detach() for t, l in losses.items()}
         return total
 
+    def _log_diagnostics(self, size: int) -> None:
+        """On the logger's steps: each task's gate mass on its own experts, the largest dead-unit fraction
+        of any expert, and Rep-MTL's regularisers."""
+        for i, experts in enumerate(self.model.expert_blocks()):
+            for task, mass in experts.stats.get("own_mass", {}).items():
+                self.log(f"train/experts{i}/{task}/own_mass", mass, batch_size=size)
+            dead = experts.dead_fractions()
+            if dead:
+                self.log(f"train/experts{i}/dead_max", torch.stack(list(dead.values())).max(), batch_size=size)
+        for name, value in getattr(self.balancer, "last", {}).items():
+            self.log(f"train/{self.hparams.balancing}/{name}", value, batch_size=size)
+
     def _every_parameter(self, needed: bool = False) -> torch.Tensor | float:
         """Under DDP (or when `needed`), 0 · Σ every trainable parameter: heads of tasks absent from the
         batch, encoders of modalities it lacks, pretext heads and mask vectors all get a (zero) gradient, so
@@ -221,39 +283,77 @@ class BiofmModule(LightningModule):
             return 0.0
         return 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)
 
-    def _gradient_step(self, losses: dict[str, torch.Tensor]) -> None:
+    def _gradient_step(self, losses: dict[str, torch.Tensor], batch: dict, extra=0.0) -> None:
         """Manual optimisation for gradient-based balancing: per-task gradients of the shared parameters
         (encoders, resamplers, trunk) are combined by the balancer; task-specific parameters (heads, query
-        tokens, pretext heads) take the plain sum. The combined gradient is back-propagated as a surrogate
-        (Σ p·g), so DDP averages it over ranks as usual."""
+        tokens, pretext heads) take the plain sum. With `flat`, each task's sharpness-aware gradient is taken
+        too (one more forward and backward per task) and its flat part combined the same way. The combined
+        gradient is back-propagated as a surrogate (Σ p·g, plus `extra`: terms outside the balance, such
+        as the experts' load balance), so DDP averages it over ranks as usual."""
         optimiser = self.optimizers()
         optimiser.zero_grad()
-        trainable = [p for p in self.parameters() if p.requires_grad]
+        own_balancer = {id(p) for p in self.balancer.parameters()}
+        trainable = [p for p in self.parameters() if p.requires_grad and id(p) not in own_balancer]
         specific = {id(p) for n, p in self.model.named_parameters() if n.startswith(("heads.", "queries."))}
         specific |= {id(p) for p in self.pretexts.parameters()}
         shared = [p for p in trainable if id(p) not in specific]
         own = [p for p in trainable if id(p) in specific]
-        surrogate = self._every_parameter()
+        params = shared + own
+        surrogate = self._every_parameter() + extra
         if losses:
             per_task = [
-                _flat(torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True), shared)
-                for loss in losses.values()
+                torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in losses.values()
             ]
-            combined = self.balancer.combine_gradients(per_task)
-            own_grads = torch.autograd.grad(sum(losses.values()), own, allow_unused=True) if own else []
+            rho = getattr(self.balancer, "rho", 0.0)
+            total, weights = self.balancer.combine(losses)
+            balancer_params = [p for p in self.balancer.optimised_parameters() if p.requires_grad]
+            if balancer_params:  # uncertainty weighting's log-variances, under flat
+                for p, g in zip(balancer_params, torch.autograd.grad(total, balancer_params, retain_graph=True)):
+                    surrogate = surrogate + (p * g.detach()).sum()
+            w = [float(weights[t]) for t in losses]
+            plain = [_flat(g[: len(shared)], shared) for g in per_task]
+            if rho:
+                sharp = self._sharpness_gradients(batch, list(losses), per_task, params, rho)
+                combined = self.balancer.combine_gradients(plain, w) + self.balancer.combine_gradients(
+                    [_flat(g[: len(shared)], shared) - p for g, p in zip(sharp, plain)], w
+                )
+                own_source = sharp
+            else:
+                combined = self.balancer.combine_gradients(plain)
+                own_source = per_task
             offset = 0
             for p in shared:
                 surrogate = surrogate + (p * combined[offset : offset + p.numel()].view_as(p)).sum()
                 offset += p.numel()
-            for p, g in zip(own, own_grads):
-                if g is not None:
-                    surrogate = surrogate + (p * g.detach()).sum()
+            for i, p in enumerate(own):
+                grads = [g[len(shared) + i] for g in own_source if g[len(shared) + i] is not None]
+                if grads:
+                    surrogate = surrogate + (p * sum(grads).detach()).sum()
         if torch.is_tensor(surrogate):  # else: one process, nothing to learn from this batch
             self.manual_backward(surrogate)
             optimiser.step()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
+
+    def _sharpness_gradients(self, batch: dict, names: list[str], per_task: list, params: list, rho: float) -> list:
+        """Per task t: ∇L_t at θ + ρ g_t / ‖g_t‖ (its own perturbation), the parameters restored after each."""
+        result = []
+        for name, grads in zip(names, per_task):
+            norm = torch.sqrt(sum(g.square().sum() for g in grads if g is not None)).clamp_min(1e-12)
+            steps = [None if g is None else rho * g / norm for g in grads]
+            with torch.no_grad():
+                for p, e in zip(params, steps):
+                    if e is not None:
+                        p.add_(e)
+            loss = self._losses(batch).terms().get(name)
+            sharp = torch.autograd.grad(loss, params, allow_unused=True) if loss is not None else grads
+            with torch.no_grad():
+                for p, e in zip(params, steps):
+                    if e is not None:
+                        p.sub_(e)
+            result.append(sharp)
+        return result
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.balancer.after_step(self._step_losses)
