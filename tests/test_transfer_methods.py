@@ -269,3 +269,35 @@ def test_merge_lora_folds_the_update_into_the_weight():
     expected = layer(x)
     assert merge_lora(layer) == 1 and isinstance(layer[0], torch.nn.Linear)
     assert torch.allclose(layer(x), expected, atol=1e-6)
+
+
+def test_modality_dropout_hides_modalities_but_never_all_of_a_sample():
+    from biofm.platform.module import drop_modalities
+
+    torch.manual_seed(0)
+    present = torch.rand(500, 3) < 0.7
+    inputs = {f"m{j}": {"present": present[:, j].float(), "x": torch.zeros(500)} for j in range(3)}
+    out = drop_modalities(inputs, 0.5)
+    kept = torch.stack([out[f"m{j}"]["present"].bool() for j in range(3)], 1)
+    assert not (kept & ~present).any()  # nothing absent becomes present
+    assert (kept.any(1) == present.any(1)).all()  # a sample with a modality keeps at least one
+    assert 0.3 < kept.sum() / present.sum() < 0.8  # about half hidden
+    assert out["m0"]["present"].dtype == torch.float32 and out["m0"]["x"] is inputs["m0"]["x"]
+
+
+@pytest.mark.parametrize("name", ["pretrain", "experts", "finetune", "lora"])
+def test_each_transfer_config_composes(name, capsys):
+    from pathlib import Path
+
+    from biofm.platform.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "transfer" / f"{name}.yaml"
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "-c", str(config), "--print_config"])
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    assert "molecule:" in printed and "stores:" in printed
+    if name == "experts":
+        assert "per_group: 1" in printed and "tox21:" in printed
+    if name == "lora":
+        assert "rank: 8" in printed and "init_from: runs/transfer-pretrain" in printed

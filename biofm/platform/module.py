@@ -54,6 +54,9 @@ class BiofmModule(LightningModule):
             `isolate_tasks`).
         isolate_tasks: no token of the trunk reads another task's query token, so a task's prediction does
             not depend on the others asked (predicting a subset runs less).
+        modality_dropout: in training, each modality a sample has is hidden from the model with this
+            probability (at least one kept), so a fused model learns every modality's signal instead of leaning
+            on the easiest one (e.g. slide tasks predicted from reports alone).
         lora: low-rank adapters on the trunk's projections for fine-tuning, e.g. {"rank": 8, "alpha": 16,
             "experts": null} (SMoRA's active ranks with `experts: k`); only the adapters, task heads and query
             tokens train (see `biofm.platform.lora`; `merge_lora_checkpoint` folds them back).
@@ -84,6 +87,7 @@ class BiofmModule(LightningModule):
         experts: dict | None = None,
         isolate_tasks: bool = False,
         lora: dict | None = None,
+        modality_dropout: float = 0.0,
     ):
         super().__init__()
         check_settings(
@@ -108,6 +112,8 @@ class BiofmModule(LightningModule):
             )
         # the schema (with tokenizer vocabularies) goes into checkpoints, never to a logger
         self.save_hyperparameters(logger=False)
+        if not 0.0 <= modality_dropout < 1.0:
+            raise ConfigError(f"model.modality_dropout must be in [0, 1), got {modality_dropout}")
         try:
             expert_options(experts)
             self._lora = lora_options(lora)
@@ -220,6 +226,8 @@ class BiofmModule(LightningModule):
         return [ConfirmTrained(), RequeueBetweenBatches()]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.hparams.modality_dropout and len(batch["inputs"]) > 1:
+            batch = {**batch, "inputs": drop_modalities(batch["inputs"], self.hparams.modality_dropout)}
         second_order = getattr(self.balancer, "needs_representation", False) and len(batch["labels"]) > 1
         if second_order:  # Rep-MTL differentiates saliencies: SDPA's fused kernels have no double backward
             from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -458,6 +466,18 @@ class BiofmModule(LightningModule):
             raise ConfigError(f"model.schedule must be constant or cosine, got {self.hparams.schedule!r}")
         scheduler = warmup_cosine(optimiser, int(self.trainer.estimated_stepping_batches), self.hparams.warmup_steps)
         return {"optimizer": optimiser, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def drop_modalities(inputs: dict, p: float) -> dict:
+    """`inputs` with each sample's modalities marked absent with probability `p` each; a sample that would
+    lose all of them keeps what it had."""
+    names = list(inputs)
+    present = torch.stack([inputs[n]["present"].to(torch.bool) for n in names], dim=1)  # [B, M]
+    kept = present & (torch.rand(present.shape, device=present.device) >= p)
+    kept = torch.where(kept.any(dim=1, keepdim=True), kept, present)
+    return {
+        n: {**inputs[n], "present": kept[:, j].to(inputs[n]["present"].dtype)} for j, n in enumerate(names)
+    }
 
 
 def _flat(grads: tuple, params: list[torch.nn.Parameter]) -> torch.Tensor:

