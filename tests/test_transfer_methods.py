@@ -301,3 +301,27 @@ def test_each_transfer_config_composes(name, capsys):
         assert "per_group: 1" in printed and "tox21:" in printed
     if name == "lora":
         assert "rank: 8" in printed and "init_from: runs/transfer-pretrain" in printed
+
+
+def test_sdk_predicts_a_subset_of_tasks_with_the_full_models_values(cohort_store, tmp_path):
+    import biofm
+    from biofm.platform.sdk import keywords
+    from biofm.testing import fake_raw
+
+    seed_everything(0, verbose=False)
+    data = BiofmDataModule([cohort_store.url], batch_size=32)
+    module = BiofmModule(data.schema, **TINY, experts={"blocks": [-1], "top_k": 1})
+    trainer = _trainer(tmp_path, steps=3)
+    trainer.fit(module, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "experts.ckpt")
+    model = biofm.load(tmp_path / "experts.ckpt", quiet=True)
+    argument = {name: keyword for keyword, name in keywords().items()}
+    inputs = {argument[m]: fake_raw(m, 6) for m in data.schema["modalities"]}
+    task = list(data.schema["tasks"])[0]
+    full = model.predict(**inputs)
+    part = model.predict(tasks=[task], **inputs)
+    assert not [c for c in part.columns if c.startswith(tuple(t for t in data.schema["tasks"] if t != task))]
+    shared = [c for c in part.columns if c.startswith(task) and part[c].dtype.kind == "f"]
+    assert shared and (full[shared] - part[shared]).abs().max().max() < 1e-5
+    with pytest.raises(ValueError, match="does not predict"):
+        model.predict(tasks=["no such task"], **inputs)

@@ -138,31 +138,41 @@ class Model:
         return values.iloc[lo:hi] if isinstance(values, pd.DataFrame) else values[lo:hi]
 
     @torch.no_grad()
-    def _run(self, raw: dict, n: int, batch_size: int):
+    def _run(self, raw: dict, n: int, batch_size: int, tasks: list[str] | None = None):
         for lo in range(0, n, batch_size):
             hi = min(n, lo + batch_size)
             inputs, errors = self.featurise({k: self._slice(v, lo, hi) for k, v in raw.items()}, hi - lo)
             inputs = {m: {k: v.to(self.device) for k, v in d.items()} for m, d in inputs.items()}
-            yield self.forward(inputs), errors
+            yield self.forward(inputs, tasks), errors
 
-    def forward(self, inputs: dict) -> dict | None:
+    def forward(self, inputs: dict, tasks: list[str] | None = None) -> dict | None:
         """The model's outputs and, under `applies`, per task the samples it applies to (`task_applies`); None
-        for a batch in which no sample has any input."""
+        for a batch in which no sample has any input. `tasks`: only these (a model with task experts then runs
+        only their experts)."""
         from biofm.platform.lightning import task_applies
 
         if not inputs:
             return None
-        out = self.module.model(inputs)
+        model = self.module.model
+        out = model(inputs, tasks=tasks) if tasks is not None and model.isolated else model(inputs)
         out["applies"] = task_applies(self.schema, inputs, len(next(iter(inputs.values()))["present"]))
         return out
 
     # ---- outputs
-    def predict(self, *, ids: Sequence | None = None, batch_size: int = 64, **inputs) -> pd.DataFrame:
+    def predict(
+        self, *, ids: Sequence | None = None, batch_size: int = 64, tasks: Sequence[str] | None = None, **inputs
+    ) -> pd.DataFrame:
         """One row per input: `sample_id`, per task the prediction (class name, or value in original units),
         for classification `<task>/prob/<class>`, and `<task>/applies` (False where the sample has none of the
         modalities the task was trained on: no prediction); `error` says why a row has no prediction. Inputs
-        are keywords of the model's modalities (`inputs`), a list per keyword with one entry per sample."""
+        are keywords of the model's modalities (`inputs`), a list per keyword with one entry per sample.
+        `tasks`: predict only these (default: every task); a model with task experts runs only theirs."""
         raw, n = self._raw(inputs)
+        if tasks is not None:
+            tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+            unknown = [t for t in tasks if t not in self.module.model.kinds]
+            if unknown:
+                raise ValueError(f"tasks= names {unknown}, which the model does not predict; it has {sorted(self.tasks)}")
         if ids is not None:
             ids = as_samples("ids", ids)
             if len(ids) != n:
@@ -171,24 +181,30 @@ class Model:
                     "sample, in the same order"
                 )
         frames = []
-        for out, errors in self._run(raw, n, batch_size):
-            frames.append(self.frame(out, errors))
+        for out, errors in self._run(raw, n, batch_size, tasks):
+            frames.append(self.frame(out, errors, tasks))
         frame = pd.concat(frames, ignore_index=True)
         frame.insert(0, "sample_id", [str(i) for i in ids] if ids is not None else [str(i) for i in range(n)])
         return frame
 
-    def frame(self, out: dict, errors: list[str | None]) -> pd.DataFrame:
+    def frame(self, out: dict, errors: list[str | None], tasks: list[str] | None = None) -> pd.DataFrame:
         """Model outputs of one batch → prediction columns (empty where `errors` names a reason), then `error`."""
-        return pd.DataFrame(self.columns(out, errors))
+        return pd.DataFrame(self.columns(out, errors, tasks=tasks))
 
     def columns(
-        self, out: dict | None, errors: list[str | None], sample_ids: list[str] | None = None
+        self,
+        out: dict | None,
+        errors: list[str | None],
+        sample_ids: list[str] | None = None,
+        tasks: list[str] | None = None,
     ) -> dict[str, Any]:
         """`frame`'s columns as arrays, after `sample_id` when given: a task is predicted only for the samples
         it applies to (`<task>/applies`, see `forward`), and none for a failed row."""
         from biofm.platform.lightning import prediction_columns
 
         kinds = self.module.model.kinds
+        if tasks is not None:
+            kinds = {t: k for t, k in kinds.items() if t in set(tasks)}
         n = len(errors)
         result = {}
         for task, kind in kinds.items():
