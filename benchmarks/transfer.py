@@ -166,6 +166,7 @@ def run(stores: dict, sources: list[str], judged: list[str], run_dir: Path, epoc
         tester.test(module, datamodule=single, verbose=False)
         results[source] = score({k: float(v) for k, v in tester.callback_metrics.items()}, source, "test")
     module.load_state_dict(last)
+    trainer.best_validation = {k: abs(v[0]) for k, v in keeper.best.items()}  # each judged source's best val figure
     return results, seconds, trainer
 
 
@@ -257,6 +258,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, among {', '.join(ARMS)}")
+    parser.add_argument(
+        "--first-seed-only", default="", help="comma-separated arms run on the first seed only (costly arms)"
+    )
     parser.add_argument("--epochs", type=int, default=40, help="specialist and fine-tuning epochs")
     parser.add_argument("--joint-epochs", type=int, default=20, help="epochs of the joint (pretraining) runs")
     parser.add_argument("--suites", default="molecules,cohort,biobank", help="molecules, cohort, biobank")
@@ -283,7 +287,10 @@ def main() -> None:
         root = Path(args.out or tmp)
         for suite in [x for x in suites if x in FUSION_ARMS]:
             fusion[suite] = fusion_suite(suite, args.seeds, getattr(args, f"{suite}_epochs"), root)
+        once = {a.strip() for a in args.first_seed_only.split(",") if a.strip()}
+        all_arms = arms
         for seed in range(args.seeds if "molecules" in suites else 0):
+            arms = [a for a in all_arms if seed == 0 or a not in once]
             stores = {}
             for name, (path, smiles, labels) in SOURCES.items():
                 out = root / f"seed{seed}" / f"{name}.zarr"
@@ -346,6 +353,7 @@ def main() -> None:
                     total += s
                     print(f"seed {seed} {arm} {source}: {result[source]:.4f} ({s:.0f} s)", flush=True)
                 seconds[arm].append(total)
+    arms = all_arms if "molecules" in suites else arms
     out: dict = {}
     best_vs, best_arm = {}, {}
     if "molecules" in suites:

@@ -66,3 +66,12 @@ def test_an_unknown_strategy_names_the_choices():
         RegistryError, match=r"among choices \['dwa', 'equal', 'famo', 'flat', 'pcgrad', 'rep-mtl', 'uncertainty'\]"
     ):
         make_balancer("gradnorm", ["a"])
+
+
+def test_equal_with_mean_reduction_weighs_a_many_task_batch_like_a_one_task_batch():
+    balancer = make_balancer("equal", ["a", "b", "c"], {"reduction": "mean"})
+    total, weights = balancer.combine({"a": torch.tensor(1.0), "b": torch.tensor(3.0)})
+    assert total.item() == pytest.approx(2.0) and weights == {"a": 0.5, "b": 0.5}
+    assert make_balancer("equal", ["a", "b"]).combine({"a": torch.tensor(1.0), "b": torch.tensor(3.0)})[0] == 4.0
+    with pytest.raises(ValueError, match="reduction must be sum or mean"):
+        make_balancer("equal", ["a"], {"reduction": "max"})

@@ -279,3 +279,22 @@ def test_label_columns_can_be_renamed_so_sources_do_not_share_a_head(tmp_path):
         str(csv), str(tmp_path / "z.zarr"), smiles_column="SMILES", label_columns=["logp=zinc_logp"], workers=1
     )
     assert list(store.tasks) == ["zinc_logp"]
+
+
+def test_layer_norm_encoder_has_no_running_statistics_and_a_molecule_does_not_depend_on_its_batch():
+    """With `norm: layer` a molecule's atom states are the same whatever else is in its batch, in training
+    too (batch norm's are not): sources whose batches differ share one model without mixed statistics."""
+    from biofm.platform.lightning import Collator
+
+    modality = MODALITIES.resolve("molecule")()
+    encoder = modality.encoder(32, layers=2, norm="layer").train()
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in encoder.modules())
+    schema = {"modalities": {"molecule": modality.config()}, "tasks": {}}
+    one = Collator(schema)({**modality.featurise(["CCO"]), "row": np.arange(1), "source": "x"})
+    two = Collator(schema)({**modality.featurise(["CCO", "c1ccccc1O"]), "row": np.arange(2), "source": "x"})
+    a, b = encoder(one["inputs"]["molecule"]), encoder(two["inputs"]["molecule"])
+    torch.testing.assert_close(a[0][0, :4], b[0][0, :4])
+    batch = modality.encoder(32, layers=2).train()
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in batch.modules())
+    with pytest.raises(ValueError, match="norm must be batch or layer"):
+        modality.encoder(32, norm="group")

@@ -37,6 +37,24 @@ class Balancer(nn.Module):
         total = sum(losses.values())
         return total, {t: 1.0 for t in losses}
 
+
+@BALANCERS.register("equal")
+class Equal(Balancer):
+    """Equal weights: the sum of the batch's task losses, or with `reduction="mean"` their mean, so a batch
+    of a source with many tasks (Tox21's 12 assays) weighs as much as one of a source with one."""
+
+    def __init__(self, tasks: list[str], reduction: str = "sum"):
+        super().__init__(tasks)
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"balancing 'equal': reduction must be sum or mean, got {reduction!r}")
+        self.reduction = reduction
+
+    def combine(self, losses):
+        if self.reduction == "sum":
+            return super().combine(losses)
+        weight = 1.0 / len(losses)
+        return sum(losses.values()) * weight, {t: weight for t in losses}
+
     def after_step(self, losses: dict[str, torch.Tensor]) -> None:
         """Called with the step's losses after the optimiser step."""
 
@@ -46,9 +64,6 @@ class Balancer(nn.Module):
     def optimised_parameters(self) -> list[nn.Parameter]:
         """Parameters that the main optimiser should train (uncertainty weighting's log-variances)."""
         return []
-
-
-BALANCERS.register("equal")(Balancer)
 
 
 @BALANCERS.register("uncertainty")

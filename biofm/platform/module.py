@@ -475,9 +475,7 @@ def drop_modalities(inputs: dict, p: float) -> dict:
     present = torch.stack([inputs[n]["present"].to(torch.bool) for n in names], dim=1)  # [B, M]
     kept = present & (torch.rand(present.shape, device=present.device) >= p)
     kept = torch.where(kept.any(dim=1, keepdim=True), kept, present)
-    return {
-        n: {**inputs[n], "present": kept[:, j].to(inputs[n]["present"].dtype)} for j, n in enumerate(names)
-    }
+    return {n: {**inputs[n], "present": kept[:, j].to(inputs[n]["present"].dtype)} for j, n in enumerate(names)}
 
 
 def _flat(grads: tuple, params: list[torch.nn.Parameter]) -> torch.Tensor:

@@ -172,7 +172,9 @@ class Model:
             tasks = [tasks] if isinstance(tasks, str) else list(tasks)
             unknown = [t for t in tasks if t not in self.module.model.kinds]
             if unknown:
-                raise ValueError(f"tasks= names {unknown}, which the model does not predict; it has {sorted(self.tasks)}")
+                raise ValueError(
+                    f"tasks= names {unknown}, which the model does not predict; it has {sorted(self.tasks)}"
+                )
         if ids is not None:
             ids = as_samples("ids", ids)
             if len(ids) != n:

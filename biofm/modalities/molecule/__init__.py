@@ -88,9 +88,17 @@ class Molecule(Modality):
             for _ in range(2)
         )
 
-    def encoder(self, d_model: int, layers: int = 4, global_attention: bool = False, dropout: float = 0.0) -> nn.Module:
+    def encoder(
+        self, d_model: int, layers: int = 4, global_attention: bool = False, dropout: float = 0.0, norm: str = "batch"
+    ) -> nn.Module:
+        """`norm`: "batch" (GIN's) or "layer" (no running statistics: one model over sources that differ)."""
         return MoleculeEncoder(
-            d_model, layers, global_attention, dropout, pe_dim=self.settings["rw_steps"] + self.settings["lap_dim"]
+            d_model,
+            layers,
+            global_attention,
+            dropout,
+            pe_dim=self.settings["rw_steps"] + self.settings["lap_dim"],
+            norm=norm,
         )
 
     @classmethod

@@ -70,8 +70,11 @@ class MoleculeEncoder(nn.Module):
         dropout: float = 0.0,
         pe_dim: int = 0,
         heads: int = 4,
+        norm: str = "batch",
     ):
         super().__init__()
+        if norm not in ("batch", "layer"):
+            raise ValueError(f"molecule encoder: norm must be batch or layer, got {norm!r}")
         self.atom_embeddings = nn.ModuleList([nn.Embedding(n, d_model) for n in ATOM_CARDINALITIES])
         self.bond_embeddings = nn.ModuleList([nn.Embedding(n, d_model) for n in BOND_CARDINALITIES])
         self.mass = nn.Linear(1, d_model)
@@ -79,7 +82,10 @@ class MoleculeEncoder(nn.Module):
         self.register_buffer("atom_offsets", _offsets(ATOM_CARDINALITIES), persistent=False)
         self.register_buffer("bond_offsets", _offsets(BOND_CARDINALITIES), persistent=False)
         self.convs = nn.ModuleList([_gine_conv(d_model) for _ in range(layers)])
-        self.norms = nn.ModuleList([nn.BatchNorm1d(d_model) for _ in range(layers)])
+        # batch norm's running statistics mix sources whose batches are each one source; layer norm has none
+        self.norms = nn.ModuleList(
+            [nn.BatchNorm1d(d_model) if norm == "batch" else nn.LayerNorm(d_model) for _ in range(layers)]
+        )
         self.attention = (
             nn.ModuleList(
                 [nn.MultiheadAttention(d_model, heads, dropout=dropout, batch_first=True) for _ in range(layers)]
