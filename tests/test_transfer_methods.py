@@ -233,6 +233,7 @@ def test_lora_trains_only_adapters_and_heads(cohort_store, tmp_path, smora):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith(("heads.", "queries.")) or ".lora_" in k or ".gate." in k for k in changed)
     assert any(".lora_" in k for k in changed)
+    assert not module.model.encoders.training  # frozen parts stay in evaluation mode (no statistics change)
 
 
 def test_merged_lora_checkpoint_loads_in_the_sdk_with_the_same_predictions(cohort_store, tmp_path):

@@ -158,6 +158,10 @@ class BiofmModule(LightningModule):
             }
             for name, param in self.model.named_parameters():
                 param.requires_grad_(id(param) in adapters or name.startswith(("heads.", "queries.")))
+            # encoders and resamplers are wholly frozen: evaluation mode, batch-norm statistics included
+            self._frozen += [m for m in (self.model.encoders, self.model.resamplers) if m not in self._frozen]
+            for module in self._frozen:
+                module.eval()
         self._epoch_losses: dict[str, list] = {}  # task → [Σ loss (a tensor on the device), steps]
         self._step_losses: dict[str, torch.Tensor] = {}
 
