@@ -16,6 +16,8 @@ Arms (all with configs/model/molecule.yaml, batch 64, AdamW with cosine schedule
 - finetune: the joint-equal model (its last state: the pretrained model) fine-tuned on each judged source
   alone for `--epochs` epochs (every weight, the target's own head kept).
 - lora: the same pretrained model, LoRA rank 8 on the trunk's projections; only adapters and heads train.
+- finetune-ssl: as finetune, from a model pretrained on every source with the supervised tasks and the
+  self-supervised pretexts (masked atoms, masked bonds, two-view contrast) together.
 
 Rule applied to every arm: each judged source is tested at the epoch whose validation score on that source
 was best (RMSE of its task; mean AUROC over the Tox21 assays), so a joint model is not judged on a
@@ -73,7 +75,9 @@ BALANCERS = {
     "joint-rep-mtl": ("rep-mtl", None),
     "joint-flat": ("flat", {"base": "equal", "rho": 0.05}),
 }
-ARMS = ["specialist", *BALANCERS, "experts", "finetune", "lora"]
+ARMS = ["specialist", *BALANCERS, "experts", "finetune", "lora", "finetune-ssl"]
+# the self-supervised pretexts that need nothing beyond the graph (descriptors would change the featuriser)
+PRETEXTS = {"masked_atoms": {"ratio": 0.15}, "masked_bonds": {"ratio": 0.15}, "two_view": {"temperature": 0.2}}
 FUSION_ARMS = {  # arm: (modalities, model settings)
     "cohort": {
         "fused": (None, {}),
@@ -308,11 +312,16 @@ def main() -> None:
                     seconds["specialist"].append(s)
                     print(f"seed {seed} specialist {source}: {result[source]:.4f} ({s:.0f} s)", flush=True)
             needs_pretrained = {"finetune", "lora"} & set(arms)
-            for arm in [a for a in arms if a.startswith("joint-") or a == "experts"] + (
-                ["joint-equal"] if needs_pretrained and "joint-equal" not in arms else []
+            pretrained_ssl = None
+            for arm in (
+                [a for a in arms if a.startswith("joint-") or a == "experts"]
+                + (["joint-equal"] if needs_pretrained and "joint-equal" not in arms else [])
+                + (["pretrain-ssl"] if "finetune-ssl" in arms else [])
             ):
                 name, options = BALANCERS.get(arm, ("equal", None))
                 extra = experts_settings() if arm == "experts" else {}
+                if arm == "pretrain-ssl":
+                    extra = {"pretext": PRETEXTS}
                 result, s, trainer = run(
                     stores,
                     list(SOURCES),
@@ -332,6 +341,9 @@ def main() -> None:
                 if arm == "joint-equal":
                     pretrained = root / f"pretrained{seed}.ckpt"
                     trainer.save_checkpoint(pretrained)  # the last state: the pretrained model
+                if arm == "pretrain-ssl":
+                    pretrained_ssl = root / f"pretrained-ssl{seed}.ckpt"
+                    trainer.save_checkpoint(pretrained_ssl)
                 if arm in arms:
                     for source in judged:
                         figures[source][arm].append(result[source])
@@ -340,8 +352,8 @@ def main() -> None:
                     f"seed {seed} {arm}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()) + f" ({s:.0f} s)",
                     flush=True,
                 )
-            for arm in [a for a in ("finetune", "lora") if a in arms]:
-                extra = {"init_from": str(pretrained)}
+            for arm in [a for a in ("finetune", "lora", "finetune-ssl") if a in arms]:
+                extra = {"init_from": str(pretrained_ssl if arm == "finetune-ssl" else pretrained)}
                 if arm == "lora":
                     extra["lora"] = {"rank": 8, "alpha": 16}
                 total = 0.0
