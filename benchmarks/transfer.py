@@ -174,6 +174,23 @@ def run(stores: dict, sources: list[str], judged: list[str], run_dir: Path, epoc
     return results, seconds, trainer
 
 
+class Cache:
+    """Finished (arm, seed) results in `<out>/results.json`, so an interrupted benchmark resumes where it
+    stopped (the runs are deterministic for a seed: the same figures come out again)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries = json.loads(path.read_text()) if path.exists() else {}
+
+    def get(self, arm: str, seed: int):
+        return self.entries.get(f"{arm}|{seed}")
+
+    def put(self, arm: str, seed: int, result: dict, seconds: float) -> None:
+        self.entries[f"{arm}|{seed}"] = {"result": result, "seconds": seconds}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.entries, indent=1))
+
+
 def experts_settings() -> dict:
     """Two shared experts and one per source (its tasks a group) in the last trunk block."""
     groups = {
@@ -291,6 +308,7 @@ def main() -> None:
         root = Path(args.out or tmp)
         for suite in [x for x in suites if x in FUSION_ARMS]:
             fusion[suite] = fusion_suite(suite, args.seeds, getattr(args, f"{suite}_epochs"), root)
+        cache = Cache(root / "results.json")
         once = {a.strip() for a in args.first_seed_only.split(",") if a.strip()}
         all_arms = arms
         for seed in range(args.seeds if "molecules" in suites else 0):
@@ -307,7 +325,12 @@ def main() -> None:
             pretrained = None
             if "specialist" in arms:
                 for source in judged:
-                    result, s, _ = run(stores, [source], [source], root / f"spec-{source}{seed}", args.epochs, seed)
+                    done = cache.get(f"specialist-{source}", seed)
+                    if done is None:
+                        result, s, _ = run(stores, [source], [source], root / f"spec-{source}{seed}", args.epochs, seed)
+                        cache.put(f"specialist-{source}", seed, result, s)
+                    else:
+                        result, s = done["result"], done["seconds"]
                     figures[source]["specialist"].append(result[source])
                     seconds["specialist"].append(s)
                     print(f"seed {seed} specialist {source}: {result[source]:.4f} ({s:.0f} s)", flush=True)
@@ -322,6 +345,21 @@ def main() -> None:
                 extra = experts_settings() if arm == "experts" else {}
                 if arm == "pretrain-ssl":
                     extra = {"pretext": PRETEXTS}
+                done = cache.get(arm, seed)
+                checkpoint = {
+                    "joint-equal": root / f"pretrained{seed}.ckpt",
+                    "pretrain-ssl": root / f"pretrained-ssl{seed}.ckpt",
+                }
+                if done is not None and (arm not in checkpoint or checkpoint[arm].exists()):
+                    result, s = done["result"], done["seconds"]
+                    pretrained = checkpoint["joint-equal"] if arm == "joint-equal" else pretrained
+                    pretrained_ssl = checkpoint["pretrain-ssl"] if arm == "pretrain-ssl" else pretrained_ssl
+                    if arm in arms:
+                        for source in judged:
+                            figures[source][arm].append(result[source])
+                        seconds[arm].append(s)
+                    print(f"seed {seed} {arm} (cached): " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+                    continue
                 result, s, trainer = run(
                     stores,
                     list(SOURCES),
@@ -344,6 +382,8 @@ def main() -> None:
                 if arm == "pretrain-ssl":
                     pretrained_ssl = root / f"pretrained-ssl{seed}.ckpt"
                     trainer.save_checkpoint(pretrained_ssl)
+                if arm != "experts":  # its FLOPs figure needs the trained model: not cached
+                    cache.put(arm, seed, result, s)
                 if arm in arms:
                     for source in judged:
                         figures[source][arm].append(result[source])
@@ -358,9 +398,14 @@ def main() -> None:
                     extra["lora"] = {"rank": 8, "alpha": 16}
                 total = 0.0
                 for source in judged:
-                    result, s, _ = run(
-                        stores, [source], [source], root / f"{arm}-{source}{seed}", args.epochs, seed, **extra
-                    )
+                    done = cache.get(f"{arm}-{source}", seed)
+                    if done is None:
+                        result, s, _ = run(
+                            stores, [source], [source], root / f"{arm}-{source}{seed}", args.epochs, seed, **extra
+                        )
+                        cache.put(f"{arm}-{source}", seed, result, s)
+                    else:
+                        result, s = done["result"], done["seconds"]
                     figures[source][arm].append(result[source])
                     total += s
                     print(f"seed {seed} {arm} {source}: {result[source]:.4f} ({s:.0f} s)", flush=True)

@@ -38,6 +38,17 @@ class Balancer(nn.Module):
         return total, {t: 1.0 for t in losses}
 
 
+    def after_step(self, losses: dict[str, torch.Tensor]) -> None:
+        """Called with the step's losses after the optimiser step."""
+
+    def epoch_end(self, mean_losses: dict[str, float]) -> None:
+        """Called with each task's mean training loss over the epoch."""
+
+    def optimised_parameters(self) -> list[nn.Parameter]:
+        """Parameters that the main optimiser should train (uncertainty weighting's log-variances)."""
+        return []
+
+
 @BALANCERS.register("equal")
 class Equal(Balancer):
     """Equal weights: the sum of the batch's task losses, or with `reduction="mean"` their mean, so a batch
@@ -54,16 +65,6 @@ class Equal(Balancer):
             return super().combine(losses)
         weight = 1.0 / len(losses)
         return sum(losses.values()) * weight, {t: weight for t in losses}
-
-    def after_step(self, losses: dict[str, torch.Tensor]) -> None:
-        """Called with the step's losses after the optimiser step."""
-
-    def epoch_end(self, mean_losses: dict[str, float]) -> None:
-        """Called with each task's mean training loss over the epoch."""
-
-    def optimised_parameters(self) -> list[nn.Parameter]:
-        """Parameters that the main optimiser should train (uncertainty weighting's log-variances)."""
-        return []
 
 
 @BALANCERS.register("uncertainty")
