@@ -37,7 +37,6 @@ class Balancer(nn.Module):
         total = sum(losses.values())
         return total, {t: 1.0 for t in losses}
 
-
     def after_step(self, losses: dict[str, torch.Tensor]) -> None:
         """Called with the step's losses after the optimiser step."""
 
