@@ -156,33 +156,43 @@ class TaskExperts(nn.Module):
         return e * mean_prob.square().sum() - 1.0
 
     def forward(self, x: torch.Tensor, tasks: Sequence[str]) -> torch.Tensor:
-        """`x` [B, N, d]: token 0 is [CLS], tokens 1 … len(tasks) the query tokens of `tasks`, the rest latents."""
+        """`x` [B, N, d]: token 0 is [CLS], tokens 1 … len(tasks) the query tokens of `tasks`, the rest latents.
+        Each shared expert runs once over every token, each group's experts once over its tasks' tokens."""
         n_tasks = len(tasks)
         if self.training:
             for expert in self.modules():
                 if isinstance(expert, Expert):
                     expert.active = None
-        other = torch.cat([x[:, :1], x[:, 1 + n_tasks :]], dim=1)
-        shared_out = torch.stack([e(other) for e in self.shared], dim=-1)  # [B, N - T, d, S]
+        shared_out = torch.stack([e(x) for e in self.shared], dim=-1)  # [B, N, d, S]
+        other_out = torch.cat([shared_out[:, :1], shared_out[:, 1 + n_tasks :]], dim=1)
         aux = x.new_zeros(())
         if self.shared_gate is not None:
-            w, p = self._weights(self.shared_gate(other), 0)
+            w, p = self._weights(self.shared_gate(torch.cat([x[:, :1], x[:, 1 + n_tasks :]], dim=1)), 0)
             aux = aux + self._balance(w, p)
-            mixed = (shared_out * w[:, :, None, :]).sum(-1)
+            mixed = (other_out * w[:, :, None, :]).sum(-1)
         else:
-            mixed = shared_out[..., 0]
+            mixed = other_out[..., 0]
+        positions: dict[str, list[int]] = {}
+        for i, task in enumerate(tasks):
+            if self.group_of.get(task) is not None and len(self.grouped[self.group_of[task]]):
+                positions.setdefault(self.group_of[task], []).append(i)
+        own_out = {}  # task position → its group's expert outputs [B, d, G]
+        for group, index in positions.items():
+            tokens = x[:, [1 + i for i in index]]  # [B, k, d]
+            out = torch.stack([e(tokens) for e in self.grouped[group]], dim=-1)  # [B, k, d, G]
+            own_out.update({i: out[:, j] for j, i in enumerate(index)})
         outputs = [mixed[:, :1]]
         stats = {}
         for i, task in enumerate(tasks):
-            token = x[:, 1 + i]  # [B, d]
-            own = self._own(task)
-            experts = list(self.shared) + list(own)
-            w, p = self._weights(self.gates[task](token), len(own))
+            candidates = shared_out[:, 1 + i]  # [B, d, S]
+            n_own = own_out[i].shape[-1] if i in own_out else 0
+            if n_own:
+                candidates = torch.cat([candidates, own_out[i]], dim=-1)
+            w, p = self._weights(self.gates[task](x[:, 1 + i]), n_own)
             aux = aux + self._balance(w, p)
-            out = torch.stack([e(token) for e in experts], dim=-1)  # [B, d, E]
-            outputs.append((out * w[:, None, :]).sum(-1)[:, None])
+            outputs.append((candidates * w[:, None, :]).sum(-1)[:, None])
             if self.training:
-                stats[task] = p.detach().mean(0)[len(self.shared) :].sum() if len(own) else p.new_zeros(())
+                stats[task] = p.detach().mean(0)[len(self.shared) :].sum() if n_own else p.new_zeros(())
         outputs.append(mixed[:, 1:])
         self.aux = aux
         if self.training:
