@@ -67,6 +67,15 @@ def test_rep_mtl_regularisers_train_with_several_tasks(cohort_store, tmp_path):
     assert 0.0 < tsr <= 1.0 + 1e-6  # entropy normalised by log T
 
 
+def test_rep_mtl_regularisers_change_the_update(cohort_store, tmp_path):
+    """Against the same run with both weights 0 (the same kernels and steps, the regularisers weigh
+    nothing, so the two runs would be identical if the regularisers never reached the update)."""
+    off, _ = _fit(cohort_store, tmp_path / "b", balancing="rep-mtl", balancing_options={"tsr": 0.0, "csa": 0.0})
+    on, _ = _fit(cohort_store, tmp_path / "c", balancing="rep-mtl", balancing_options={"tsr": 1.0, "csa": 1.0})
+    b, c = _state(off), _state(on)
+    assert max(float((b[k] - c[k]).abs().max()) for k in b) > 1e-4
+
+
 def test_rep_mtl_regulariser_is_the_entropy_of_task_shares():
     """Two tasks that read disjoint channels of Z: each channel has one task, so the entropy term is 0; two
     tasks reading the same channels equally: it is 1 (log 2 / log 2)."""
@@ -85,6 +94,37 @@ def test_flat_with_no_perturbation_is_its_base_balancer(cohort_store, tmp_path):
     flat, _ = _fit(cohort_store, tmp_path / "b", balancing="flat", balancing_options={"base": "pcgrad", "rho": 0.0})
     a, b = _state(pcgrad), _state(flat)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_flat_with_no_perturbation_keeps_a_loss_based_bases_weights(cohort_store, tmp_path):
+    """Uncertainty weights set apart from 1: the gradient flat (ρ = 0) over uncertainty steps with is
+    uncertainty's own, not the unweighted sum's."""
+    from lightning.pytorch import Callback
+
+    class Gradients(Callback):
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            self.grads = {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
+
+    def first_gradient(balancing, options=None, weighted=True):
+        seed_everything(0, verbose=False)
+        data = BiofmDataModule([cohort_store.url], batch_size=32, seed=0)
+        module = BiofmModule(data.schema, **TINY, balancing=balancing, balancing_options=options)
+        if weighted:
+            balancer = module.balancer.base if balancing == "flat" else module.balancer
+            with torch.no_grad():
+                for i, log_var in enumerate(balancer.log_vars.values()):
+                    log_var.fill_(1.5 * (i % 3) - 1.5)
+        seen = Gradients()
+        _trainer(tmp_path / balancing, steps=1, callbacks=[seen]).fit(module, datamodule=data)
+        return seen.grads
+
+    def distance(a, b):
+        return max(float((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)) for k in a if a[k].norm() > 0)
+
+    plain = first_gradient("uncertainty")
+    flat = first_gradient("flat", {"base": "uncertainty", "rho": 0.0})
+    unweighted = first_gradient("uncertainty", weighted=False)
+    assert distance(plain, flat) < 1e-4 < 0.1 < distance(plain, unweighted)
 
 
 def test_flat_with_one_task_takes_the_sharpness_aware_gradient(cohort_store, tmp_path):

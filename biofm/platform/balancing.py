@@ -179,8 +179,8 @@ class PCGrad(Balancer):
         super().__init__(tasks)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def combine_gradients(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """Per-task flat gradients → the combined gradient."""
+    def combine_gradients(self, grads: list[torch.Tensor], weights: list | None = None) -> torch.Tensor:
+        """Per-task flat gradients → the combined gradient (`weights`, the loss weights, are not used)."""
         combined = torch.zeros_like(grads[0])
         for i, g in enumerate(grads):
             g = g.clone()
@@ -220,9 +220,9 @@ class FlatRegions(Balancer):
         return self.base.combine(losses)
 
     def combine_gradients(self, grads: list[torch.Tensor], weights: list | None = None) -> torch.Tensor:
-        """The base's combination of per-task gradients (loss-based bases: Σ w_t g_t)."""
+        """The base's combination of per-task gradients (loss-based bases: Σ w_t g_t with their weights)."""
         if self.base.gradient_based:
-            return self.base.combine_gradients(grads)
+            return self.base.combine_gradients(grads, weights)
         weights = weights if weights is not None else [1.0] * len(grads)
         return sum(w * g for w, g in zip(weights, grads))
 

@@ -250,7 +250,7 @@ class BiofmModule(LightningModule):
             )
         extra = sum(t for t in (aux, regulariser) if t is not None)
         if not self.automatic_optimization:
-            self._gradient_step(losses, batch, extra)
+            self._gradient_step(losses, total, weights, batch, extra)
         else:  # a batch without any label still needs a loss with a graph for the optimiser
             total = total + extra + self._every_parameter(needed=not losses)
         for task, record in step.tasks.items():
@@ -295,10 +295,12 @@ class BiofmModule(LightningModule):
             return 0.0
         return 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)
 
-    def _gradient_step(self, losses: dict[str, torch.Tensor], batch: dict, extra=0.0) -> None:
+    def _gradient_step(
+        self, losses: dict[str, torch.Tensor], total: torch.Tensor, weights: dict, batch: dict, extra=0.0
+    ) -> None:
         """Manual optimisation for gradient-based balancing: per-task gradients of the shared parameters
         (encoders, resamplers, trunk) are combined by the balancer; task-specific parameters (heads, query
-        tokens, pretext heads) take the plain sum. With `flat`, each task's sharpness-aware gradient is taken
+        tokens, pretext heads) take each task's gradient at its loss weight. With `flat`, each task's sharpness-aware gradient is taken
         too (one more forward and backward per task) and its flat part combined the same way. The combined
         gradient is back-propagated as a surrogate (Σ p·g, plus `extra`: terms outside the balance, such
         as the experts' load balance), so DDP averages it over ranks as usual."""
@@ -317,28 +319,26 @@ class BiofmModule(LightningModule):
                 torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in losses.values()
             ]
             rho = getattr(self.balancer, "rho", 0.0)
-            total, weights = self.balancer.combine(losses)
             balancer_params = [p for p in self.balancer.optimised_parameters() if p.requires_grad]
             if balancer_params:  # uncertainty weighting's log-variances, under flat
                 for p, g in zip(balancer_params, torch.autograd.grad(total, balancer_params, retain_graph=True)):
                     surrogate = surrogate + (p * g.detach()).sum()
-            w = [float(weights[t]) for t in losses]
+            w = [weights[t].detach() if torch.is_tensor(weights[t]) else weights[t] for t in losses]
             plain = [_flat(g[: len(shared)], shared) for g in per_task]
+            combined = self.balancer.combine_gradients(plain, w)
+            own_source = per_task
             if rho:
                 sharp = self._sharpness_gradients(batch, list(losses), per_task, params, rho)
-                combined = self.balancer.combine_gradients(plain, w) + self.balancer.combine_gradients(
+                combined = combined + self.balancer.combine_gradients(
                     [_flat(g[: len(shared)], shared) - p for g, p in zip(sharp, plain)], w
                 )
                 own_source = sharp
-            else:
-                combined = self.balancer.combine_gradients(plain)
-                own_source = per_task
             offset = 0
             for p in shared:
                 surrogate = surrogate + (p * combined[offset : offset + p.numel()].view_as(p)).sum()
                 offset += p.numel()
-            for i, p in enumerate(own):
-                grads = [g[len(shared) + i] for g in own_source if g[len(shared) + i] is not None]
+            for i, p in enumerate(own):  # each task's own parameters: its gradient at its loss weight
+                grads = [wt * g[len(shared) + i] for wt, g in zip(w, own_source) if g[len(shared) + i] is not None]
                 if grads:
                     surrogate = surrogate + (p * sum(grads).detach()).sum()
         if torch.is_tensor(surrogate):  # else: one process, nothing to learn from this batch
