@@ -219,18 +219,9 @@ def fusion_suite(suite: str, seeds: int, epochs: int, root: Path) -> dict:
             store = prepare_synthetic(str(folder / "cohort.zarr"), n=2000, seed=seed, overwrite=True)
             batch_size = 64
         else:
-            from biofm.datasets.slides import prepare_slides
-            from biofm.datasets.synthetic_slides import BIOBANK_LABELS, CASE_COLUMNS, write_biobank
+            from biofm.datasets.synthetic_slides import prepare_biobank
 
-            manifest = write_biobank(folder / "data", n=80, seed=seed)
-            store = prepare_slides(
-                str(manifest),
-                str(folder / "slides.zarr"),
-                label_columns=BIOBANK_LABELS,
-                case_columns=CASE_COLUMNS,
-                seed=seed,
-                overwrite=True,
-            ).store
+            store = prepare_biobank(folder / "data", folder / "slides.zarr", n=80, seed=seed, overwrite=True)[1].store
             batch_size = 16
         for arm, (modalities, model) in FUSION_ARMS[suite].items():
             start = time.perf_counter()

@@ -248,6 +248,32 @@ def write_biobank(
     return manifest
 
 
+def prepare_biobank(
+    slides_dir: str | Path,
+    out: str,
+    n: int = 60,
+    seed: int = 0,
+    size: int = 1344,
+    overwrite: bool = False,
+    progress: bool = False,
+):
+    """Write `n` synthetic biobank slides (with manifest) under `slides_dir` and prepare them into the store
+    `out` with the biobank's labels and case columns; returns `(manifest, prepare_slides' result)`."""
+    from biofm.datasets.slides import prepare_slides
+
+    manifest = write_biobank(slides_dir, n=n, seed=seed, size=size, progress=progress)
+    result = prepare_slides(
+        str(manifest),
+        str(out),
+        label_columns=BIOBANK_LABELS,
+        case_columns=CASE_COLUMNS,
+        seed=seed,
+        overwrite=overwrite,
+        progress=progress,
+    )
+    return manifest, result
+
+
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="store to write")
     p.add_argument("--slides-dir", default=None, help="where the slides and manifest go (default <out>.slides)")
@@ -260,19 +286,12 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 @preparer("synthetic-biobank", _arguments)
 def _run(args: argparse.Namespace) -> None:
     """Synthetic pathology biobank: slides from real tissue + reports + case table → slide metadata."""
-    from biofm.datasets.slides import prepare_slides, print_summary
+    from biofm.datasets.slides import print_summary
     from biofm.platform.writing import writing
 
     folder = Path(args.slides_dir or str(args.out).rstrip("/") + ".slides")
     with writing(args.out):  # an --out that is not a store is refused before any slide is written
-        manifest = write_biobank(folder, n=args.n, seed=args.seed, size=args.size, progress=True)
-        result = prepare_slides(
-            str(manifest),
-            args.out,
-            label_columns=BIOBANK_LABELS,
-            case_columns=CASE_COLUMNS,
-            seed=args.seed,
-            overwrite=args.overwrite,
-            progress=True,
+        _, result = prepare_biobank(
+            folder, args.out, n=args.n, seed=args.seed, size=args.size, overwrite=args.overwrite, progress=True
         )
     print_summary(result, args.out)

@@ -54,24 +54,13 @@ def run_biobank(out_dir: Path, seed: int, console: Console, settings: dict, n_sl
     """The pathology-biobank use case: synthetic slides of real tissue + reports + case table → five slide
     metadata tasks, trained as one model, against the same model without slides and slides alone; and an
     attention heatmap of one test slide."""
-    from biofm.datasets.slides import prepare_slides, print_summary
-    from biofm.datasets.synthetic_slides import (
-        BIOBANK_LABELS,
-        CASE_COLUMNS,
-        write_biobank,
-    )
+    from biofm.datasets.slides import print_summary
+    from biofm.datasets.synthetic_slides import prepare_biobank
     from biofm.modalities.wsi.heatmap import slide_heatmap
 
     folder = out_dir / "biobank"
-    manifest = write_biobank(folder / "data", n=n_slides, seed=seed, progress=True)
-    result = prepare_slides(
-        str(manifest),
-        str(folder / "slides.zarr"),
-        label_columns=BIOBANK_LABELS,
-        case_columns=CASE_COLUMNS,
-        seed=seed,
-        overwrite=True,
-        progress=True,
+    manifest, result = prepare_biobank(
+        folder / "data", folder / "slides.zarr", n=n_slides, seed=seed, overwrite=True, progress=True
     )
     print_summary(result, str(folder / "slides.zarr"))
     runs = settings["runs"]
