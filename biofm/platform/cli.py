@@ -49,12 +49,32 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="describe a store")
     info.add_argument("store")
     info.set_defaults(run=_info)
+    merge = commands.add_parser(
+        "merge", help="one multi-task model from specialists fine-tuned from one base (task arithmetic, TIES, …)"
+    )
+    add_merge_arguments(merge)
+    merge.set_defaults(run=_merge)
     verify = commands.add_parser(
         "verify", help="check every file of a store against the checksums written when it was prepared"
     )
     verify.add_argument("store", help="store path or fsspec URL")
     verify.set_defaults(run=_verify)
     return parser
+
+
+def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
+    from biofm.platform.merge_options import add_arguments
+
+    add_arguments(parser)
+
+
+def _merge(args: argparse.Namespace) -> None:
+    import json
+
+    from biofm.platform.merge import merge
+
+    summary = merge(**{k: v for k, v in vars(args).items() if k not in ("command", "run")})
+    print(json.dumps(summary))
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -99,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (StoreError, CheckpointError, ConfigError, RegistryError, FileNotFoundError) as err:
+    except (StoreError, CheckpointError, ConfigError, RegistryError, FileNotFoundError, FileExistsError) as err:
         print(f"biofm: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

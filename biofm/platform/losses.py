@@ -41,9 +41,12 @@ class StepLosses:
 def task_losses(
     kinds: dict[str, TaskKind], labels: dict[str, torch.Tensor], logits: dict[str, torch.Tensor]
 ) -> dict[str, TaskLoss]:
-    """Per task with at least one present label in `labels`, its masked loss (`TaskKind.loss`)."""
+    """Per task with at least one present label in `labels`, its masked loss (`TaskKind.loss`); labels of
+    tasks the model does not have (a store tested with a checkpoint of fewer tasks) are not its to score."""
     out = {}
     for task, target in labels.items():
+        if task not in kinds:
+            continue
         loss, n = kinds[task].loss(logits[task], target)
         if n:
             out[task] = TaskLoss(loss, n)

@@ -127,6 +127,7 @@ class TrunkConfig:
     encoders: dict[str, dict] | None = None
     experts: dict | None = None  # task experts in chosen trunk blocks (`biofm.platform.experts`)
     isolate_tasks: bool = False  # no token reads another task's query token (always on with experts)
+    merged: dict | None = None  # how `biofm merge` made this model; Twin-Merging's adds parts (`platform/twin.py`)
 
     @classmethod
     def of(cls, settings: Mapping[str, Any]) -> TrunkConfig:
@@ -134,6 +135,10 @@ class TrunkConfig:
         return cls(**{f.name: settings[f.name] for f in fields(cls) if f.name in settings})
 
     def build(self, schema: dict) -> BiofmModel:
+        if self.merged and self.merged.get("method") == "twin":
+            from biofm.platform.twin import TwinMergedModel
+
+            return TwinMergedModel(schema, self)
         return BiofmModel(schema, self)
 
 
@@ -275,6 +280,9 @@ class BiofmModel(nn.Module):
         """`cls` [B, d], the task tokens, `logits` per task, and `embedded`: each modality's `embed` output,
         which pretext tasks of the same step reuse. `tasks`: predict only these (an isolated model gives them
         the same logits as with every task, and runs only their experts)."""
+        groups = self.task_groups(tasks)
+        if groups is not None:
+            return self._forward_groups(inputs, groups, tasks)
         if tasks is not None and not self.isolated:
             raise ValueError("predicting a subset of tasks needs a model with isolate_tasks (or experts)")
         tasks = list(self.queries) if tasks is None else [t for t in self.queries if t in set(tasks)]
@@ -282,6 +290,32 @@ class BiofmModel(nn.Module):
         task_tokens = x[:, 1 : 1 + len(tasks)]
         logits = {t: self.heads[t](task_tokens[:, i]) for i, t in enumerate(tasks)}
         return {"cls": x[:, 0], "tasks": task_tokens, "logits": logits, "embedded": embedded}
+
+    def task_groups(self, tasks: list[str] | None = None) -> list[list[str]] | None:
+        """A merged model's task groups — each specialist's tasks, trained together beside no other query
+        token — that hold any of `tasks` (default all); None for a model of one group."""
+        groups = (self.config.merged or {}).get("groups")
+        if not groups or len(groups) < 2:
+            return None
+        wanted = set(self.queries) if tasks is None else set(tasks)
+        return [group for group in groups if wanted & set(group)]
+
+    def _forward_groups(self, inputs: dict, groups: list[list[str]], tasks: list[str] | None) -> dict:
+        """Each group through the trunk with its own query tokens only (the context its specialist was
+        trained in), the encoders run once; [CLS] from a pass with no query token."""
+        embedded = self.embed_all(inputs)
+        if not embedded:
+            raise ValueError(f"the batch has none of the model's modalities {sorted(self.encoders)}")
+        latents, masks = [e[0] for e in embedded.values()], [e[1] for e in embedded.values()]
+        cls = self.trunk_over(latents, masks, read=1, tasks=[])[0][:, 0]
+        logits, tokens = {}, []
+        for group in groups:
+            x, _ = self.trunk_over(latents, masks, read=1 + len(group), tasks=group)
+            for i, task in enumerate(group):
+                if tasks is None or task in tasks:
+                    logits[task] = self.heads[task](x[:, 1 + i])
+                    tokens.append(x[:, 1 + i])
+        return {"cls": cls, "tasks": torch.stack(tokens, dim=1), "logits": logits, "embedded": embedded}
 
     def expert_blocks(self) -> list[TaskExperts]:
         return [block.experts for block in self.trunk if block.experts is not None]

@@ -60,6 +60,9 @@ class BiofmModule(LightningModule):
         lora: low-rank adapters on the trunk's projections for fine-tuning, e.g. {"rank": 8, "alpha": 16,
             "experts": null} (SMoRA's active ranks with `experts: k`); only the adapters, task heads and query
             tokens train (see `biofm.platform.lora`; `merge_lora_checkpoint` folds them back).
+        merged: written by `biofm merge`, not for training runs: the method, the models merged and what was
+            learned (coefficients; for Twin-Merging the exclusive parts' rank and the router, see
+            `biofm.platform.merge`).
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class BiofmModule(LightningModule):
         isolate_tasks: bool = False,
         lora: dict | None = None,
         modality_dropout: float = 0.0,
+        merged: dict | None = None,
     ):
         super().__init__()
         check_settings(
@@ -389,6 +393,8 @@ class BiofmModule(LightningModule):
                 self.log(f"{name}/loss", sum(t.loss for t in losses.values()), batch_size=size, sync_dist=True)
             by_source = self._metrics_of_source(batch["source"]) if stage == "test" else None
             for task, target in batch["labels"].items():
+                if task not in out["logits"]:  # the store has a task the checkpoint was not trained on
+                    continue
                 self.metrics[stage].update(task, out["logits"][task], target)
                 if by_source is not None:
                     by_source.update(task, out["logits"][task], target)
