@@ -106,8 +106,10 @@ def score(metrics: dict, source: str, prefix: str) -> float:
     return float(metrics.get(f"{prefix}/{task}/rmse", math.nan))
 
 
-def best_states_callback(sources: list[str]):
-    """Keeps, for each judged source, the weights of the epoch with its best validation score."""
+def best_states_callback(sources: list[str], scorer=score, lower: dict | None = None):
+    """Keeps, for each judged source, the weights of the epoch with its best validation score (`scorer`'s
+    figure; `lower[source]`: lower is better)."""
+    lower = JUDGED if lower is None else lower
     from lightning.pytorch import Callback
 
     class BestPerSource(Callback):
@@ -119,10 +121,10 @@ def best_states_callback(sources: list[str]):
                 return
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
             for source in sources:
-                value = score(metrics, source, "val")
+                value = scorer(metrics, source, "val")
                 if not math.isfinite(value):
                     continue
-                signed = value if JUDGED[source] else -value
+                signed = value if lower[source] else -value
                 if source not in self.best or signed < self.best[source][0]:
                     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
                     self.best[source] = (signed, trainer.current_epoch, state)
@@ -130,17 +132,32 @@ def best_states_callback(sources: list[str]):
     return BestPerSource()
 
 
-def run(stores: dict, sources: list[str], judged: list[str], run_dir: Path, epochs: int, seed: int, **settings):
-    """Fit on `sources`' stores; test each of `judged` at its own best validation epoch. Returns
-    ({source: test figure}, seconds, the fitted module)."""
+def run(
+    stores: dict,
+    sources: list[str],
+    judged: list[str],
+    run_dir: Path,
+    epochs: int,
+    seed: int,
+    model_config: str = "model/molecule.yaml",
+    scorer=score,
+    lower: dict | None = None,
+    tasks: list[str] | None = None,
+    test_store: str | None = None,
+    **settings,
+):
+    """Fit on `sources`' stores (their `tasks`, default all); test each of `judged` (sources, or with
+    `scorer` and `test_store` the tasks of one store) at its own best validation epoch. Returns
+    ({judged: test figure}, seconds, the trainer; its `best_states`: {judged: (signed val figure, epoch,
+    module state)})."""
     from lightning.pytorch import Trainer, seed_everything
 
     from biofm.platform.lightning import BiofmDataModule, BiofmModule
 
     seed_everything(seed, verbose=False)
-    data = BiofmDataModule([stores[s] for s in sources], batch_size=64, temperature=2.0, seed=seed)
-    module = BiofmModule(data.schema, **{**read_config("model/molecule.yaml"), **settings})
-    keeper = best_states_callback(judged)
+    data = BiofmDataModule([stores[s] for s in sources], batch_size=64, temperature=2.0, seed=seed, tasks=tasks)
+    module = BiofmModule(data.schema, **{**read_config(model_config), **settings})
+    keeper = best_states_callback(judged, scorer, lower)
     trainer = Trainer(
         max_epochs=epochs,
         accelerator="cpu",
@@ -163,13 +180,14 @@ def run(stores: dict, sources: list[str], judged: list[str], run_dir: Path, epoc
             results[source] = math.nan
             continue
         module.load_state_dict(keeper.best[source][2])
-        single = BiofmDataModule([stores[source]], batch_size=256, seed=seed)
+        single = BiofmDataModule([stores[test_store or source]], batch_size=256, seed=seed, tasks=tasks)
         tester = Trainer(
             accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
         )
         tester.test(module, datamodule=single, verbose=False)
-        results[source] = score({k: float(v) for k, v in tester.callback_metrics.items()}, source, "test")
+        results[source] = scorer({k: float(v) for k, v in tester.callback_metrics.items()}, source, "test")
     module.load_state_dict(last)
+    trainer.best_states = keeper.best
     trainer.best_validation = {k: abs(v[0]) for k, v in keeper.best.items()}  # each judged source's best val figure
     return results, seconds, trainer
 

@@ -648,13 +648,16 @@ def _twin(
     x, y = torch.cat(features), torch.cat(targets)
     torch.manual_seed(seed)
     optimiser = torch.optim.Adam(model.router.parameters(), lr=1e-2)
+    counts = torch.bincount(y, minlength=len(pool.models)).clamp_min(1)
+    balance = len(y) / (len(counts) * counts.double())  # every specialist's inputs weigh the same in total
     for _ in _progress(range(steps), progress, "twin: training the router"):
-        loss = torch.nn.functional.cross_entropy(model.route(x), y)
+        loss = torch.nn.functional.cross_entropy(model.route(x), y, weight=balance.float())
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
     with torch.no_grad():
-        accuracy = float((model.route(x).argmax(1) == y).float().mean())
+        right = (model.route(x).argmax(1) == y).double()
+        accuracy = float(torch.stack([right[y == k].mean() for k in y.unique()]).mean())  # balanced
     kept = sum(b.numel() for part in model.exclusive for b in part.buffers())
     full = sum(model.get_parameter(n).numel() for n in model.exclusive[0].shapes) * len(pool.models)
     record = {"router_accuracy": round(accuracy, 4), "exclusive_fraction": round(kept / max(full, 1), 4), "rank": rank}
