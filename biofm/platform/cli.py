@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_merge_arguments(merge)
     merge.set_defaults(run=_merge)
+    report = commands.add_parser("report", help="build a run's test report (plots and report.html) again")
+    report.add_argument("run_dir", help="the run directory `biofm test` wrote test_metrics.json and report/ to")
+    report.set_defaults(run=_report)
     verify = commands.add_parser(
         "verify", help="check every file of a store against the checksums written when it was prepared"
     )
@@ -75,6 +78,12 @@ def _merge(args: argparse.Namespace) -> None:
 
     summary = merge(**{k: v for k, v in vars(args).items() if k not in ("command", "run")})
     print(json.dumps(summary))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from biofm.platform.report import build_report
+
+    print(f"report written to {build_report(args.run_dir)}")
 
 
 def _info(args: argparse.Namespace) -> None:
