@@ -233,7 +233,9 @@ class BiofmModule(LightningModule):
         return step_losses(self.model, self.pretexts, batch, self._pseudo_options())
 
     def configure_callbacks(self) -> list[Callback]:
-        return [ConfirmTrained(), RequeueBetweenBatches()]
+        """The loader-position callbacks, unless the trainer has them already (from an earlier fit or test)."""
+        have = {type(c) for c in self.trainer.callbacks} if self._trainer is not None else set()
+        return [c for c in (ConfirmTrained(), RequeueBetweenBatches()) if type(c) not in have]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.hparams.modality_dropout and len(batch["inputs"]) > 1:
