@@ -12,7 +12,9 @@ on its own source, and the joint model (the base run, each source at its own bes
 Tuning, on validation only and the same for every data-free method: λ of task_arithmetic, ties and
 breadcrumbs from {1/N, 0.5, 0.75, 1}, chosen by the mean over sources of the validation score relative to the
 specialist's (average has none). The learned methods (adamerging layer- and task-wise, atlas with 10 % of the
-calibration samples labelled, twin at rank 8) calibrate on the sources' validation inputs.
+calibration samples labelled, twin at rank 32 routed by a router over the inputs) calibrate on the sources'
+validation inputs; twin-task (rank 32, and 8) routes each task to its own specialist's exclusive part and
+needs no calibration.
 
 Per source the figure is RMSE (ESOL, FreeSolv) or mean AUROC over the 12 assays (Tox21); `relative` is
 merged / specialist (a method keeps a source when RMSE ≤ 1.05× or AUROC ≥ 0.95× the specialist's), and
@@ -47,7 +49,9 @@ LEARNED = {  # arm: (method, options)
     "adamerging": ("adamerging", ["--granularity", "layer"]),
     "adamerging-task": ("adamerging", ["--granularity", "task"]),
     "atlas": ("atlas", ["--labelled-fraction", "0.1"]),
-    "twin": ("twin", ["--rank", "8"]),
+    "twin": ("twin", ["--rank", "32"]),  # the paper's router over the inputs
+    "twin-task": ("twin", ["--rank", "32", "--route", "task"]),  # each task its own specialist's part
+    "twin-task-r8": ("twin", ["--rank", "8", "--route", "task"]),
 }
 SCALED = ("task_arithmetic", "ties", "breadcrumbs")
 
@@ -230,7 +234,7 @@ def merge_arms(root: Path, suite: str, seed: int, setup, cache: Cache, steps: in
             scales[arm] = None
         figures[arm] = evaluate(out, stores, judged, "test", scorer, store=where.get("store"))
         seconds[arm], memory[arm] = summary["seconds"], summary["peak_rss_mib"]
-        extra = {k: summary[k] for k in ("router_accuracy", "objective") if k in summary}
+        extra = {k: summary[k] for k in ("router_accuracy", "objective", "exclusive_fraction") if k in summary}
         cache.put(
             key, seed, {"test": figures[arm], "peak_mib": memory[arm], "scale": scales[arm], **extra}, seconds[arm]
         )

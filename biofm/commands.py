@@ -40,9 +40,48 @@ exporter = _registrar(EXPORTERS)
 command = _registrar(COMMANDS)
 
 
+# Where each plug-in command lives and its one line of help, so that building the parser for `biofm --help`
+# (or for another command) imports none of them; tests/test_cli.py keeps this table equal to what the modules
+# register.
+LAZY: dict[str, dict[str, tuple[str, str]]] = {
+    "prepare": {
+        "meds": (
+            "biofm.datasets.ehr.meds",
+            "MEDS data + a MEDS label file → an EHR store (events as hierarchical text)",
+        ),
+        "ehr-tables": ("biofm.datasets.ehr.tables", "raw EHR tables of any schema → an EHR store"),
+        "molecules": ("biofm.datasets.molecules", "SMILES and labels → a molecule store"),
+        "oct": ("biofm.datasets.oct", "OCT volumes and en-face maps listed in a manifest → an OCT store"),
+        "synthetic-oct": ("biofm.datasets.oct", "synthetic retina-like OCT volumes → an OCT store"),
+        "slides": (
+            "biofm.datasets.slides",
+            "whole slides (+ reports + case data) listed in a manifest → a slide store",
+        ),
+        "synthetic": ("biofm.datasets.synthetic", "the synthetic multimodal cohort (tabular + text, five task kinds)"),
+        "synthetic-biobank": ("biofm.datasets.synthetic_slides", "synthetic pathology biobank: slides, reports, cases"),
+    },
+    "export": {"meds": ("biofm.datasets.ehr.predict", "predictions → the MEDS evaluation format")},
+    "command": {
+        "heatmap": ("biofm.modalities.wsi.heatmap", "per-tile attention of a trained model over a slide's thumbnail"),
+        "predict-meds": (
+            "biofm.datasets.ehr.predict",
+            "predict a MEDS cohort at its prediction times (MEDS format too)",
+        ),
+        "demo": ("biofm.recipes.demo", "prepare, train, evaluate and predict end to end"),
+    },
+}
+
+
 def load_plugins() -> None:
     for name in PLUGINS:
         importlib.import_module(name)
+
+
+def load_command(group: str, name: str) -> None:
+    """Import the module that registers one plug-in command (its arguments), and nothing else."""
+    entry = LAZY.get(group, {}).get(name)
+    if entry is not None:
+        importlib.import_module(entry[0])
 
 
 def comma_list(value: str | None) -> list[str] | None:

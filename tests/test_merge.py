@@ -283,3 +283,50 @@ def test_merged_checkpoint_tests_fine_tunes_and_merges_from_the_command_line(zoo
     data = BiofmDataModule([zoo["url"]], batch_size=32, tasks=["risk_score"])
     module = BiofmModule(data.schema, **TINY, init_from=str(out))  # fine-tuning from the merged model
     assert torch.equal(module.model.cls, load_module(out).model.cls)
+
+
+def test_twin_routed_by_task_at_full_rank_predicts_every_task_as_its_specialist(zoo, tmp_path):
+    """No router: each task's group takes its own specialist's exclusive part, so at a rank above every
+    matrix's size each task's logits are its specialist's (the shared part alone's are not)."""
+    models = [zoo["binary"], zoo["classes"]]
+    out = tmp_path / "twin-task.ckpt"
+    summary = merge(models, base=zoo["base"], method="twin", route="task", rank=10_000, out=out, progress=False)
+    assert summary["route"] == "task" and "router_accuracy" not in summary  # no calibration needed
+    module = load_module(out)
+    batch = _batch(zoo["url"], module.model.schema)
+    with torch.no_grad():
+        got = module.model(batch["inputs"])["logits"]
+        shared = module.model(batch["inputs"], route=False)["logits"]
+    for specialist in models:
+        expected = _logits(specialist, batch)
+        for task in expected:
+            assert torch.allclose(got[task], expected[task], atol=1e-5), task
+    assert not all(torch.allclose(shared[t], got[t], atol=1e-3) for t in got)
+
+
+def test_renormalise_measures_batch_norm_statistics_of_the_merged_model(tmp_path):
+    """A molecule model (GINE with batch norm): after `renormalise`, the first norm's running mean is the
+    mean over the calibration batches of its inputs' batch means, in the merged model."""
+    from biofm.testing import write_fake_modality_store
+
+    store = write_fake_modality_store(str(tmp_path / "mol.zarr"), "molecule", n=200)
+    data = BiofmDataModule([store.url], batch_size=32)
+    base = _fit(data, tmp_path / "base.ckpt")
+    a = _fit(data, tmp_path / "a.ckpt", steps=6, init_from=str(base), lr=0.01)
+    b = _fit(data, tmp_path / "b.ckpt", steps=3, init_from=str(base), lr=0.01)
+    plain = merge([a, b], base=base, method="average", out=tmp_path / "plain.ckpt")
+    summary = merge(
+        [a, b], base=base, method="average", out=tmp_path / "renormalised.ckpt", renormalise=True,
+        calibration_stores=[store.url], calibration_samples=96,
+    )  # fmt: skip
+    assert summary["renormalised"] == 4 and "renormalised" not in plain  # the encoder's four norms
+    module = load_module(tmp_path / "renormalised.ckpt")
+    norm = module.model.encoders["molecule"].norms[0]
+    means = []
+    norm.register_forward_pre_hook(lambda m, args: means.append(args[0].mean(dim=0)))
+    with torch.no_grad():
+        for batch in calibration(module.model.schema, [store.url], max_samples=96).batches:
+            module.model(batch["inputs"])
+    assert torch.allclose(norm.running_mean, torch.stack(means).mean(dim=0), atol=1e-4)
+    averaged = torch.load(tmp_path / "plain.ckpt", weights_only=True)["state_dict"]
+    assert not torch.allclose(averaged["model.encoders.molecule.norms.0.running_mean"], norm.running_mean, atol=1e-4)

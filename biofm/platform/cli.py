@@ -9,36 +9,64 @@ import sys
 from biofm.commands import (
     COMMANDS,
     EXPORTERS,
+    LAZY,
     PREPARERS,
     add_cohort_arguments,
     cohort_options,
+    load_command,
     load_plugins,
     print_summary,
 )
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_HELP = {
+    "fit": "train (and fine-tune) a model on stores; `biofm fit --help` lists every option",
+    "validate": "score a checkpoint on the stores' validation split",
+    "test": "score a checkpoint on the test split; writes test_metrics.json and report/report.html",
+    "predict": "predict a split of stores with a checkpoint into predictions.parquet",
+}
 
 
-def _subcommands(parent, registry: dict, dest: str) -> None:
-    _add_commands(parent.add_subparsers(dest=dest, required=True), registry)
+def _subcommands(parent, registry: dict, group: str, dest: str) -> None:
+    _add_commands(parent.add_subparsers(dest=dest, required=True), registry, group)
 
 
-def _add_commands(subs, registry: dict) -> None:
+def _add_commands(subs, registry: dict, group: str) -> None:
+    """Every command of `group`: those imported with their arguments, the others by name and help only (the
+    one asked for is imported before the parser is built)."""
+    for name, (_, text) in LAZY[group].items():
+        if name not in registry:
+            subs.add_parser(name, help=text)
     for name, (add_arguments, run) in registry.items():
-        sub = subs.add_parser(name, help=(run.__doc__ or "").strip().splitlines()[0] if run.__doc__ else None)
+        text = LAZY[group].get(name, (None, None))[1]
+        sub = subs.add_parser(name, help=text or ((run.__doc__ or "").strip().splitlines() or [None])[0])
         add_arguments(sub)
         sub.set_defaults(run=run)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    load_plugins()  # sources, modalities and recipes register their commands
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser, with the plug-in command `argv` names imported (all of them when `argv` is None)."""
+    if argv is None:
+        load_plugins()
+    elif argv and argv[0] in ("prepare", "export") and len(argv) > 1:
+        load_command(argv[0], argv[1])
+    elif argv:
+        load_command("command", argv[0])
     parser = argparse.ArgumentParser(
         prog="biofm", description=__doc__, epilog="Lightning subcommands: biofm {fit,validate,test,predict} --help"
     )
+    parser.add_argument("-v", "--verbose", action="store_true", help="also show Lightning's notes and known warnings")
+    parser.add_argument("-q", "--quiet", action="store_true", help="results and errors only")
     commands = parser.add_subparsers(dest="command", required=True)
-    _subcommands(commands.add_parser("prepare", help="turn a raw source into a sample store"), PREPARERS, "source")
-    _subcommands(commands.add_parser("export", help="write predictions in another format"), EXPORTERS, "format")
-    _add_commands(commands, COMMANDS)
+    for name, text in LIGHTNING_HELP.items():  # listed here; LightningCLI parses them (`biofm fit --help`)
+        commands.add_parser(name, help=text, add_help=False)
+    _subcommands(
+        commands.add_parser("prepare", help="turn a raw source into a sample store"), PREPARERS, "prepare", "source"
+    )
+    _subcommands(
+        commands.add_parser("export", help="write predictions in another format"), EXPORTERS, "export", "format"
+    )
+    _add_commands(commands, COMMANDS, "command")
     cohort = commands.add_parser("predict-cohort", help="predict a manifest of raw inputs with a checkpoint")
     add_cohort_arguments(
         cohort,
@@ -54,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_merge_arguments(merge)
     merge.set_defaults(run=_merge)
+    report = commands.add_parser("report", help="build a run's test report (plots and report.html) again")
+    report.add_argument("run_dir", help="the run directory `biofm test` wrote test_metrics.json and report/ to")
+    report.set_defaults(run=_report)
     verify = commands.add_parser(
         "verify", help="check every file of a store against the checksums written when it was prepared"
     )
@@ -73,8 +104,14 @@ def _merge(args: argparse.Namespace) -> None:
 
     from biofm.platform.merge import merge
 
-    summary = merge(**{k: v for k, v in vars(args).items() if k not in ("command", "run")})
+    summary = merge(**{k: v for k, v in vars(args).items() if k not in ("command", "run", "verbose", "quiet")})
     print(json.dumps(summary))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from biofm.platform.report import build_report
+
+    print(f"report written to {build_report(args.run_dir)}")
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -107,7 +144,10 @@ def _predict_cohort(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from biofm.platform.quiet import configure, verbosity_of
+
+    verbosity, argv = verbosity_of(list(sys.argv[1:] if argv is None else argv))
+    configure(verbosity)
     if argv and argv[0] in LIGHTNING_COMMANDS:
         from biofm.platform.lightning_cli import run_lightning_cli
 
@@ -116,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     from biofm.platform.errors import CheckpointError, ConfigError, StoreError
     from biofm.registry import RegistryError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
+    load_plugins()  # what the command reads may need any modality (a checkpoint's, a store's)
     try:
         args.run(args)
     except (StoreError, CheckpointError, ConfigError, RegistryError, FileNotFoundError, FileExistsError) as err:

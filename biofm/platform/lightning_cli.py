@@ -25,6 +25,7 @@ from biofm.platform.lightning import (
     print_metrics,
     write_test_metrics,
 )
+from biofm.platform.report import write_report
 from biofm.platform.tracking import CheckpointArtifact, default_loggers, log_run_settings
 from biofm.registry import RegistryError
 
@@ -165,6 +166,10 @@ class BiofmCLI(LightningCLI):
         if path is not None:
             print_metrics(metrics_of(self.trainer, "test"), "test")
             print(f"test metrics written to {path}")
+            module = self.trainer.lightning_module
+            report = write_report(self.trainer.default_root_dir, module.test_outputs, module.model.schema["tasks"])
+            if report is not None:
+                print(f"report (metrics and plots per task) written to {report}")
 
     def after_validate(self) -> None:
         if self.trainer.is_global_zero:

@@ -193,6 +193,17 @@ def task_groups(models: list[Header]) -> list[list[str]]:
     return groups
 
 
+def group_owners(models: list[Header]) -> list[int]:
+    """For each of `task_groups`' groups, the index of the model it came from."""
+    seen, owners = set(), []
+    for i, model in enumerate(models):
+        group = [t for t in model.tasks if t not in seen]
+        seen.update(group)
+        if group:
+            owners.append(i)
+    return owners
+
+
 def merged_schema(base: Header | None, models: list[Header]) -> dict:
     """Modalities the specialists have (in the base's order) and the union of their tasks; a task several
     models trained keeps the first one's spec, with where it applies joined."""
@@ -599,19 +610,26 @@ def _progress(iterable, enabled: bool, description: str):
 
 def _twin(
     pool: Pool,
-    data: Calibration,
+    data: Calibration | None,
     hparams: dict,
     schema: dict,
     scale: float,
     rank: int,
+    route: str,
     steps: int,
     progress: bool,
     seed: int,
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Twin-Merging: the shared part, each model's compressed exclusive part and the router (trained on the
-    calibration inputs to name the model whose store an input came from)."""
+    """Twin-Merging: the shared part, each model's compressed exclusive part and — routing by input — the
+    router, trained on 80 % of the calibration inputs to name the model whose store an input came from (its
+    balanced accuracy on the other 20 % is reported)."""
     shared = _linear(pool, "task_arithmetic", scale, 1.0, 0.0)
-    merged = {"method": "twin", "twin": {"rank": rank, "experts": len(pool.models)}, "groups": task_groups(pool.models)}
+    groups, owners = task_groups(pool.models), group_owners(pool.models)
+    merged = {
+        "method": "twin",
+        "twin": {"rank": rank, "experts": len(pool.models), "route": route, "owners": owners},
+        "groups": groups,
+    }
     model = build(hparams, schema, merged)
     state = model.state_dict()
     model.load_state_dict(
@@ -627,7 +645,20 @@ def _twin(
             for name in part.shapes:
                 if name in loaded.state:
                     part.set(name, loaded.state[name].to(torch.float64) - shared[name], rank)
+            for name in part.states:
+                part.set_state(name, loaded.state[name] if name in loaded.state else pool.fixed.get(name, state[name]))
             del loaded
+    kept = sum(b.numel() for part in model.exclusive for n, b in part.named_buffers() if not n.endswith("__s"))
+    full = sum(model.get_parameter(n).numel() for n in model.exclusive[0].shapes) * len(pool.models)
+    record = {"exclusive_fraction": round(kept / max(full, 1), 4), "rank": rank, "route": route}
+    if route == "input":
+        record["router_accuracy"] = _train_router(model, pool, data, steps, progress, seed)
+    return {k: v for k, v in model.state_dict().items()}, {**merged, **record}
+
+
+def _train_router(model, pool: Pool, data: Calibration, steps: int, progress: bool, seed: int) -> float:
+    """Train the router on the shared model's [CLS] of 80 % of the calibration inputs (class-balanced);
+    returns its balanced accuracy on the other 20 %."""
     owners = {}
     for i, header in enumerate(pool.models):
         for task in header.tasks:
@@ -646,22 +677,21 @@ def _twin(
     if not features:
         raise ConfigError("twin: no calibration store carries a task of the merged models; name their stores")
     x, y = torch.cat(features), torch.cat(targets)
+    generator = torch.Generator().manual_seed(seed)
+    held = torch.rand(len(y), generator=generator) < 0.2
     torch.manual_seed(seed)
-    optimiser = torch.optim.Adam(model.router.parameters(), lr=1e-2)
-    counts = torch.bincount(y, minlength=len(pool.models)).clamp_min(1)
-    balance = len(y) / (len(counts) * counts.double())  # every specialist's inputs weigh the same in total
+    optimiser = torch.optim.AdamW(model.router.parameters(), lr=1e-2, weight_decay=0.05)
+    counts = torch.bincount(y[~held], minlength=len(pool.models)).clamp_min(1)
+    balance = (len(y) / (len(counts) * counts.double())).float()  # every specialist's inputs weigh the same
     for _ in _progress(range(steps), progress, "twin: training the router"):
-        loss = torch.nn.functional.cross_entropy(model.route(x), y, weight=balance.float())
+        loss = torch.nn.functional.cross_entropy(model.route(x[~held]), y[~held], weight=balance)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
     with torch.no_grad():
-        right = (model.route(x).argmax(1) == y).double()
-        accuracy = float(torch.stack([right[y == k].mean() for k in y.unique()]).mean())  # balanced
-    kept = sum(b.numel() for part in model.exclusive for b in part.buffers())
-    full = sum(model.get_parameter(n).numel() for n in model.exclusive[0].shapes) * len(pool.models)
-    record = {"router_accuracy": round(accuracy, 4), "exclusive_fraction": round(kept / max(full, 1), 4), "rank": rank}
-    return {k: v for k, v in model.state_dict().items()}, {**merged, **record}
+        right = (model.route(x[held]).argmax(1) == y[held]).double()
+    per_class = [right[y[held] == k].mean() for k in y[held].unique()]
+    return round(float(torch.stack(per_class).mean()), 4) if per_class else math.nan
 
 
 # ---- the entry point -------------------------------------------------------------------------------------------
@@ -683,6 +713,8 @@ def merge(
     granularity: str = "layer",
     labelled_fraction: float = 0.0,
     rank: int = 8,
+    route: str = "input",
+    renormalise: bool = False,
     seed: int = 0,
     progress: bool | None = None,
 ) -> dict:
@@ -697,8 +729,12 @@ def merge(
         raise FileExistsError(f"{out} exists; choose another path for the merged checkpoint")
     if base is None and method != "average":
         raise ConfigError(f"{method} takes task vectors against the base: name the pretrained checkpoint (--base)")
-    if method in LEARNED and not calibration_stores:
-        raise ConfigError(f"{method} learns on unlabelled inputs: name calibration stores (--calibration STORE …)")
+    if route not in ("input", "task"):
+        raise ConfigError(f"twin's route must be 'input' (a router) or 'task' (each task its own part), got {route!r}")
+    needs_inputs = (method in LEARNED and not (method == "twin" and route == "task")) or renormalise
+    if needs_inputs and not calibration_stores:
+        what = f"{method} learns" if method in LEARNED else "--renormalise recomputes batch-norm statistics"
+        raise ConfigError(f"{what} on unlabelled inputs: name calibration stores (--calibration STORE …)")
     density = DEFAULT_DENSITY.get(method, 1.0) if density is None else float(density)
     if not 0 < density <= 1 or not 0 <= outliers < 1 or (method == "breadcrumbs" and density + outliers > 1 + 1e-9):
         raise ConfigError(f"density must be in (0, 1] and density + outliers ≤ 1; got {density} and {outliers}")
@@ -738,9 +774,9 @@ def merge(
         data = calibration(
             schema, calibration_stores, calibration_split, max_samples=calibration_samples,
             labelled_fraction=labelled_fraction if method == "atlas" else 0.0, seed=seed,
-        )  # fmt: skip
+        ) if calibration_stores else None  # fmt: skip
         if method == "twin":
-            weights, learned = _twin(pool, data, hparams, schema, scale, rank, steps, progress, seed)
+            weights, learned = _twin(pool, data, hparams, schema, scale, rank, route, steps, progress, seed)
             record.update(learned, scale=scale)
         else:
             weights, learned = _learn(pool, method, data, hparams, schema, granularity, steps, lr, progress)
@@ -749,6 +785,12 @@ def merge(
     state = {**pool.fixed, **weights}
     del pool
     record = {k: v for k, v in record.items() if v is not None}
+    if renormalise:
+        if method not in LEARNED or data is None:
+            data = calibration(
+                schema, calibration_stores, calibration_split, max_samples=calibration_samples, seed=seed
+            )
+        state, record["renormalised"] = renormalised(hparams, schema, record, state, data)
     path = _write(hparams, schema, state, record, out)
     seconds = time.perf_counter() - started
     return {
@@ -759,6 +801,28 @@ def merge(
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "models_held_at_once": Loaded.peak,
     }
+
+
+def renormalised(hparams: dict, schema: dict, record: dict, state: dict, data: Calibration) -> tuple[dict, int]:
+    """The merged weights with every batch-norm layer's running statistics measured again on the calibration
+    inputs (the specialists' mean does not describe the merged model's activations; REPAIR's observation,
+    Jordan et al., 2023). A Twin-Merging model's routed parts keep their specialists' own statistics."""
+    model = build(hparams, schema, record)
+    own = model.state_dict()
+    model.load_state_dict({k: state[k].to(own[k].dtype) for k in own})
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return state, 0
+    model.eval()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative mean over every calibration batch
+        norm.train()
+    options = {"route": False} if record.get("method") == "twin" else {}
+    with torch.no_grad():
+        for batch in data.batches:
+            model(batch["inputs"], **options)
+    return {**state, **model.state_dict()}, len(norms)
 
 
 def _write(hparams: dict, schema: dict, state: dict[str, torch.Tensor], record: dict, out: Path) -> Path:

@@ -33,4 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--labelled-fraction", type=float, default=0.0, help="atlas: calibration samples that use their labels"
     )
     parser.add_argument("--rank", type=int, default=8, help="twin: rank of each exclusive part's matrices")
+    parser.add_argument(
+        "--route",
+        choices=("input", "task"),
+        default="input",
+        help="twin: a router picks each input's specialist (input), or each task takes its own (task)",
+    )
+    parser.add_argument(
+        "--renormalise",
+        action="store_true",
+        help="measure batch-norm running statistics again on the calibration inputs (any method)",
+    )
     parser.add_argument("--seed", type=int, default=0)

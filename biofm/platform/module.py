@@ -17,6 +17,7 @@ from biofm.platform.losses import StepLosses, pretext_losses, step_losses, task_
 from biofm.platform.model import TrunkConfig
 from biofm.platform.optim import adamw_kernel, decayed, parameter_groups, warmup_cosine
 from biofm.platform.pretext import make_pretexts
+from biofm.platform.report import TestOutputs
 from biofm.platform.schema import task_applies
 from biofm.platform.settings import check_settings
 from biofm.tasks.metrics import TaskMetrics
@@ -166,6 +167,7 @@ class BiofmModule(LightningModule):
             self._frozen += [m for m in (self.model.encoders, self.model.resamplers) if m not in self._frozen]
             for module in self._frozen:
                 module.eval()
+        self._test_outputs, self.test_outputs = TestOutputs(), {}  # the last test's predictions and labels
         self._epoch_losses: dict[str, list] = {}  # task → [Σ loss (a tensor on the device), steps]
         self._step_losses: dict[str, torch.Tensor] = {}
 
@@ -231,7 +233,9 @@ class BiofmModule(LightningModule):
         return step_losses(self.model, self.pretexts, batch, self._pseudo_options())
 
     def configure_callbacks(self) -> list[Callback]:
-        return [ConfirmTrained(), RequeueBetweenBatches()]
+        """The loader-position callbacks, unless the trainer has them already (from an earlier fit or test)."""
+        have = {type(c) for c in self.trainer.callbacks} if self._trainer is not None else set()
+        return [c for c in (ConfirmTrained(), RequeueBetweenBatches()) if type(c) not in have]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.hparams.modality_dropout and len(batch["inputs"]) > 1:
@@ -392,10 +396,13 @@ class BiofmModule(LightningModule):
             if losses:
                 self.log(f"{name}/loss", sum(t.loss for t in losses.values()), batch_size=size, sync_dist=True)
             by_source = self._metrics_of_source(batch["source"]) if stage == "test" else None
+            keep = stage == "test" and name == "test"  # the report's samples: the full model's test
             for task, target in batch["labels"].items():
                 if task not in out["logits"]:  # the store has a task the checkpoint was not trained on
                     continue
                 self.metrics[stage].update(task, out["logits"][task], target)
+                if keep:
+                    self._test_outputs.add(task, self.model.kinds[task], out["logits"][task], target, batch["source"])
                 if by_source is not None:
                     by_source.update(task, out["logits"][task], target)
         if self.pretexts:
@@ -438,8 +445,13 @@ class BiofmModule(LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
 
+    def on_test_epoch_start(self) -> None:
+        self._test_outputs = TestOutputs()
+
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
+        if self.test_name == "test":  # every rank gathers; rank 0 writes the report (`platform/report.py`)
+            self.test_outputs = self._test_outputs.arrays()
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         out = self.model(batch["inputs"])

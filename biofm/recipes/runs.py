@@ -41,6 +41,7 @@ def fit_and_test(
         metrics_of,
         write_test_metrics,
     )
+    from biofm.platform.report import write_report
     from biofm.platform.tracking import (
         CheckpointArtifact,
         default_loggers,
@@ -74,6 +75,7 @@ def fit_and_test(
     best = trainer.checkpoint_callback.best_model_path or None
     trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)
     write_test_metrics(trainer)
+    write_report(run_dir, trainer.lightning_module.test_outputs, trainer.lightning_module.model.schema["tasks"])
     metrics = metrics_of(trainer, "test")
     for dropped in test_without:
         kept = [m for m in data.schema["modalities"] if m != dropped]
