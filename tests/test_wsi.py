@@ -267,7 +267,9 @@ def test_the_heatmap_png_is_written_and_shows_the_slide(biobank, tmp_path):
     slide = str(manifest.parent / pd.read_csv(manifest)["slide_path"][0])
     png = tmp_path / "heat.png"
     main(["heatmap", "--checkpoint", checkpoint, "--slide", slide, "--out", str(png), "--max-side", "448"])
-    image = np.asarray(Image.open(png).convert("RGB")).astype(np.float32)
+    figure = np.asarray(Image.open(png).convert("RGB"))
+    image = np.asarray(Image.open(tmp_path / "heat-overlay.png").convert("RGB")).astype(np.float32)
+    assert figure.shape[1] > 2 * image.shape[1] * 0.8  # the thumbnail and the overlay side by side
     thumb = thumbnail(open_slide(slide), 896 / 448).astype(np.float32)
     assert image.shape == thumb.shape
     wsi = Wsi.from_config(store.modalities["wsi"])

@@ -34,12 +34,12 @@ def _subcommands(parent, registry: dict, group: str, dest: str) -> None:
 def _add_commands(subs, registry: dict, group: str) -> None:
     """Every command of `group`: those imported with their arguments, the others by name and help only (the
     one asked for is imported before the parser is built)."""
-    for name, (_, text) in LAZY[group].items():
+    for name, (_, line) in LAZY[group].items():
         if name not in registry:
-            subs.add_parser(name, help=text)
+            subs.add_parser(name, help=line)
     for name, (add_arguments, run) in registry.items():
-        text = LAZY[group].get(name, (None, None))[1]
-        sub = subs.add_parser(name, help=text or ((run.__doc__ or "").strip().splitlines() or [None])[0])
+        line = LAZY[group].get(name, (None, None))[1]
+        sub = subs.add_parser(name, help=line or ((run.__doc__ or "").strip().splitlines() or [None])[0])
         add_arguments(sub)
         sub.set_defaults(run=run)
 
@@ -58,8 +58,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="also show Lightning's notes and known warnings")
     parser.add_argument("-q", "--quiet", action="store_true", help="results and errors only")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, text in LIGHTNING_HELP.items():  # listed here; LightningCLI parses them (`biofm fit --help`)
-        commands.add_parser(name, help=text, add_help=False)
+    for name, line in LIGHTNING_HELP.items():  # listed here; LightningCLI parses them (`biofm fit --help`)
+        commands.add_parser(name, help=line, add_help=False)
     _subcommands(
         commands.add_parser("prepare", help="turn a raw source into a sample store"), PREPARERS, "prepare", "source"
     )
@@ -74,8 +74,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "predictions.parquet",
     )
     cohort.set_defaults(run=_predict_cohort)
-    info = commands.add_parser("info", help="describe a store")
-    info.add_argument("store")
+    info = commands.add_parser("info", help="describe a store: splits, labels per task, modalities, arrays, size")
+    info.add_argument("store", help="store path or fsspec URL")
+    info.add_argument("--json", action="store_true", help="the same as one JSON object")
     info.set_defaults(run=_info)
     merge = commands.add_parser(
         "merge", help="one multi-task model from specialists fine-tuned from one base (task arithmetic, TIES, …)"
@@ -115,9 +116,57 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
+    import json
+
     from biofm.platform.store import Store
 
-    print(Store(args.store).describe())
+    summary = Store(args.store).summary()
+    if args.json:
+        print(json.dumps(summary))
+        return
+    print_store_summary(summary)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n / 1024:.1f} KiB"
+
+
+def print_store_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    splits = ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
+    console.print(
+        f"store {summary['store']}: source {summary['source']}, {summary['samples']} samples ({splits}), "
+        f"{_mib(summary['bytes_on_disk'])} on disk"
+    )
+    tasks = Table(title="tasks")
+    for column in ("task", "kind", "labelled train / val / test", "missing", "labels"):
+        tasks.add_column(column)
+    for task, entry in summary["tasks"].items():
+        labelled = " / ".join(str(entry["labelled"][k]) for k in ("train", "val", "test"))
+        if "range" in entry:
+            r = entry["range"]
+            labels = f"mean {r['mean']:.4g}, sd {r['sd']:.4g}, {r['min']:.4g} to {r['max']:.4g}"
+        elif isinstance(entry.get("prevalence"), float):
+            labels = f"{entry['prevalence']:.1%} positive"
+        elif "prevalence" in entry:
+            labels = ", ".join(f"{c} {p:.1%}" for c, p in entry["prevalence"].items())
+        else:
+            labels = ", ".join(f"{c} {n}" for c, n in (entry.get("classes") or {}).items())
+        tasks.add_row(task, entry["kind"], labelled, f"{entry['missing_fraction']:.1%}", labels)
+    console.print(tasks)
+    modalities = Table(title="modalities and arrays")
+    for column in ("array", "shape", "dtype", "stored"):
+        modalities.add_column(column)
+    for modality, rate in summary["modalities"].items():
+        modalities.add_row(f"[bold]{modality}[/bold] (present in {rate:.1%} of samples)", "", "", "")
+        for name, info in summary["arrays"].items():
+            if name.split("/")[0] == modality:
+                shape = "ragged " + str(info["shape"]) if info["ragged"] else str(info["shape"])
+                modalities.add_row("  " + name, shape, info["dtype"], _mib(info["bytes"]))
+    console.print(modalities)
 
 
 def _verify(args: argparse.Namespace) -> None:

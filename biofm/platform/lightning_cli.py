@@ -25,7 +25,7 @@ from biofm.platform.lightning import (
     print_metrics,
     write_test_metrics,
 )
-from biofm.platform.report import write_report
+from biofm.platform.report import plot_training_curves, write_report
 from biofm.platform.tracking import CheckpointArtifact, default_loggers, log_run_settings
 from biofm.registry import RegistryError
 
@@ -161,6 +161,26 @@ class BiofmCLI(LightningCLI):
     def before_fit(self) -> None:
         log_run_settings(self.model, self.trainer.loggers)
 
+    def after_fit(self) -> None:
+        """The validation table of the best epoch and where the checkpoints are."""
+        if not self.trainer.is_global_zero:
+            return
+        checkpoint = self.trainer.checkpoint_callback
+        best = getattr(checkpoint, "best_model_path", "") or ""
+        last = Path(checkpoint.dirpath) / "last.ckpt" if checkpoint is not None and checkpoint.dirpath else None
+        rows = best_epoch_metrics(self.trainer, best)
+        if rows:
+            print_metrics(rows, f"validation (best epoch, {Path(best).stem.split('=')[-1]})")
+        if best:
+            print(f"best checkpoint (by {checkpoint.monitor}): {best}")
+        if last is not None and last.exists():
+            print(f"last checkpoint (the state at the end of training): {last}")
+        csv = Path(self.trainer.default_root_dir) / "logs" / "fit" / "metrics.csv"
+        if csv.exists():
+            epoch = _epoch_of(best)
+            png = plot_training_curves(csv, Path(self.trainer.default_root_dir) / "training_curves.png", epoch)
+            print(f"training curves: {png}")
+
     def after_test(self) -> None:
         path = write_test_metrics(self.trainer)
         if path is not None:
@@ -174,6 +194,33 @@ class BiofmCLI(LightningCLI):
     def after_validate(self) -> None:
         if self.trainer.is_global_zero:
             print_metrics(metrics_of(self.trainer, "val"), "validation")
+
+
+def _epoch_of(checkpoint: str) -> int | None:
+    """N of a `best-epoch=N.ckpt` path."""
+    if checkpoint and "epoch=" in Path(checkpoint).stem:
+        try:
+            return int(Path(checkpoint).stem.split("epoch=")[-1].split("-")[0])
+        except ValueError:
+            return None
+    return None
+
+
+def best_epoch_metrics(trainer, best: str) -> dict[str, float]:
+    """The `val/…` metrics logged at the best checkpoint's epoch (from the run's metrics.csv), or the last
+    validation's when that cannot be read."""
+    import pandas as pd
+
+    epoch = _epoch_of(best)
+    csv = Path(trainer.default_root_dir) / "logs" / "fit" / "metrics.csv"
+    if epoch is not None and csv.exists():
+        log = pd.read_csv(csv)
+        columns = [c for c in log.columns if c.startswith("val/")]
+        rows = log[(log.get("epoch") == epoch)][columns].dropna(how="all") if "epoch" in log else log.iloc[:0]
+        if len(rows):
+            last = rows.ffill().iloc[-1]
+            return {c[4:]: float(v) for c, v in last.items() if pd.notna(v)}
+    return metrics_of(trainer, "val")
 
 
 def run_lightning_cli(argv: list[str]) -> None:

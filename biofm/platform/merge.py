@@ -438,22 +438,14 @@ def build(hparams: dict, schema: dict, merged: dict | None = None):
 
 def is_classification(kind) -> bool:
     """Whether a task kind predicts class probabilities (its unsupervised objective is their entropy)."""
-    return "probs" in kind.predict(torch.zeros(1, kind.out_dim))
-
-
-def _entropy(kind, logits: torch.Tensor) -> torch.Tensor:
-    probs = kind.predict(logits)["probs"].clamp(1e-6, 1 - 1e-6)
-    if kind.multilabel:  # independent sigmoids
-        return -(probs * probs.log() + (1 - probs) * (1 - probs).log()).sum(dim=1)
-    return -(probs * probs.log()).sum(dim=1)
+    return kind.entropy(torch.zeros(1, kind.out_dim)) is not None
 
 
 def surrogate(kind, logits: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
     """Per-sample unsupervised objective: entropy for classification, squared difference from the
     specialist's logits for the rest (regression has no entropy)."""
-    if is_classification(kind):
-        return _entropy(kind, logits)
-    return ((logits - reference) ** 2).sum(dim=1)
+    entropy = kind.entropy(logits)
+    return entropy if entropy is not None else ((logits - reference) ** 2).sum(dim=1)
 
 
 def references(pool: Pool, data: Calibration) -> list[dict[str, torch.Tensor]]:

@@ -273,6 +273,7 @@ class BiofmModule(LightningModule):
         logged = self._trainer is None or self.trainer._logger_connector.should_update_logs
         if logged:
             self._log_diagnostics(size)
+            self.log(f"train/source/{batch['source']}/loss", total.detach(), batch_size=size)  # a batch: one source
         for task, loss in losses.items():
             loss = loss.detach()
             if logged:
@@ -459,6 +460,7 @@ class BiofmModule(LightningModule):
             "source": [batch["source"]] * len(batch["row"]),
             "sample_id": batch.get("sample_id"),
             "applies": task_applies(self.model.schema, batch["inputs"], len(batch["row"])),
+            "labels": {t: v.cpu() for t, v in batch["labels"].items() if t in self.model.kinds},
         }
         for task, kind in self.model.kinds.items():
             result[task] = {k: v.cpu() for k, v in kind.predict(out["logits"][task]).items()}

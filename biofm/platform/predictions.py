@@ -36,14 +36,27 @@ def _without(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return values
 
 
+def true_columns(kinds: dict, labels: dict) -> dict[str, np.ndarray]:
+    """The store's labels beside the predictions (`TaskKind.true_columns`: `<task>/true`, or one column per
+    class)."""
+    columns: dict[str, np.ndarray] = {}
+    for task, target in labels.items():
+        if task in kinds:
+            values = np.asarray(target.cpu() if hasattr(target, "cpu") else target, dtype=np.float64)
+            columns.update(kinds[task].true_columns(values))
+    return columns
+
+
 def predictions_frame(kinds: dict, outputs: list[dict]) -> pd.DataFrame:
-    """One row per sample: `source`, `sample_id` when known, and `prediction_columns`."""
+    """One row per sample: `source`, `sample_id` when known, `prediction_columns`, and the labels the store
+    has (`true_columns`)."""
     frames = []
     for out in outputs:
         columns: dict[str, object] = {"source": out["source"]}
         if out.get("sample_id") is not None:
             columns["sample_id"] = out["sample_id"]
         columns.update(prediction_columns(kinds, out, out.get("applies")))
+        columns.update(true_columns(kinds, out.get("labels") or {}))
         frames.append(pd.DataFrame(columns))
     if len(frames) == 1:
         return frames[0]
@@ -74,6 +87,7 @@ class PredictionWriter(Callback):
             merged.to_parquet(out_dir / "predictions.parquet", index=False)
             for s in shards:
                 s.unlink()
+            print(f"{len(merged)} predictions written to {out_dir / 'predictions.parquet'}")
 
 
 def metrics_of(trainer: Trainer, prefix: str = "test") -> dict[str, float]:

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from biofm.tasks.plots import FIGURES
+
 REPORT_DIR = "report"
 OUTPUTS = "test_outputs.npz"
 
@@ -28,7 +30,7 @@ class TestOutputs:
     and sources, gathered batch by batch."""
 
     def __init__(self):
-        self.parts: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        self.parts: dict[str, dict[str, list]] = {}  # plain dicts: the module is pickled for spawned ranks
 
     def add(self, task: str, kind, logits: torch.Tensor, target: torch.Tensor, source: str) -> None:
         target = target.detach().float().cpu()
@@ -36,7 +38,7 @@ class TestOutputs:
         if not rows.any():
             return
         predicted = {k: v.detach().float().cpu() for k, v in kind.predict(logits.detach()[rows]).items()}
-        part = self.parts[task]
+        part = self.parts.setdefault(task, {"target": [], "value": [], "source": []})
         part["target"].append(target[rows].numpy())
         part["value"].append((predicted["probs"] if "probs" in predicted else predicted["prediction"]).numpy())
         part["source"].append(np.full(int(rows.sum()), source, dtype=object))
@@ -80,132 +82,6 @@ def load_outputs(run_dir: str | Path) -> tuple[dict[str, dict], dict[str, dict[s
     return specs, dict(per_task)
 
 
-# ---- plots ----------------------------------------------------------------------------------------------------
-
-
-def _curves(scores: np.ndarray, labels: np.ndarray) -> tuple[tuple, tuple, float, float] | None:
-    """(fpr, tpr), (recall, precision), AUROC, AUPRC of one binary problem; None with one class only."""
-    from torchmetrics.functional.classification import (
-        binary_auroc,
-        binary_average_precision,
-        binary_precision_recall_curve,
-        binary_roc,
-    )
-
-    keep = ~np.isnan(labels)
-    scores, labels = torch.from_numpy(scores[keep]).float(), torch.from_numpy(labels[keep]).long()
-    if len(labels) == 0 or labels.min() == labels.max():
-        return None
-    fpr, tpr, _ = binary_roc(scores, labels)
-    precision, recall, _ = binary_precision_recall_curve(scores, labels)
-    return (
-        (fpr.numpy(), tpr.numpy()),
-        (recall.numpy(), precision.numpy()),
-        float(binary_auroc(scores, labels)),
-        float(binary_average_precision(scores, labels)),
-    )
-
-
-def _reliability(ax, scores: np.ndarray, labels: np.ndarray, bins: int = 10) -> None:
-    keep = ~np.isnan(labels)
-    scores, labels = scores[keep], labels[keep]
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(scores, edges) - 1, 0, bins - 1)
-    mean_p = [scores[which == b].mean() for b in range(bins) if (which == b).any()]
-    frac = [labels[which == b].mean() for b in range(bins) if (which == b).any()]
-    count = [int((which == b).sum()) for b in range(bins) if (which == b).any()]
-    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfectly calibrated")
-    ax.plot(mean_p, frac, marker="o", label="model")
-    for x, y, n in zip(mean_p, frac, count):
-        ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(0, 5), fontsize=7, ha="center")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean predicted probability", ylabel="fraction of positives")
-    ax.set_title("reliability (samples per bin)")
-    ax.legend(loc="upper left", fontsize=8)
-
-
-def _classification_figure(task: str, spec: dict, part: dict):
-    import matplotlib.pyplot as plt
-
-    value, target = part["value"], part["target"]
-    if spec["kind"] == "binary":
-        problems = {"": (value[:, 1], target)}
-    else:  # multilabel: one problem per class
-        classes = spec.get("classes") or [str(i) for i in range(value.shape[1])]
-        problems = {str(c): (value[:, i], target[:, i]) for i, c in enumerate(classes)}
-    fig, (roc, pr, rel) = plt.subplots(1, 3, figsize=(15, 4.6))
-    scores_all, labels_all = [], []
-    for name, (scores, labels) in problems.items():
-        curves = _curves(scores, labels)
-        scores_all.append(scores)
-        labels_all.append(labels)
-        if curves is None:
-            continue
-        (fpr, tpr), (recall, precision), auroc, auprc = curves
-        prefix = f"{name}: " if name else ""
-        roc.plot(fpr, tpr, label=f"{prefix}AUROC {auroc:.3f}")
-        pr.plot(recall, precision, label=f"{prefix}AUPRC {auprc:.3f}")
-    roc.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-    roc.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC", xlim=(0, 1), ylim=(0, 1.01))
-    pr.set(xlabel="recall", ylabel="precision", title="precision–recall", xlim=(0, 1), ylim=(0, 1.01))
-    for ax in (roc, pr):
-        ax.legend(loc="lower right" if ax is roc else "lower left", fontsize=8)
-    _reliability(rel, np.concatenate(scores_all), np.concatenate(labels_all))
-    fig.suptitle(f"{task} ({spec['kind']}, {len(target)} test samples)")
-    return fig
-
-
-def _regression_figure(task: str, spec: dict, part: dict):
-    import matplotlib.pyplot as plt
-
-    value, target = part["value"].reshape(-1), part["target"].reshape(-1)
-    unit = f" ({spec['unit']})" if spec.get("unit") else ""
-    fig, ax = plt.subplots(figsize=(5.5, 5.2))
-    sources = part.get("source")
-    names = sorted(set(sources.tolist())) if sources is not None else [""]
-    for name in names:
-        rows = sources == name if sources is not None else slice(None)
-        ax.scatter(target[rows], value[rows], s=10, alpha=0.6, label=name if len(names) > 1 else None)
-    lo, hi = float(np.nanmin([target.min(), value.min()])), float(np.nanmax([target.max(), value.max()]))
-    ax.plot([lo, hi], [lo, hi], ls="--", c="grey", lw=1, label="identity")
-    rmse = float(np.sqrt(np.mean((value - target) ** 2)))
-    ax.set(xlabel=f"true {task}{unit}", ylabel=f"predicted {task}{unit}")
-    ax.set_title(f"{task}: RMSE {rmse:.3g}{unit}, {len(target)} test samples")
-    ax.legend(fontsize=8)
-    return fig
-
-
-def _confusion_figure(task: str, spec: dict, part: dict):
-    import matplotlib.pyplot as plt
-
-    classes = [str(c) for c in spec.get("classes") or []]
-    value, target = part["value"], part["target"].astype(int)
-    predicted = value.argmax(axis=1) if value.ndim == 2 else value.astype(int)
-    n = max(len(classes), int(max(predicted.max(), target.max())) + 1)
-    classes = classes or [str(i) for i in range(n)]
-    counts = np.zeros((n, n), dtype=int)
-    np.add.at(counts, (target, predicted), 1)
-    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(1.2 * n + 3, 1.0 * n + 2.2))
-    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, str(counts[i, j]), ha="center", va="center", color="white" if share[i, j] > 0.5 else "black")
-    ax.set(xticks=range(n), yticks=range(n), xticklabels=classes, yticklabels=classes)
-    ax.set(xlabel="predicted class", ylabel="true class")
-    ax.set_title(f"{task} ({spec['kind']}): confusion, {len(target)} test samples")
-    fig.colorbar(image, ax=ax, label="share of the true class")
-    return fig
-
-
-FIGURES = {
-    "binary": _classification_figure,
-    "multilabel": _classification_figure,
-    "regression": _regression_figure,
-    "multiclass": _confusion_figure,
-    "ordinal": _confusion_figure,
-}
-
-
 # ---- the report -----------------------------------------------------------------------------------------------
 
 
@@ -224,7 +100,7 @@ def build_report(run_dir: str | Path, title: str | None = None) -> Path:
     images = []
     for task, part in outputs.items():
         spec = specs.get(task) or {}
-        figure = FIGURES.get(spec.get("kind"))
+        figure = FIGURES.get(spec.get("kind"))  # one plot per task kind (`biofm.tasks.plots`)
         if figure is None or not len(part.get("target", [])):
             continue
         fig = figure(task, spec, part)
@@ -256,8 +132,8 @@ def _html(title: str, metrics: dict, images: list[tuple[str, str, Path]]) -> str
     )
     rows = "".join(
         "<tr>"
-        + f"<td>{html.escape(k)}</td><td>{cell(pooled[k])}</td>"
-        + "".join(f"<td>{cell(by_source[s].get(k))}</td>" for s in sources)
+        + f'<td>{html.escape(k)}</td><td align="right">{cell(pooled[k])}</td>'
+        + "".join(f'<td align="right">{cell(by_source[s].get(k))}</td>' for s in sources)
         + "</tr>"
         for k in sorted(pooled, key=lambda k: (k.startswith("macro/"), k))
         if not k.endswith("_n")
@@ -269,7 +145,7 @@ def _html(title: str, metrics: dict, images: list[tuple[str, str, Path]]) -> str
     )
     style = (
         "body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
+        "td,th{border:1px solid #ccc;padding:3px 8px}"
         "th{background:#f3f3f3}figure{margin:1.5em 0}img{max-width:100%}figcaption{color:#555}"
     )
     return (
@@ -279,6 +155,63 @@ def _html(title: str, metrics: dict, images: list[tuple[str, str, Path]]) -> str
         "only). Plots show every labelled test sample.</p>"
         f"<table><tr>{head}</tr>{rows}</table><h2>Per task</h2>{figures}</body></html>"
     )
+
+
+def plot_training_curves(metrics_csv: str | Path, out_png: str | Path, best_epoch: int | None = None) -> Path:
+    """Three panels a person can read: the training loss per source (a rolling mean over the logged steps,
+    the raw values faint), each task's validation metric per epoch, and the validation macro score — the
+    best epoch marked in the last two."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    log = pd.read_csv(metrics_csv)
+    fig, (ax_loss, ax_task, ax_macro) = plt.subplots(1, 3, figsize=(16, 4.6))
+    sources = [c for c in log.columns if c.startswith("train/source/") and c.endswith("/loss")]
+    curves = sources or (["train/loss"] if "train/loss" in log else [])
+    for column in curves:
+        rows = log.dropna(subset=[column])
+        label = column.split("/")[2] if column in sources else "all sources"
+        smooth = rows[column].rolling(max(1, len(rows) // 20), min_periods=1).mean()
+        (line,) = ax_loss.plot(rows["step"], smooth, label=label)
+        ax_loss.plot(rows["step"], rows[column], alpha=0.2, lw=0.8, color=line.get_color())
+    ax_loss.set(xlabel="training step", ylabel="loss (sum of the batch's task losses)")
+    ax_loss.set_title("training loss per source (rolling mean; raw faint)")
+    if curves:
+        ax_loss.legend(fontsize=7)
+    val = log.dropna(subset=["epoch"]) if "epoch" in log else log.iloc[:0]
+    kinds = {}
+    for column in [c for c in log.columns if c.startswith("val/") and c.count("/") == 2]:
+        task, metric = column.split("/")[1:]
+        if task in ("macro", "pretext"):
+            continue
+        kinds.setdefault(task, [])
+        kinds[task].append(metric)
+    for task, metrics in sorted(kinds.items()):
+        metric = next((m for m in ("auroc", "r2", "accuracy") if m in metrics), None)
+        if metric is None:
+            continue
+        rows = val.dropna(subset=[f"val/{task}/{metric}"]).groupby("epoch")[f"val/{task}/{metric}"].last()
+        ax_task.plot(rows.index, rows.values, marker=".", label=f"{task} ({metric})")
+    ax_task.set(xlabel="epoch", ylabel="validation metric (AUROC, R² or accuracy)")
+    ax_task.set_title("validation per task")
+    if kinds:
+        ax_task.legend(fontsize=7)
+    if "val/macro/score" in log:
+        rows = val.dropna(subset=["val/macro/score"]).groupby("epoch")["val/macro/score"].last()
+        ax_macro.plot(rows.index, rows.values, marker="o", label="macro score")
+    ax_macro.set(xlabel="epoch", ylabel="mean over tasks of AUROC, R² or accuracy")
+    ax_macro.set_title("validation macro score (checkpoints keep the best)")
+    if best_epoch is not None:
+        for ax in (ax_task, ax_macro):
+            ax.axvline(best_epoch, ls="--", c="grey", lw=1, label=f"best epoch ({best_epoch})")
+        ax_macro.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return Path(out_png)
 
 
 def write_report(run_dir: str | Path, arrays: dict[str, np.ndarray], tasks: dict[str, dict]) -> Path | None:

@@ -182,7 +182,9 @@ def run_demo(
             test_without=cohort["test_without"] if fused else (),
         )
     fused_dir = out_dir / "runs" / "fused"
-    plot_curves(fused_dir / "logs" / "fit" / "metrics.csv", fused_dir / "training_curves.png")
+    best = sorted((fused_dir / "checkpoints").glob("best-epoch=*.ckpt"))
+    best_epoch = int(best[-1].stem.split("=")[-1]) if best else None
+    plot_curves(fused_dir / "logs" / "fit" / "metrics.csv", fused_dir / "training_curves.png", best_epoch)
 
     columns = {
         "fused": results["fused"],

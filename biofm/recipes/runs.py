@@ -96,29 +96,8 @@ def fit_and_test(
     return metrics
 
 
-def plot_curves(metrics_csv: Path, out_png: Path) -> None:
-    """Training loss per step and validation macro score per epoch."""
-    import matplotlib
+def plot_curves(metrics_csv: Path, out_png: Path, best_epoch: int | None = None) -> Path:
+    """The run's training curves (`biofm.platform.report.plot_training_curves`)."""
+    from biofm.platform.report import plot_training_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    log = pd.read_csv(metrics_csv)
-    fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 4))
-    train = log.dropna(subset=["train/loss"])
-    ax_loss.plot(train["step"], train["train/loss"], label="total")
-    for column in [c for c in log.columns if c.startswith("train/") and c.endswith("/loss") and c != "train/loss"]:
-        rows = log.dropna(subset=[column])
-        ax_loss.plot(rows["step"], rows[column], alpha=0.6, label=column.split("/")[1])
-    ax_loss.set(xlabel="step", ylabel="training loss", title="Training losses")
-    ax_loss.legend(fontsize=7)
-    val = log.dropna(subset=["val/macro/score"]) if "val/macro/score" in log else log.iloc[:0]
-    for column in ("val/macro/score", "val/macro/auroc", "val/macro/r2"):
-        if column in val:
-            ax_score.plot(val["epoch"], val[column], marker="o", label=column[4:])
-    ax_score.set(xlabel="epoch", ylabel="validation", title="Validation")
-    ax_score.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    return plot_training_curves(metrics_csv, out_png, best_epoch)

@@ -107,6 +107,36 @@ class TaskKind:
     # ---- semi-supervised training
     can_pseudo_label: ClassVar[bool] = False
 
+    def entropy(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample entropy of the predicted distribution [B] (a sum over classes of independent flags);
+        None for a kind that predicts no probabilities (AdaMerging's objective, `platform/merge.py`)."""
+        out = self.predict(logits)
+        if "probs" not in out:
+            return None
+        p = out["probs"].clamp(1e-6, 1 - 1e-6)
+        if self.multilabel:
+            return -(p * p.log() + (1 - p) * (1 - p).log()).sum(dim=1)
+        return -(p * p.log()).sum(dim=1)
+
+    def label_summary(self, values: np.ndarray) -> dict:
+        """What `biofm info` says of the present labels: class counts by default."""
+        if not len(values):
+            return {}
+        counts = np.bincount(values.astype(int), minlength=len(self.classes))
+        return {
+            "classes": {str(self.classes[i]) if i < len(self.classes) else str(i): int(c) for i, c in enumerate(counts)}
+        }
+
+    def true_columns(self, target: np.ndarray) -> dict[str, np.ndarray]:
+        """The labels beside the predictions: `<task>/true`, a class name (None where missing) or a value."""
+        if self.classes:
+            return {
+                f"{self.task}/true": np.array(
+                    [None if np.isnan(v) else self.classes[int(v)] for v in target], dtype=object
+                )
+            }
+        return {f"{self.task}/true": target.astype(np.float64)}
+
     def pseudo_label(self, logits: torch.Tensor, target: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
         """`target` with its missing labels filled by the model's predictions where their probability is at
         least `threshold`, and how many were filled (kinds with `can_pseudo_label`)."""
@@ -187,6 +217,9 @@ class Binary(_SingleLabel):
         p = torch.sigmoid(logits[:, 0])
         return {"prediction": (p > 0.5).long(), "probs": torch.stack([1 - p, p], dim=1)}
 
+    def label_summary(self, values):
+        return {"prevalence": round(float(values.mean()), 4)} if len(values) else {}
+
 
 @TASK_KINDS.register("multiclass")
 class Multiclass(_SingleLabel, _Classes):
@@ -237,6 +270,17 @@ class Multilabel(TaskKind):
         own = {f"{self.task}/{c}": pred[:, j].astype(bool) for j, c in enumerate(self.classes)}
         return {**own, **self._prob_columns(predicted, self.classes)}
 
+    def label_summary(self, values):
+        return (
+            {"prevalence": {str(c): round(float(np.nanmean(values[:, i])), 4) for i, c in enumerate(self.classes)}}
+            if len(values)
+            else {}
+        )
+
+    def true_columns(self, target):
+        """`<task>/true/<class>`: 1, 0 or NaN."""
+        return {f"{self.task}/true/{c}": target[:, i].astype(np.float64) for i, c in enumerate(self.classes)}
+
     def pseudo_label(self, logits, target, threshold):
         """Per class: a confident flag (probability ≥ threshold, or ≤ 1 − threshold) fills a missing one."""
         probs = self.predict(logits.detach().float())["probs"]
@@ -274,6 +318,12 @@ class Regression(TaskKind):
     def predict(self, logits):
         mean, std = self.scaler
         return {"prediction": logits[:, 0] * std + mean}
+
+    def label_summary(self, values):
+        if not len(values):
+            return {}
+        stats = (("mean", np.mean), ("sd", np.std), ("min", np.min), ("max", np.max))
+        return {"range": {k: round(float(f(values)), 4) for k, f in stats}}
 
     def columns(self, predicted):
         return {self.task: predicted["prediction"].numpy().astype(np.float64)}

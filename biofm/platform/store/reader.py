@@ -25,7 +25,7 @@ from biofm.platform.store.format import (
     _plain,
     open_root,
 )
-from biofm.tasks.kinds import label_width
+from biofm.tasks.kinds import label_width, task_kind
 
 
 class RawChunks:
@@ -287,6 +287,48 @@ class Store:
                     else np.ascontiguousarray(values).tobytes()
                 )
         return digest.hexdigest()
+
+    def summary(self) -> dict:
+        """What `biofm info` shows: samples per split; per task its kind, labelled samples per split, missing
+        fraction and prevalence (positives, classes, or the value range); each modality's presence rate; each
+        array's shape, dtype and stored bytes; the size on disk. Counts only: no id, no text."""
+        files = integrity.list_files(self.url, self.storage_options)
+
+        def stored(name: str) -> int:  # the array's files (its offsets' too, when ragged)
+            return sum(size for key, size in files.items() if key.startswith((f"{name}/", f"{name}.offsets/")))
+
+        split = self.index("split")
+        splits = {name: int((split == name).sum()) for name in ("train", "val", "test")}
+        tasks = {}
+        for task, spec in self.tasks.items():
+            labels = self.labels(task)
+            present = ~np.isnan(labels) if labels.ndim == 1 else ~np.isnan(labels).all(axis=1)
+            entry = {
+                "kind": spec["kind"],
+                "labelled": {name: int((present & (split == name)).sum()) for name in splits},
+                "missing_fraction": round(float(1 - present.mean()), 4) if self.n else math.nan,
+            }
+            entry.update(task_kind(task, spec).label_summary(labels[present]))
+            tasks[task] = entry
+        arrays = {}
+        for name, info in self.array_info.items():
+            array = self._array(name)
+            arrays[name] = {
+                "shape": list(array.shape),
+                "dtype": str(array.dtype),
+                "ragged": bool(info["ragged"]),
+                "bytes": stored(name),
+            }
+        return {
+            "store": self.url,
+            "source": self.source,
+            "samples": self.n,
+            "splits": splits,
+            "tasks": tasks,
+            "modalities": {m: round(float(self.present(m).mean()), 4) if self.n else math.nan for m in self.modalities},
+            "arrays": arrays,
+            "bytes_on_disk": sum(files.values()),
+        }
 
     def describe(self) -> str:
         tasks = ", ".join(f"{t} ({s['kind']})" for t, s in self.tasks.items())
