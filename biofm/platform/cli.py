@@ -19,6 +19,7 @@ from biofm.commands import (
 )
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+LIGHT_COMMANDS = ("info", "verify", "report")  # need no Lightning: not imported for them
 LIGHTNING_HELP = {
     "fit": "train (and fine-tune) a model on stores; `biofm fit --help` lists every option",
     "validate": "score a checkpoint on the stores' validation split",
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     verbosity, argv = verbosity_of(list(sys.argv[1:] if argv is None else argv))
     configure(verbosity)
     if argv and argv[0] in LIGHTNING_COMMANDS:
+        configure(verbosity, lightning=True)
         from biofm.platform.lightning_cli import run_lightning_cli
 
         run_lightning_cli(argv)
@@ -207,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = build_parser(argv).parse_args(argv)
     load_plugins()  # what the command reads may need any modality (a checkpoint's, a store's)
+    configure(verbosity, lightning=args.command not in LIGHT_COMMANDS)
     try:
         args.run(args)
     except (StoreError, CheckpointError, ConfigError, RegistryError, FileNotFoundError, FileExistsError) as err:

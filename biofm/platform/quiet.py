@@ -24,8 +24,11 @@ LIBRARY_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorc
 log = logging.getLogger("biofm")
 
 
-def configure(verbosity: int = 0) -> None:
-    """`verbosity` -1 (`-q`), 0 (default) or 1 (`-v`)."""
+def configure(verbosity: int = 0, lightning: bool = False) -> None:
+    """`verbosity` -1 (`-q`), 0 (default) or 1 (`-v`). Lightning sets its loggers to INFO when it is
+    imported, so a command that trains or predicts configures with `lightning=True` (importing it first)."""
+    if lightning:
+        import lightning.pytorch  # noqa: F401
     library_level = logging.INFO if verbosity > 0 else logging.WARNING
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(library_level)

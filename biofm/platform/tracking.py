@@ -90,15 +90,16 @@ def default_loggers(
         from lightning.pytorch.loggers import WandbLogger
 
         # checkpoints reach W&B only through CheckpointArtifact, when asked
-        loggers.append(
-            WandbLogger(
-                save_dir=run_dir,
-                project=project,
-                offline=(mode == "offline"),
-                log_model=False,
-                settings=wandb_settings(),
-            )
+        wandb_logger = WandbLogger(
+            save_dir=run_dir,
+            project=project,
+            offline=(mode == "offline"),
+            log_model=False,
+            settings=wandb_settings(),
         )
+        # Lightning 2.6 always passes `anonymous=None`, which W&B 0.31 warns is deprecated on every run
+        wandb_logger._wandb_init.pop("anonymous", None)
+        loggers.append(wandb_logger)
     return loggers
 
 
