@@ -74,6 +74,7 @@ def run_biobank(out_dir: Path, seed: int, console: Console, settings: dict, n_sl
             seed=seed,
             loggers=False,
             model=settings.get("model"),
+            label=f"biobank, {label}",
         )
         for label, modalities in runs.items()
     }
@@ -122,6 +123,7 @@ def run_oct(out_dir: Path, seed: int, console: Console, settings: dict, epochs: 
         seed=seed,
         loggers=False,
         model=settings.get("model"),
+        label="OCT",
     )
     table = Table(title="OCT test split (volumes + RNFL maps; pseudo-labels for unlabeled eyes)")
     table.add_column("task (metric)", no_wrap=True)
@@ -176,7 +178,7 @@ def run_demo(
             epochs=epochs,
             seed=seed,
             batch_size=cohort["batch_size"],
-            progress=True,
+            label=f"cohort, {label}",
             predict=fused,
             model=cohort.get("model"),
             test_without=cohort["test_without"] if fused else (),
@@ -226,10 +228,28 @@ def run_demo(
     results["oct"] = run_oct(out_dir, seed, console, settings["oct"], epochs=max(2, epochs // 2))
     summary = {"seconds": round(time.perf_counter() - start, 1), "test": results}
     (out_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
-    console.print(f"predictions: {fused_dir / 'predictions.parquet'}")
-    console.print(f"training curves: {fused_dir / 'training_curves.png'}")
-    console.print(f"test metrics: {fused_dir / 'test_metrics.json'}; summary: {out_dir / 'demo_summary.json'}")
-    console.print(f"demo finished in {summary['seconds']:.0f} s")
+    parts = Table(title=f"biofm demo: every part and where its files are (finished in {summary['seconds']:.0f} s)")
+    for column in ("part", "headline (test)", "files"):
+        parts.add_column(column)
+    fused_score = sum(results["fused"].get(k, float("nan")) for k in primary) / len(primary)
+    parts.add_row("cohort, fused (+ molecules)", f"cohort macro score {fused_score:.3f}", str(fused_dir))
+    parts.add_row("", "", "report/report.html, training_curves.png, predictions.parquet, test_metrics.json")
+    for label in runs:
+        if label != "fused":
+            score = sum(results[label].get(k, float("nan")) for k in primary) / len(primary)
+            parts.add_row(
+                f"cohort, {label}", f"cohort macro score {score:.3f}", str(out_dir / "runs" / label.replace(" ", "-"))
+            )
+    for label in settings["biobank"]["runs"]:
+        folder = out_dir / "biobank" / "runs" / label.replace(" ", "").replace("+", "-")
+        score = results["biobank"][label].get("macro/score", float("nan"))
+        parts.add_row(f"biobank, {label}", f"macro score {score:.3f}", str(folder))
+    parts.add_row("biobank heatmap", "attention over a test slide", str(out_dir / "biobank" / "heatmap.png"))
+    parts.add_row(
+        "OCT", f"macro score {results['oct'].get('macro/score', float('nan')):.3f}", str(out_dir / "oct" / "run")
+    )
+    parts.add_row("summary", "every figure above", str(out_dir / "demo_summary.json"))
+    console.print(parts)
     return summary
 
 
