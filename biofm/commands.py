@@ -68,6 +68,8 @@ LAZY: dict[str, dict[str, tuple[str, str]]] = {
             "predict a MEDS cohort at its prediction times (MEDS format too)",
         ),
         "demo": ("biofm.recipes.demo", "prepare, train, evaluate and predict end to end"),
+        "mol-train": ("biofm.recipes.chemist", "a CSV of SMILES and targets → a trained, tested model and its report"),
+        "mol-predict": ("biofm.recipes.chemist", "a CSV of SMILES → predictions with a checkpoint, as a CSV"),
     },
 }
 
