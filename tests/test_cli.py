@@ -41,3 +41,22 @@ def test_verbosity_flags_are_taken_out_of_the_arguments():
     assert verbosity_of(["fit", "-v", "--config", "x"]) == (1, ["fit", "--config", "x"])
     assert verbosity_of(["-q", "info", "s"]) == (-1, ["info", "s"])
     assert verbosity_of(["info", "s"]) == (0, ["info", "s"])
+
+
+def test_prepare_takes_a_yaml_config_and_prints_it(tmp_path, capsys):
+    import pytest
+
+    from biofm.platform.cli import main
+    from biofm.platform.store import Store
+
+    config = tmp_path / "prepare.yaml"
+    config.write_text(f"out: {tmp_path / 'cohort.zarr'}\nn: 120\nseed: 1\n")
+    main(["prepare", "synthetic", "--config", str(config), "--seed", "2", "--print_config"])
+    printed = capsys.readouterr().out
+    assert "n: 120" in printed and "seed: 2" in printed  # the command line wins over the file
+    main(["prepare", "synthetic", "--config", str(config)])
+    assert Store(str(tmp_path / "cohort.zarr")).n == 120
+    config.write_text("out: x.zarr\nsamples: 5\n")
+    with pytest.raises(SystemExit):
+        main(["prepare", "synthetic", "--config", str(config)])
+    assert "'samples' is not an option of `biofm prepare synthetic`" in capsys.readouterr().err

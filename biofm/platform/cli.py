@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from biofm.commands import (
     COMMANDS,
@@ -28,6 +29,43 @@ LIGHTNING_HELP = {
 }
 
 
+def prepare_config(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """`biofm prepare <source> --config FILE`: the YAML file's `option: value` pairs become that command's
+    defaults (options given on the command line win; a required option the file gives is no longer asked)."""
+    if len(argv) < 2 or argv[0] != "prepare" or "--config" not in argv:
+        return
+    from biofm.platform.errors import ConfigError
+
+    index = argv.index("--config")
+    if index + 1 >= len(argv):
+        raise ConfigError("--config needs a YAML file")
+    path = Path(argv[index + 1])
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    import yaml
+
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected `option: value` lines, got a {type(values).__name__}")
+    sub = _choice(_choice(parser, "prepare"), argv[1])
+    known = {a.dest: a for a in sub._actions}
+    settings = {}
+    for key, value in values.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest not in known or dest in ("help", "config", "print_config"):
+            raise ConfigError(f"--config {path}: '{key}' is not an option of `biofm prepare {argv[1]}`")
+        if isinstance(value, list) and known[dest].nargs is None:
+            value = ",".join(map(str, value))  # the comma-separated options
+        settings[dest] = value
+        known[dest].required = False
+    sub.set_defaults(**settings)
+
+
+def _choice(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[name]
+
+
 def _subcommands(parent, registry: dict, group: str, dest: str) -> None:
     _add_commands(parent.add_subparsers(dest=dest, required=True), registry, group)
 
@@ -42,6 +80,9 @@ def _add_commands(subs, registry: dict, group: str) -> None:
         line = LAZY[group].get(name, (None, None))[1]
         sub = subs.add_parser(name, help=line or ((run.__doc__ or "").strip().splitlines() or [None])[0])
         add_arguments(sub)
+        if group == "prepare":
+            sub.add_argument("--config", help="a YAML file of this command's options (`input: x.csv`, …)")
+            sub.add_argument("--print_config", action="store_true", help="print the options as YAML and stop")
         sub.set_defaults(run=run)
 
 
@@ -207,7 +248,23 @@ def main(argv: list[str] | None = None) -> None:
     from biofm.platform.errors import CheckpointError, ConfigError, StoreError
     from biofm.registry import RegistryError
 
-    args = build_parser(argv).parse_args(argv)
+    parser = build_parser(argv)
+    try:
+        prepare_config(parser, argv)
+    except ConfigError as err:
+        print(f"biofm: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    args = parser.parse_args(argv)
+    if getattr(args, "print_config", False):
+        import yaml
+
+        shown = {
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("command", "source", "run", "config", "print_config", "verbose", "quiet")
+        }
+        print(yaml.safe_dump(shown, sort_keys=False), end="")
+        return
     load_plugins()  # what the command reads may need any modality (a checkpoint's, a store's)
     configure(verbosity, lightning=args.command not in LIGHT_COMMANDS)
     try:
