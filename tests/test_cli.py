@@ -60,3 +60,22 @@ def test_prepare_takes_a_yaml_config_and_prints_it(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["prepare", "synthetic", "--config", str(config)])
     assert "'samples' is not an option of `biofm prepare synthetic`" in capsys.readouterr().err
+
+
+def test_every_option_of_every_command_has_a_help_text():
+    import argparse
+
+    from biofm.platform.cli import build_parser
+
+    missing = []
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, [*path, name])
+            elif not action.help and action.dest != "help":
+                missing.append(f"{' '.join(path)} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), ["biofm"])
+    assert missing == []

@@ -66,6 +66,30 @@ def _choice(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentPars
     return action.choices[name]
 
 
+# Help for the options many commands share, where a command gives none
+COMMON_HELP = {
+    "seed": "random seed (splits, shuffling, initialisation; default 0)",
+    "overwrite": "replace a complete store at --out (default: refuse, nothing written is replaced)",
+    "smiles_column": "the column holding the SMILES (default smiles)",
+    "batch_size": "samples per batch",
+    "num_nodes": "machines (with --devices processes each)",
+    "accelerator": "cpu, gpu or auto (default)",
+    "epochs": "training epochs",
+    "out": "store or folder to write (path or fsspec URL)",
+    "vocab_size": "size of the WordPiece vocabulary learned from the training events",
+    "subjects": "number of synthetic subjects (two eyes each)",
+    "report_column": "manifest column holding each slide's free-text report (optional)",
+    "tile_size": "tile side in pixels at the target resolution",
+    "task": "the task whose predictions to export",
+}
+
+
+def _fill_help(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        if not action.help and action.dest in COMMON_HELP:
+            action.help = COMMON_HELP[action.dest]
+
+
 def _subcommands(parent, registry: dict, group: str, dest: str) -> None:
     _add_commands(parent.add_subparsers(dest=dest, required=True), registry, group)
 
@@ -80,6 +104,7 @@ def _add_commands(subs, registry: dict, group: str) -> None:
         line = LAZY[group].get(name, (None, None))[1]
         sub = subs.add_parser(name, help=line or ((run.__doc__ or "").strip().splitlines() or [None])[0])
         add_arguments(sub)
+        _fill_help(sub)
         if group == "prepare":
             sub.add_argument("--config", help="a YAML file of this command's options (`input: x.csv`, …)")
             sub.add_argument("--print_config", action="store_true", help="print the options as YAML and stop")
@@ -115,6 +140,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "CSV or parquet: sample_id and a column per input (the column each modality reads, case columns)",
         "predictions.parquet",
     )
+    _fill_help(cohort)
     cohort.set_defaults(run=_predict_cohort)
     info = commands.add_parser("info", help="describe a store: splits, labels per task, modalities, arrays, size")
     info.add_argument("store", help="store path or fsspec URL")

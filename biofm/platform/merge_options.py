@@ -10,7 +10,7 @@ METHODS = ("average", "task_arithmetic", "ties", "breadcrumbs", "adamerging", "a
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", help="the pretrained checkpoint the models were fine-tuned from (task vectors)")
     parser.add_argument("--models", nargs="+", required=True, help="fine-tuned checkpoints to merge")
-    parser.add_argument("--method", choices=METHODS, default="ties")
+    parser.add_argument("--method", choices=METHODS, default="ties", help="how to merge (default ties)")
     parser.add_argument("--out", required=True, help="the merged checkpoint to write (must not exist)")
     parser.add_argument(
         "--scale", type=float, help="λ, the task vectors' weight (default 1 for ties, 1/N for the others)"
@@ -24,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="STORE",
         help="stores whose inputs adamerging, atlas and twin learn on (labels unused but by atlas' fraction)",
     )
-    parser.add_argument("--calibration-split", default="val", choices=("train", "val", "test", "all"))
+    parser.add_argument(
+        "--calibration-split", default="val", choices=("train", "val", "test", "all"), help="split read (default val)"
+    )
     parser.add_argument("--calibration-samples", type=int, default=512, help="inputs read per calibration store")
     parser.add_argument("--steps", type=int, default=300, help="optimisation steps of the learned methods")
     parser.add_argument("--lr", type=float, default=1e-3, help="adamerging / atlas: the coefficients' learning rate")
@@ -44,4 +46,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="measure batch-norm running statistics again on the calibration inputs (any method)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (calibration sampling, router)")
