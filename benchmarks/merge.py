@@ -312,6 +312,9 @@ def main() -> None:
         if missing:
             sys.exit(f"shared molecule data missing ({', '.join(missing)}); see ../shared/data/README.md")
     os.environ.setdefault("WANDB_MODE", "disabled")
+    from biofm.platform.quiet import configure
+
+    configure(0, lightning=True)  # as the biofm command: no Lightning tips or device lines
     out = {}
     with tempfile.TemporaryDirectory(prefix="biofm-merge-") as tmp:
         root = Path(args.out or tmp)
