@@ -71,8 +71,8 @@ def merge_in_process(base: Path, models: list[Path], method: str, out: Path, opt
 def import_baseline() -> float:
     """Peak memory of a process that only imports what `biofm merge` imports (Python, torch, Lightning)."""
     code = (
-        "import resource, biofm.platform.merge, biofm.platform.lightning; "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+        "import lightning.pytorch, biofm.platform.merge, biofm.platform.lightning; "
+        "print(biofm.platform.merge.peak_rss_mib())"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return round(float(done.stdout.strip().splitlines()[-1]), 1)

@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
@@ -304,16 +306,24 @@ def test_twin_routed_by_task_at_full_rank_predicts_every_task_as_its_specialist(
     assert not all(torch.allclose(shared[t], got[t], atol=1e-3) for t in got)
 
 
-def test_renormalise_measures_batch_norm_statistics_of_the_merged_model(tmp_path):
-    """A molecule model (GINE with batch norm): after `renormalise`, the first norm's running mean is the
-    mean over the calibration batches of its inputs' batch means, in the merged model."""
+@pytest.fixture(scope="module")
+def molecule_zoo(tmp_path_factory):
+    """A molecule base (GINE with batch norm) and two specialists fine-tuned from it."""
     from biofm.testing import write_fake_modality_store
 
-    store = write_fake_modality_store(str(tmp_path / "mol.zarr"), "molecule", n=200)
+    root = tmp_path_factory.mktemp("molecules")
+    store = write_fake_modality_store(str(root / "mol.zarr"), "molecule", n=200)
     data = BiofmDataModule([store.url], batch_size=32)
-    base = _fit(data, tmp_path / "base.ckpt")
-    a = _fit(data, tmp_path / "a.ckpt", steps=6, init_from=str(base), lr=0.01)
-    b = _fit(data, tmp_path / "b.ckpt", steps=3, init_from=str(base), lr=0.01)
+    base = _fit(data, root / "base.ckpt")
+    a = _fit(data, root / "a.ckpt", steps=6, init_from=str(base), lr=0.01)
+    b = _fit(data, root / "b.ckpt", steps=3, init_from=str(base), lr=0.01)
+    return store, base, a, b
+
+
+def test_renormalise_measures_batch_norm_statistics_of_the_merged_model(molecule_zoo, tmp_path):
+    """A molecule model (GINE with batch norm): after `renormalise`, the first norm's running mean is the
+    mean over the calibration batches of its inputs' batch means, in the merged model."""
+    store, base, a, b = molecule_zoo
     plain = merge([a, b], base=base, method="average", out=tmp_path / "plain.ckpt")
     summary = merge(
         [a, b], base=base, method="average", out=tmp_path / "renormalised.ckpt", renormalise=True,
@@ -330,3 +340,19 @@ def test_renormalise_measures_batch_norm_statistics_of_the_merged_model(tmp_path
     assert torch.allclose(norm.running_mean, torch.stack(means).mean(dim=0), atol=1e-4)
     averaged = torch.load(tmp_path / "plain.ckpt", weights_only=True)["state_dict"]
     assert not torch.allclose(averaged["model.encoders.molecule.norms.0.running_mean"], norm.running_mean, atol=1e-4)
+
+
+def test_a_merged_model_predicts_a_cohort_manifest_as_the_sdk_does(molecule_zoo, tmp_path):
+    from biofm.platform.cohort import predict_cohort
+
+    store, base, a, b = molecule_zoo
+    out = tmp_path / "twin.ckpt"
+    merge([a, b], base=base, method="twin", route="task", rank=4, out=out, progress=False)
+    smiles = ["CCO", "c1ccccc1O", "CC(=O)O", "CCN"]
+    manifest = tmp_path / "cohort.csv"
+    pd.DataFrame({"sample_id": [f"M{i}" for i in range(4)], "smiles": smiles}).to_csv(manifest, index=False)
+    summary = predict_cohort(str(out), str(manifest), str(tmp_path / "preds"), batch_size=2, progress=False)
+    assert summary["predicted"] == 4
+    cohort = pd.read_parquet(tmp_path / "preds" / "predictions.parquet").set_index("sample_id")
+    sdk = biofm.load(out, quiet=True).predict(smiles=smiles)
+    assert np.allclose(cohort["flag/prob/1"].to_numpy(float), sdk["flag/prob/1"].to_numpy(float), atol=1e-5)
