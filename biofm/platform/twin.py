@@ -107,8 +107,9 @@ class TwinMergedModel(BiofmModel):
         for group, k in zip(groups, owners):
             asked = [t for t in group if t in wanted]
             if asked:
+                subset = None if set(asked) == set(self.queries) else asked  # one group: the whole model
                 chosen = torch.func.functional_call(
-                    self, self.expert_parameters(k), (inputs,), {"tasks": asked, "route": False}
+                    self, self.expert_parameters(k), (inputs,), {"tasks": subset, "route": False}
                 )
                 out["logits"].update(chosen["logits"])
         return out

@@ -19,7 +19,7 @@ from biofm.commands import comma_list, command
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-path", required=True, help="CSV (or TSV, parquet, SDF) with SMILES and targets")
-    p.add_argument("--smiles-column", default="smiles")
+    p.add_argument("--smiles-column", default="smiles", help="the column holding the SMILES (default smiles)")
     p.add_argument("--target-columns", default=None, help="comma-separated (default: every other column)")
     p.add_argument("--task-types", default=None, help="binary,regression,… per target (default: inferred)")
     p.add_argument("--split", default="random", help="random | scaffold | column:NAME")
@@ -69,7 +69,7 @@ def _train(args: argparse.Namespace) -> None:
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-path", required=True, help="CSV (or TSV, parquet) with a SMILES column")
     p.add_argument("--checkpoint", required=True, help="a .ckpt file or a run directory (its best checkpoint)")
-    p.add_argument("--smiles-column", default="smiles")
+    p.add_argument("--smiles-column", default="smiles", help="the column holding the SMILES (default smiles)")
     p.add_argument("--preds-path", required=True, help="CSV to write (must not exist)")
     p.add_argument("--batch-size", type=int, default=256)
 
