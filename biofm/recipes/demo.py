@@ -229,8 +229,9 @@ def run_demo(
     summary = {"seconds": round(time.perf_counter() - start, 1), "test": results}
     (out_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     parts = Table(title=f"biofm demo: every part and where its files are (finished in {summary['seconds']:.0f} s)")
-    for column in ("part", "headline (test)", "files"):
-        parts.add_column(column)
+    parts.add_column("part")
+    parts.add_column("headline (test)")
+    parts.add_column("files", overflow="fold")  # a path is folded onto the next line, never cut
     fused_score = sum(results["fused"].get(k, float("nan")) for k in primary) / len(primary)
     parts.add_row("cohort, fused (+ molecules)", f"cohort macro score {fused_score:.3f}", str(fused_dir))
     parts.add_row("", "", "report/report.html, training_curves.png, predictions.parquet, test_metrics.json")
