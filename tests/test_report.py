@@ -3,10 +3,17 @@
 import re
 
 import numpy as np
+import pytest
 from lightning.pytorch import Trainer, seed_everything
 
 from biofm.platform.lightning import BiofmDataModule, BiofmModule
 from biofm.platform.report import OUTPUTS, REPORT_DIR, load_outputs, write_report
+
+
+@pytest.fixture(scope="module")
+def tested(cohort_store, tmp_path_factory):
+    """A tiny model trained 3 steps and tested on the cohort (one fit for every test here)."""
+    return _tested(cohort_store, tmp_path_factory.mktemp("tested"))
 
 
 def _tested(store, tmp_path):
@@ -27,8 +34,8 @@ def _tested(store, tmp_path):
     return module, data
 
 
-def test_report_has_one_plot_per_task_and_references_nothing_outside(cohort_store, tmp_path):
-    module, data = _tested(cohort_store, tmp_path)
+def test_report_has_one_plot_per_task_and_references_nothing_outside(tested, tmp_path):
+    module, data = tested
     kinds = {t: s["kind"] for t, s in data.schema["tasks"].items()}
     assert set(kinds.values()) == {"binary", "multiclass", "regression", "ordinal", "multilabel"}
     page = write_report(tmp_path, module.test_outputs, data.schema["tasks"])
@@ -42,8 +49,8 @@ def test_report_has_one_plot_per_task_and_references_nothing_outside(cohort_stor
     assert "url(" not in text and "@import" not in text and "<script" not in text
 
 
-def test_kept_test_outputs_are_the_labelled_test_samples_without_ids(cohort_store, tmp_path):
-    module, data = _tested(cohort_store, tmp_path)
+def test_kept_test_outputs_are_the_labelled_test_samples_without_ids(cohort_store, tested, tmp_path):
+    module, data = tested
     write_report(tmp_path, module.test_outputs, data.schema["tasks"])
     specs, outputs = load_outputs(tmp_path)
     test_rows = cohort_store.index("split") == "test"
@@ -55,10 +62,10 @@ def test_kept_test_outputs_are_the_labelled_test_samples_without_ids(cohort_stor
     assert outputs["findings"]["value"].shape[1] == len(specs["findings"]["classes"])
 
 
-def test_biofm_report_builds_the_page_again(cohort_store, tmp_path):
+def test_biofm_report_builds_the_page_again(tested, tmp_path):
     from biofm.platform.cli import main
 
-    module, data = _tested(cohort_store, tmp_path)
+    module, data = tested
     page = write_report(tmp_path, module.test_outputs, data.schema["tasks"])
     page.unlink()
     main(["report", str(tmp_path)])
