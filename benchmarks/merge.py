@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from transfer import JUDGED, SOURCES, Cache, run, score  # noqa: E402 — benchmarks/, this script's folder
+from transfer import JUDGED, SOURCES, Cache, molecule_stores, run, score  # noqa: E402 — benchmarks/, this script's folder
 
 DATA_FREE = ["average", "task_arithmetic", "ties", "breadcrumbs"]
 LEARNED = {  # arm: (method, options)
@@ -112,41 +112,38 @@ def save_best(trainer, judged: str, path: Path) -> Path:
     return path
 
 
-def suite_molecules(root: Path, seed: int, args, cache: Cache):
-    """(stores, base, {source: specialist checkpoint}, {source: specialist val}, {arm: {source: test}})."""
-    from biofm.datasets.molecules import prepare_molecules
+def cached_fit(cache: Cache, key: str, seed: int, path: Path, fit, judged: str | None = None) -> dict:
+    """`key`'s cached result for `seed`, or `fit()`'s, its checkpoint written to `path`: the last state, or
+    with `judged` that source's best validation epoch (its figure then cached as `val`)."""
+    done = cache.get(key, seed)
+    if done is None or not path.exists():
+        result, seconds, trainer = fit()
+        if judged is None:
+            trainer.save_checkpoint(path)  # the last state: the pretrained base
+        else:
+            save_best(trainer, judged, path)
+            result = {**result, "val": abs(trainer.best_states[judged][0])}
+        cache.put(key, seed, result, seconds)
+        done = cache.get(key, seed)
+    return done["result"]
 
-    stores = {}
-    for name, (path, smiles, labels) in SOURCES.items():
-        out = root / f"seed{seed}" / f"{name}.zarr"
-        if not out.exists():
-            prepare_molecules(
-                str(path), str(out), smiles_column=smiles, label_columns=labels, fragments="keep", seed=seed
-            )
-        stores[name] = str(out)
-    judged = list(JUDGED)
+
+def suite_molecules(root: Path, seed: int, args, cache: Cache):
+    """(stores, base, judged, {source: specialist checkpoint}, {source: specialist val}, {arm: {source: test}},
+    scorer, lower, where)."""
+    stores, judged = molecule_stores(root, seed), list(JUDGED)
     base = root / f"base{seed}.ckpt"
-    done = cache.get("joint", seed)
-    if done is None or not base.exists():
-        result, s, trainer = run(stores, list(SOURCES), judged, root / f"joint{seed}", args.joint_epochs, seed)
-        trainer.save_checkpoint(base)  # the last state: the pretrained base
-        cache.put("joint", seed, result, s)
-        done = cache.get("joint", seed)
-    figures = {"joint": done["result"]}
+    joint = lambda: run(stores, list(SOURCES), judged, root / f"joint{seed}", args.joint_epochs, seed)
+    figures = {"joint": cached_fit(cache, "joint", seed, base, joint)}
     specialists, val = {}, {}
     for source in judged:
         path = root / f"specialist-{source}{seed}.ckpt"
-        done = cache.get(f"specialist-{source}", seed)
-        if done is None or not path.exists():
-            result, s, trainer = run(
-                stores, [source], [source], root / f"ft-{source}{seed}", args.epochs, seed, init_from=str(base)
-            )
-            save_best(trainer, source, path)
-            result = {**result, "val": abs(trainer.best_states[source][0])}
-            cache.put(f"specialist-{source}", seed, result, s)
-            done = cache.get(f"specialist-{source}", seed)
-        specialists[source], val[source] = path, done["result"]["val"]
-        figures.setdefault("specialist", {})[source] = done["result"][source]
+        fit = lambda: run(
+            stores, [source], [source], root / f"ft-{source}{seed}", args.epochs, seed, init_from=str(base)
+        )
+        result = cached_fit(cache, f"specialist-{source}", seed, path, fit, judged=source)
+        specialists[source], val[source] = path, result["val"]
+        figures.setdefault("specialist", {})[source] = result[source]
     return stores, base, judged, specialists, val, figures, score, JUDGED, {}
 
 
@@ -175,28 +172,18 @@ def suite_cohort(root: Path, seed: int, args, cache: Cache):
     stores = {"cohort": url}
     common = dict(model_config="model/small.yaml", scorer=scorer, lower=lower, test_store="cohort")
     base = folder / "base.ckpt"
-    done = cache.get("cohort-joint", seed)
-    if done is None or not base.exists():
-        result, s, trainer = run(stores, ["cohort"], judged, folder / "joint", args.cohort_epochs, seed, **common)
-        trainer.save_checkpoint(base)
-        cache.put("cohort-joint", seed, result, s)
-        done = cache.get("cohort-joint", seed)
-    figures = {"joint": done["result"]}
+    joint = lambda: run(stores, ["cohort"], judged, folder / "joint", args.cohort_epochs, seed, **common)
+    figures = {"joint": cached_fit(cache, "cohort-joint", seed, base, joint)}
     specialists, val = {}, {}
     for task in judged:
         path = folder / f"specialist-{task}.ckpt"
-        done = cache.get(f"cohort-specialist-{task}", seed)
-        if done is None or not path.exists():
-            result, s, trainer = run(
-                stores, ["cohort"], [task], folder / f"ft-{task}", args.cohort_epochs, seed,
-                tasks=[task], init_from=str(base), **common,
-            )  # fmt: skip
-            save_best(trainer, task, path)
-            result = {**result, "val": abs(trainer.best_states[task][0])}
-            cache.put(f"cohort-specialist-{task}", seed, result, s)
-            done = cache.get(f"cohort-specialist-{task}", seed)
-        specialists[task], val[task] = path, done["result"]["val"]
-        figures.setdefault("specialist", {})[task] = done["result"][task]
+        fit = lambda: run(
+            stores, ["cohort"], [task], folder / f"ft-{task}", args.cohort_epochs, seed,
+            tasks=[task], init_from=str(base), **common,
+        )  # fmt: skip
+        result = cached_fit(cache, f"cohort-specialist-{task}", seed, path, fit, judged=task)
+        specialists[task], val[task] = path, result["val"]
+        figures.setdefault("specialist", {})[task] = result[task]
     return stores, base, judged, specialists, val, figures, scorer, lower, {"store": "cohort"}
 
 

@@ -192,6 +192,21 @@ def run(
     return results, seconds, trainer
 
 
+def molecule_stores(root: Path, seed: int) -> dict[str, str]:
+    """Each source prepared once per seed under `root/seed<seed>/` (its own random split): {source: store}."""
+    from biofm.datasets.molecules import prepare_molecules
+
+    stores = {}
+    for name, (path, smiles, labels) in SOURCES.items():
+        out = root / f"seed{seed}" / f"{name}.zarr"
+        if not out.exists():
+            prepare_molecules(
+                str(path), str(out), smiles_column=smiles, label_columns=labels, fragments="keep", seed=seed
+            )
+        stores[name] = str(out)
+    return stores
+
+
 class Cache:
     """Finished (arm, seed) results in `<out>/results.json`, so an interrupted benchmark resumes where it
     stopped (the runs are deterministic for a seed: the same figures come out again)."""
@@ -306,7 +321,6 @@ def main() -> None:
     if missing:
         sys.exit(f"shared molecule data missing ({', '.join(missing)}); see ../shared/data/README.md")
     os.environ.setdefault("WANDB_MODE", "disabled")
-    from biofm.datasets.molecules import prepare_molecules
 
     figures: dict[str, dict[str, list[float]]] = {s: {a: [] for a in arms} for s in JUDGED}
     seconds: dict[str, list[float]] = {a: [] for a in arms}
@@ -322,14 +336,7 @@ def main() -> None:
         all_arms = arms
         for seed in range(args.seeds if "molecules" in suites else 0):
             arms = [a for a in all_arms if seed == 0 or a not in once]
-            stores = {}
-            for name, (path, smiles, labels) in SOURCES.items():
-                out = root / f"seed{seed}" / f"{name}.zarr"
-                if not out.exists():
-                    prepare_molecules(
-                        str(path), str(out), smiles_column=smiles, label_columns=labels, fragments="keep", seed=seed
-                    )
-                stores[name] = str(out)
+            stores = molecule_stores(root, seed)
             judged = list(JUDGED)
             pretrained = None
             if "specialist" in arms:

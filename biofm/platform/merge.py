@@ -748,7 +748,7 @@ def merge(
     hparams = {k: v for k, v in reference.hparams.items() if k not in ("schema", "_instantiator")}
     template = build(hparams, schema)
     buffers = {n for n, _ in template.named_buffers()}
-    shared = [n for n in exclusive_names(template)]
+    shared = exclusive_names(template)
     n = len(headers)
     scale = (1.0 if method in ("ties",) else 1.0 / n) if scale is None else float(scale)
     pool = Pool(base_loaded, headers, shared, buffers)
