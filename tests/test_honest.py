@@ -166,6 +166,26 @@ def test_a_metric_that_cannot_be_computed_is_nan_and_left_out_of_the_macro_means
     assert not any("one_class" in str(w.message) for w in again)  # named once per run
 
 
+def test_few_labels_are_a_note_not_a_warning_and_an_undefined_metric_stays_a_warning():
+    kinds = {"few": task_kind("few", {"kind": "binary"}), "none": task_kind("none", {"kind": "binary"})}
+    metrics = TaskMetrics(kinds, "test")
+    metrics.update("few", *_scores([0.9, 0.2, 0.6, 0.3], [1, 0, 1, 0]))  # 2 of each class: defined, noisy
+    metrics.update("none", *_scores([0.9, 0.2], [1, 1]))  # positives only: AUROC undefined
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = metrics.compute()
+    said = [str(w.message) for w in caught]
+    assert math.isfinite(results["few/auroc"])
+    assert not any("'few'" in m for m in said), said  # a defined value: no warning
+    assert any("'none'" in m and "undefined" in m for m in said), said
+    assert (
+        metrics.notes["few"] == "test split: task 'few' has 2 of class 0, 2 of class 1: its metrics rest on few labels"
+    )
+    assert "undefined" in metrics.notes["none"]
+    metrics.forget()
+    assert not metrics.notes
+
+
 def _one_class_validation_store(path: str) -> str:
     """A store whose validation split holds one class of its only task (and test both)."""
     n = 120

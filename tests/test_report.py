@@ -70,3 +70,21 @@ def test_biofm_report_builds_the_page_again(tested, tmp_path):
     page.unlink()
     main(["report", str(tmp_path)])
     assert page.exists() and (tmp_path / REPORT_DIR / OUTPUTS).exists()
+
+
+def test_the_report_lists_the_notes_on_few_labels(tested, tmp_path):
+    module, data = tested
+    notes = {"grade": "test split: task 'grade' has 3 of class 0, 2 of class 1: its metrics rest on few labels"}
+    page = write_report(tmp_path, module.test_outputs, data.schema["tasks"], notes)
+    assert "Notes on the labels" in page.read_text() and "its metrics rest on few labels" in page.read_text()
+    page.unlink()
+    from biofm.platform.cli import main
+
+    main(["report", str(tmp_path)])  # rebuilt from the saved outputs: the notes are kept
+    assert "its metrics rest on few labels" in page.read_text()
+    assert "Notes on the labels" not in write_report(tmp_path, module.test_outputs, data.schema["tasks"]).read_text()
+
+
+def test_a_test_run_keeps_its_notes_for_the_report(tested):
+    module, _ = tested  # 3 training steps on the tiny cohort: whatever it noted is what the report gets
+    assert module.test_notes == dict(module.metrics["test"].notes)

@@ -187,7 +187,9 @@ class BiofmCLI(LightningCLI):
             print_metrics(metrics_of(self.trainer, "test"), "test")
             print(f"test metrics written to {path}")
             module = self.trainer.lightning_module
-            report = write_report(self.trainer.default_root_dir, module.test_outputs, module.model.schema["tasks"])
+            report = write_report(
+                self.trainer.default_root_dir, module.test_outputs, module.model.schema["tasks"], module.test_notes
+            )
             if report is not None:
                 print(f"report (metrics and plots per task) written to {report}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import warnings
 
@@ -21,6 +22,8 @@ from biofm.platform.report import TestOutputs
 from biofm.platform.schema import task_applies
 from biofm.platform.settings import check_settings
 from biofm.tasks.metrics import TaskMetrics
+
+log = logging.getLogger("biofm")
 
 
 class BiofmModule(LightningModule):
@@ -168,6 +171,7 @@ class BiofmModule(LightningModule):
             for module in self._frozen:
                 module.eval()
         self._test_outputs, self.test_outputs = TestOutputs(), {}  # the last test's predictions and labels
+        self.test_notes: dict[str, str] = {}  # the last test's notes on few labels (`TaskMetrics.notes`)
         self._epoch_losses: dict[str, list] = {}  # task → [Σ loss (a tensor on the device), steps]
         self._step_losses: dict[str, torch.Tensor] = {}
 
@@ -433,11 +437,21 @@ class BiofmModule(LightningModule):
             if quiet:
                 warnings.simplefilter("ignore")
             results = {f"{name}/{k}": v for k, v in self.metrics[stage].compute().items()}
+            notes = dict(self.metrics[stage].notes)
             if stage == "test" and len(self._source_metrics) > 1:
                 for source, metrics in sorted(self._source_metrics.items()):
                     results.update({f"{name}/{source}/{k}": v for k, v in metrics.compute().items()})
+                    notes.update({f"{source}/{task}": note for task, note in metrics.notes.items()})
         if quiet:
-            self.metrics[stage]._warned.clear()
+            self.metrics[stage].forget()
+        if stage == "test" and self.test_name == "test":
+            self.test_notes = notes
+            if notes and self.global_rank == 0:
+                tasks = sorted({key.split("/")[-1] for key in notes})
+                log.info(
+                    f"test metrics of {len(tasks)} task(s) rest on few labels or on some classes only "
+                    f"({', '.join(tasks)}); the report lists their label counts"
+                )
         self.log_dict(results)
         self.metrics[stage].reset()
         if stage == "test":

@@ -26,18 +26,28 @@ KEPT = ("Restoring states from", "Restored all states", "Initializing distribute
 
 
 class _Needed(logging.Filter):
-    """Lightning's warnings, and of its notes only those in `KEPT`."""
+    """Lightning's warnings, and of its notes only those in `kept`."""
+
+    def __init__(self, kept: tuple[str, ...]):
+        super().__init__()
+        self.kept = kept
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or record.getMessage().startswith(KEPT)
+        return record.levelno >= logging.WARNING or record.getMessage().startswith(self.kept)
 
 
 log = logging.getLogger("biofm")
+_verbosity = 0  # the last `configure`'s
 
 
-def configure(verbosity: int = 0, lightning: bool = False) -> None:
-    """`verbosity` -1 (`-q`), 0 (default) or 1 (`-v`). Lightning sets its loggers to INFO when it is
-    imported, so a command that trains or predicts configures with `lightning=True` (importing it first)."""
+def configure(verbosity: int | None = None, lightning: bool = False, kept: tuple[str, ...] = KEPT) -> None:
+    """`verbosity` -1 (`-q`), 0 (default) or 1 (`-v`); None keeps the last one. Lightning sets its loggers to
+    INFO when it is imported, so a command that trains or predicts configures with `lightning=True` (importing
+    it first). `kept`: Lightning's notes still shown by default (the demo, which restores its own checkpoints,
+    keeps none)."""
+    global _verbosity
+    verbosity = _verbosity if verbosity is None else verbosity
+    _verbosity = verbosity
     if lightning:
         import lightning.pytorch  # noqa: F401
     for name in LIBRARY_LOGGERS:
@@ -48,7 +58,7 @@ def configure(verbosity: int = 0, lightning: bool = False) -> None:
             for existing in [f for f in target.filters if isinstance(f, _Needed)]:
                 target.removeFilter(existing)
             if verbosity == 0:
-                target.addFilter(_Needed())
+                target.addFilter(_Needed(kept))
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("biofm: %(message)s"))

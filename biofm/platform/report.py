@@ -57,14 +57,19 @@ class TestOutputs:
         return out
 
 
-def save_outputs(run_dir: str | Path, arrays: dict[str, np.ndarray], tasks: dict[str, dict]) -> Path:
-    """`<run dir>/report/test_outputs.npz` with the tasks' specs (kind, classes, unit) beside the arrays."""
+def save_outputs(
+    run_dir: str | Path, arrays: dict[str, np.ndarray], tasks: dict[str, dict], notes: dict[str, str] | None = None
+) -> Path:
+    """`<run dir>/report/test_outputs.npz` with the tasks' specs (kind, classes, unit) and the test's notes on
+    few labels (`TaskMetrics.notes`) beside the arrays."""
     folder = Path(run_dir) / REPORT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     specs = {t: {k: s.get(k) for k in ("kind", "classes", "unit")} for t, s in tasks.items()}
     stored = {k: (v.astype(str) if v.dtype == object else v) for k, v in arrays.items()}
     path = folder / OUTPUTS
-    np.savez_compressed(path, __specs__=np.array(json.dumps(specs)), **stored)
+    np.savez_compressed(
+        path, __specs__=np.array(json.dumps(specs)), __notes__=np.array(json.dumps(notes or {})), **stored
+    )
     return path
 
 
@@ -76,10 +81,16 @@ def load_outputs(run_dir: str | Path) -> tuple[dict[str, dict], dict[str, dict[s
         specs = json.loads(str(data["__specs__"]))
         per_task: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
         for key in data.files:
-            if key != "__specs__":
+            if key not in ("__specs__", "__notes__"):
                 task, name = key.rsplit("/", 1)
                 per_task[task][name] = data[key]
     return specs, dict(per_task)
+
+
+def load_notes(run_dir: str | Path) -> dict[str, str]:
+    """The test's notes on few labels saved beside its outputs (none in a report written before them)."""
+    with np.load(Path(run_dir) / REPORT_DIR / OUTPUTS, allow_pickle=False) as data:
+        return json.loads(str(data["__notes__"])) if "__notes__" in data.files else {}
 
 
 # ---- the report -----------------------------------------------------------------------------------------------
@@ -110,11 +121,11 @@ def build_report(run_dir: str | Path, title: str | None = None) -> Path:
         plt.close(fig)
         images.append((task, spec["kind"], path))
     page = folder / "report.html"
-    page.write_text(_html(title or "biofm test report", metrics, images), encoding="utf-8")
+    page.write_text(_html(title or "biofm test report", metrics, images, load_notes(run_dir)), encoding="utf-8")
     return page
 
 
-def _html(title: str, metrics: dict, images: list[tuple[str, str, Path]]) -> str:
+def _html(title: str, metrics: dict, images: list[tuple[str, str, Path]], notes: dict[str, str]) -> str:
     pooled, by_source = {}, defaultdict(dict)
     for key, value in metrics.items():
         parts = key.split("/")
@@ -143,6 +154,13 @@ def _html(title: str, metrics: dict, images: list[tuple[str, str, Path]]) -> str
         f'{base64.b64encode(path.read_bytes()).decode()}"><figcaption>{html.escape(task)} ({kind})</figcaption></figure>'
         for task, kind, path in images
     )
+    listed = (
+        "<h2>Notes on the labels</h2><ul>"
+        + "".join(f"<li>{html.escape(note)}</li>" for _, note in sorted(notes.items()))
+        + "</ul>"
+        if notes
+        else ""
+    )
     style = (
         "body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:3px 8px}"
@@ -153,7 +171,7 @@ def _html(title: str, metrics: dict, images: list[tuple[str, str, Path]]) -> str
         f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
         "<p>Test metrics pooled over the sources and per source (– : undefined for these samples, e.g. one class "
         "only). Plots show every labelled test sample.</p>"
-        f"<table><tr>{head}</tr>{rows}</table><h2>Per task</h2>{figures}</body></html>"
+        f"<table><tr>{head}</tr>{rows}</table>{listed}<h2>Per task</h2>{figures}</body></html>"
     )
 
 
@@ -214,9 +232,11 @@ def plot_training_curves(metrics_csv: str | Path, out_png: str | Path, best_epoc
     return Path(out_png)
 
 
-def write_report(run_dir: str | Path, arrays: dict[str, np.ndarray], tasks: dict[str, dict]) -> Path | None:
+def write_report(
+    run_dir: str | Path, arrays: dict[str, np.ndarray], tasks: dict[str, dict], notes: dict[str, str] | None = None
+) -> Path | None:
     """Save the test outputs and build the report (rank 0 only: the arrays are every rank's)."""
     if not arrays:
         return None
-    save_outputs(run_dir, arrays, tasks)
+    save_outputs(run_dir, arrays, tasks, notes)
     return build_report(run_dir)

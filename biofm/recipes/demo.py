@@ -267,4 +267,7 @@ def _arguments(p) -> None:
 @command("demo", _arguments)
 def _demo(args) -> None:
     """prepare, train, evaluate and predict end to end"""
+    from biofm.platform.quiet import configure
+
+    configure(lightning=True, kept=())  # the demo restores its own best checkpoints: no note on each
     run_demo(args.out, n=args.n, seed=args.seed, epochs=args.epochs, slides=args.slides)

@@ -105,7 +105,8 @@ def fit_and_test(
     best = trainer.checkpoint_callback.best_model_path or None
     trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)
     write_test_metrics(trainer)
-    write_report(run_dir, trainer.lightning_module.test_outputs, trainer.lightning_module.model.schema["tasks"])
+    tested = trainer.lightning_module
+    write_report(run_dir, tested.test_outputs, tested.model.schema["tasks"], tested.test_notes)
     metrics = metrics_of(trainer, "test")
     for dropped in test_without:
         kept = [m for m in data.schema["modalities"] if m != dropped]

@@ -8,12 +8,15 @@ Names: `<task>/auroc`, `<task>/auprc`, `<task>/accuracy` for classification, `<t
 A metric that cannot be computed is NaN, never 0: AUROC needs both classes (per class, one against the rest,
 for multiclass and multilabel tasks: a class without positives or without negatives is left out of the
 mean over classes), AUPRC needs positives, R² two labels that differ. NaN metrics are left out of the macro
-means; a split whose labels make a metric undefined, or that holds fewer than `FEW` labels of a class, is
-named once per task in a warning with its label counts.
+means. A split whose labels make a metric undefined is named once per task in a warning with its label
+counts; one that holds fewer than `FEW` labels of a class, or whose AUROC is the mean over some classes only,
+gets a note (`TaskMetrics.notes`: logged at debug level, and listed in the test report) — the value is defined,
+only noisy, so it is not a warning.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 
@@ -37,6 +40,7 @@ from biofm.tasks.kinds import TaskKind
 PRIMARY = {"binary": "auroc", "multiclass": "auroc", "multilabel": "auroc", "regression": "r2", "ordinal": "accuracy"}
 IGNORE = -1
 FEW = 5  # fewer labels of a class than this: its metrics are noisy, and said so
+log = logging.getLogger("biofm")
 
 
 def _collection(kind: TaskKind) -> MetricCollection:
@@ -86,6 +90,7 @@ class TaskMetrics(nn.Module):
         self.metrics = nn.ModuleDict({task: _collection(kind) for task, kind in kinds.items()})
         self._counts: dict[str, torch.Tensor] = {}
         self._warned: set[str] = set()
+        self.notes: dict[str, str] = {}  # task → what its label counts leave undefined or noisy (once per task)
 
     def update(self, task: str, logits: torch.Tensor, target: torch.Tensor) -> None:
         kind, metrics = self.kinds[task], self.metrics[task]
@@ -206,10 +211,23 @@ class TaskMetrics(nn.Module):
                 "out of the macro means"
                 if undefined
                 else "its metrics rest on few labels"
+                if few
+                else "its metrics are defined"
             ) + partial
-            warnings.warn(f"{self.name} split: task '{task}' has {described}: {what}", UserWarning, stacklevel=2)
+            message = f"{self.name} split: task '{task}' has {described}: {what}"
+            self.notes[task] = message
+            if undefined:
+                warnings.warn(message, UserWarning, stacklevel=2)
+            else:
+                log.debug(message)
+
+    def forget(self) -> None:
+        """Forget what was said (after Lightning's sanity check, whose batches neither warn nor count)."""
+        self._warned.clear()
+        self.notes.clear()
 
     def reset(self) -> None:
+        """A new epoch's state; what was said (`notes`) stays: each task is named once per run."""
         for metrics in self.metrics.values():
             metrics.reset()
         self._counts = {}
