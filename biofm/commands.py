@@ -87,8 +87,40 @@ def load_command(group: str, name: str) -> None:
 
 
 def comma_list(value: str | None) -> list[str] | None:
-    """A comma-separated command-line value as a list (None when not given)."""
-    return [x.strip() for x in value.split(",") if x.strip()] if value else None
+    """A comma-separated command-line value as a list (None when not given). CSV quoting: a name that holds
+    a comma goes in double quotes (`'"disorders, congenital and familial",other'`; `""` for a quote in one)."""
+    if not value:
+        return None
+    import csv
+
+    return [x.strip() for x in next(csv.reader([value], skipinitialspace=True), []) if x.strip()]
+
+
+def add_columns_argument(parser: argparse.ArgumentParser, flag: str, help: str, required: bool = False, **kw) -> None:
+    """`flag` (a comma-separated list, `comma_list`) and `flag-file` (a text file with one name per line, as
+    the names are: no quoting): one or the other."""
+    group = parser.add_mutually_exclusive_group(required=required)
+    group.add_argument(flag, help=f"{help}; names that hold a comma in double quotes", **kw)
+    group.add_argument(
+        f"{flag}-file", default=None, help=f"a text file with one name per line instead of {flag} (UTF-8)"
+    )
+
+
+def columns_of(args: argparse.Namespace, dest: str) -> list[str] | None:
+    """The names given with `--<dest>` or `--<dest>-file` (see `add_columns_argument`)."""
+    path = getattr(args, f"{dest}_file", None)
+    if not path:
+        return comma_list(getattr(args, dest))
+    from pathlib import Path
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except OSError as err:
+        raise FileNotFoundError(f"--{dest.replace('_', '-')}-file {path}: cannot read it ({err.strerror})") from None
+    names = [line.strip() for line in lines if line.strip()]
+    if not names:
+        raise FileNotFoundError(f"--{dest.replace('_', '-')}-file {path}: holds no names (one per line)")
+    return names
 
 
 def add_cohort_arguments(parser: argparse.ArgumentParser, manifest_help: str, out_files: str) -> None:

@@ -79,3 +79,27 @@ def test_every_option_of_every_command_has_a_help_text():
 
     walk(build_parser(), ["biofm"])
     assert missing == []
+
+
+def test_column_names_with_commas_are_named_quoted_or_from_a_file(tmp_path, capsys):
+    import pandas as pd
+
+    from biofm.commands import comma_list
+    from biofm.platform.cli import main
+    from biofm.platform.store import Store
+
+    assert comma_list('"disorders, congenital and familial", y') == ["disorders, congenital and familial", "y"]
+    assert comma_list('a,"say ""b""",') == ["a", 'say "b"']
+    smiles = ["CCO", "CCN", "CCC", "CCCl", "c1ccccc1", "CC(=O)O", "CCOC", "CCCC", "OCCO", "NCCN"] * 3
+    frame = pd.DataFrame({"smiles": smiles, "disorders, congenital and familial": [0, 1] * 15, "y": range(30)})
+    frame.to_csv(tmp_path / "data.csv", index=False)
+    common = ["prepare", "molecules", "--input", str(tmp_path / "data.csv"), "--workers", "1"]
+    main([*common, "--label-columns", '"disorders, congenital and familial"', "--out", str(tmp_path / "a.zarr")])
+    assert list(Store(str(tmp_path / "a.zarr")).tasks) == ["disorders, congenital and familial"]
+    (tmp_path / "columns.txt").write_text("disorders, congenital and familial\n\ny\n")
+    main([*common, "--label-columns-file", str(tmp_path / "columns.txt"), "--out", str(tmp_path / "b.zarr")])
+    assert list(Store(str(tmp_path / "b.zarr")).tasks) == ["disorders, congenital and familial", "y"]
+    config = tmp_path / "prepare.yaml"  # a YAML list keeps the comma inside the name
+    config.write_text('label_columns: ["disorders, congenital and familial"]\n')
+    main([*common, "--config", str(config), "--out", str(tmp_path / "c.zarr")])
+    assert list(Store(str(tmp_path / "c.zarr")).tasks) == ["disorders, congenital and familial"]

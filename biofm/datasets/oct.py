@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from biofm.commands import comma_list, preparer
+from biofm.commands import add_columns_argument, columns_of, comma_list, preparer
 from biofm.datasets.manifest import label_tasks, read_manifest
 from biofm.datasets.outputs import rejects_path, track, write_rejects
 from biofm.modalities.oct import OctError
@@ -200,7 +200,7 @@ SYNTHETIC_LABELS = ["glaucoma", "progression", "md"]
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", required=True, help="CSV or parquet: path, sample_id, subject_id, eye, labels")
     p.add_argument("--out", required=True, help="store to write (path or fsspec URL)")
-    p.add_argument("--label-columns", default=None, help="comma-separated label columns of the manifest")
+    add_columns_argument(p, "--label-columns", default=None, help="comma-separated label columns of the manifest")
     p.add_argument(
         "--npz-labels",
         default=None,
@@ -225,7 +225,7 @@ def _run(args: argparse.Namespace) -> None:
     store, rejected = prepare_oct(
         args.manifest,
         args.out,
-        label_columns=comma_list(args.label_columns),
+        label_columns=columns_of(args, "label_columns"),
         npz_labels_keys=comma_list(args.npz_labels),
         shape=_ints(args.shape),
         enface_shape=_ints(args.enface_shape),

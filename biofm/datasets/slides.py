@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from biofm.commands import comma_list, preparer
+from biofm.commands import add_columns_argument, columns_of, comma_list, preparer
 from biofm.datasets.manifest import label_tasks, read_manifest
 from biofm.datasets.outputs import rejects_path, track, write_atomically, write_rejects
 from biofm.platform.modality import MODALITIES
@@ -301,8 +301,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         help="CSV or parquet: slide_path, sample_id, subject_id, labels, optional mpp, report, split and case columns",
     )
     p.add_argument("--out", required=True, help="store to write (path or fsspec URL)")
-    p.add_argument("--label-columns", required=True, help="comma-separated label columns")
-    p.add_argument(
+    add_columns_argument(p, "--label-columns", required=True, help="comma-separated label columns")
+    add_columns_argument(
+        p,
         "--case-columns",
         default=None,
         help="comma-separated case columns (default: every column "
@@ -341,8 +342,8 @@ def _run(args: argparse.Namespace) -> None:
     result = prepare_slides(
         args.manifest,
         args.out,
-        label_columns=comma_list(args.label_columns),
-        case_columns=comma_list(args.case_columns),
+        label_columns=columns_of(args, "label_columns"),
+        case_columns=columns_of(args, "case_columns"),
         task_types=kinds,
         report_column=args.report_column,
         target_mpp=args.target_mpp,

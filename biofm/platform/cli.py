@@ -55,10 +55,23 @@ def prepare_config(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         if dest not in known or dest in ("help", "config", "print_config"):
             raise ConfigError(f"--config {path}: '{key}' is not an option of `biofm prepare {argv[1]}`")
         if isinstance(value, list) and known[dest].nargs is None:
-            value = ",".join(map(str, value))  # the comma-separated options
+            value = _quoted_list(value)  # the comma-separated options
         settings[dest] = value
         known[dest].required = False
+    for group in sub._mutually_exclusive_groups:  # `--label-columns` or `--label-columns-file`
+        if any(a.dest in settings for a in group._group_actions):
+            group.required = False
     sub.set_defaults(**settings)
+
+
+def _quoted_list(values: list) -> str:
+    """A YAML list as one comma-separated value, names that hold commas in CSV quotes (`comma_list`)."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    csv.writer(out, lineterminator="").writerow([str(v) for v in values])
+    return out.getvalue()
 
 
 def _choice(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:

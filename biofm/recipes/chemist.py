@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from biofm.commands import comma_list, command
+from biofm.commands import add_columns_argument, columns_of, comma_list, command
 
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-path", required=True, help="CSV (or TSV, parquet, SDF) with SMILES and targets")
     p.add_argument("--smiles-column", default="smiles", help="the column holding the SMILES (default smiles)")
-    p.add_argument("--target-columns", default=None, help="comma-separated (default: every other column)")
+    add_columns_argument(p, "--target-columns", default=None, help="comma-separated (default: every other column)")
     p.add_argument("--task-types", default=None, help="binary,regression,… per target (default: inferred)")
     p.add_argument("--split", default="random", help="random | scaffold | column:NAME")
     p.add_argument("--epochs", type=int, default=40, help="training epochs (the best validation epoch is kept)")
@@ -42,7 +42,7 @@ def _train(args: argparse.Namespace) -> None:
         args.data_path,
         str(out / "molecules.zarr"),
         smiles_column=args.smiles_column,
-        label_columns=comma_list(args.target_columns),
+        label_columns=columns_of(args, "target_columns"),
         task_types=comma_list(args.task_types),
         split=args.split,
         seed=args.seed,
