@@ -438,3 +438,101 @@ def test_meds_predictions_need_the_task_named_when_the_store_has_no_single_binar
     )
     with pytest.raises(StoreError, match=r"name the task with --task; binary tasks are \[\]"):
         meds_predictions(str(tmp_path / "p.parquet"), store.url)
+
+
+# ------------------------------------------------------------------------------- offset-timed databases
+OFFSET_SCHEMA = SCHEMA.parent / "offset-icu.yaml"
+
+
+def _events_in_window(db: Path, stay: int) -> int:
+    """Counted from the CSVs, apart from biofm: minutes 0…720 from the admission (vitals: hours 0…12)."""
+    import pandas as pd
+
+    count = 0
+    for table, column, per_hour in [
+        ("lab", "labresultoffset", 60),
+        ("medication", "drugstartoffset", 60),
+        ("infusiondrug", "infusionoffset", 60),
+        ("vitals", "chart_hours", 1),
+    ]:
+        frame = pd.read_csv(db / f"{table}.csv")
+        offsets = frame.loc[frame["patientunitstayid"] == stay, column]
+        count += int(((offsets >= 0) & (offsets <= 12 * per_hour)).sum())
+    return count
+
+
+def test_an_offset_timed_database_prepares_fits_and_tests(tmp_path, monkeypatch):
+    from biofm.datasets.ehr.offsets import write_offset_database
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    db = write_offset_database(tmp_path / "db", n_stays=80, seed=1)
+    out = str(tmp_path / "icu.zarr")
+    store, report = prepare_ehr_tables(str(db), str(OFFSET_SCHEMA), out, labels=str(db / "labels.csv"))
+    assert store.n == 80 and set(store.tasks) == {"mortality", "long_stay"}
+    # rows before the admission (negative offsets) and after the window are counted and not used
+    assert report.counts["lab: rows before the stay's start or after its prediction time (not used)"] > 0
+    ids = store.index("sample_id")
+    rows = store.read_rows(0, store.n, ["ehr/time"])["ehr/time"]
+    lengths = rows.lengths()
+    for i in (0, 7, 41):
+        assert lengths[i] == _events_in_window(db, int(ids[i])), ids[i]
+    hours = rows.values
+    assert hours.min() >= -12.0 - 1e-4 and hours.max() <= 1e-4  # hours before the prediction time (12 h)
+    assert not (tmp_path / "icu.zarr.work").exists()
+    metrics = fit_and_test([store.url], tmp_path / "run", epochs=2, batch_size=16, model=TINY)
+    assert {"mortality/auroc", "long_stay/auroc"} <= set(metrics)
+
+
+@pytest.mark.parametrize(
+    "changes, where, fix",
+    [
+        # the stays count in minutes, the event tables say nothing: their offsets are read as date-times
+        (
+            [("time_unit: minutes ", "#"), ("  start: 0 ", "  time_unit: minutes\n  start: 0 #")],
+            "table 'lab' column 'labresultoffset': 300 of the first 300 values do not parse as date-times",
+            "say their unit with `time_unit: minutes`",
+        ),
+        # a text column named as a table's time
+        (
+            [("time_unit: hours ", "time_unit: hours\n    time: heartrate_text #")],
+            None,
+            None,
+        ),
+    ],
+)
+def test_time_columns_that_mostly_fail_to_parse_stop_before_any_table_is_streamed(tmp_path, changes, where, fix):
+    from biofm.datasets.ehr.offsets import write_offset_database
+
+    db = write_offset_database(tmp_path / "db", n_stays=20)
+    if where is None:
+        import pandas as pd
+
+        vitals = pd.read_csv(db / "vitals.csv")
+        vitals["heartrate_text"] = "pulse " + vitals["heartrate"].astype(str)
+        vitals.to_csv(db / "vitals.csv", index=False)
+        where, fix = "table 'vitals' column 'heartrate_text'", "expected numbers: offsets in hours"
+    text = OFFSET_SCHEMA.read_text()
+    for change in changes:
+        assert change[0] in text
+        text = text.replace(*change)
+    schema = tmp_path / "schema.yaml"
+    schema.write_text(text)
+    out = tmp_path / "x.zarr"
+    with pytest.raises(StoreError) as caught:
+        prepare_ehr_tables(str(db), str(schema), str(out), labels=str(db / "labels.csv"))
+    message = str(caught.value)
+    assert where in message and fix in message and "e.g. '" in message, message
+    assert not out.exists() and not (tmp_path / "x.zarr.work").exists()
+    assert json.loads((tmp_path / "x.zarr.report.json").read_text())["stopped"] == message
+
+
+def test_a_stays_start_of_offsets_opens_the_window_there(tmp_path):
+    """`stays.start` as a column of offsets (the hospital admission, before the unit's): the window moves."""
+    from biofm.datasets.ehr.offsets import write_offset_database
+
+    db = write_offset_database(tmp_path / "db", n_stays=30)
+    schema = tmp_path / "schema.yaml"
+    schema.write_text(OFFSET_SCHEMA.read_text().replace("  start: 0 ", "  start: hospitaladmitoffset #"))
+    store, report = prepare_ehr_tables(str(db), str(schema), str(tmp_path / "x.zarr"), labels=str(db / "labels.csv"))
+    moved = report.counts["stays with no event in the observation window (dropped)"]
+    assert 0 < store.n < 30 and store.n + moved == 30  # most hospital admissions are more than 12 h before

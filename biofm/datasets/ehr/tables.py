@@ -28,7 +28,15 @@ from biofm.datasets.ehr.common import (
     work_dir,
     write_outputs,
 )
-from biofm.datasets.ehr.schema import Schema, check_columns, read_small, stream_table
+from biofm.datasets.ehr.schema import (
+    Schema,
+    check_columns,
+    check_times,
+    first_values,
+    read_small,
+    stream_table,
+    time_expr,
+)
 from biofm.datasets.outputs import track
 from biofm.platform import tables
 from biofm.platform.store import Store, StoreError
@@ -91,14 +99,15 @@ def table_events(
     """One table's rows of one shard → events (sample_id, subject_id, hours, table, fields) in the window."""
     table, time_col, link = spec["table"], spec["time"], spec["link"]
     label = table.split("/")[-1]
-    time = pl.col(time_col).str.strip_chars().str.to_datetime(strict=False, time_unit="us")
-    part = part.with_columns(time.alias("_time"))
+    part = part.with_columns(time_expr(time_col, schema.unit_of(spec)).alias("_time"))
     bad = part["_time"].is_null()
     report.add(f"{label}: rows with a missing or unparseable {time_col} (dropped)", bad.sum())
     part = part.filter(~bad)
     windows = stays.select(pl.col(link).cast(pl.String), "_sample", "_subject", "_start", "_prediction")
     part = part.join(windows, on=link, how="inner")
+    joined = len(part)
     part = part.filter((pl.col("_time") >= pl.col("_start")) & (pl.col("_time") <= pl.col("_prediction")))
+    report.add(f"{label}: rows before the stay's start or after its prediction time (not used)", joined - len(part))
     for numeric in spec.get("numeric", []):
         value = pl.col(numeric).str.strip_chars()
         parsed = value.cast(pl.Float64, strict=False)
@@ -129,14 +138,30 @@ def table_events(
 
 
 def read_stays(schema: Schema, root: str) -> pl.DataFrame:
+    """The stays table with `_sample`, `_subject`, `_start` and `_prediction` (the window's end); stops when
+    most start times do not parse as the schema says (`check_times`)."""
     s = schema.stays
+    offset_zero = not isinstance(s["start"], str)  # `start: 0`: every stay starts at the offsets' zero
     columns = list(
-        dict.fromkeys([s["id"], s["subject"], s["start"], *([s["end"]] if s.get("end") else []), *s.get("keys", [])])
+        dict.fromkeys(
+            [
+                s["id"],
+                s["subject"],
+                *([] if offset_zero else [s["start"]]),
+                *([s["end"]] if s.get("end") else []),
+                *s.get("keys", []),
+            ]
+        )
     )
     frame = read_small(schema, root, s["table"], columns)
     if not len(frame):
         raise StoreError(f"{schema.file(root, s['table'])}: the stays table has a header but no data rows")
-    start = pl.col(s["start"]).str.to_datetime(strict=False, time_unit="us")
+    if offset_zero:
+        start = time_expr("_zero", schema.start_unit)
+        frame = frame.with_columns(pl.lit("0").alias("_zero"))
+    else:
+        check_times(schema, f"stays table '{s['table']}'", s["start"], frame[s["start"]], schema.start_unit, "in stays")
+        start = time_expr(s["start"], schema.start_unit)
     frame = frame.with_columns(
         pl.col(s["id"]).alias("_sample"), pl.col(s["subject"]).alias("_subject"), start.alias("_start")
     )
@@ -168,7 +193,76 @@ def prepare_ehr_tables(
         raise StoreError(f"{input}: input folder does not exist")
     spec = Schema(schema, encoding)
     report = Report()
+    try:
+        return _prepare(
+            spec,
+            input,
+            out,
+            report,
+            labels,
+            tokenizer_from,
+            vocab_size,
+            shard_subjects,
+            source,
+            seed,
+            overwrite,
+            progress,
+        )
+    except Exception as err:
+        failed(out, report, err)
+        raise
+
+
+def failed(out: str, report: Report, err: Exception) -> None:
+    """A prepare that stops still writes `<out>.report.json` (what it counted, and why it stopped) — unless a
+    store is already there, whose report is kept — and leaves no work folder behind."""
+    from biofm.datasets.ehr.common import WORK_MARK
+    from biofm.datasets.outputs import write_report
+    from biofm.platform.store import is_local
+
+    if not is_local(out):
+        return
+    local = Path(str(out).removeprefix("file://").rstrip("/"))
+    work = Path(f"{local}.work")
+    if (work / WORK_MARK).exists():
+        shutil.rmtree(work, ignore_errors=True)
+    if not local.exists():
+        write_report(str(local), {"stopped": str(err), **report.counts})
+
+
+def check_event_times(schema: Schema, root: str) -> None:
+    """Each event table's time column, on its first block, before any table is streamed (`check_times`)."""
+    for i, spec in enumerate(schema.tables):
+        path = schema.file(root, spec["table"])
+        check_columns(schema, path, spec["table"], [spec["time"]])
+        where = f"table '{spec['table']}'"
+        check_times(
+            schema,
+            where,
+            spec["time"],
+            first_values(schema, path, spec["time"]),
+            schema.unit_of(spec),
+            f"on tables[{i}] (or at the schema's top for every table)",
+        )
+
+
+def _prepare(
+    spec: Schema,
+    input: str,
+    out: str,
+    report: Report,
+    labels,
+    tokenizer_from,
+    vocab_size: int,
+    shard_subjects: int,
+    source,
+    seed: int,
+    overwrite: bool,
+    progress: bool,
+) -> tuple[Store, Report]:
+    schema = spec.path
     stays = read_stays(spec, input)
+    check_event_times(spec, input)
     bad_start = stays["_start"].is_null()
     report.add("stays with a missing or unparseable start time (dropped)", bad_start.sum())
     no_id = stays["_sample"].is_null() | stays["_subject"].is_null()
