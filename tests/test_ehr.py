@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pytest
 
 from biofm.datasets.ehr import meds_predictions, prepare_ehr_tables, prepare_meds
@@ -411,7 +412,10 @@ def test_bad_meds_rows_are_counted_and_events_after_the_prediction_time_are_neve
         }
     ).write_parquet(tmp_path / "labels.parquet")
     out = str(tmp_path / "m.zarr")
-    store, report = prepare_meds(str(tmp_path / "meds"), str(tmp_path / "labels.parquet"), out)
+    # its times and numbers are text, not MEDS's types: refused, naming the file and column, unless cast
+    with pytest.raises(StoreError, match=r"0\.parquet: column 'time' is large_string; a MEDS data shard has timestamp"):
+        prepare_meds(str(tmp_path / "meds"), str(tmp_path / "labels.parquet"), out)
+    store, report = prepare_meds(str(tmp_path / "meds"), str(tmp_path / "labels.parquet"), out, cast_types=True)
     counts = report.counts
     assert counts["events with an unparseable time (dropped)"] == 1
     assert counts["duplicate event rows (dropped)"] == 1
@@ -536,3 +540,111 @@ def test_a_stays_start_of_offsets_opens_the_window_there(tmp_path):
     store, report = prepare_ehr_tables(str(db), str(schema), str(tmp_path / "x.zarr"), labels=str(db / "labels.csv"))
     moved = report.counts["stays with no event in the observation window (dropped)"]
     assert 0 < store.n < 30 and store.n + moved == 30  # most hospital admissions are more than 12 h before
+
+
+# ----------------------------------------------------------------------------- MEDS against its schema
+def _valid_meds(root: Path) -> tuple[Path, Path]:
+    """A small MEDS 0.4 folder (data, codes, splits, dataset.json) and a label file, all of MEDS's types."""
+    import datetime as dt
+
+    import pyarrow.parquet as pq
+
+    (root / "meds" / "data").mkdir(parents=True)
+    (root / "meds" / "metadata").mkdir()
+    n = 12
+    pq.write_table(
+        pa.table(
+            {
+                "subject_id": pa.array([i // 3 for i in range(n)], pa.int64()),
+                "time": pa.array([dt.datetime(2100, 1, 1, i) for i in range(n)], pa.timestamp("us")),
+                "code": pa.array(["LAB//1", "LAB//2", "DRUG//A"] * (n // 3), pa.string()),
+                "numeric_value": pa.array([float(i) for i in range(n)], pa.float32()),
+            }
+        ),
+        root / "meds" / "data" / "0.parquet",
+    )
+    pq.write_table(
+        pa.table({"code": ["LAB//1", "LAB//2"], "description": ["glucose", "sodium"]}),
+        root / "meds" / "metadata" / "codes.parquet",
+    )
+    pq.write_table(
+        pa.table({"subject_id": pa.array([0, 1, 2, 3], pa.int64()), "split": ["train", "train", "tuning", "held_out"]}),
+        root / "meds" / "metadata" / "subject_splits.parquet",
+    )
+    (root / "meds" / "metadata" / "dataset.json").write_text('{"dataset_name": "tiny", "meds_version": "0.4.1"}')
+    pq.write_table(
+        pa.table(
+            {
+                "subject_id": pa.array([0, 1, 2, 3], pa.int64()),
+                "prediction_time": pa.array([dt.datetime(2100, 1, 2)] * 4, pa.timestamp("us")),
+                "boolean_value": [True, False, True, False],
+            }
+        ),
+        root / "labels.parquet",
+    )
+    return root / "meds", root / "labels.parquet"
+
+
+def _rewrite(path: Path, change) -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(change(pq.read_table(path)), path)
+
+
+@pytest.mark.parametrize(
+    "file, change, message",
+    [
+        ("meds/data/0.parquet", lambda t: t.drop(["code"]), r"0\.parquet: a MEDS data shard needs the column 'code'"),
+        (
+            "meds/data/0.parquet",
+            lambda t: t.set_column(0, "subject_id", t["subject_id"].cast("string")),
+            r"0\.parquet: column 'subject_id' is string; a MEDS data shard has int64 there \(MEDS 0\.4\)",
+        ),
+        (
+            "labels.parquet",
+            lambda t: t.append_column("note", t["subject_id"].cast("string")),
+            r"labels\.parquet: a MEDS label file has only the columns .*; 'note' is none of them",
+        ),
+        (
+            "meds/metadata/subject_splits.parquet",
+            lambda t: t.drop(["split"]),
+            r"subject_splits\.parquet: a MEDS subject_splits file needs the column 'split'",
+        ),
+        (
+            "meds/metadata/codes.parquet",
+            lambda t: t.set_column(0, "code", pa.array(range(t.num_rows), pa.int32())),
+            r"codes\.parquet: column 'code' is int32; a MEDS codes file has string there",
+        ),
+        (
+            "meds/metadata/dataset.json",
+            5,
+            r"dataset\.json: MEDS's dataset.json \(MEDS 0\.4\) does not accept field 'meds_version'",
+        ),
+    ],
+)
+def test_meds_files_that_do_not_match_the_meds_schema_stop_naming_file_and_column(tmp_path, file, change, message):
+    folder, labels = _valid_meds(tmp_path)
+    if file.endswith(".json"):
+        (tmp_path / file).write_text(f'{{"meds_version": {change}}}')
+    else:
+        _rewrite(tmp_path / file, change)
+    with pytest.raises(StoreError, match=message):
+        prepare_meds(str(folder), str(labels), str(tmp_path / "m.zarr"))
+    assert not (tmp_path / "m.zarr").exists()
+
+
+def test_meds_types_that_differ_only_in_width_are_read_and_noted(tmp_path):
+    folder, labels = _valid_meds(tmp_path)
+    store, report = prepare_meds(str(folder), str(labels), str(tmp_path / "a.zarr"))
+    assert store.n == 4 and not [k for k in report.counts if k.startswith("MEDS")]  # a clean MEDS 0.4 folder
+    _rewrite(
+        folder / "data" / "0.parquet", lambda t: t.set_column(3, "numeric_value", t["numeric_value"].cast(pa.float64()))
+    )
+    _rewrite(labels, lambda t: t.set_column(1, "prediction_time", t["prediction_time"].cast(pa.timestamp("ns"))))
+    (folder / "metadata" / "dataset.json").write_text('{"meds_version": "0.3.3"}')
+    store, report = prepare_meds(str(folder), str(labels), str(tmp_path / "b.zarr"))
+    assert store.n == 4
+    notes = [k for k in report.counts if k.startswith("MEDS")]
+    assert "MEDS columns read as their MEDS type (data shard numeric_value: double → float)" in notes
+    assert "MEDS columns read as their MEDS type (label file prediction_time: timestamp[ns] → timestamp[us])" in notes
+    assert "MEDS datasets written as MEDS 0.3.3, read with the MEDS 0.4 schemas" in notes

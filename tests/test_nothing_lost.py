@@ -447,8 +447,8 @@ READERS = {
     ),
     "ehr stays table": (None, None),  # the layout's own stays table, damaged in place
     "meds labels": (
-        "subject_id,prediction_time,boolean_value,note\n"
-        + "".join(f"{1 + i % 2},2020-01-02 00:00:00,{'true' if i % 2 else 'false'},n{i}\n" for i in range(40)),
+        "subject_id,prediction_time,boolean_value\n"  # a MEDS label file has no other columns
+        + "".join(f"{1 + i % 2},2020-01-02 00:00:00,{'true' if i % 2 else 'false'}\n" for i in range(40)),
         lambda f, d: [
             "prepare",
             "meds",

@@ -24,6 +24,7 @@ from biofm.datasets.ehr.common import (
     work_dir,
     write_outputs,
 )
+from biofm.datasets.ehr.meds_schema import check_dataset_json, check_meds_schema, check_parquet_schema
 from biofm.datasets.outputs import track
 from biofm.platform import tables
 from biofm.platform.store import Store, StoreError, subject_splits
@@ -32,18 +33,22 @@ from biofm.platform.writing import prepares
 SPLITS = {"train": "train", "tuning": "val", "val": "val", "held_out": "test", "test": "test"}
 
 
-def read_meds_labels(path: str, task: str, report: Report) -> tuple[pl.DataFrame, dict]:
-    """A MEDS label file → (subject_id, prediction_time, sample_id, <task>) and the task's spec."""
+def read_meds_labels(path: str, task: str, report: Report, cast_types: bool = False) -> tuple[pl.DataFrame, dict]:
+    """A MEDS label file → (subject_id, prediction_time, sample_id, <task>) and the task's spec; checked
+    against MEDS's label schema first (`meds_schema`; a CSV's types as polars reads them)."""
     if not Path(path).exists():
         raise StoreError(f"{path}: label file does not exist")
     if path.endswith(".parquet"):
-        frame = pl.read_parquet(tables.check_parquet(path, "MEDS label file"))
+        check_parquet_schema(tables.check_parquet(path, "MEDS label file"), "labels", report.counts, cast_types)
+        frame = pl.read_parquet(path)
     else:
         try:
             frame = pl.read_csv(path, try_parse_dates=True)
         except Exception as err:  # noqa: BLE001 — polars raises NoDataError, ComputeError, …
             raise tables.read_failure(path, err, "MEDS label file") from None
         tables.check_columns(path, tables.header(path), "MEDS label file")
+        if len(frame):
+            check_meds_schema(path, frame.to_arrow().schema, "labels", report.counts, cast_types)
     if not len(frame):
         raise StoreError(f"{path}: the MEDS label file has a header but no data rows")
     for column in ("subject_id", "prediction_time"):
@@ -188,12 +193,24 @@ _REASONS = {
 }
 
 
-def read_codes(path: str | None) -> pl.DataFrame | None:
-    """MEDS `codes.parquet` (code → description), or None when there is none."""
+def read_codes(path: str | None, report: Report | None = None, cast_types: bool = False) -> pl.DataFrame | None:
+    """MEDS `codes.parquet` (code → description), or None when there is none; with `report`, checked against
+    MEDS's code metadata schema first."""
     if not path or not Path(path).exists():
         return None
+    tables.check_parquet(path, "MEDS codes file")
+    if report is not None:
+        check_parquet_schema(path, "codes", report.counts, cast_types)
+    import pyarrow.parquet as pq
+
+    if "description" not in pq.read_schema(path).names:
+        return (
+            pl.read_parquet(path, columns=["code"])
+            .unique("code")
+            .with_columns(pl.lit(None, pl.String).alias("description"), pl.lit(True).alias("_known"))
+        )
     return (
-        pl.read_parquet(tables.check_parquet(path, "MEDS codes file"), columns=["code", "description"])
+        pl.read_parquet(path, columns=["code", "description"])
         .unique("code", keep="first")
         .with_columns(pl.lit(True).alias("_known"))
     )
@@ -250,20 +267,28 @@ def prepare_meds(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = False,
+    cast_types: bool = False,
 ) -> tuple[Store, Report]:
-    """Prepare a MEDS dataset and label file; returns the store and the report of what was dropped."""
+    """Prepare a MEDS dataset and label file; returns the store and the report of what was dropped. Every
+    file is checked against the MEDS 0.4 schemas first (`meds_schema`); `cast_types` converts columns of
+    another type instead of stopping."""
     report = Report()
     files = meds_files(input)
+    for file in files:
+        check_parquet_schema(file, "data", report.counts, cast_types)
     root = Path(input) if Path(input).is_dir() else None
+    if root is not None:
+        check_dataset_json(root / "metadata" / "dataset.json", report.counts)
     task = task or Path(labels).name.split(".")[0].removesuffix("_labels")
-    label_frame, spec = read_meds_labels(labels, task, report)
-    code_frame = read_codes(codes or (str(root / "metadata" / "codes.parquet") if root else None))
+    label_frame, spec = read_meds_labels(labels, task, report, cast_types)
+    code_frame = read_codes(codes or (str(root / "metadata" / "codes.parquet") if root else None), report, cast_types)
     splits = splits or (str(root / "metadata" / "subject_splits.parquet") if root else None)
     split_of = None
     if splits and Path(splits).exists():
-        frame = pl.read_parquet(tables.check_parquet(splits, "MEDS subject_splits file")).with_columns(
-            pl.col("subject_id").cast(pl.String)
+        check_parquet_schema(
+            tables.check_parquet(splits, "MEDS subject_splits file"), "splits", report.counts, cast_types
         )
+        frame = pl.read_parquet(splits).with_columns(pl.col("subject_id").cast(pl.String))
         split_of = {s: SPLITS.get(v, "train") for s, v in frame.select("subject_id", "split").iter_rows()}
     scan = pl.scan_parquet(files)
     subjects = sorted(label_frame["subject_id"].unique().to_list())
@@ -322,6 +347,12 @@ def _meds_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-events", type=int, default=128, help="latest events kept per sample")
     p.add_argument("--max-event-tokens", type=int, default=48, help="tokens per event")
     p.add_argument("--drop-columns", default="", help="comma-separated extra columns to leave out of the text")
+    p.add_argument(
+        "--cast-types",
+        action="store_true",
+        help="read columns whose type is not MEDS's (text times or numbers) by converting them; what does not "
+        "convert is counted and dropped (default: stop, naming the file and column)",
+    )
 
 
 @preparer("meds", _meds_arguments)
@@ -343,5 +374,6 @@ def _run_meds(args: argparse.Namespace) -> None:
         seed=args.seed,
         overwrite=args.overwrite,
         progress=True,
+        cast_types=args.cast_types,
     )
     print_prepared(store, report, args.out)
