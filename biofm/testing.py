@@ -237,3 +237,96 @@ def wandb_summary(run_file: str | os.PathLike) -> dict:
         for item in items:
             summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return summary
+
+
+# ---- slide files of the formats OpenSlide does not read (written by the tests, `tests/test_slide_formats.py`)
+FLUORESCENCE_CHANNELS = ("DAPI", "CD8", "PanCK", "FoxP3")
+
+
+def tissue_ellipse(height: int, width: int) -> np.ndarray:
+    """The tissue of the written test slides: an ellipse in the middle."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    return ((yy - height / 2) / (height * 0.3)) ** 2 + ((xx - width / 2) / (width * 0.3)) ** 2 < 1
+
+
+def write_ome_fluorescence(
+    path: str | os.PathLike, height: int = 1024, width: int = 1536, mpp: float = 0.5, seed: int = 0
+) -> str:
+    """A multiplex fluorescence OME-TIFF: four uint16 channels (DAPI bright on tissue, over a dark background),
+    tiled, two reduced pyramid levels (SubIFDs), the pixel size in the OME-XML and the resolution tags."""
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    tissue = tissue_ellipse(height, width)
+    data = np.empty((len(FLUORESCENCE_CHANNELS), height, width), np.uint16)
+    data[0] = np.where(tissue, 2000 + 1500 * rng.random((height, width)), 40 * rng.random((height, width)))
+    for c in range(1, len(FLUORESCENCE_CHANNELS)):
+        data[c] = np.where(tissue, 300 + (600 * c) * rng.random((height, width)), 20)
+    options = dict(
+        tile=(256, 256),
+        photometric="minisblack",
+        compression="zlib",
+        resolution=(1e4 / mpp, 1e4 / mpp),
+        resolutionunit="CENTIMETER",
+    )
+    metadata = {
+        "axes": "CYX",
+        "PhysicalSizeX": mpp,
+        "PhysicalSizeY": mpp,
+        "Channel": {"Name": list(FLUORESCENCE_CHANNELS)},
+    }
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write(data, subifds=2, metadata=metadata, **options)
+        for factor in (2, 4):
+            tif.write(data[:, ::factor, ::factor], subfiletype=1, **options)
+    return str(path)
+
+
+def brightfield_image(height: int = 600, width: int = 800) -> np.ndarray:
+    """Pale glass and a purple ellipse of tissue, uint8 RGB."""
+    rgb = np.full((height, width, 3), 238, np.uint8)
+    rgb[tissue_ellipse(height, width)] = (150, 60, 160)
+    return rgb
+
+
+def write_wsi_dicom(
+    path: str | os.PathLike, image: np.ndarray, tile: int = 128, spacing_mm: float | None = 0.0005, drop: tuple = ()
+) -> str:
+    """A VL Whole Slide Microscopy DICOM of `image` (uint8 RGB), uncompressed TILED_FULL frames, with only
+    the attributes a reader needs (no series, no optical path: OpenSlide refuses it); `drop` removes more."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    height, width, _ = image.shape
+    frames = []
+    for ty in range(-(-height // tile)):
+        for tx in range(-(-width // tile)):
+            frame = np.zeros((tile, tile, 3), np.uint8)
+            part = image[ty * tile : (ty + 1) * tile, tx * tile : (tx + 1) * tile]
+            frame[: part.shape[0], : part.shape[1]] = part
+            frames.append(frame)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.6"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.ImageType = "SM", ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+    ds.Rows = ds.Columns = tile
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.NumberOfFrames = len(frames)
+    ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = width, height
+    ds.DimensionOrganizationType = "TILED_FULL"
+    if spacing_mm:
+        measures = Dataset()
+        measures.PixelSpacing = [spacing_mm, spacing_mm]
+        shared = Dataset()
+        shared.PixelMeasuresSequence = [measures]
+        ds.SharedFunctionalGroupsSequence = [shared]
+    ds.PixelData = np.stack(frames).tobytes()
+    for key in drop:
+        delattr(ds, key)
+    ds.save_as(path, enforce_file_format=True)
+    return str(path)

@@ -29,7 +29,7 @@ from biofm.platform.modality import MODALITIES
 from biofm.platform.store import Store, StoreError, StoreWriter, unfinished_settings
 from biofm.platform.writing import prepares
 
-RESERVED = ("slide_path", "sample_id", "subject_id", "mpp", "split")
+RESERVED = ("slide_path", "sample_id", "subject_id", "mpp", "split", "channels")
 
 
 def status_dir(out: str) -> str:
@@ -69,6 +69,7 @@ def prepare_slides(
     patch_weights: str | None = None,
     store_tiles: bool = False,
     assume_mpp: float | None = None,
+    channels: list[str] | None = None,
     source: str | None = None,
     seed: int = 0,
     overwrite: bool = False,
@@ -105,6 +106,7 @@ def prepare_slides(
         patch_encoder=patch_encoder,
         patch_weights=patch_weights,
         store_tiles=store_tiles,
+        **({"channels": list(channels)} if channels else {}),
     )
     wsi.read_threads = read_threads
     wsi.fit()
@@ -136,6 +138,10 @@ def prepare_slides(
     paths = [
         None if pd.isna(p) else str(p if "://" in str(p) or Path(str(p)).is_absolute() else base / str(p))
         for p in frame["slide_path"]
+    ]
+    slide_channels = [
+        tuple(c.strip() for c in str(v).split(";") if c.strip()) or None if pd.notna(v) else None
+        for v in (frame["channels"] if "channels" in frame.columns else [None] * len(frame))
     ]
     mpps = (
         pd.to_numeric(frame["mpp"], errors="coerce").to_numpy()
@@ -199,7 +205,12 @@ def prepare_slides(
         try:
             if paths[i] is None:
                 raise SlideError("the manifest row has no slide_path")
-            ref = SlideRef(paths[i], mpp=None if np.isnan(mpps[i]) else float(mpps[i]), assume_mpp=assume_mpp)
+            ref = SlideRef(
+                paths[i],
+                mpp=None if np.isnan(mpps[i]) else float(mpps[i]),
+                assume_mpp=assume_mpp,
+                channels=slide_channels[i],
+            )
             arrays, facts = wsi.process(ref)
         except SlideError as err:
             status.update(status="failed", reason=str(err))
@@ -329,6 +340,12 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="µm/px for slides whose metadata and manifest give none usable (default: such a slide fails)",
     )
+    p.add_argument(
+        "--channels",
+        default=None,
+        help="fluorescence channels the patch encoder sees as red, green, blue (names or 0-based indices, up to "
+        "3; default: the nuclear channel and the next two); a manifest column `channels` (a;b;c) sets one slide's",
+    )
     p.add_argument("--read-threads", type=int, default=2, help="tiles read in parallel (default 2)")
     p.add_argument("--encoding", default="utf-8", help="text encoding of a CSV manifest (default utf-8)")
     p.add_argument("--seed", type=int, default=0)
@@ -353,6 +370,7 @@ def _run(args: argparse.Namespace) -> None:
         patch_weights=args.patch_weights,
         store_tiles=args.store_tiles,
         assume_mpp=args.assume_mpp,
+        channels=comma_list(args.channels),
         seed=args.seed,
         overwrite=args.overwrite,
         read_threads=args.read_threads,

@@ -34,7 +34,8 @@ class Wsi(FileModality):
     """Settings: `target_mpp` (µm/px of the tiles, default 0.5), `tile_size` (224), `min_tissue` (the
     least tissue fraction a tile needs, 0.25), `thumbnail_mpp` (scale of the tissue mask, 8 µm/px),
     `patch_encoder` ("default" or "package.module:factory"), `patch_weights` (local file), `store_tiles`
-    (also keep raw tiles, for end-to-end training); `feature_dim` and `patch_checksum` are filled in by
+    (also keep raw tiles, for end-to-end training), `channels` (fluorescence channels shown to the patch
+    encoder, names or indices; default the nuclear one and the next two); `feature_dim` and `patch_checksum` are filled in by
     `fit`. Encoder options (model config): `kind` (abmil | transformer), `tokens`, `layers`, `max_tiles`,
     `dropout`."""
 
@@ -98,7 +99,7 @@ class Wsi(FileModality):
         Raises SlideError with a readable reason."""
         ref = SlideRef.of(raw)
         s = self.settings
-        slide = open_slide(ref.path)
+        slide = open_slide(ref.path, ref.channels or s.get("channels"))
         try:
             plan = plan_tiles(slide, ref, s["target_mpp"], s["tile_size"], s["min_tissue"], s["thumbnail_mpp"])
             if not len(plan.coords):

@@ -16,6 +16,7 @@ import numpy as np
 MPP_RANGE = (0.05, 20.0)
 LEVEL_TOLERANCE = 0.02  # a level up to 2% coarser than wanted still counts as "at" the wanted scale
 STRIP_PIXELS = 1 << 24  # pixels per read while building a thumbnail (64 MiB of RGBA)
+DARK = 60  # a brightfield thumbnail whose median brightness is below this looks like fluorescence
 
 
 class SlideError(Exception):
@@ -25,18 +26,27 @@ class SlideError(Exception):
 @dataclass(frozen=True)
 class SlideRef:
     """One slide to process: its path and, optionally, the manifest's microns per pixel and a value to
-    assume when neither the slide nor the manifest has one."""
+    assume when neither the slide nor the manifest has one, and the fluorescence channels to show."""
 
     path: str
     mpp: float | None = None
     assume_mpp: float | None = None
+    channels: tuple[str, ...] | None = None  # fluorescence channels shown to the patch encoder
 
     @classmethod
     def of(cls, raw) -> SlideRef:
         if isinstance(raw, SlideRef):
             return raw
         if isinstance(raw, dict):
-            return cls(str(raw["path"]), _number(raw.get("mpp")), _number(raw.get("assume_mpp")))
+            channels = raw.get("channels")
+            if isinstance(channels, str):
+                channels = tuple(c.strip() for c in channels.split(";") if c.strip()) or None
+            return cls(
+                str(raw["path"]),
+                _number(raw.get("mpp")),
+                _number(raw.get("assume_mpp")),
+                tuple(channels) if channels else None,
+            )
         return cls(str(raw))
 
 
@@ -48,27 +58,80 @@ def _number(value) -> float | None:
     return None if math.isnan(value) else value
 
 
-def open_slide(path: str):
-    """An OpenSlide handle; a plain image (not a slide format) through OpenSlide's PIL fallback."""
+def open_slide(path: str, channels: list | tuple | None = None):
+    """A slide handle with OpenSlide's interface: OpenSlide for the formats it reads; tifffile for TIFFs of
+    several grey channels (fluorescence, which OpenSlide would read as one grey plane) and for TIFFs it
+    refuses; pydicom for DICOM whole-slide images it refuses; a plain image through OpenSlide's PIL fallback,
+    with the TIFF resolution tags it misses (`biofm.modalities.wsi.readers`). `channels`: the fluorescence
+    channels shown to the patch encoder (names or indices, up to 3)."""
     import openslide
+
+    from biofm.modalities.wsi.readers import DicomSlide, ReaderError, TiffSlide, is_dicom, is_tiff_like, tiff_properties
 
     if not os.path.exists(path):
         raise SlideError("the slide file does not exist")
+    tiff = is_tiff_like(path)
+    if tiff and _multichannel(path):
+        try:
+            return TiffSlide(path, channels)
+        except ReaderError as err:
+            raise SlideError(f"a multi-channel TIFF that cannot be read: {err}") from None
+    if os.path.isdir(path) or is_dicom(path):
+        return _dicom(path, DicomSlide, ReaderError, openslide)
+    refused = None  # what OpenSlide said, when it knew the format but could not read it
     try:
         return openslide.OpenSlide(path)
     except openslide.OpenSlideUnsupportedFormatError:
         pass
     except openslide.OpenSlideError as err:
-        raise SlideError(f"OpenSlide cannot open it: {err}") from None
+        if not tiff:
+            raise SlideError(f"OpenSlide cannot open it: {err}") from None
+        refused = str(err)
+    if tiff:
+        try:
+            return TiffSlide(path, channels)
+        except ReaderError as err:
+            if refused:
+                raise SlideError(f"OpenSlide cannot open it: {refused}; nor can tifffile: {err}") from None
     try:
         slide = openslide.ImageSlide(path)
         slide.dimensions  # noqa: B018 — PIL parses the header here
-        return slide
     except Exception as err:  # noqa: BLE001 — PIL raises many kinds
         raise SlideError(
             f"not a format OpenSlide reads, nor an image PIL opens ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else 'no detail'})"
         ) from None
+    slide.extra_properties = tiff_properties(path)  # PIL's fallback keeps no resolution tags
+    return slide
+
+
+def _multichannel(path: str) -> bool:
+    """A TIFF whose first series is not 8-bit RGB (several grey channels, or one): fluorescence."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            samples = series.shape[series.axes.index("S")] if "S" in series.axes else 1
+            return not (samples in (3, 4) and series.dtype == np.uint8)
+    except Exception:  # noqa: BLE001 — not a TIFF tifffile reads: OpenSlide or PIL decide
+        return False
+
+
+def _dicom(path: str, reader, reader_error, openslide):
+    """OpenSlide first (it reads complete DICOM WSI series); pydicom's frames where it refuses."""
+    opened = None
+    if not os.path.isdir(path):
+        try:
+            opened = openslide.OpenSlide(path)
+        except openslide.OpenSlideError:
+            opened = None
+    if opened is not None:
+        return opened
+    try:
+        return reader(path)
+    except reader_error as err:
+        raise SlideError(f"a DICOM slide that cannot be read: {err}") from None
 
 
 def _plausible(mpp: float) -> bool:
@@ -189,6 +252,28 @@ def tissue_mask(
     return ndimage.binary_fill_holes(mask)
 
 
+def fluorescence_mask(intensity: np.ndarray, closing: int = 2, min_area: int = 16) -> np.ndarray:
+    """Tissue on a fluorescence thumbnail: the nuclear channel's log intensity above Otsu's threshold (bright
+    nuclei over a dark background; brightfield's saturation rule would see nothing there), closed, small
+    specks removed, holes filled."""
+    from scipy import ndimage
+    from skimage.filters import threshold_otsu
+
+    x = np.log1p(np.maximum(intensity.astype(np.float32), 0.0))
+    x = ndimage.median_filter(x, size=3)
+    if x.max() - x.min() < 1e-6:
+        return np.zeros(x.shape, bool)
+    mask = x > float(threshold_otsu(x))
+    if closing:
+        structure = _disk(closing)
+        mask = ndimage.binary_closing(np.pad(mask, closing), structure=structure)[closing:-closing, closing:-closing]
+    labels, count = ndimage.label(mask)
+    if count:
+        sizes = ndimage.sum(mask, labels, index=np.arange(1, count + 1))
+        mask = np.isin(labels, 1 + np.flatnonzero(sizes >= min_area))
+    return ndimage.binary_fill_holes(mask)
+
+
 def _disk(radius: int) -> np.ndarray:
     y, x = np.mgrid[-radius : radius + 1, -radius : radius + 1]
     return x * x + y * y <= radius * radius
@@ -252,13 +337,29 @@ def plan_tiles(
     thumbnail_mpp: float = 8.0,
 ) -> TilePlan:
     """Microns per pixel, a tissue mask on a thumbnail, and the tiles to read at `target_mpp`."""
-    mpp, source, notes = resolve_mpp(dict(slide.properties), ref)
+    properties = {**getattr(slide, "extra_properties", {}), **dict(slide.properties)}
+    mpp, source, notes = resolve_mpp(properties, ref)
     extent = tile_size * target_mpp / mpp  # level-0 pixels per tile side
     level = best_level(slide.level_downsamples, target_mpp / mpp)
     read_size = max(1, round(extent / slide.level_downsamples[level]))
     dims = tuple(int(v) for v in slide.dimensions)
-    thumb = thumbnail(slide, max(1.0, thumbnail_mpp / mpp))
-    mask = tissue_mask(thumb)
+    if getattr(slide, "kind", "brightfield") == "fluorescence":
+        nuclear = slide.nuclear_channel
+        mask = fluorescence_mask(slide.channel_thumbnail(nuclear, max(1.0, thumbnail_mpp / mpp)))
+        notes.append(
+            f"fluorescence, {len(slide.channel_names)} channels: tissue from the nuclear channel "
+            f"'{slide.channel_names[nuclear]}' over the dark background; the patch encoder sees "
+            f"{', '.join(slide.shown_names)} as red, green, blue"
+        )
+    else:
+        thumb = thumbnail(slide, max(1.0, thumbnail_mpp / mpp))
+        mask = tissue_mask(thumb)
+        if float(np.median(thumb)) < DARK:
+            notes.append(
+                "a dark background (median brightness "
+                f"{float(np.median(thumb)):.0f} of 255), as of fluorescence, tiled with the brightfield saturation "
+                "rule: if it is fluorescence, give it as a multi-channel TIFF (QPTIFF, OME-TIFF)"
+            )
     mask_ds = (dims[0] / mask.shape[1], dims[1] / mask.shape[0])
     coords, tissue = tile_grid(dims, extent, mask, mask_ds, min_tissue)
     return TilePlan(coords, tissue, level, read_size, tile_size, extent, mpp, source, notes, dims, mask_ds)
