@@ -330,3 +330,31 @@ def write_wsi_dicom(
         delattr(ds, key)
     ds.save_as(path, enforce_file_format=True)
     return str(path)
+
+
+def write_vol_scan(
+    source: str | os.PathLike, out: str | os.PathLike, pattern: int, bscans: int = 1, layers: np.ndarray | None = None
+) -> str:
+    """A Heidelberg `.vol` made from `source` (e.g. the shared `test_volume.vol`) with the header's scan pattern
+    set to `pattern` (1 line, 2 circle) and `bscans` B-scans kept; `layers` [n, width] (pixels from the top)
+    written as the first B-scan's segmentation vectors (ILM, BM, RNFL, … in HEYEX's order)."""
+    import struct
+
+    raw = bytearray(Path(source).read_bytes())
+    size_x, n_bscans, size_y = struct.unpack_from("<III", raw, 12)
+    slo_x, slo_y = struct.unpack_from("<II", raw, 48)
+    header_size = struct.unpack_from("<I", raw, 100)[0]
+    if bscans > n_bscans:
+        raise ValueError(f"{source} has {n_bscans} B-scans, not {bscans}")
+    struct.pack_into("<i", raw, 96, pattern)
+    struct.pack_into("<I", raw, 16, bscans)
+    first = 2048 + slo_x * slo_y  # file header, then the SLO image, then the B-scans
+    if layers is not None:
+        layers = np.asarray(layers, np.float32)
+        if layers.shape[1] != size_x or 256 + layers.nbytes > header_size:
+            raise ValueError(f"layers must be [n, {size_x}] and fit the B-scan header")
+        struct.pack_into("<II", raw, first + 48, len(layers), 256)
+        raw[first + 256 : first + 256 + layers.nbytes] = layers.tobytes()
+    end = first + bscans * (header_size + size_x * size_y * 4)
+    Path(out).write_bytes(bytes(raw[:end]))
+    return str(out)

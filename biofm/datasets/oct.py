@@ -78,6 +78,8 @@ def prepare_oct(
     shape=(128, 128, 128),
     enface_shape=(128, 128),
     keys: dict | None = None,
+    scan_shape=(128, 256),
+    spacing=None,
     task_types: dict | None = None,
     source: str | None = None,
     seed: int = 0,
@@ -97,7 +99,9 @@ def prepare_oct(
         labels.update(more_labels)
     if not tasks:
         raise StoreError(f"{manifest}: no labels; name them with --label-columns and/or --npz-labels")
-    modality = MODALITIES.resolve("oct")(shape=shape, enface_shape=enface_shape, keys=keys)
+    modality = MODALITIES.resolve("oct")(
+        shape=shape, enface_shape=enface_shape, keys=keys, scan_shape=scan_shape, spacing=spacing
+    )
     volume_bytes = int(np.prod(modality.settings["shape"]))
     writer = StoreWriter(
         out,
@@ -208,6 +212,18 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--shape", default="128,128,128", help="stored volume shape D,H,W (default 128,128,128)")
     p.add_argument("--enface-shape", default="128,128", help="stored en-face map shape (default 128,128)")
+    p.add_argument(
+        "--scan-shape",
+        default="128,256",
+        help="stored shape of single B-scans (line scans, circle scans unrolled) DEPTH,WIDTH (default 128,256; "
+        "'none': no B-scan arrays)",
+    )
+    p.add_argument(
+        "--spacing",
+        default=None,
+        help="mm per stored voxel D,H,W: volumes whose file states its spacing are resampled to it, cropped or "
+        "padded to --shape (default: every volume stretched to --shape)",
+    )
     p.add_argument("--volume-key", default="oct_bscans", help="npz key of the volume")
     p.add_argument("--enface-key", default="rnflt", help="npz key of the en-face map")
     p.add_argument("--encoding", default="utf-8", help="text encoding of a CSV manifest (default utf-8)")
@@ -229,6 +245,8 @@ def _run(args: argparse.Namespace) -> None:
         npz_labels_keys=comma_list(args.npz_labels),
         shape=_ints(args.shape),
         enface_shape=_ints(args.enface_shape),
+        scan_shape=None if args.scan_shape.lower() == "none" else _ints(args.scan_shape),
+        spacing=[float(v) for v in args.spacing.split(",")] if args.spacing else None,
         seed=args.seed,
         keys={"volume": args.volume_key, "enface": args.enface_key},
         overwrite=args.overwrite,

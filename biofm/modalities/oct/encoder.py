@@ -21,15 +21,35 @@ def _stem(dims: int, size: Sequence[int], grid: int, d_model: int) -> nn.Sequent
 
 
 class OctEncoder(nn.Module):
-    """Volume [B, 1, D, H, W] → ~grid³ tokens; en-face map [B, 1, h, w] → ~grid² tokens; each with a learned
+    """Volume [B, 1, D, H, W] → ~grid³ tokens; en-face map [B, 1, h, w] → ~grid² tokens; with `scan_shape`,
+    a single B-scan [B, 1, depth, width] → ~grid² tokens and its RNFL profile [B, 1, width] → ~grid; each with a learned
     position embedding, then `layers` transformer layers over the tokens a sample has. A batch may carry
     `patch_mask` [B, Nv] (pretext tasks): those volume patches (`patch` voxels each, on a `patch_grid`)
     show a learned mask vector instead of their voxels."""
 
     def __init__(
-        self, shape, enface_shape, d_model: int, grid: int = 8, layers: int = 2, heads: int = 4, dropout: float = 0.1
+        self,
+        shape,
+        enface_shape,
+        d_model: int,
+        grid: int = 8,
+        layers: int = 2,
+        heads: int = 4,
+        dropout: float = 0.1,
+        scan_shape: Sequence[int] | None = None,
     ):
         super().__init__()
+        self.scan_shape = tuple(scan_shape) if scan_shape else None
+        if self.scan_shape:  # a single B-scan [B, 1, depth, width] → ~grid² tokens; its RNFL profile → ~grid
+            self.scan_stem = _stem(2, self.scan_shape, grid, d_model)
+            with torch.no_grad():
+                n_scan = self.scan_stem(torch.zeros(1, 1, *self.scan_shape)).flatten(2).shape[2]
+            self.scan_position = nn.Parameter(torch.randn(n_scan, d_model) * 0.02)
+            stride = max(1, self.scan_shape[1] // grid)
+            self.profile_norm = nn.BatchNorm1d(1)  # thickness in µm
+            self.profile_stem = nn.Conv1d(1, d_model, stride, stride=stride)
+            n_profile = self.scan_shape[1] // stride
+            self.profile_position = nn.Parameter(torch.randn(n_profile, d_model) * 0.02)
         self.volume_stem = _stem(3, shape, grid, d_model)
         self.enface_norm = nn.BatchNorm2d(1)  # thickness maps come in µm
         self.enface_stem = _stem(2, enface_shape, grid, d_model)
@@ -52,14 +72,21 @@ class OctEncoder(nn.Module):
             volume = torch.where(batch["patch_mask"][..., None], self.mask_patch.to(volume.dtype), volume)
         volume = volume + self.volume_position
         enface = self.enface_stem(self.enface_norm(batch["enface"])).flatten(2).transpose(1, 2) + self.enface_position
-        x = torch.cat([volume, enface], dim=1)  # [B, Nv + Ne, d]
-        mask = torch.cat(
-            [
-                batch["has_volume"][:, None].expand(-1, volume.shape[1]),
-                batch["has_enface"][:, None].expand(-1, enface.shape[1]),
-            ],
-            dim=1,
-        )
+        parts = [volume, enface]
+        present = [
+            batch["has_volume"][:, None].expand(-1, volume.shape[1]),
+            batch["has_enface"][:, None].expand(-1, enface.shape[1]),
+        ]
+        if self.scan_shape:
+            scan = self.scan_stem(batch["scan"]).flatten(2).transpose(1, 2) + self.scan_position
+            profile = self.profile_stem(self.profile_norm(batch["profile"])).transpose(1, 2) + self.profile_position
+            parts += [scan, profile]
+            present += [
+                batch["has_scan"][:, None].expand(-1, scan.shape[1]),
+                batch["has_profile"][:, None].expand(-1, profile.shape[1]),
+            ]
+        x = torch.cat(parts, dim=1)  # [B, Nv + Ne (+ Ns + Np), d]
+        mask = torch.cat(present, dim=1)
         padding = ~mask
         padding[~mask.any(dim=1), 0] = False  # a sample with neither keeps one key; the trunk masks it out
         return self.layers(x, src_key_padding_mask=padding), mask

@@ -25,6 +25,10 @@ class OctRecord:
     volume: np.ndarray | None  # [D, H, W]
     enface: np.ndarray | None = None  # [H, W]
     values: dict = field(default_factory=dict)  # other arrays of the file (npz labels, age, …)
+    scan: np.ndarray | None = None  # one B-scan [depth, width]: a line scan, or a circle scan unrolled
+    profile: np.ndarray | None = None  # RNFL thickness along the scan [width], µm (from the file's layers)
+    spacing: tuple[float, float, float] | None = None  # mm per voxel of `volume` (D, H, W), where the file says
+    pattern: str = "volume"  # volume | line | circle
 
 
 def _format(path: str) -> str:
@@ -65,8 +69,17 @@ def read_oct(path: str, keys: dict | None = None) -> OctRecord:
 
 
 def check_record(record: OctRecord) -> OctRecord:
-    if record.volume is None and record.enface is None:
-        raise OctError("the file holds neither a volume nor an en-face map")
+    if record.volume is None and record.enface is None and record.scan is None:
+        raise OctError("the file holds neither a volume, an en-face map nor a B-scan")
+    if record.scan is not None:
+        scan = np.asarray(record.scan)
+        if scan.ndim != 2 or min(scan.shape) < 2:
+            raise OctError(f"the B-scan has shape {tuple(scan.shape)}; expected depth × width")
+        if scan.dtype.kind == "f" and not np.isfinite(scan).all():
+            raise OctError(f"the B-scan has {int((~np.isfinite(scan)).sum())} NaN or infinite pixels")
+    if record.profile is not None:
+        profile = np.asarray(record.profile, dtype=np.float32)
+        record.profile = None if profile.ndim != 1 or not np.isfinite(profile).any() else profile
     for name, array in (("volume", record.volume), ("en-face map", record.enface)):
         if array is not None and np.asarray(array).dtype.kind not in "biuf":
             raise OctError(f"the {name} holds {np.asarray(array).dtype} values; expected numbers")
@@ -115,14 +128,30 @@ def _nifti(path: str, keys: dict) -> OctRecord:
     import nibabel
 
     image = nibabel.load(path)
-    return OctRecord(np.asarray(image.dataobj))
+    zooms = tuple(float(z) for z in image.header.get_zooms()[:3])  # in the header's unit, mm by default
+    return OctRecord(np.asarray(image.dataobj), spacing=zooms if len(zooms) == 3 and all(zooms) else None)
 
 
 def _dicom(path: str, keys: dict) -> OctRecord:
     import pydicom
 
     dataset = pydicom.dcmread(path)
-    return OctRecord(dataset.pixel_array)
+    spacing = None
+    pixel = _dicom_spacing(dataset)
+    between = getattr(dataset, "SpacingBetweenSlices", None) or getattr(dataset, "SliceThickness", None)
+    if pixel and between:
+        spacing = (float(between), pixel[0], pixel[1])
+    return OctRecord(dataset.pixel_array, spacing=spacing)
+
+
+def _dicom_spacing(dataset) -> tuple[float, float] | None:
+    for holder in (dataset, *getattr(dataset, "SharedFunctionalGroupsSequence", [])):
+        for measures in getattr(holder, "PixelMeasuresSequence", []):
+            if "PixelSpacing" in measures:
+                return float(measures.PixelSpacing[0]), float(measures.PixelSpacing[1])
+    if "PixelSpacing" in dataset:
+        return float(dataset.PixelSpacing[0]), float(dataset.PixelSpacing[1])
+    return None
 
 
 def _tiff(path: str, keys: dict) -> OctRecord:
@@ -131,10 +160,35 @@ def _tiff(path: str, keys: dict) -> OctRecord:
     return OctRecord(tifffile.imread(path))
 
 
-def _vol(path: str, keys: dict) -> OctRecord:
-    import eyepy
+VOL_PATTERNS = {1: "line", 2: "circle", 3: "volume", 4: "volume", 5: "radial"}
+RNFL_LAYERS = (0, 2)  # ILM and the RNFL's outer boundary in a .vol's segmentation vectors (eyepy's SEG_MAPPING)
 
-    return OctRecord(np.asarray(eyepy.import_heyex_vol(path).data))
+
+def _vol(path: str, keys: dict) -> OctRecord:
+    """A Heidelberg `.vol`: a volume (scan patterns 3, 4 and older files' 0), or — eyepy's `EyeVolume`
+    refuses a circle scan — a single B-scan read with its low-level reader (pattern 1 line, 2 circle, or one
+    B-scan), with the RNFL thickness along it where the file carries the layer segmentation."""
+    import eyepy
+    from eyepy.io.he.vol_reader import HeVolReader
+
+    parsed = HeVolReader(path).parsed_file
+    pattern = VOL_PATTERNS.get(int(parsed.scan_pattern), "volume")
+    spacing = (float(parsed.distance), float(parsed.scale_y), float(parsed.scale_x))
+    if pattern == "radial":
+        raise OctError("a radial (star) scan: its B-scans cross at the centre; biofm reads volumes, lines and circles")
+    if pattern == "volume" and int(parsed.n_bscans) > 1:
+        return OctRecord(np.asarray(eyepy.import_heyex_vol(path).data), spacing=spacing)
+    bscans = [np.asarray(b.data, dtype=np.float32) for b in parsed.bscans]
+    scan = np.mean(bscans, axis=0)  # a line or circle repeated: averaged, as the device's ART mean does
+    profile = None
+    layers = [np.asarray(b.layer_segmentations, dtype=np.float32) for b in parsed.bscans if len(b.layer_segmentations)]
+    if layers and all(len(l) > max(RNFL_LAYERS) for l in layers):
+        stack = np.stack(layers)  # [repeats, layers, width], in pixels from the top
+        stack[stack >= 3.0e38] = np.nan
+        inner, outer = stack[:, RNFL_LAYERS[0]], stack[:, RNFL_LAYERS[1]]
+        with np.errstate(all="ignore"):
+            profile = np.nanmean(outer - inner, axis=0) * float(parsed.scale_y) * 1000.0  # µm
+    return OctRecord(None, scan=scan, profile=profile, pattern="circle" if pattern == "circle" else "line")
 
 
 def _xml(path: str, keys: dict) -> OctRecord:
