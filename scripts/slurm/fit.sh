@@ -5,8 +5,10 @@
 # requeues the job (scontrol requeue); the requeued job (same SLURM_JOB_ID, so the same run directory)
 # resumes from that checkpoint mid-epoch. BIOFM_DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
-: "${SLURM_JOB_ID:?run this under sbatch (or fake the SLURM variables with BIOFM_DRY_RUN=1)}"
-RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME:-biofm}-${SLURM_JOB_ID}}
+if [[ -z "${BIOFM_DRY_RUN:-}" ]]; then
+    : "${SLURM_JOB_ID:?run this under sbatch (or print the command with BIOFM_DRY_RUN=1)}"
+fi
+RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME:-biofm}-${SLURM_JOB_ID:-dry-run}}
 TRAINER=${TRAINER:-configs/trainer/gpu.yaml}
 export WANDB_MODE=${WANDB_MODE:-offline}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
