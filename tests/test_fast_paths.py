@@ -8,8 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("torch_geometric")
-pytest.importorskip("rdkit")
+pytest.importorskip(
+    "torch_geometric",
+    reason="torch-geometric is not installed: the molecule encoder needs it (pip install -e '.[molecules]')",
+)
+pytest.importorskip(
+    "rdkit", reason="RDKit is not installed: molecules are featurised with it (pip install -e '.[molecules]')"
+)
 
 from biofm.platform.modality import MODALITIES  # noqa: E402
 from biofm.platform.model import BiofmModel, Block, TrunkConfig  # noqa: E402

@@ -346,3 +346,40 @@ def test_the_tracker_summary_holds_the_full_model_test_and_extra_evaluations_apa
     without = {k[len("test/without:text/") :]: v for k, v in summary.items() if k.startswith("test/without:text/")}
     assert without and without["macro/score"] == pytest.approx(results["without:text"]["macro/score"])
     assert without["event/auroc"] != pytest.approx(full["event/auroc"], abs=1e-9)  # another evaluation
+
+
+def test_a_task_without_training_labels_is_said_before_training(tmp_path):
+    import logging
+
+    from biofm.platform.data import BiofmDataModule
+
+    n = 60
+    x = np.random.default_rng(0).normal(size=(n, 2)).astype(np.float32)
+    split = np.array(["train"] * 40 + ["val"] * 10 + ["test"] * 10)
+    late = np.where(split == "train", np.nan, 1.0).astype(np.float32)  # labelled only outside training
+    writer = StoreWriter(
+        str(tmp_path / "s.zarr"),
+        source="late",
+        tasks={"flag": {"kind": "binary"}, "late": {"kind": "binary"}},
+        modalities={"tabular": {"numeric": {"a": [0.0, 1.0], "b": [0.0, 1.0]}, "categorical": {}}},
+    )
+    writer.write_batch(
+        0,
+        sample_id=[f"s{i}" for i in range(n)],
+        subject_id=[f"p{i}" for i in range(n)],
+        labels={"flag": (x[:, 0] > 0).astype(np.float32), "late": late},
+        split=split,
+        arrays={"tabular/numeric": x, "tabular/categorical": np.zeros((n, 0), np.int32)},
+    )
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("biofm").addHandler(handler)
+    try:
+        BiofmDataModule([writer.finalize().url], batch_size=16).train_dataloader()
+    finally:
+        logging.getLogger("biofm").removeHandler(handler)
+    assert [m for m in said if "no label in any training sample" in m] == [
+        "warning: task 'late' has no label in any training sample: its head is not trained and its predictions "
+        "mean nothing (its store's train split holds no label for it)"
+    ]

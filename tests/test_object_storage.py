@@ -18,8 +18,10 @@ SECRET = "biofm-test-secret-never-logged"
 
 @pytest.fixture
 def s3_env():
-    moto_server = pytest.importorskip("moto.server", reason="moto[server] (dev extra) runs the S3 server")
-    s3fs = pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip(
+        "moto.server", reason="moto[server] is not installed: it runs the local S3 server (pip install -e '.[dev]')"
+    )
+    s3fs = pytest.importorskip("s3fs", reason="s3fs is not installed: it reads s3:// stores (pip install -e '.[s3]')")
     port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -282,6 +282,9 @@ def test_the_heatmap_png_is_written_and_shows_the_slide(biobank, tmp_path):
     assert np.abs(image[covered] - thumb[covered]).mean() > 10  # tiles: tinted by attention
     grey_image, grey_thumb = image.mean(-1)[covered], thumb.mean(-1)[covered]
     assert np.corrcoef(grey_image, grey_thumb)[0, 1] > 0.3  # the tissue still shows through
+    with pytest.raises(SystemExit) as stopped:  # a slide that is not there: one line naming it, no traceback
+        main(["heatmap", "--checkpoint", checkpoint, "--slide", str(tmp_path / "gone.svs"), "--out", str(png)])
+    assert stopped.value.code == 2
 
 
 @pytest.mark.slow

