@@ -341,3 +341,30 @@ def test_a_biobank_run_leaks_no_id_report_or_slide_path_to_logs_trackers_or_stdo
     assert done.returncode == 0, done.stderr[-3000:].decode(errors="replace")
     written = (run / "predictions.parquet").read_bytes()
     assert any(n in written for n in needles)  # (parquet compresses: a few ids show as plain bytes)
+
+
+def test_the_heatmap_names_every_tasks_prediction_in_words():
+    from types import SimpleNamespace
+
+    from biofm.modalities.wsi.heatmap import predicted_labels
+    from biofm.tasks.kinds import task_kind
+
+    kinds = {
+        "faded": task_kind("faded", {"kind": "binary"}),
+        "site": task_kind("site", {"kind": "multiclass", "classes": ["breast", "colon", "skin"]}),
+        "tags": task_kind("tags", {"kind": "multilabel", "classes": ["x", "y"]}),
+        "area": task_kind("area", {"kind": "regression"}),
+    }
+    module = SimpleNamespace(model=SimpleNamespace(kinds=kinds))
+    logits = {
+        "faded": np.array([2.0]),
+        "site": np.array([0.1, 2.0, 0.3]),
+        "tags": np.array([1.0, -1.0]),
+        "area": np.array([0.5]),
+    }
+    assert predicted_labels(module, logits) == [
+        "faded = 1 (0.88)",
+        "site = colon (0.75)",
+        "tags: x 0.73, y 0.27",
+        "area = 0.5",
+    ]

@@ -53,7 +53,7 @@ def heatmap_figure(thumb: np.ndarray, overlay: np.ndarray, title: str, predictio
     from matplotlib.colors import Normalize
 
     height, width = thumb.shape[:2]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 6 * height / max(width, 1) + 1.6))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5.2 * height / max(width, 1) + 0.9))
     left.imshow(thumb)
     left.set_title("slide (thumbnail)")
     right.imshow(overlay)
@@ -73,9 +73,10 @@ def predicted_labels(module, logits: dict[str, np.ndarray]) -> list[str]:
     for task, values in logits.items():
         kind = module.model.kinds[task]
         out = kind.predict(torch.as_tensor(values)[None])
-        if "probs" in out and kind.classes and not kind.multilabel:
+        classes = kind.classes or ["0", "1"]  # a binary task names no classes
+        if "probs" in out and not kind.multilabel:
             k = int(out["prediction"][0])
-            lines.append(f"{task} = {kind.classes[k]} ({float(out['probs'][0, k]):.2f})")
+            lines.append(f"{task} = {classes[k]} ({float(out['probs'][0, k]):.2f})")
         elif "probs" in out:
             lines.append(f"{task}: " + ", ".join(f"{c} {float(p):.2f}" for c, p in zip(kind.classes, out["probs"][0])))
         else:
