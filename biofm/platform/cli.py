@@ -20,7 +20,7 @@ from biofm.commands import (
 )
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-LIGHT_COMMANDS = ("info", "verify", "report")  # need no Lightning: not imported for them
+LIGHT_COMMANDS = ("info", "verify", "report", "prepare", "export")  # need no Lightning: not imported for them
 LIGHTNING_HELP = {
     "fit": "train (and fine-tune) a model on stores; `biofm fit --help` lists every option",
     "validate": "score a checkpoint on the stores' validation split",

@@ -24,33 +24,39 @@ __all__ = ["Oct", "OctError", "OctRecord", "read_oct"]
 
 
 def resample(array: np.ndarray, shape: Sequence[int], mode: str) -> np.ndarray:
-    """Linear resampling to `shape` in float32 (MONAI `Resize`), anti-aliased: each axis that shrinks by a
-    factor f is first smoothed with a Gaussian of σ = f / 2 input voxels (scipy, edges replicated), which damps
-    what the new grid cannot hold (at the old Nyquist frequency to ~5 % for 200 → 128) — so 200³ → 128³ does
-    not alias fine layers into moiré, as plain trilinear interpolation does. (MONAI's own `anti_aliasing`
-    uses σ = (f − 1) / 2, too little for factors below 2.)"""
-    from monai.transforms import Resize
-
+    """Linear resampling to `shape` in float32, anti-aliased: each axis that shrinks by a factor f is first
+    smoothed with a Gaussian of σ = f / 2 input voxels (scipy, edges replicated), which damps what the new
+    grid cannot hold (at the old Nyquist frequency to ~5 % for 200 → 128) — so 200³ → 128³ does not alias fine
+    layers into moiré, as plain trilinear interpolation does. (MONAI's `Resize(anti_aliasing=True)` uses
+    σ = (f − 1) / 2, too little below f = 2; its resize is this `interpolate`, and importing MONAI costs a
+    prepare process 6 s.)"""
     array = np.ascontiguousarray(array, dtype=np.float32)
     sigma = [0.5 * a / s if s < a else 0.0 for s, a in zip(shape, array.shape)]
     if any(sigma):
         from scipy.ndimage import gaussian_filter
 
         array = gaussian_filter(array, sigma=sigma, mode="nearest")
-    x = torch.from_numpy(array)[None]
-    resize = Resize(tuple(int(v) for v in shape), mode=mode, anti_aliasing=False, align_corners=False)
-    return np.asarray(resize(x))[0].astype(np.float32)
+    x = torch.from_numpy(array)[None, None]
+    return F.interpolate(x, size=tuple(int(v) for v in shape), mode=mode, align_corners=False)[0, 0].numpy()
 
 
 def resample_physical(volume: np.ndarray, spacing: Sequence[float], target: Sequence[float], shape) -> np.ndarray:
-    """A volume of `spacing` mm per voxel onto `target` mm per voxel (MONAI `Spacing`, anti-aliased where it
-    shrinks), centred, cropped or padded to `shape`: every eye at one physical scale."""
+    """A volume of `spacing` mm per voxel onto `target` mm per voxel (anti-aliased where it shrinks), centred,
+    cropped or padded with zeros to `shape`: every eye at one physical scale."""
     factors = [s / t for s, t in zip(spacing, target)]
-    scaled = [max(2, round(n * f)) for n, f in zip(volume.shape, factors)]
-    out = resample(volume, scaled, "trilinear")
-    from monai.transforms import ResizeWithPadOrCrop
-
-    return np.asarray(ResizeWithPadOrCrop(tuple(int(v) for v in shape))(torch.from_numpy(out)[None]))[0]
+    scaled = resample(volume, [max(2, round(n * f)) for n, f in zip(volume.shape, factors)], "trilinear")
+    out = np.zeros(tuple(int(v) for v in shape), np.float32)
+    source, target_slices = [], []
+    for have, want in zip(scaled.shape, out.shape):
+        offset = (have - want) // 2
+        if offset >= 0:  # crop the middle
+            source.append(slice(offset, offset + want))
+            target_slices.append(slice(0, want))
+        else:  # pad around
+            source.append(slice(0, have))
+            target_slices.append(slice(-offset, -offset + have))
+    out[tuple(target_slices)] = scaled[tuple(source)]
+    return out
 
 
 def to_uint8(volume: np.ndarray) -> np.ndarray:
