@@ -356,3 +356,11 @@ def test_a_merged_model_predicts_a_cohort_manifest_as_the_sdk_does(molecule_zoo,
     cohort = pd.read_parquet(tmp_path / "preds" / "predictions.parquet").set_index("sample_id")
     sdk = biofm.load(out, quiet=True).predict(smiles=smiles)
     assert np.allclose(cohort["flag/prob/1"].to_numpy(float), sdk["flag/prob/1"].to_numpy(float), atol=1e-5)
+
+
+def test_specialists_saved_as_last_ckpt_get_distinct_names():
+    from biofm.platform.merge import model_names
+
+    paths = ["runs/esol/checkpoints/last.ckpt", "runs/tox21/checkpoints/last.ckpt", "models/freesolv.ckpt"]
+    assert model_names(paths) == ["esol/last", "tox21/last", "freesolv"]
+    assert model_names(["a/x.ckpt", "a/x.ckpt"]) == ["a/x#1", "a/x#2"]

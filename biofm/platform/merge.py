@@ -104,6 +104,19 @@ class Header:
         return list(self.schema["tasks"])
 
 
+def model_names(paths: list[str]) -> list[str]:
+    """A distinct, readable name per checkpoint: its file's stem, or — where stems repeat, as every run's
+    `last.ckpt` does — its run folder's name (the folder above `checkpoints/`), then a number."""
+    stems = [Path(p).stem for p in paths]
+
+    def run_of(path: str) -> str:
+        folder = Path(path).resolve().parent
+        return (folder.parent if folder.name == "checkpoints" else folder).name
+
+    names = [s if stems.count(s) == 1 else f"{run_of(p)}/{s}" for p, s in zip(paths, stems)]
+    return [n if names.count(n) == 1 else f"{n}#{i + 1}" for i, n in enumerate(names)]
+
+
 def task_of(key: str) -> str | None:
     """The task whose head or query token a state key belongs to (None for shared parts)."""
     if key.startswith("heads."):
@@ -742,6 +755,8 @@ def merge(
         loaded = Loaded(path)
         headers.append(Header.of(loaded))
         del loaded
+    for header, name in zip(headers, model_names([h.path for h in headers])):
+        header.name = name  # the coefficients and the router are keyed by it
     check_mergeable(base_header, headers)
     schema = merged_schema(base_header, headers)
     reference = base_header or headers[0]
