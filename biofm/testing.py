@@ -358,3 +358,34 @@ def write_vol_scan(
     end = first + bscans * (header_size + size_x * size_y * 4)
     Path(out).write_bytes(bytes(raw[:end]))
     return str(out)
+
+
+def write_qptiff(path: str | os.PathLike, names=("CD3", "DAPI", "CD20"), height: int = 512, width: int = 768) -> str:
+    """An Akoya/Vectra-style QPTIFF: one uint16 page per channel, each named in its PerkinElmer-QPI XML
+    description, a full and a reduced resolution level, resolution tags at 0.5 µm/px."""
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    tissue = tissue_ellipse(height, width)
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        for factor, kind in ((1, "FullResolution"), (2, "ReducedResolution")):
+            for name in names:
+                signal = (
+                    1500 + 500 * rng.random((height, width)) if name == "DAPI" else 300 * rng.random((height, width))
+                )
+                plane = np.where(tissue, signal, 10).astype(np.uint16)[::factor, ::factor]
+                description = (
+                    '<?xml version="1.0" encoding="utf-8"?>\r\n<PerkinElmer-QPI-ImageDescription>'
+                    f"<DescriptionVersion>2</DescriptionVersion><ImageType>{kind}</ImageType><Name>{name}</Name>"
+                    "</PerkinElmer-QPI-ImageDescription>"
+                )
+                tif.write(
+                    plane,
+                    tile=(256, 256),
+                    photometric="minisblack",
+                    description=description,
+                    metadata=None,
+                    resolution=(1e4 / 0.5 / factor, 1e4 / 0.5 / factor),
+                    resolutionunit="CENTIMETER",
+                )
+    return str(path)

@@ -14,6 +14,7 @@ from biofm.testing import (
     brightfield_image,
     tissue_ellipse,
     write_ome_fluorescence,
+    write_qptiff,
     write_wsi_dicom,
 )
 
@@ -116,3 +117,13 @@ def test_a_dicom_slide_that_still_fails_says_what_is_missing_in_words(tmp_path, 
     with pytest.raises(SlideError) as caught:
         open_slide(path)
     assert str(caught.value) == f"a DICOM slide that cannot be read: {reason}"
+
+
+def test_a_qptiff_is_read_with_its_channel_names_and_tissue_from_its_nuclear_channel(tmp_path):
+    path = write_qptiff(tmp_path / "vectra.qptiff")  # DAPI is the second channel here
+    slide = open_slide(path)
+    assert slide.kind == "fluorescence" and slide.channel_names == ["CD3", "DAPI", "CD20"]
+    assert slide.nuclear_channel == 1 and slide.shown_names == ["DAPI", "CD3", "CD20"]
+    plan = plan_tiles(slide, SlideRef(path), tile_size=64, thumbnail_mpp=4.0)
+    assert (plan.mpp, plan.mpp_source) == (pytest.approx(0.5), "the TIFF resolution tags")
+    assert _tiles_follow_the_tissue(plan.coords, plan.extent, 512, 768)

@@ -90,7 +90,7 @@ def _channel_names(tif, count: int) -> list[str]:
     names: list[str] = []
     if tif.is_ome and tif.ome_metadata:
         names = re.findall(r"<Channel\b[^>]*\bName=\"([^\"]*)\"", tif.ome_metadata)
-    elif getattr(tif, "is_qpi", False):  # QPTIFF: one page per channel, its name in the page's XML
+    elif "<Name>" in (tif.pages.first.description or ""):  # QPTIFF: a page per channel, named in its XML
         for page in tif.pages[:count]:
             found = re.search(r"<Name>([^<]*)</Name>", page.description or "")
             names.append(found.group(1) if found else "")
