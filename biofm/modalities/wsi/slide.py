@@ -71,7 +71,7 @@ def open_slide(path: str, channels: list | tuple | None = None):
     if not os.path.exists(path):
         raise SlideError("the slide file does not exist")
     tiff = is_tiff_like(path)
-    if tiff and _multichannel(path):
+    if (tiff or path.lower().endswith(".ndpi")) and _multichannel(path):  # a fluorescence NDPI is grey planes
         try:
             return TiffSlide(path, channels)
         except ReaderError as err:
