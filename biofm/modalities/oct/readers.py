@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from biofm.modalities.dicom import pixel_spacing
+
 HARVARD_KEYS = {"volume": "oct_bscans", "enface": "rnflt"}
 
 
@@ -137,21 +139,11 @@ def _dicom(path: str, keys: dict) -> OctRecord:
 
     dataset = pydicom.dcmread(path)
     spacing = None
-    pixel = _dicom_spacing(dataset)
+    pixel = pixel_spacing(dataset)
     between = getattr(dataset, "SpacingBetweenSlices", None) or getattr(dataset, "SliceThickness", None)
     if pixel and between:
         spacing = (float(between), pixel[0], pixel[1])
     return OctRecord(dataset.pixel_array, spacing=spacing)
-
-
-def _dicom_spacing(dataset) -> tuple[float, float] | None:
-    for holder in (dataset, *getattr(dataset, "SharedFunctionalGroupsSequence", [])):
-        for measures in getattr(holder, "PixelMeasuresSequence", []):
-            if "PixelSpacing" in measures:
-                return float(measures.PixelSpacing[0]), float(measures.PixelSpacing[1])
-    if "PixelSpacing" in dataset:
-        return float(dataset.PixelSpacing[0]), float(dataset.PixelSpacing[1])
-    return None
 
 
 def _tiff(path: str, keys: dict) -> OctRecord:

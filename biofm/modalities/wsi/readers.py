@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from biofm.modalities.dicom import pixel_spacing
+
 TIFF_SUFFIXES = (".tif", ".tiff", ".qptiff", ".btf")
 NUCLEAR = re.compile(r"dapi|hoechst|nucle|dna", re.IGNORECASE)
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
@@ -248,17 +250,6 @@ _NEEDED = {
 }
 
 
-def _spacing_mm(ds) -> tuple[float, float] | None:
-    """(row, column) pixel spacing in mm from the shared functional groups (or the top level)."""
-    for holder in (ds, *getattr(ds, "SharedFunctionalGroupsSequence", [])):
-        for measures in getattr(holder, "PixelMeasuresSequence", []):
-            if "PixelSpacing" in measures:
-                return float(measures.PixelSpacing[0]), float(measures.PixelSpacing[1])
-    if "PixelSpacing" in ds:
-        return float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])
-    return None
-
-
 class _DicomLevel:
     def __init__(self, path: str, ds):
         missing = [words for key, words in _NEEDED.items() if key not in ds]
@@ -331,7 +322,7 @@ class DicomSlide:
         self.level_count = len(levels)
         self.kind = "brightfield" if base.samples == 3 else "fluorescence-dicom"
         self.properties = {"openslide.vendor": "dicom (pydicom)"}
-        spacing = _spacing_mm(base.ds)
+        spacing = pixel_spacing(base.ds)
         if spacing:
             self.properties["openslide.mpp-y"], self.properties["openslide.mpp-x"] = (
                 repr(spacing[0] * 1000.0),

@@ -241,7 +241,14 @@ def tissue_mask(
     threshold = min_saturation
     if saturation.max() - saturation.min() > 1e-3:
         threshold = min(max(float(threshold_otsu(saturation)), min_saturation), max_saturation)
-    mask = saturation > threshold
+    return _cleaned(saturation > threshold, closing, min_area)
+
+
+def _cleaned(mask: np.ndarray, closing: int, min_area: int) -> np.ndarray:
+    """A raw tissue mask closed (a disk of radius `closing`), specks under `min_area` pixels removed, holes
+    filled."""
+    from scipy import ndimage
+
     if closing:
         structure = _disk(closing)
         mask = ndimage.binary_closing(np.pad(mask, closing), structure=structure)[closing:-closing, closing:-closing]
@@ -263,15 +270,7 @@ def fluorescence_mask(intensity: np.ndarray, closing: int = 2, min_area: int = 1
     x = ndimage.median_filter(x, size=3)
     if x.max() - x.min() < 1e-6:
         return np.zeros(x.shape, bool)
-    mask = x > float(threshold_otsu(x))
-    if closing:
-        structure = _disk(closing)
-        mask = ndimage.binary_closing(np.pad(mask, closing), structure=structure)[closing:-closing, closing:-closing]
-    labels, count = ndimage.label(mask)
-    if count:
-        sizes = ndimage.sum(mask, labels, index=np.arange(1, count + 1))
-        mask = np.isin(labels, 1 + np.flatnonzero(sizes >= min_area))
-    return ndimage.binary_fill_holes(mask)
+    return _cleaned(x > float(threshold_otsu(x)), closing, min_area)
 
 
 def _disk(radius: int) -> np.ndarray:
