@@ -43,7 +43,7 @@ def _cohort(tmp_path, out):
 
 
 def _biobank(tmp_path, out):  # slides + reports + case data; the same slide files for both runs
-    return ["synthetic-biobank", "--out", out, "--slides-dir", str(tmp_path / "slides"), "--n", "30", "--size", "672"]
+    return ["synthetic-biobank", "--out", out, "--slides-dir", str(tmp_path / "slides"), "--n", "30", "--size", "448"]
 
 
 def _meds(tmp_path, out):
