@@ -255,7 +255,7 @@ def test_a_short_multitask_fit_on_the_synthetic_biobank_learns_every_metadata_ta
 
 
 @pytest.mark.slow
-def test_the_heatmap_png_is_written_and_shows_the_slide(biobank, tmp_path):
+def test_the_heatmap_png_is_written_and_shows_the_slide(biobank, tmp_path, capsys):
     from PIL import Image
 
     from biofm.modalities.wsi.slide import thumbnail
@@ -285,6 +285,7 @@ def test_the_heatmap_png_is_written_and_shows_the_slide(biobank, tmp_path):
     with pytest.raises(SystemExit) as stopped:  # a slide that is not there: one line naming it, no traceback
         main(["heatmap", "--checkpoint", checkpoint, "--slide", str(tmp_path / "gone.svs"), "--out", str(png)])
     assert stopped.value.code == 2
+    assert f"biofm: error: --slide {tmp_path / 'gone.svs'}: the slide file does not exist" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -83,6 +83,7 @@ def prepare_slides(
     """Prepare a slide store from a manifest; see the module's doc. Returns counts and the store (None when
     no slide could be prepared)."""
     from biofm.modalities.wsi import SlideError, SlideRef
+    from biofm.modalities.wsi.slide import channel_list
 
     start = time.perf_counter()
     frame = read_manifest(manifest, encoding=encoding)
@@ -139,10 +140,7 @@ def prepare_slides(
         None if pd.isna(p) else str(p if "://" in str(p) or Path(str(p)).is_absolute() else base / str(p))
         for p in frame["slide_path"]
     ]
-    slide_channels = [
-        tuple(c.strip() for c in str(v).split(";") if c.strip()) or None if pd.notna(v) else None
-        for v in (frame["channels"] if "channels" in frame.columns else [None] * len(frame))
-    ]
+    slide_channels = [channel_list(v) for v in frame.get("channels", [None] * len(frame))]
     mpps = (
         pd.to_numeric(frame["mpp"], errors="coerce").to_numpy()
         if "mpp" in frame.columns

@@ -29,6 +29,7 @@ from biofm.datasets.ehr.common import (
     write_outputs,
 )
 from biofm.datasets.ehr.schema import (
+    OFFSET_ZERO,
     Schema,
     check_columns,
     check_times,
@@ -157,8 +158,7 @@ def read_stays(schema: Schema, root: str) -> pl.DataFrame:
     if not len(frame):
         raise StoreError(f"{schema.file(root, s['table'])}: the stays table has a header but no data rows")
     if offset_zero:
-        start = time_expr("_zero", schema.start_unit)
-        frame = frame.with_columns(pl.lit("0").alias("_zero"))
+        start = pl.lit(OFFSET_ZERO, dtype=pl.Datetime("us"))
     else:
         check_times(schema, f"stays table '{s['table']}'", s["start"], frame[s["start"]], schema.start_unit, "in stays")
         start = time_expr(s["start"], schema.start_unit)
@@ -199,14 +199,14 @@ def prepare_ehr_tables(
             input,
             out,
             report,
-            labels,
-            tokenizer_from,
-            vocab_size,
-            shard_subjects,
-            source,
-            seed,
-            overwrite,
-            progress,
+            labels=labels,
+            tokenizer_from=tokenizer_from,
+            vocab_size=vocab_size,
+            shard_subjects=shard_subjects,
+            source=source,
+            seed=seed,
+            overwrite=overwrite,
+            progress=progress,
         )
     except Exception as err:
         failed(out, report, err)
@@ -251,6 +251,7 @@ def _prepare(
     input: str,
     out: str,
     report: Report,
+    *,
     labels,
     tokenizer_from,
     vocab_size: int,

@@ -38,16 +38,21 @@ class SlideRef:
         if isinstance(raw, SlideRef):
             return raw
         if isinstance(raw, dict):
-            channels = raw.get("channels")
-            if isinstance(channels, str):
-                channels = tuple(c.strip() for c in channels.split(";") if c.strip()) or None
             return cls(
                 str(raw["path"]),
                 _number(raw.get("mpp")),
                 _number(raw.get("assume_mpp")),
-                tuple(channels) if channels else None,
+                channel_list(raw.get("channels")),
             )
         return cls(str(raw))
+
+
+def channel_list(value) -> tuple[str, ...] | None:
+    """Channels as a manifest cell gives them (`DAPI;CD8;PanCK`) or as a list; None for none (or NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    names = value.split(";") if isinstance(value, str) else value
+    return tuple(str(c).strip() for c in names if str(c).strip()) or None
 
 
 def _number(value) -> float | None:
