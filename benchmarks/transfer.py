@@ -18,6 +18,13 @@ Arms (all with configs/model/molecule.yaml, batch 64, AdamW with cosine schedule
 - lora: the same pretrained model, LoRA rank 8 on the trunk's projections; only adapters and heads train.
 - finetune-ssl: as finetune, from a model pretrained on every source with the supervised tasks and the
   self-supervised pretexts (masked atoms, masked bonds, two-view contrast) together.
+- joint-desc: joint-equal plus the `descriptors` pretext (RDKit descriptors of every molecule of every
+  source regressed from the trunk: logP, molar refractivity, TPSA, …; computed from the structure, no label).
+- finetune-desc: as finetune, from joint-desc's last state.
+- finetune+wise, finetune-desc+wise: WiSE-FT (Wortsman et al. 2022) on those fine-tuning runs: the weights
+  (1 − α)·pretrained + α·fine-tuned, α among WISE_ALPHAS chosen on the target's validation split.
+- specialist-desc: the specialist with the `descriptors` pretext on its own source's molecules (one source:
+  it tells what the descriptors give without the other sources; judged as a specialist, not as transfer).
 
 Rule applied to every arm: each judged source is tested at the epoch whose validation score on that source
 was best (RMSE of its task; mean AUROC over the Tox21 assays), so a joint model is not judged on a
@@ -75,9 +82,31 @@ BALANCERS = {
     "joint-rep-mtl": ("rep-mtl", None),
     "joint-flat": ("flat", {"base": "equal", "rho": 0.05}),
 }
-ARMS = ["specialist", *BALANCERS, "experts", "finetune", "lora", "finetune-ssl"]
-# the self-supervised pretexts that need nothing beyond the graph (descriptors would change the featuriser)
+ARMS = [
+    "specialist",
+    "specialist-desc",
+    *BALANCERS,
+    "joint-desc",
+    "experts",
+    "finetune",
+    "lora",
+    "finetune-ssl",
+    "finetune-desc",
+    "finetune+wise",
+    "finetune-desc+wise",
+]
+SINGLE_SOURCE = {"specialist", "specialist-desc"}  # not multi-source: never the "best multi-source arm"
+# the self-supervised pretexts that need nothing beyond the graph
 PRETEXTS = {"masked_atoms": {"ratio": 0.15}, "masked_bonds": {"ratio": 0.15}, "two_view": {"temperature": 0.2}}
+DESCRIPTORS = {"descriptors": {}}  # RDKit descriptors as regression targets (the stores keep them)
+# pretraining runs on every source: their extra settings; the fine-tuning arms start from their last state
+PRETRAINING = {"joint-equal": {}, "pretrain-ssl": {"pretext": PRETEXTS}, "joint-desc": {"pretext": DESCRIPTORS}}
+FINETUNE_FROM = {
+    "finetune": "joint-equal",
+    "lora": "joint-equal",
+    "finetune-ssl": "pretrain-ssl",
+    "finetune-desc": "joint-desc",
+}
 FUSION_ARMS = {  # arm: (modalities, model settings)
     "cohort": {
         "fused": (None, {}),
@@ -144,6 +173,8 @@ def run(
     lower: dict | None = None,
     tasks: list[str] | None = None,
     test_store: str | None = None,
+    interpolate: bool = False,
+    data_options: dict | None = None,
     **settings,
 ):
     """Fit on `sources`' stores (their `tasks`, default all); test each of `judged` (sources, or with
@@ -155,9 +186,11 @@ def run(
     from biofm.platform.lightning import BiofmDataModule, BiofmModule
 
     seed_everything(seed, verbose=False)
-    data = BiofmDataModule([stores[s] for s in sources], batch_size=64, temperature=2.0, seed=seed, tasks=tasks)
+    mixing = {"temperature": 2.0, **(data_options or {})}
+    data = BiofmDataModule([stores[s] for s in sources], batch_size=64, seed=seed, tasks=tasks, **mixing)
     module = BiofmModule(data.schema, **{**read_config(model_config), **settings})
     keeper = best_states_callback(judged, scorer, lower)
+    start_state = copy.deepcopy(module.state_dict()) if interpolate else None  # the pretrained weights
     trainer = Trainer(
         max_epochs=epochs,
         accelerator="cpu",
@@ -174,22 +207,47 @@ def run(
     trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - start
     last = copy.deepcopy(module.state_dict())
-    results = {}
-    for source in judged:
-        if source not in keeper.best:
-            results[source] = math.nan
-            continue
-        module.load_state_dict(keeper.best[source][2])
+    results, interpolated = {}, {}
+    lower = JUDGED if lower is None else lower
+
+    def evaluate(source: str, state: dict, split: str) -> float:
+        module.load_state_dict(state)
         single = BiofmDataModule([stores[test_store or source]], batch_size=256, seed=seed, tasks=tasks)
         tester = Trainer(
             accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
         )
-        tester.test(module, datamodule=single, verbose=False)
-        results[source] = scorer({k: float(v) for k, v in tester.callback_metrics.items()}, source, "test")
+        (tester.test if split == "test" else tester.validate)(module, datamodule=single, verbose=False)
+        return scorer({k: float(v) for k, v in tester.callback_metrics.items()}, source, split)
+
+    for source in judged:
+        if source not in keeper.best:
+            results[source] = math.nan
+            continue
+        tuned = keeper.best[source][2]
+        results[source] = evaluate(source, tuned, "test")
+        if start_state is not None:  # WiSE-FT: (1 - α) pretrained + α fine-tuned, α chosen on validation
+            val = {a: evaluate(source, blend(start_state, tuned, a), "val") for a in WISE_ALPHAS}
+            alpha = (min if lower[source] else max)(val, key=lambda a: val[a] if math.isfinite(val[a]) else math.inf)
+            interpolated[source] = (evaluate(source, blend(start_state, tuned, alpha), "test"), alpha)
     module.load_state_dict(last)
+    trainer.interpolated = interpolated  # {source: (test figure, α)}
     trainer.best_states = keeper.best
     trainer.best_validation = {k: abs(v[0]) for k, v in keeper.best.items()}  # each judged source's best val figure
     return results, seconds, trainer
+
+
+WISE_ALPHAS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # weight of the fine-tuned state (1: fine-tuning alone)
+
+
+def blend(start: dict, tuned: dict, alpha: float) -> dict:
+    """Weight-space interpolation (1 − α)·start + α·tuned of two states of one model (WiSE-FT, Wortsman et
+    al. 2022); integer buffers (batch counters) are the tuned state's."""
+    import torch
+
+    return {
+        k: torch.lerp(start[k].to(v.dtype), v, alpha) if v.is_floating_point() and k in start else v
+        for k, v in tuned.items()
+    }
 
 
 def molecule_stores(root: Path, seed: int) -> dict[str, str]:
@@ -201,7 +259,13 @@ def molecule_stores(root: Path, seed: int) -> dict[str, str]:
         out = root / f"seed{seed}" / f"{name}.zarr"
         if not out.exists():
             prepare_molecules(
-                str(path), str(out), smiles_column=smiles, label_columns=labels, fragments="keep", seed=seed
+                str(path),
+                str(out),
+                smiles_column=smiles,
+                label_columns=labels,
+                fragments="keep",
+                descriptors=True,  # targets of the descriptors pretext only; the encoder never reads them
+                seed=seed,
             )
         stores[name] = str(out)
     return stores
@@ -218,8 +282,18 @@ class Cache:
     def get(self, arm: str, seed: int):
         return self.entries.get(f"{arm}|{seed}")
 
-    def put(self, arm: str, seed: int, result: dict, seconds: float) -> None:
-        self.entries[f"{arm}|{seed}"] = {"result": result, "seconds": seconds}
+    def put(
+        self, arm: str, seed: int, result: dict, seconds: float, val: dict | None = None, wise: dict | None = None
+    ) -> None:
+        """`val`: each judged source's best validation figure (the one its test checkpoint was chosen by);
+        `wise`: {source: (test figure, α)} of the WiSE-FT interpolation."""
+        entry = {
+            "result": result,
+            "seconds": seconds,
+            **({"val": val} if val else {}),
+            **({"wise": wise} if wise else {}),
+        }
+        self.entries[f"{arm}|{seed}"] = entry
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.entries, indent=1))
 
@@ -338,38 +412,35 @@ def main() -> None:
             arms = [a for a in all_arms if seed == 0 or a not in once]
             stores = molecule_stores(root, seed)
             judged = list(JUDGED)
-            pretrained = None
-            if "specialist" in arms:
+            for arm in [a for a in ("specialist", "specialist-desc") if a in arms]:
+                extra = {"pretext": DESCRIPTORS} if arm == "specialist-desc" else {}
                 for source in judged:
-                    done = cache.get(f"specialist-{source}", seed)
+                    done = cache.get(f"{arm}-{source}", seed)
                     if done is None:
-                        result, s, _ = run(stores, [source], [source], root / f"spec-{source}{seed}", args.epochs, seed)
-                        cache.put(f"specialist-{source}", seed, result, s)
+                        result, s, fitted = run(
+                            stores, [source], [source], root / f"{arm}-{source}{seed}", args.epochs, seed, **extra
+                        )
+                        cache.put(f"{arm}-{source}", seed, result, s, fitted.best_validation)
                     else:
                         result, s = done["result"], done["seconds"]
-                    figures[source]["specialist"].append(result[source])
-                    seconds["specialist"].append(s)
-                    print(f"seed {seed} specialist {source}: {result[source]:.4f} ({s:.0f} s)", flush=True)
-            needs_pretrained = {"finetune", "lora"} & set(arms)
-            pretrained_ssl = None
-            for arm in (
-                [a for a in arms if a.startswith("joint-") or a == "experts"]
-                + (["joint-equal"] if needs_pretrained and "joint-equal" not in arms else [])
-                + (["pretrain-ssl"] if "finetune-ssl" in arms else [])
+                    figures[source][arm].append(result[source])
+                    seconds[arm].append(s)
+                    print(f"seed {seed} {arm} {source}: {result[source]:.4f} ({s:.0f} s)", flush=True)
+            wise = {a.removesuffix("+wise") for a in arms if a.endswith("+wise")}
+            tuned = [a for a in FINETUNE_FROM if a in arms or a in wise]
+            needed = {FINETUNE_FROM[a] for a in tuned}
+            pretrained: dict[str, Path] = {}  # pretraining arm: its last state
+            for arm in [a for a in arms if a.startswith("joint-") or a == "experts"] + sorted(
+                needed - set(arms), key=list(PRETRAINING).index
             ):
                 name, options = BALANCERS.get(arm, ("equal", None))
-                extra = experts_settings() if arm == "experts" else {}
-                if arm == "pretrain-ssl":
-                    extra = {"pretext": PRETEXTS}
+                extra = experts_settings() if arm == "experts" else dict(PRETRAINING.get(arm, {}))
                 done = cache.get(arm, seed)
-                checkpoint = {
-                    "joint-equal": root / f"pretrained{seed}.ckpt",
-                    "pretrain-ssl": root / f"pretrained-ssl{seed}.ckpt",
-                }
-                if done is not None and (arm not in checkpoint or checkpoint[arm].exists()):
+                checkpoint = root / f"pretrained-{arm}{seed}.ckpt" if arm in PRETRAINING else None
+                if done is not None and (checkpoint is None or checkpoint.exists()):
                     result, s = done["result"], done["seconds"]
-                    pretrained = checkpoint["joint-equal"] if arm == "joint-equal" else pretrained
-                    pretrained_ssl = checkpoint["pretrain-ssl"] if arm == "pretrain-ssl" else pretrained_ssl
+                    if checkpoint is not None:
+                        pretrained[arm] = checkpoint
                     if arm in arms:
                         for source in judged:
                             figures[source][arm].append(result[source])
@@ -392,14 +463,11 @@ def main() -> None:
                     for source in judged:
                         tasks = [t for t in model.kinds if t in experts_settings()["experts"]["groups"][source]]
                         flops[source] = round(1 - model.expert_flops(tasks) / model.expert_flops(), 3)
-                if arm == "joint-equal":
-                    pretrained = root / f"pretrained{seed}.ckpt"
-                    trainer.save_checkpoint(pretrained)  # the last state: the pretrained model
-                if arm == "pretrain-ssl":
-                    pretrained_ssl = root / f"pretrained-ssl{seed}.ckpt"
-                    trainer.save_checkpoint(pretrained_ssl)
+                if checkpoint is not None:
+                    trainer.save_checkpoint(checkpoint)  # the last state: the pretrained model
+                    pretrained[arm] = checkpoint
                 if arm != "experts":  # its FLOPs figure needs the trained model: not cached
-                    cache.put(arm, seed, result, s)
+                    cache.put(arm, seed, result, s, trainer.best_validation)
                 if arm in arms:
                     for source in judged:
                         figures[source][arm].append(result[source])
@@ -408,24 +476,38 @@ def main() -> None:
                     f"seed {seed} {arm}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()) + f" ({s:.0f} s)",
                     flush=True,
                 )
-            for arm in [a for a in ("finetune", "lora", "finetune-ssl") if a in arms]:
-                extra = {"init_from": str(pretrained_ssl if arm == "finetune-ssl" else pretrained)}
+            for arm in tuned:
+                extra = {"init_from": str(pretrained[FINETUNE_FROM[arm]])}
                 if arm == "lora":
                     extra["lora"] = {"rank": 8, "alpha": 16}
                 total = 0.0
                 for source in judged:
                     done = cache.get(f"{arm}-{source}", seed)
-                    if done is None:
-                        result, s, _ = run(
-                            stores, [source], [source], root / f"{arm}-{source}{seed}", args.epochs, seed, **extra
+                    if done is None or (arm in wise and "wise" not in done):
+                        result, s, fitted = run(
+                            stores,
+                            [source],
+                            [source],
+                            root / f"{arm}-{source}{seed}",
+                            args.epochs,
+                            seed,
+                            interpolate=arm in wise,
+                            **extra,
                         )
-                        cache.put(f"{arm}-{source}", seed, result, s)
-                    else:
-                        result, s = done["result"], done["seconds"]
-                    figures[source][arm].append(result[source])
+                        done = {"result": result, "seconds": s, "wise": fitted.interpolated or None}
+                        cache.put(f"{arm}-{source}", seed, result, s, fitted.best_validation, done["wise"])
+                    result, s = done["result"], done["seconds"]
                     total += s
-                    print(f"seed {seed} {arm} {source}: {result[source]:.4f} ({s:.0f} s)", flush=True)
-                seconds[arm].append(total)
+                    if arm in arms:
+                        figures[source][arm].append(result[source])
+                        print(f"seed {seed} {arm} {source}: {result[source]:.4f} ({s:.0f} s)", flush=True)
+                    if arm in wise:
+                        value, alpha = done["wise"][source]
+                        figures[source][f"{arm}+wise"].append(value)
+                        print(f"seed {seed} {arm}+wise {source}: {value:.4f} (α {alpha} on validation)", flush=True)
+                for name in [arm, f"{arm}+wise"]:
+                    if name in arms:
+                        seconds[name].append(total)
     arms = all_arms if "molecules" in suites else arms
     out: dict = {}
     best_vs, best_arm = {}, {}
@@ -440,7 +522,7 @@ def main() -> None:
             mean, sd = float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
             out[source][arm] = {"mean": round(mean, 4), "sd": round(sd, 4), "runs": len(values)}
             print(f"{source:>9} {arm:>18} {mean:8.4f} {sd:7.4f}  {len(values)}")
-        multi = {a: v["mean"] for a, v in out[source].items() if a != "specialist"}
+        multi = {a: v["mean"] for a, v in out[source].items() if a not in SINGLE_SOURCE}
         if "specialist" in out[source] and multi:
             arm = min(multi, key=multi.get) if lower else max(multi, key=multi.get)
             spec = out[source]["specialist"]["mean"]

@@ -326,7 +326,7 @@ def test_modality_dropout_hides_modalities_but_never_all_of_a_sample():
     assert out["m0"]["present"].dtype == torch.float32 and out["m0"]["x"] is inputs["m0"]["x"]
 
 
-@pytest.mark.parametrize("name", ["pretrain", "experts", "finetune", "lora"])
+@pytest.mark.parametrize("name", ["pretrain", "pretrain-descriptors", "experts", "finetune", "lora"])
 def test_each_transfer_config_composes(name, capsys):
     from pathlib import Path
 
@@ -342,6 +342,8 @@ def test_each_transfer_config_composes(name, capsys):
         assert "per_group: 1" in printed and "tox21:" in printed
     if name == "lora":
         assert "rank: 8" in printed and "init_from: runs/transfer-pretrain" in printed
+    if name == "pretrain-descriptors":
+        assert "descriptors: {}" in printed
 
 
 def test_sdk_predicts_a_subset_of_tasks_with_the_full_models_values(cohort_store, tmp_path):
