@@ -93,6 +93,22 @@ def test_task_arithmetic_with_scale_one_and_one_specialist_is_the_specialist(zoo
     assert model_keys and all(torch.allclose(merged[k].float(), specialist[k].float(), atol=1e-6) for k in model_keys)
 
 
+def test_task_arithmetic_with_one_specialist_is_wise_ft_interpolation(zoo, tmp_path):
+    """WiSE-FT (Wortsman et al. 2022): (1 − α)·pretrained + α·fine-tuned over the shared weights; the fine-tuned
+    model's own heads are its own."""
+    out = merge([zoo["binary"]], base=zoo["base"], method="task_arithmetic", scale=0.4, out=tmp_path / "w.ckpt")
+    merged = torch.load(out["out"], weights_only=True)["state_dict"]
+    tuned = torch.load(zoo["binary"], weights_only=True)["state_dict"]
+    base = torch.load(zoo["base"], weights_only=True)["state_dict"]
+    trunk = [k for k in tuned if k.startswith("model.trunk.") and tuned[k].is_floating_point()]
+    moved = [k for k in trunk if not torch.allclose(tuned[k], base[k])]
+    assert moved  # fine-tuning changed the trunk, so the test can tell interpolation from either end
+    for k in moved:
+        assert torch.allclose(merged[k].float(), torch.lerp(base[k].float(), tuned[k].float(), 0.4), atol=1e-6), k
+    heads = [k for k in tuned if k.startswith("model.heads.")]
+    assert heads and all(torch.equal(merged[k], tuned[k]) for k in heads)
+
+
 def test_breadcrumbs_at_full_density_without_outlier_cut_is_task_arithmetic(zoo, tmp_path):
     models = [zoo["binary"], zoo["classes"]]
     common = dict(base=zoo["base"], scale=0.7)
