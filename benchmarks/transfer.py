@@ -189,6 +189,7 @@ def run(
     mixing = {"temperature": 2.0, **(data_options or {})}
     data = BiofmDataModule([stores[s] for s in sources], batch_size=64, seed=seed, tasks=tasks, **mixing)
     module = BiofmModule(data.schema, **{**read_config(model_config), **settings})
+    lower = JUDGED if lower is None else lower
     keeper = best_states_callback(judged, scorer, lower)
     start_state = copy.deepcopy(module.state_dict()) if interpolate else None  # the pretrained weights
     trainer = Trainer(
@@ -208,7 +209,6 @@ def run(
     seconds = time.perf_counter() - start
     last = copy.deepcopy(module.state_dict())
     results, interpolated = {}, {}
-    lower = JUDGED if lower is None else lower
 
     def evaluate(source: str, state: dict, split: str) -> float:
         module.load_state_dict(state)

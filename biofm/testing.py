@@ -69,6 +69,28 @@ def write_toy_store(
     return writer.finalize()
 
 
+def write_flag_store(path: str | os.PathLike, flag_of, source: str = "flag") -> str:
+    """A tabular store of 120 samples (80 train, 20 val, 20 test; two seeded numeric columns `x`) with one
+    binary task `flag` = `flag_of(x)`: a split with few or one-class labels made to order. Returns its URL."""
+    n = 120
+    x = np.random.default_rng(0).normal(size=(n, 2)).astype(np.float32)
+    writer = StoreWriter(
+        str(path),
+        source=source,
+        tasks={"flag": {"kind": "binary"}},
+        modalities={"tabular": {"numeric": {"a": [0.0, 1.0], "b": [0.0, 1.0]}, "categorical": {}}},
+    )
+    writer.write_batch(
+        0,
+        sample_id=[f"s{i}" for i in range(n)],
+        subject_id=[f"p{i}" for i in range(n)],
+        labels={"flag": np.asarray(flag_of(x), np.float32)},
+        split=np.array(["train"] * 80 + ["val"] * 20 + ["test"] * 20),
+        arrays={"tabular/numeric": x, "tabular/categorical": np.zeros((n, 0), np.int32)},
+    )
+    return writer.finalize().url
+
+
 def store_arrays(store: Store) -> dict[str, np.ndarray]:
     """Every array of a store as numpy, for comparing two stores."""
     out = {}

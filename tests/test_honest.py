@@ -22,7 +22,7 @@ from biofm.platform.lightning import BiofmDataModule
 from biofm.platform.store import StoreWriter
 from biofm.tasks.kinds import task_kind
 from biofm.tasks.metrics import TaskMetrics
-from biofm.testing import FAKE_FLAG, wandb_summary, write_fake_modality_store
+from biofm.testing import FAKE_FLAG, wandb_summary, write_fake_modality_store, write_flag_store
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -188,27 +188,13 @@ def test_few_labels_are_a_note_not_a_warning_and_an_undefined_metric_stays_a_war
 
 def _one_class_validation_store(path: str) -> str:
     """A store whose validation split holds one class of its only task (and test both)."""
-    n = 120
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(n, 2)).astype(np.float32)
-    split = np.array(["train"] * 80 + ["val"] * 20 + ["test"] * 20)
-    label = (x[:, 0] > 0).astype(np.float32)
-    label[80:100] = 1.0
-    writer = StoreWriter(
-        path,
-        source="skewed",
-        tasks={"flag": {"kind": "binary"}},
-        modalities={"tabular": {"numeric": {"a": [0.0, 1.0], "b": [0.0, 1.0]}, "categorical": {}}},
-    )
-    writer.write_batch(
-        0,
-        sample_id=[f"s{i}" for i in range(n)],
-        subject_id=[f"p{i}" for i in range(n)],
-        labels={"flag": label},
-        split=split,
-        arrays={"tabular/numeric": x, "tabular/categorical": np.zeros((n, 0), np.int32)},
-    )
-    return writer.finalize().url
+
+    def one_class_validation(x):
+        flag = (x[:, 0] > 0).astype(np.float32)
+        flag[80:100] = 1.0
+        return flag
+
+    return write_flag_store(path, one_class_validation, source="skewed")
 
 
 def test_an_undefined_validation_score_never_selects_a_checkpoint(tmp_path):

@@ -89,33 +89,20 @@ def test_a_test_whose_split_has_few_labels_notes_it_in_the_report(tmp_path):
     """fit + test on a store whose test split holds 3 positives: the report lists the note (not a warning)."""
     import warnings
 
-    from biofm.platform.store import StoreWriter
     from biofm.recipes.runs import fit_and_test
+    from biofm.testing import write_flag_store
 
-    n = 120
-    x = np.random.default_rng(0).normal(size=(n, 2)).astype(np.float32)
-    split = np.array(["train"] * 80 + ["val"] * 20 + ["test"] * 20)
-    flag = (x[:, 0] > 0).astype(np.float32)
-    flag[100:] = 0.0
-    flag[[100, 105, 110]] = 1.0  # 3 positives in the test split: fewer than FEW
-    writer = StoreWriter(
-        str(tmp_path / "few.zarr"),
-        source="few",
-        tasks={"flag": {"kind": "binary"}},
-        modalities={"tabular": {"numeric": {"a": [0.0, 1.0], "b": [0.0, 1.0]}, "categorical": {}}},
-    )
-    writer.write_batch(
-        0,
-        sample_id=[f"s{i}" for i in range(n)],
-        subject_id=[f"p{i}" for i in range(n)],
-        labels={"flag": flag},
-        split=split,
-        arrays={"tabular/numeric": x, "tabular/categorical": np.zeros((n, 0), np.int32)},
-    )
+    def few_positives(x):
+        flag = (x[:, 0] > 0).astype(np.float32)
+        flag[100:] = 0.0
+        flag[[100, 105, 110]] = 1.0  # 3 positives in the test split: fewer than FEW
+        return flag
+
+    url = write_flag_store(tmp_path / "few.zarr", few_positives, source="few")
     tiny = {"d_model": 16, "depth": 1, "heads": 2, "latents": 2}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit_and_test([writer.finalize().url], tmp_path / "run", epochs=1, batch_size=32, model=tiny, loggers=False)
+        fit_and_test([url], tmp_path / "run", epochs=1, batch_size=32, model=tiny, loggers=False)
     assert not [w for w in caught if "rest on few labels" in str(w.message)]
     page = (tmp_path / "run" / REPORT_DIR / "report.html").read_text()
     assert "test split: task &#x27;flag&#x27; has 17 of class 0, 3 of class 1: its metrics rest on few labels" in page
