@@ -21,14 +21,19 @@ Arms (all with configs/model/molecule.yaml, batch 64, AdamW with cosine schedule
 - joint-desc: joint-equal plus the `descriptors` pretext (RDKit descriptors of every molecule of every
   source regressed from the trunk: logP, molar refractivity, TPSA, …; computed from the structure, no label).
 - finetune-desc: as finetune, from joint-desc's last state.
-- finetune+wise, finetune-desc+wise: WiSE-FT (Wortsman et al. 2022) on those fine-tuning runs: the weights
-  (1 − α)·pretrained + α·fine-tuned, α among WISE_ALPHAS chosen on the target's validation split.
+- finetune-desc-kept: as finetune-desc, with the descriptors pretext kept on the target's molecules while it
+  fine-tunes (the pretraining's own pretext as a regulariser).
+- finetune+wise, finetune-desc+wise, finetune-desc-kept+wise: WiSE-FT (Wortsman et al. 2022) on those
+  fine-tuning runs: the weights (1 − α)·pretrained + α·fine-tuned, α among WISE_ALPHAS chosen on the target's
+  validation split (its validation figure is the chosen α's, so it never trails the plain arm's on validation).
 - specialist-desc: the specialist with the `descriptors` pretext on its own source's molecules (one source:
   it tells what the descriptors give without the other sources; judged as a specialist, not as transfer).
 
 Rule applied to every arm: each judged source is tested at the epoch whose validation score on that source
 was best (RMSE of its task; mean AUROC over the Tox21 assays), so a joint model is not judged on a
-checkpoint chosen for other sources. Nothing is chosen on test.
+checkpoint chosen for other sources. Nothing is chosen on test. `best_arm` is the multi-source arm with the
+best mean test figure (several arms compete: a mild multiple comparison); `best_arm_on_validation` is the one
+with the best mean validation figure, and `best_on_validation_vs_specialist` its test ratio (no choice on test).
 
 Two more suites (`--suites`), each with the platform's own data and one checkpoint per run chosen by the
 validation macro score (the rule of `biofm fit`, the same for every arm):
@@ -39,7 +44,8 @@ validation macro score (the rule of `biofm fit`, the same for every arm):
   judged on tissue_area R² (fused within 0.05 of slides alone?) and `site` (a report-only task: kept?).
 
 Prints each arm's mean ± sd per source and wall time; the last line is JSON:
-`{source: {arm: {"mean", "sd", "runs"}}, "best_vs_specialist": {source: ratio}, "best_arm": {...}, "seconds": {arm: s}}`
+`{source: {arm: {"mean", "sd", "runs", "val"}}, "best_vs_specialist": {source: ratio}, "best_arm": {...},
+"best_arm_on_validation": {...}, "best_on_validation_vs_specialist": {...}, "seconds": {arm: s}}`
 (ratio > 1: the best multi-source arm is better than the specialist).
 """
 
@@ -92,8 +98,10 @@ ARMS = [
     "lora",
     "finetune-ssl",
     "finetune-desc",
+    "finetune-desc-kept",
     "finetune+wise",
     "finetune-desc+wise",
+    "finetune-desc-kept+wise",
 ]
 SINGLE_SOURCE = {"specialist", "specialist-desc"}  # not multi-source: never the "best multi-source arm"
 # the self-supervised pretexts that need nothing beyond the graph
@@ -106,7 +114,9 @@ FINETUNE_FROM = {
     "lora": "joint-equal",
     "finetune-ssl": "pretrain-ssl",
     "finetune-desc": "joint-desc",
+    "finetune-desc-kept": "joint-desc",
 }
+FINETUNE_EXTRA = {"lora": {"lora": {"rank": 8, "alpha": 16}}, "finetune-desc-kept": {"pretext": DESCRIPTORS}}
 FUSION_ARMS = {  # arm: (modalities, model settings)
     "cohort": {
         "fused": (None, {}),
@@ -228,9 +238,9 @@ def run(
         if start_state is not None:  # WiSE-FT: (1 - α) pretrained + α fine-tuned, α chosen on validation
             val = {a: evaluate(source, blend(start_state, tuned, a), "val") for a in WISE_ALPHAS}
             alpha = (min if lower[source] else max)(val, key=lambda a: val[a] if math.isfinite(val[a]) else math.inf)
-            interpolated[source] = (evaluate(source, blend(start_state, tuned, alpha), "test"), alpha)
+            interpolated[source] = (evaluate(source, blend(start_state, tuned, alpha), "test"), alpha, val[alpha])
     module.load_state_dict(last)
-    trainer.interpolated = interpolated  # {source: (test figure, α)}
+    trainer.interpolated = interpolated  # {source: (test figure, α, validation figure)}
     trainer.best_states = keeper.best
     trainer.best_validation = {k: abs(v[0]) for k, v in keeper.best.items()}  # each judged source's best val figure
     return results, seconds, trainer
@@ -286,7 +296,7 @@ class Cache:
         self, arm: str, seed: int, result: dict, seconds: float, val: dict | None = None, wise: dict | None = None
     ) -> None:
         """`val`: each judged source's best validation figure (the one its test checkpoint was chosen by);
-        `wise`: {source: (test figure, α)} of the WiSE-FT interpolation."""
+        `wise`: {source: (test figure, α, validation figure)} of the WiSE-FT interpolation."""
         entry = {
             "result": result,
             "seconds": seconds,
@@ -397,6 +407,7 @@ def main() -> None:
     os.environ.setdefault("WANDB_MODE", "disabled")
 
     figures: dict[str, dict[str, list[float]]] = {s: {a: [] for a in arms} for s in JUDGED}
+    validation: dict[str, dict[str, list[float]]] = {s: {a: [] for a in arms} for s in JUDGED}  # best val figures
     seconds: dict[str, list[float]] = {a: [] for a in arms}
     suites = [x.strip() for x in args.suites.split(",") if x.strip()]
     flops: dict[str, float] = {}  # share of expert FLOPs saved predicting one source's tasks only
@@ -421,9 +432,10 @@ def main() -> None:
                             stores, [source], [source], root / f"{arm}-{source}{seed}", args.epochs, seed, **extra
                         )
                         cache.put(f"{arm}-{source}", seed, result, s, fitted.best_validation)
-                    else:
-                        result, s = done["result"], done["seconds"]
+                        done = cache.get(f"{arm}-{source}", seed)
+                    result, s = done["result"], done["seconds"]
                     figures[source][arm].append(result[source])
+                    validation[source][arm].append(done.get("val", {}).get(source, math.nan))
                     seconds[arm].append(s)
                     print(f"seed {seed} {arm} {source}: {result[source]:.4f} ({s:.0f} s)", flush=True)
             wise = {a.removesuffix("+wise") for a in arms if a.endswith("+wise")}
@@ -444,6 +456,7 @@ def main() -> None:
                     if arm in arms:
                         for source in judged:
                             figures[source][arm].append(result[source])
+                            validation[source][arm].append(done.get("val", {}).get(source, math.nan))
                         seconds[arm].append(s)
                     print(f"seed {seed} {arm} (cached): " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
                     continue
@@ -471,19 +484,18 @@ def main() -> None:
                 if arm in arms:
                     for source in judged:
                         figures[source][arm].append(result[source])
+                        validation[source][arm].append(trainer.best_validation.get(source, math.nan))
                     seconds[arm].append(s)
                 print(
                     f"seed {seed} {arm}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()) + f" ({s:.0f} s)",
                     flush=True,
                 )
             for arm in tuned:
-                extra = {"init_from": str(pretrained[FINETUNE_FROM[arm]])}
-                if arm == "lora":
-                    extra["lora"] = {"rank": 8, "alpha": 16}
+                extra = {"init_from": str(pretrained[FINETUNE_FROM[arm]]), **FINETUNE_EXTRA.get(arm, {})}
                 total = 0.0
                 for source in judged:
                     done = cache.get(f"{arm}-{source}", seed)
-                    if done is None or (arm in wise and "wise" not in done):
+                    if done is None or (arm in wise and len(done.get("wise", {}).get(source, ())) < 3):
                         result, s, fitted = run(
                             stores,
                             [source],
@@ -494,25 +506,27 @@ def main() -> None:
                             interpolate=arm in wise,
                             **extra,
                         )
-                        done = {"result": result, "seconds": s, "wise": fitted.interpolated or None}
-                        cache.put(f"{arm}-{source}", seed, result, s, fitted.best_validation, done["wise"])
+                        cache.put(f"{arm}-{source}", seed, result, s, fitted.best_validation, fitted.interpolated)
+                        done = cache.get(f"{arm}-{source}", seed)
                     result, s = done["result"], done["seconds"]
                     total += s
                     if arm in arms:
                         figures[source][arm].append(result[source])
+                        validation[source][arm].append(done.get("val", {}).get(source, math.nan))
                         print(f"seed {seed} {arm} {source}: {result[source]:.4f} ({s:.0f} s)", flush=True)
                     if arm in wise:
-                        value, alpha = done["wise"][source]
+                        value, alpha, val = done["wise"][source]
                         figures[source][f"{arm}+wise"].append(value)
+                        validation[source][f"{arm}+wise"].append(val)
                         print(f"seed {seed} {arm}+wise {source}: {value:.4f} (α {alpha} on validation)", flush=True)
                 for name in [arm, f"{arm}+wise"]:
                     if name in arms:
                         seconds[name].append(total)
     arms = all_arms if "molecules" in suites else arms
     out: dict = {}
-    best_vs, best_arm = {}, {}
+    best_vs, best_arm, chosen_vs, chosen_arm = {}, {}, {}, {}
     if "molecules" in suites:
-        print(f"\n{'source':>9} {'arm':>18} {'mean':>8} {'sd':>7}  runs")
+        print(f"\n{'source':>9} {'arm':>24} {'mean':>8} {'sd':>7}  runs  {'val':>7}")
     for source, lower in JUDGED.items():
         out[source] = {}
         for arm in arms:
@@ -520,20 +534,31 @@ def main() -> None:
             if not values:
                 continue
             mean, sd = float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
-            out[source][arm] = {"mean": round(mean, 4), "sd": round(sd, 4), "runs": len(values)}
-            print(f"{source:>9} {arm:>18} {mean:8.4f} {sd:7.4f}  {len(values)}")
-        multi = {a: v["mean"] for a, v in out[source].items() if a not in SINGLE_SOURCE}
+            val = float(np.mean(validation[source][arm])) if validation[source][arm] else math.nan
+            out[source][arm] = {"mean": round(mean, 4), "sd": round(sd, 4), "runs": len(values), "val": round(val, 4)}
+            print(f"{source:>9} {arm:>24} {mean:8.4f} {sd:7.4f}  {len(values):>4}  {val:7.4f}")
+        multi = {a: v for a, v in out[source].items() if a not in SINGLE_SOURCE}
         if "specialist" in out[source] and multi:
-            arm = min(multi, key=multi.get) if lower else max(multi, key=multi.get)
             spec = out[source]["specialist"]["mean"]
-            best_arm[source] = arm
-            best_vs[source] = round(spec / multi[arm] if lower else multi[arm] / spec, 4)
+
+            def best(key: str) -> str:
+                finite = {a: v[key] for a, v in multi.items() if math.isfinite(v[key])}
+                return (min if lower else max)(finite, key=finite.get) if finite else None
+
+            for chosen, ratios, key in [(best_arm, best_vs, "mean"), (chosen_arm, chosen_vs, "val")]:
+                arm = best(key)
+                if arm is not None:
+                    chosen[source] = arm
+                    ratios[source] = round(spec / multi[arm]["mean"] if lower else multi[arm]["mean"] / spec, 4)
             print(
-                f"{source:>9}: best multi-source arm {arm}, {best_vs[source]:.3f}× the specialist's figure "
+                f"{source:>9}: best multi-source arm {best_arm[source]}, {best_vs[source]:.3f}× the specialist's "
+                f"figure; chosen on validation: {chosen_arm.get(source)}, {chosen_vs.get(source, math.nan):.3f}× "
                 f"(chemprop published {CHEMPROP_PUBLISHED[source]})"
             )
     out["best_vs_specialist"] = best_vs
     out["best_arm"] = best_arm
+    out["best_arm_on_validation"] = chosen_arm
+    out["best_on_validation_vs_specialist"] = chosen_vs
     out["seconds"] = {a: round(float(np.mean(v)), 1) for a, v in seconds.items() if v}
     if flops:
         out["expert_flops_saved"] = flops
