@@ -23,9 +23,13 @@ Arms (all with configs/model/molecule.yaml, batch 64, AdamW with cosine schedule
 - finetune-desc: as finetune, from joint-desc's last state.
 - finetune-desc-kept: as finetune-desc, with the descriptors pretext kept on the target's molecules while it
   fine-tunes (the pretraining's own pretext as a regulariser).
-- finetune+wise, finetune-desc+wise, finetune-desc-kept+wise: WiSE-FT (Wortsman et al. 2022) on those
-  fine-tuning runs: the weights (1 − α)·pretrained + α·fine-tuned, α among WISE_ALPHAS chosen on the target's
-  validation split (its validation figure is the chosen α's, so it never trails the plain arm's on validation).
+- finetune-desc-ld: as finetune-desc, with layer-wise learning-rate decay 0.75 (Clark et al. 2020, BEiT): the
+  heads at the full rate, each trunk block below at 0.75× the one above, the encoder lowest, so fine-tuning moves
+  the pretrained features least where they are most general.
+- finetune+wise, finetune-desc+wise, finetune-desc-kept+wise, finetune-desc-ld+wise: WiSE-FT (Wortsman et al.
+  2022) on those fine-tuning runs: the weights (1 − α)·pretrained + α·fine-tuned, α among WISE_ALPHAS chosen on
+  the target's validation split (its validation figure is the chosen α's, so it never trails the plain arm's on
+  validation).
 - specialist-desc: the specialist with the `descriptors` pretext on its own source's molecules (one source:
   it tells what the descriptors give without the other sources; judged as a specialist, not as transfer).
 
@@ -99,9 +103,11 @@ ARMS = [
     "finetune-ssl",
     "finetune-desc",
     "finetune-desc-kept",
+    "finetune-desc-ld",
     "finetune+wise",
     "finetune-desc+wise",
     "finetune-desc-kept+wise",
+    "finetune-desc-ld+wise",
 ]
 SINGLE_SOURCE = {"specialist", "specialist-desc"}  # not multi-source: never the "best multi-source arm"
 # the self-supervised pretexts that need nothing beyond the graph
@@ -115,8 +121,13 @@ FINETUNE_FROM = {
     "finetune-ssl": "pretrain-ssl",
     "finetune-desc": "joint-desc",
     "finetune-desc-kept": "joint-desc",
+    "finetune-desc-ld": "joint-desc",
 }
-FINETUNE_EXTRA = {"lora": {"lora": {"rank": 8, "alpha": 16}}, "finetune-desc-kept": {"pretext": DESCRIPTORS}}
+FINETUNE_EXTRA = {
+    "lora": {"lora": {"rank": 8, "alpha": 16}},
+    "finetune-desc-kept": {"pretext": DESCRIPTORS},
+    "finetune-desc-ld": {"layer_decay": 0.75},  # BEiT's and ELECTRA's fine-tuning decay
+}
 FUSION_ARMS = {  # arm: (modalities, model settings)
     "cohort": {
         "fused": (None, {}),
