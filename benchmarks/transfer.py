@@ -23,10 +23,15 @@ Arms (all with configs/model/molecule.yaml, batch 64, AdamW with cosine schedule
 - finetune-desc: as finetune, from joint-desc's last state.
 - finetune-desc-kept: as finetune-desc, with the descriptors pretext kept on the target's molecules while it
   fine-tunes (the pretraining's own pretext as a regulariser).
+- joint-desc-long: joint-desc trained twice as long (2 × `--joint-epochs`): is the pretrained model undertrained?
+- finetune-long-kept: as finetune-desc-kept, from joint-desc-long's last state.
+- finetune-desc-kept-ld: as finetune-desc-kept, with the layer decay of finetune-desc-ld as well (the two
+  regularisers toward the pretrained features together).
 - finetune-desc-ld: as finetune-desc, with layer-wise learning-rate decay 0.75 (Clark et al. 2020, BEiT): the
   heads at the full rate, each trunk block below at 0.75× the one above, the encoder lowest, so fine-tuning moves
   the pretrained features least where they are most general.
-- finetune+wise, finetune-desc+wise, finetune-desc-kept+wise, finetune-desc-ld+wise: WiSE-FT (Wortsman et al.
+- finetune+wise, finetune-desc+wise, finetune-desc-kept+wise, finetune-desc-ld+wise, finetune-desc-kept-ld+wise,
+  finetune-long-kept+wise: WiSE-FT (Wortsman et al.
   2022) on those fine-tuning runs: the weights (1 − α)·pretrained + α·fine-tuned, α among WISE_ALPHAS chosen on
   the target's validation split (its validation figure is the chosen α's, so it never trails the plain arm's on
   validation).
@@ -97,6 +102,7 @@ ARMS = [
     "specialist-desc",
     *BALANCERS,
     "joint-desc",
+    "joint-desc-long",
     "experts",
     "finetune",
     "lora",
@@ -104,17 +110,27 @@ ARMS = [
     "finetune-desc",
     "finetune-desc-kept",
     "finetune-desc-ld",
+    "finetune-desc-kept-ld",
+    "finetune-long-kept",
     "finetune+wise",
     "finetune-desc+wise",
     "finetune-desc-kept+wise",
     "finetune-desc-ld+wise",
+    "finetune-desc-kept-ld+wise",
+    "finetune-long-kept+wise",
 ]
 SINGLE_SOURCE = {"specialist", "specialist-desc"}  # not multi-source: never the "best multi-source arm"
 # the self-supervised pretexts that need nothing beyond the graph
 PRETEXTS = {"masked_atoms": {"ratio": 0.15}, "masked_bonds": {"ratio": 0.15}, "two_view": {"temperature": 0.2}}
 DESCRIPTORS = {"descriptors": {}}  # RDKit descriptors as regression targets (the stores keep them)
 # pretraining runs on every source: their extra settings; the fine-tuning arms start from their last state
-PRETRAINING = {"joint-equal": {}, "pretrain-ssl": {"pretext": PRETEXTS}, "joint-desc": {"pretext": DESCRIPTORS}}
+PRETRAINING = {
+    "joint-equal": {},
+    "pretrain-ssl": {"pretext": PRETEXTS},
+    "joint-desc": {"pretext": DESCRIPTORS},
+    "joint-desc-long": {"pretext": DESCRIPTORS},
+}
+LONGER = {"joint-desc-long": 2}  # pretraining runs of this many × --joint-epochs
 FINETUNE_FROM = {
     "finetune": "joint-equal",
     "lora": "joint-equal",
@@ -122,11 +138,15 @@ FINETUNE_FROM = {
     "finetune-desc": "joint-desc",
     "finetune-desc-kept": "joint-desc",
     "finetune-desc-ld": "joint-desc",
+    "finetune-desc-kept-ld": "joint-desc",
+    "finetune-long-kept": "joint-desc-long",
 }
 FINETUNE_EXTRA = {
     "lora": {"lora": {"rank": 8, "alpha": 16}},
     "finetune-desc-kept": {"pretext": DESCRIPTORS},
     "finetune-desc-ld": {"layer_decay": 0.75},  # BEiT's and ELECTRA's fine-tuning decay
+    "finetune-desc-kept-ld": {"pretext": DESCRIPTORS, "layer_decay": 0.75},
+    "finetune-long-kept": {"pretext": DESCRIPTORS},
 }
 FUSION_ARMS = {  # arm: (modalities, model settings)
     "cohort": {
@@ -476,7 +496,7 @@ def main() -> None:
                     list(SOURCES),
                     judged,
                     root / f"{arm}{seed}",
-                    args.joint_epochs,
+                    args.joint_epochs * LONGER.get(arm, 1),
                     seed,
                     balancing=name,
                     balancing_options=options,
