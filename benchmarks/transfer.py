@@ -23,18 +23,17 @@ Arms (all with configs/model/molecule.yaml, batch 64, AdamW with cosine schedule
 - finetune-desc: as finetune, from joint-desc's last state.
 - finetune-desc-kept: as finetune-desc, with the descriptors pretext kept on the target's molecules while it
   fine-tunes (the pretraining's own pretext as a regulariser).
+- finetune-desc-ld: as finetune-desc, with layer-wise learning-rate decay 0.75 (Clark et al. 2020, BEiT): the
+  heads at the full rate, each trunk block below at 0.75× the one above, the encoder lowest, so fine-tuning moves
+  the pretrained features least where they are most general.
 - joint-desc-long: joint-desc trained twice as long (2 × `--joint-epochs`): is the pretrained model undertrained?
 - finetune-long-kept: as finetune-desc-kept, from joint-desc-long's last state.
 - finetune-desc-kept-ld: as finetune-desc-kept, with the layer decay of finetune-desc-ld as well (the two
   regularisers toward the pretrained features together).
-- finetune-desc-ld: as finetune-desc, with layer-wise learning-rate decay 0.75 (Clark et al. 2020, BEiT): the
-  heads at the full rate, each trunk block below at 0.75× the one above, the encoder lowest, so fine-tuning moves
-  the pretrained features least where they are most general.
-- finetune+wise, finetune-desc+wise, finetune-desc-kept+wise, finetune-desc-ld+wise, finetune-desc-kept-ld+wise,
-  finetune-long-kept+wise: WiSE-FT (Wortsman et al.
-  2022) on those fine-tuning runs: the weights (1 − α)·pretrained + α·fine-tuned, α among WISE_ALPHAS chosen on
-  the target's validation split (its validation figure is the chosen α's, so it never trails the plain arm's on
-  validation).
+- <fine-tuning arm>+wise (finetune, finetune-desc, -kept, -ld, -kept-ld, finetune-long-kept): WiSE-FT (Wortsman
+  et al. 2022) on that fine-tuning run: the weights (1 − α)·pretrained + α·fine-tuned, α among WISE_ALPHAS chosen
+  on the target's validation split (its validation figure is the chosen α's, so it never trails the plain arm's
+  on validation).
 - specialist-desc: the specialist with the `descriptors` pretext on its own source's molecules (one source:
   it tells what the descriptors give without the other sources; judged as a specialist, not as transfer).
 
