@@ -36,6 +36,16 @@ Arms (all with configs/model/molecule.yaml, batch 64, AdamW with cosine schedule
   on validation).
 - specialist-desc: the specialist with the `descriptors` pretext on its own source's molecules (one source:
   it tells what the descriptors give without the other sources; judged as a specialist, not as transfer).
+- <per-source arm>+soup (specialist, specialist-desc and every fine-tuning arm; needs `--lr-grid`): the greedy
+  soup (Wortsman et al. 2022, "Model soups") of that arm's grid runs on the target: their best-validation weights
+  averaged, each run joining only if the average's validation figure does not get worse. Runs fine-tuned from
+  one pretrained model lie in one basin, where averaging tends to help; a specialist's runs share only their
+  seed's initialisation. The specialist reference of `best_vs_specialist` is the specialist or its soup,
+  whichever is better on validation.
+
+`--lr-grid 0.3,1,3` gives every per-source run (specialists and fine-tunings alike, the same budget) one run
+per multiplier of the base learning rate, keeping the one best on validation; pretraining runs are not gridded
+and WiSE-FT interpolates the multiplier-1 run. `--judged` runs a part of the judged sources.
 
 Rule applied to every arm: each judged source is tested at the epoch whose validation score on that source
 was best (RMSE of its task; mean AUROC over the Tox21 assays), so a joint model is not judged on a
@@ -118,7 +128,12 @@ ARMS = [
     "finetune-desc-kept-ld+wise",
     "finetune-long-kept+wise",
 ]
-SINGLE_SOURCE = {"specialist", "specialist-desc"}  # not multi-source: never the "best multi-source arm"
+SINGLE_SOURCE = {
+    "specialist",
+    "specialist-desc",
+    "specialist+soup",
+    "specialist-desc+soup",
+}  # not multi-source: never the "best multi-source arm"
 # the self-supervised pretexts that need nothing beyond the graph
 PRETEXTS = {"masked_atoms": {"ratio": 0.15}, "masked_bonds": {"ratio": 0.15}, "two_view": {"temperature": 0.2}}
 DESCRIPTORS = {"descriptors": {}}  # RDKit descriptors as regression targets (the stores keep them)
@@ -251,13 +266,7 @@ def run(
     results, interpolated = {}, {}
 
     def evaluate(source: str, state: dict, split: str) -> float:
-        module.load_state_dict(state)
-        single = BiofmDataModule([stores[test_store or source]], batch_size=256, seed=seed, tasks=tasks)
-        tester = Trainer(
-            accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
-        )
-        (tester.test if split == "test" else tester.validate)(module, datamodule=single, verbose=False)
-        return scorer({k: float(v) for k, v in tester.callback_metrics.items()}, source, split)
+        return evaluate_state(module, stores[test_store or source], source, state, split, seed, scorer, tasks)
 
     for source in judged:
         if source not in keeper.best:
@@ -274,6 +283,41 @@ def run(
     trainer.best_states = keeper.best
     trainer.best_validation = {k: abs(v[0]) for k, v in keeper.best.items()}  # each judged source's best val figure
     return results, seconds, trainer
+
+
+def evaluate_state(module, store: str, source: str, state: dict, split: str, seed: int, scorer=score, tasks=None):
+    """`scorer`'s figure of `source` for `module` with the weights `state` on `store`'s `split` ("val"/"test")."""
+    from lightning.pytorch import Trainer
+
+    from biofm.platform.lightning import BiofmDataModule
+
+    module.load_state_dict(state)
+    single = BiofmDataModule([store], batch_size=256, seed=seed, tasks=tasks)
+    tester = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (tester.test if split == "test" else tester.validate)(module, datamodule=single, verbose=False)
+    return scorer({k: float(v) for k, v in tester.callback_metrics.items()}, source, split)
+
+
+def greedy_soup(states: list[dict], val: list[float], lower: bool, evaluate) -> tuple[dict, list[int], float]:
+    """Greedy soup (Wortsman et al. 2022, "Model soups", recipe 1): the ingredients in order of validation
+    figure, best first; each joins the uniform average if the average's validation figure does not get worse.
+    Returns (the soup's weights, the ingredients taken, its validation figure); at worst the best ingredient."""
+    order = sorted(range(len(states)), key=lambda i: val[i] if lower else -val[i])
+    taken, best = [order[0]], val[order[0]]
+    for i in order[1:]:
+        candidate = evaluate(average([states[j] for j in taken + [i]]))
+        if math.isfinite(candidate) and (candidate <= best if lower else candidate >= best):
+            taken, best = taken + [i], candidate
+    return average([states[j] for j in taken]), taken, best
+
+
+def average(states: list[dict]) -> dict:
+    """The uniform average of states of one model; integer buffers (batch counters) are the first state's."""
+    import torch
+
+    return {
+        k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v for k, v in states[0].items()
+    }
 
 
 WISE_ALPHAS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # weight of the fine-tuned state (1: fine-tuning alone)
@@ -333,9 +377,86 @@ class Cache:
             **({"val": val} if val else {}),
             **({"wise": wise} if wise else {}),
         }
+        self.store(arm, seed, entry)
+
+    def store(self, arm: str, seed: int, entry: dict) -> None:
         self.entries[f"{arm}|{seed}"] = entry
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.entries, indent=1))
+
+
+def per_source(
+    cache: Cache,
+    stores: dict,
+    root: Path,
+    arm: str,
+    source: str,
+    seed: int,
+    epochs: int,
+    grid: list[float],
+    soup: bool = False,
+    wise: bool = False,
+    **extra,
+) -> dict:
+    """A per-source arm (a specialist or a fine-tuning) on `source` under the learning-rate grid: one run per
+    multiplier of the base rate (cached; multiplier 1 is the plain run, the only one WiSE-FT interpolates); the
+    arm's figure is the run with the best validation figure, its seconds the whole grid's. With `soup`, also the
+    greedy soup of the grid's runs (their best-validation weights). Returns {"test", "val", "seconds", "lr",
+    "wise": (test, α, val) or None, "soup": (test, val, multipliers taken) or None}."""
+    import torch
+
+    model_config = read_config("model/molecule.yaml")
+    lower = JUDGED[source]
+    members = []  # (multiplier, cache entry, file of its best-validation weights)
+    for m in grid:
+        key = f"{arm}-{source}" if m == 1 else f"{arm}-{source}@lr{m:g}"
+        weights = root / "states" / f"{key}{seed}.pt"
+        done = cache.get(key, seed)
+        interpolate = wise and m == 1
+        if (
+            done is None
+            or (interpolate and len(done.get("wise", {}).get(source, ())) < 3)
+            or (soup and not weights.exists())
+        ):
+            lr = {"lr": model_config["lr"] * m} if m != 1 else {}
+            result, s, fitted = run(
+                stores, [source], [source], root / f"{key}{seed}", epochs, seed, interpolate=interpolate, **lr, **extra
+            )
+            cache.put(key, seed, result, s, fitted.best_validation, fitted.interpolated)
+            if source in fitted.best_states:
+                weights.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(fitted.best_states[source][2], weights)
+            done = cache.get(key, seed)
+        members.append((m, done, weights))
+    val = [float(d.get("val", {}).get(source, math.nan)) for _, d, _ in members]
+    finite = [i for i, v in enumerate(val) if math.isfinite(v)] or [0]
+    chosen = (min if lower else max)(finite, key=lambda i: val[i])
+    plain = next((d for m, d, _ in members if m == 1), None)
+    out = {
+        "test": members[chosen][1]["result"][source],
+        "val": val[chosen],
+        "seconds": sum(d["seconds"] for _, d, _ in members),
+        "lr": members[chosen][0],
+        "wise": plain["wise"][source] if wise and plain is not None and source in plain.get("wise", {}) else None,
+        "soup": None,
+    }
+    if soup:
+        key = f"{arm}+soup-{source}"
+        done = cache.get(key, seed)
+        if done is None or done.get("grid") != list(grid):
+            from biofm.platform.lightning import BiofmDataModule, BiofmModule
+
+            states = [torch.load(w, weights_only=True) for _, _, w in members]
+            data = BiofmDataModule([stores[source]], batch_size=64, seed=seed)
+            module = BiofmModule(data.schema, **{**model_config, **extra})
+            soup_state, taken, soup_val = greedy_soup(
+                states, val, lower, lambda state: evaluate_state(module, stores[source], source, state, "val", seed)
+            )
+            test = evaluate_state(module, stores[source], source, soup_state, "test", seed)
+            done = {"test": test, "val": soup_val, "taken": [grid[i] for i in taken], "grid": list(grid)}
+            cache.store(key, seed, done)
+        out["soup"] = (done["test"], done["val"], done["taken"])
+    return out
 
 
 def experts_settings() -> dict:
@@ -425,12 +546,28 @@ def main() -> None:
     parser.add_argument("--suites", default="molecules,cohort,biobank", help="molecules, cohort, biobank")
     parser.add_argument("--cohort-epochs", type=int, default=15)
     parser.add_argument("--biobank-epochs", type=int, default=30)
+    parser.add_argument(
+        "--lr-grid",
+        default="1",
+        help="multipliers of the base learning rate: every per-source run (specialists, fine-tunings) trains once "
+        "per multiplier and keeps the one best on validation (pretraining runs are not gridded); e.g. 0.3,1,3",
+    )
+    parser.add_argument("--judged", default=",".join(JUDGED), help=f"judged sources, among {', '.join(JUDGED)}")
     parser.add_argument("--out", default=None, help="keep stores and checkpoints here (default: a temporary folder)")
     args = parser.parse_args()
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    unknown = sorted(set(arms) - set(ARMS))
+    grid = [float(m) for m in args.lr_grid.split(",") if m.strip()]
+    soups = [f"{a}+soup" for a in ("specialist", "specialist-desc", *FINETUNE_FROM)]
+    unknown = sorted(set(arms) - set(ARMS) - set(soups))
     if unknown:
-        parser.error(f"unknown arms {unknown}; known: {', '.join(ARMS)}")
+        parser.error(f"unknown arms {unknown}; known: {', '.join(ARMS + soups)}")
+    if any(a.endswith("+soup") for a in arms) and len(grid) < 2:
+        parser.error("+soup arms average the runs of a learning-rate grid: give --lr-grid two or more multipliers")
+    if not grid or any(m <= 0 for m in grid):
+        parser.error(f"--lr-grid {args.lr_grid!r}: give positive multipliers, e.g. 0.3,1,3")
+    chosen_sources = [x.strip() for x in args.judged.split(",") if x.strip()]
+    if not chosen_sources or set(chosen_sources) - set(JUDGED):
+        parser.error(f"--judged {args.judged!r}: among {', '.join(JUDGED)}")
     missing = [str(p) for p, _, _ in SOURCES.values() if not p.exists()]
     if missing:
         sys.exit(f"shared molecule data missing ({', '.join(missing)}); see ../shared/data/README.md")
@@ -452,24 +589,40 @@ def main() -> None:
         for seed in range(args.seeds if "molecules" in suites else 0):
             arms = [a for a in all_arms if seed == 0 or a not in once]
             stores = molecule_stores(root, seed)
-            judged = list(JUDGED)
-            for arm in [a for a in ("specialist", "specialist-desc") if a in arms]:
+            judged = chosen_sources
+
+            def record(arm: str, source: str, done: dict, wise: bool = False) -> float:
+                """Adds a per-source arm's figures (and those of its +wise and +soup variants asked for)."""
+                for name, figure in [
+                    (arm, (done["test"], done["val"])),
+                    (f"{arm}+wise", done["wise"] and (done["wise"][0], done["wise"][2])),
+                    (f"{arm}+soup", done["soup"] and done["soup"][:2]),
+                ]:
+                    if name in arms and figure:
+                        figures[source][name].append(figure[0])
+                        validation[source][name].append(figure[1])
+                        how = {
+                            arm: f"lr × {done['lr']:g}" if len(grid) > 1 else "",
+                            f"{arm}+wise": f"α {done['wise'][1]} on validation" if done["wise"] else "",
+                            f"{arm}+soup": f"lr × {done['soup'][2]}" if done["soup"] else "",
+                        }[name]
+                        print(
+                            f"seed {seed} {name} {source}: {figure[0]:.4f} {how} ({done['seconds']:.0f} s)", flush=True
+                        )
+                return done["seconds"]
+
+            for arm in [a for a in ("specialist", "specialist-desc") if a in arms or f"{a}+soup" in arms]:
                 extra = {"pretext": DESCRIPTORS} if arm == "specialist-desc" else {}
                 for source in judged:
-                    done = cache.get(f"{arm}-{source}", seed)
-                    if done is None:
-                        result, s, fitted = run(
-                            stores, [source], [source], root / f"{arm}-{source}{seed}", args.epochs, seed, **extra
-                        )
-                        cache.put(f"{arm}-{source}", seed, result, s, fitted.best_validation)
-                        done = cache.get(f"{arm}-{source}", seed)
-                    result, s = done["result"], done["seconds"]
-                    figures[source][arm].append(result[source])
-                    validation[source][arm].append(done.get("val", {}).get(source, math.nan))
-                    seconds[arm].append(s)
-                    print(f"seed {seed} {arm} {source}: {result[source]:.4f} ({s:.0f} s)", flush=True)
+                    done = per_source(
+                        cache, stores, root, arm, source, seed, args.epochs, grid, f"{arm}+soup" in arms, **extra
+                    )
+                    spent = record(arm, source, done)
+                    for name in [arm, f"{arm}+soup"]:
+                        if name in arms:
+                            seconds[name].append(spent)
             wise = {a.removesuffix("+wise") for a in arms if a.endswith("+wise")}
-            tuned = [a for a in FINETUNE_FROM if a in arms or a in wise]
+            tuned = [a for a in FINETUNE_FROM if a in arms or a in wise or f"{a}+soup" in arms]
             needed = {FINETUNE_FROM[a] for a in tuned}
             pretrained: dict[str, Path] = {}  # pretraining arm: its last state
             for arm in [a for a in arms if a.startswith("joint-") or a == "experts"] + sorted(
@@ -485,7 +638,7 @@ def main() -> None:
                         pretrained[arm] = checkpoint
                     if arm in arms:
                         for source in judged:
-                            figures[source][arm].append(result[source])
+                            figures[source][arm].append(result.get(source, math.nan))
                             validation[source][arm].append(done.get("val", {}).get(source, math.nan))
                         seconds[arm].append(s)
                     print(f"seed {seed} {arm} (cached): " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
@@ -513,7 +666,7 @@ def main() -> None:
                     cache.put(arm, seed, result, s, trainer.best_validation)
                 if arm in arms:
                     for source in judged:
-                        figures[source][arm].append(result[source])
+                        figures[source][arm].append(result.get(source, math.nan))
                         validation[source][arm].append(trainer.best_validation.get(source, math.nan))
                     seconds[arm].append(s)
                 print(
@@ -524,32 +677,21 @@ def main() -> None:
                 extra = {"init_from": str(pretrained[FINETUNE_FROM[arm]]), **FINETUNE_EXTRA.get(arm, {})}
                 total = 0.0
                 for source in judged:
-                    done = cache.get(f"{arm}-{source}", seed)
-                    if done is None or (arm in wise and len(done.get("wise", {}).get(source, ())) < 3):
-                        result, s, fitted = run(
-                            stores,
-                            [source],
-                            [source],
-                            root / f"{arm}-{source}{seed}",
-                            args.epochs,
-                            seed,
-                            interpolate=arm in wise,
-                            **extra,
-                        )
-                        cache.put(f"{arm}-{source}", seed, result, s, fitted.best_validation, fitted.interpolated)
-                        done = cache.get(f"{arm}-{source}", seed)
-                    result, s = done["result"], done["seconds"]
-                    total += s
-                    if arm in arms:
-                        figures[source][arm].append(result[source])
-                        validation[source][arm].append(done.get("val", {}).get(source, math.nan))
-                        print(f"seed {seed} {arm} {source}: {result[source]:.4f} ({s:.0f} s)", flush=True)
-                    if arm in wise:
-                        value, alpha, val = done["wise"][source]
-                        figures[source][f"{arm}+wise"].append(value)
-                        validation[source][f"{arm}+wise"].append(val)
-                        print(f"seed {seed} {arm}+wise {source}: {value:.4f} (α {alpha} on validation)", flush=True)
-                for name in [arm, f"{arm}+wise"]:
+                    done = per_source(
+                        cache,
+                        stores,
+                        root,
+                        arm,
+                        source,
+                        seed,
+                        args.epochs,
+                        grid,
+                        soup=f"{arm}+soup" in arms,
+                        wise=arm in wise,
+                        **extra,
+                    )
+                    total += record(arm, source, done)
+                for name in [arm, f"{arm}+wise", f"{arm}+soup"]:
                     if name in arms:
                         seconds[name].append(total)
     arms = all_arms if "molecules" in suites else arms
@@ -557,7 +699,7 @@ def main() -> None:
     best_vs, best_arm, chosen_vs, chosen_arm = {}, {}, {}, {}
     if "molecules" in suites:
         print(f"\n{'source':>9} {'arm':>24} {'mean':>8} {'sd':>7}  runs  {'val':>7}")
-    for source, lower in JUDGED.items():
+    for source, lower in [(s, JUDGED[s]) for s in chosen_sources]:
         out[source] = {}
         for arm in arms:
             values = figures[source][arm]
@@ -569,7 +711,10 @@ def main() -> None:
             print(f"{source:>9} {arm:>24} {mean:8.4f} {sd:7.4f}  {len(values):>4}  {val:7.4f}")
         multi = {a: v for a, v in out[source].items() if a not in SINGLE_SOURCE}
         if "specialist" in out[source] and multi:
-            spec = out[source]["specialist"]["mean"]
+            # the reference: the specialist, or its soup where that is better on validation (chosen as every arm is)
+            pick = [a for a in ("specialist", "specialist+soup") if a in out[source]]
+            reference = (min if lower else max)(pick, key=lambda a: out[source][a]["val"])
+            spec = out[source][reference]["mean"]
 
             def best(key: str) -> str:
                 finite = {a: v[key] for a, v in multi.items() if math.isfinite(v[key])}
