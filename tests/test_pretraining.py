@@ -100,6 +100,42 @@ def test_cross_modal_contrast_trains_and_needs_two_modalities(cohort_store, fake
         BiofmModule(plain, pretext={"descriptors": {}})
 
 
+def test_descriptor_targets_do_not_depend_on_the_batch_a_molecule_comes_in(fake_stores):
+    """The descriptors pretext standardises by running statistics over every training batch (a batch is one
+    source, so per-batch statistics gave one molecule different targets in different sources' batches):
+    after two batches of unlike distributions the statistics are those of both together, a molecule's
+    target is the same in either batch, and a checkpoint saved before the statistics existed still loads."""
+    module = BiofmModule(
+        BiofmDataModule([fake_stores["molecule"]], tasks=[]).schema, pretext={"descriptors": {}}, **TINY
+    )
+    pretext = module.pretexts["descriptors"]
+    generator = torch.Generator().manual_seed(0)
+    width = pretext.mean.numel()
+    small = torch.randn(40, width, generator=generator)
+    large = 50 + 10 * torch.randn(24, width, generator=generator)  # another source: other molecules
+    pretext.train()
+    pretext.targets(small), pretext.targets(large)
+    both = torch.cat([small, large])
+    torch.testing.assert_close(pretext.mean, both.mean(dim=0))
+    torch.testing.assert_close((pretext.m2 / (pretext.seen - 1)).sqrt(), both.std(dim=0), rtol=1e-4, atol=1e-4)
+    pretext.eval()
+    alone = pretext.targets(small[:1])
+    mixed = pretext.targets(torch.cat([small[:1], large]))[:1]
+    torch.testing.assert_close(alone, mixed)
+    per_batch = (small - small.mean(dim=0)) / small.std(dim=0)
+    assert not torch.allclose(pretext.targets(small), per_batch, atol=0.1)  # not the batch's own statistics
+    old = {
+        k: v
+        for k, v in module.state_dict().items()
+        if not (k.startswith("pretexts.descriptors.") and k.rsplit(".", 1)[1] in ("seen", "mean", "m2"))
+    }
+    fresh = BiofmModule(
+        BiofmDataModule([fake_stores["molecule"]], tasks=[]).schema, pretext={"descriptors": {}}, **TINY
+    )
+    fresh.load_state_dict(old)
+    assert float(fresh.pretexts["descriptors"].seen) == 0.0
+
+
 def test_hidden_parts_are_hidden_from_the_encoder(fake_stores):
     """A masked atom's attributes, a masked tile's features and a masked patch's voxels do not reach the
     encoder: changing them leaves its output unchanged."""

@@ -85,8 +85,11 @@ class Descriptors(MaskingPretext):
     """Molecular descriptors computed by RDKit from the structure (logP, molar refractivity, TPSA, H-bond
     donors and acceptors, rotatable bonds, rings, …; `featurise.DESCRIPTORS`), regressed from the trunk's
     [CLS] output — multi-task regression pretraining as ChemBERTa-2's MTR. Needs stores prepared with
-    `--descriptors`. Targets are standardised over the batch. It hides nothing itself and reads the pass
-    it shares with the masking tasks."""
+    `--descriptors`. Targets are standardised by the mean and standard deviation of every training molecule
+    seen so far (running sums kept in the checkpoint): standardised over the batch, as it was, a molecule's
+    target depended on its batch's source (a batch is one source), and one model over several sources
+    was asked for conflicting values. It hides nothing itself and reads the pass it shares with the masking
+    tasks."""
 
     modality = "molecule"
 
@@ -97,6 +100,27 @@ class Descriptors(MaskingPretext):
         self.head = nn.Sequential(
             nn.Linear(model.d_model, model.d_model), nn.GELU(), nn.Linear(model.d_model, len(DESCRIPTORS))
         )
+        n = len(DESCRIPTORS)  # running count, mean and sum of squared deviations (Chan et al.'s merge)
+        self.register_buffer("seen", torch.zeros(()))
+        self.register_buffer("mean", torch.zeros(n))
+        self.register_buffer("m2", torch.zeros(n))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("seen", "mean", "m2"):  # checkpoints from before the running statistics: start afresh
+            state_dict.setdefault(prefix + name, getattr(self, name).detach().clone().zero_())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def _observe(self, values: torch.Tensor) -> None:
+        """Merges one batch's count, mean and squared deviations into the running ones."""
+        values = values.float()
+        count = float(len(values))
+        mean = values.mean(dim=0)
+        total = self.seen + count
+        delta = mean - self.mean
+        self.m2 += ((values - mean) ** 2).sum(dim=0) + delta**2 * self.seen * count / total
+        self.mean += delta * count / total
+        self.seen.copy_(total)
 
     def corrupt(self, batch):
         return batch, (batch["descriptors"], batch["present"].to(torch.bool))
@@ -105,6 +129,17 @@ class Descriptors(MaskingPretext):
         values, present = state
         if int(present.sum()) < 2:
             return None
-        values = values[present]
-        target = (values - values.mean(dim=0)) / values.std(dim=0).clamp_min(1e-3)
+        target = self.targets(values[present])
         return F.mse_loss(self.head(encoded.trunk[present, 0]).float(), target)
+
+    def targets(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` [N, descriptors] standardised by the running statistics (a training batch joins them
+        first); before any training batch, by the batch's own."""
+        values = values.float()
+        if self.training:
+            self._observe(values)
+        if self.seen >= 2:
+            mean, std = self.mean, (self.m2 / (self.seen - 1)).sqrt()
+        else:
+            mean, std = values.mean(dim=0), values.std(dim=0)
+        return (values - mean) / std.clamp_min(1e-3)
