@@ -36,6 +36,10 @@ Arms (all with configs/model/molecule.yaml, batch 64, AdamW with cosine schedule
   on validation).
 - specialist-desc: the specialist with the `descriptors` pretext on its own source's molecules (one source:
   it tells what the descriptors give without the other sources; judged as a specialist, not as transfer).
+- joint-desc-group: joint-desc over the sources of `--group` only (default esol,freesolv: aqueous solubility
+  and hydration free energy, both solvation properties; a choice made from what the labels measure, not on
+  validation), `--epochs` epochs like a specialist, each judged member tested at its own best validation epoch
+  (judged sources outside the group get no figure). Several sources, so a multi-source arm.
 - <per-source arm>+soup (specialist, specialist-desc and every fine-tuning arm; needs `--lr-grid`): the greedy
   soup (Wortsman et al. 2022, "Model soups") of that arm's grid runs on the target: their best-validation weights
   averaged, each run joining only if the average's validation figure does not get worse. Runs fine-tuned from
@@ -127,6 +131,7 @@ ARMS = [
     "finetune-desc-ld+wise",
     "finetune-desc-kept-ld+wise",
     "finetune-long-kept+wise",
+    "joint-desc-group",
 ]
 SINGLE_SOURCE = {
     "specialist",
@@ -552,6 +557,9 @@ def main() -> None:
         help="multipliers of the base learning rate: every per-source run (specialists, fine-tunings) trains once "
         "per multiplier and keeps the one best on validation (pretraining runs are not gridded); e.g. 0.3,1,3",
     )
+    parser.add_argument(
+        "--group", default="esol,freesolv", help="the sources of the joint-desc-group arm (comma-separated)"
+    )
     parser.add_argument("--judged", default=",".join(JUDGED), help=f"judged sources, among {', '.join(JUDGED)}")
     parser.add_argument("--out", default=None, help="keep stores and checkpoints here (default: a temporary folder)")
     args = parser.parse_args()
@@ -568,6 +576,9 @@ def main() -> None:
     chosen_sources = [x.strip() for x in args.judged.split(",") if x.strip()]
     if not chosen_sources or set(chosen_sources) - set(JUDGED):
         parser.error(f"--judged {args.judged!r}: among {', '.join(JUDGED)}")
+    group = [x.strip() for x in args.group.split(",") if x.strip()]
+    if len(group) < 2 or set(group) - set(SOURCES):
+        parser.error(f"--group {args.group!r}: two or more among {', '.join(SOURCES)}")
     missing = [str(p) for p, _, _ in SOURCES.values() if not p.exists()]
     if missing:
         sys.exit(f"shared molecule data missing ({', '.join(missing)}); see ../shared/data/README.md")
@@ -621,13 +632,30 @@ def main() -> None:
                     for name in [arm, f"{arm}+soup"]:
                         if name in arms:
                             seconds[name].append(spent)
+            if "joint-desc-group" in arms:
+                members = [j for j in judged if j in group]
+                done = cache.get("joint-desc-group", seed)
+                if done is None or done.get("group") != group or set(members) - set(done["result"]):
+                    result, s, fitted = run(
+                        stores, group, members, root / f"joint-desc-group{seed}", args.epochs, seed, pretext=DESCRIPTORS
+                    )
+                    cache.store(
+                        "joint-desc-group",
+                        seed,
+                        {"result": result, "seconds": s, "val": fitted.best_validation, "group": group},
+                    )
+                    done = cache.get("joint-desc-group", seed)
+                for source in members:
+                    figures[source]["joint-desc-group"].append(done["result"][source])
+                    validation[source]["joint-desc-group"].append(done["val"].get(source, math.nan))
+                    print(f"seed {seed} joint-desc-group {source}: {done['result'][source]:.4f}", flush=True)
+                seconds["joint-desc-group"].append(done["seconds"])
             wise = {a.removesuffix("+wise") for a in arms if a.endswith("+wise")}
             tuned = [a for a in FINETUNE_FROM if a in arms or a in wise or f"{a}+soup" in arms]
             needed = {FINETUNE_FROM[a] for a in tuned}
             pretrained: dict[str, Path] = {}  # pretraining arm: its last state
-            for arm in [a for a in arms if a.startswith("joint-") or a == "experts"] + sorted(
-                needed - set(arms), key=list(PRETRAINING).index
-            ):
+            joint = [a for a in arms if (a.startswith("joint-") and a != "joint-desc-group") or a == "experts"]
+            for arm in joint + sorted(needed - set(arms), key=list(PRETRAINING).index):
                 name, options = BALANCERS.get(arm, ("equal", None))
                 extra = experts_settings() if arm == "experts" else dict(PRETRAINING.get(arm, {}))
                 done = cache.get(arm, seed)
