@@ -654,7 +654,7 @@ def main() -> None:
             tuned = [a for a in FINETUNE_FROM if a in arms or a in wise or f"{a}+soup" in arms]
             needed = {FINETUNE_FROM[a] for a in tuned}
             pretrained: dict[str, Path] = {}  # pretraining arm: its last state
-            joint = [a for a in arms if (a.startswith("joint-") and a != "joint-desc-group") or a == "experts"]
+            joint = [a for a in arms if a in BALANCERS or a in PRETRAINING or a == "experts"]
             for arm in joint + sorted(needed - set(arms), key=list(PRETRAINING).index):
                 name, options = BALANCERS.get(arm, ("equal", None))
                 extra = experts_settings() if arm == "experts" else dict(PRETRAINING.get(arm, {}))
